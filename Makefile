@@ -1,0 +1,43 @@
+# The two commands: `make demo` (set up, train a short U-Net, evaluate, export) and `make test`.
+PYTHON := .venv/bin/python
+DATA ?= data
+RUNS ?= runs
+
+.PHONY: setup demo train test lint results bench clean
+
+$(PYTHON):
+	python3 -m venv .venv
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements.txt
+	$(PYTHON) -m pip install --quiet --no-deps --editable .
+
+setup: $(PYTHON)
+
+# Real data in data/ if present (restored from ../shared/lgg on team machines), else the SYNTHETIC demo set.
+demo: setup
+	@if [ -d $(DATA)/kaggle_3m ]; then echo "Using the real data in $(DATA)/kaggle_3m"; \
+	elif [ -f ../shared/lgg/restore.py ]; then $(PYTHON) ../shared/lgg/restore.py $(DATA); \
+	else echo "No dataset in $(DATA)/: using a SYNTHETIC demo set (see data/README.md for the real one)"; \
+	  $(PYTHON) -m lgg demo-data --dest $(DATA)/demo; fi
+	$(PYTHON) -m lgg train unet --data $$( [ -d $(DATA)/kaggle_3m ] && echo $(DATA) || echo $(DATA)/demo ) \
+	  --out $(RUNS)/demo-unet --max-cases 24 --epochs 3 --image-size 128 --overwrite
+
+# The full U-Net training (about an hour on a 2-core CPU).
+train: setup
+	$(PYTHON) -m lgg train unet --data $(DATA) --out $(RUNS)/unet --image-size 128 --tumor-fraction 0.5 --max-minutes 60
+
+lint: setup
+	$(PYTHON) -m ruff check lgg tests U_Net ResNet50_plus_UNet Classification
+	$(PYTHON) -m ruff format --check lgg tests U_Net ResNet50_plus_UNet Classification
+
+test: lint
+	$(PYTHON) -m pytest -q --durations=15
+
+results: setup
+	bash benchmarks/results.sh
+
+bench: setup
+	$(PYTHON) benchmarks/bench.py --data $(DATA) --out results/benchmark.json
+
+clean:
+	rm -rf .venv $(RUNS)

@@ -1,0 +1,369 @@
+"""Find the Kaggle LGG slices on disk, read them, split by patient, and feed them to Keras.
+
+Layout (as downloaded from Kaggle, `mateuszbuda/lgg-mri-segmentation`):
+
+    kaggle_3m/<case_id>/<case_id>_<n>.tif        3 channels: pre-contrast, FLAIR, post-contrast
+    kaggle_3m/<case_id>/<case_id>_<n>_mask.tif   FLAIR abnormality, 0 or 255
+    kaggle_3m/data.csv                           clinical and genomic data, one row per patient
+"""
+
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import tifffile
+
+NATIVE_SIZE = 256
+CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
+FLAIR_CHANNEL = CHANNELS.index("FLAIR")
+SLICE_FILE = re.compile(r"^(?P<case_id>.+)_(?P<slice_index>\d+)(?P<mask>_mask)?\.tiff?$")
+SPLITS = ("train", "val", "test")
+READ_WORKERS = 4
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder that is missing, unreadable or not what the Kaggle set holds."""
+
+
+def find_dataset_root(data_dir):
+    """Return the folder holding the case folders: `data_dir` itself, or a `kaggle_3m` inside it.
+
+    Accepts `kaggle_3m/`, its parent (e.g. `data/`), and the `lgg-mri-segmentation/` folder that
+    Kaggle's archive unpacks to.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(
+            f"data folder not found: {data_dir}. Download the dataset with `python -m lgg download` "
+            "(Kaggle account needed) or make a synthetic demo set with `python -m lgg demo-data`."
+        )
+    for candidate in (data_dir, data_dir / "kaggle_3m", data_dir / "lgg-mri-segmentation" / "kaggle_3m"):
+        if candidate.is_dir() and any(candidate.glob("*/*_mask.tif")):
+            return candidate
+    raise DatasetError(
+        f"no case folders (<case_id>/<case_id>_<n>_mask.tif) found in {data_dir} or its kaggle_3m/ "
+        "subfolder. Point --data at the kaggle_3m folder of the Kaggle LGG MRI Segmentation set."
+    )
+
+
+def _read_tif(path):
+    path = Path(path)
+    try:
+        array = tifffile.imread(path)
+    except Exception as error:  # tifffile raises many types for damaged files
+        raise DatasetError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+    return array
+
+
+def read_image(path):
+    """Read one slice as uint8 `(256, 256, 3)` in the stored channel order, or raise `DatasetError`.
+
+    tifffile returns the channels as stored (OpenCV's `imread` would reverse them to BGR).
+    """
+    image = _read_tif(path)
+    if image.dtype != np.uint8 or image.shape != (NATIVE_SIZE, NATIVE_SIZE, 3):
+        raise DatasetError(
+            f"{path}: expected a uint8 slice of shape ({NATIVE_SIZE}, {NATIVE_SIZE}, 3); "
+            f"found {image.dtype} of shape {image.shape}"
+        )
+    return image
+
+
+def read_mask(path):
+    """Read one mask as uint8 `(256, 256)` with values 0 and 1, or raise `DatasetError`."""
+    mask = _read_tif(path)
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):  # a few re-saved masks carry colour channels
+        mask = mask[..., 0]
+    if mask.dtype != np.uint8 or mask.shape != (NATIVE_SIZE, NATIVE_SIZE):
+        raise DatasetError(
+            f"{path}: expected a uint8 mask of shape ({NATIVE_SIZE}, {NATIVE_SIZE}); "
+            f"found {mask.dtype} of shape {mask.shape}"
+        )
+    values = np.unique(mask)
+    if not set(values.tolist()) <= {0, 1, 255}:
+        raise DatasetError(f"{path}: a mask holds 0 and 255 only; found values {values[:10].tolist()}")
+    return (mask > 0).astype(np.uint8)
+
+
+def patient_id(case_id):
+    """`TCGA_CS_4941_19960909` -> `TCGA_CS_4941`, the key of `data.csv`."""
+    return "_".join(case_id.split("_")[:3])
+
+
+def find_slices(data_dir, max_cases=None):
+    """One row per slice: case_id, patient_id, slice_index, image_path, mask_path, has_tumor,
+    tumor_area_px. Cases sorted by id, slices in numeric order (`_2` before `_10`).
+
+    Every mask is read (to measure the tumor area), so a damaged mask fails here, naming the file.
+    An image without its mask, a mask without its image, or a `.tif` not named like the dataset's
+    raises `DatasetError`; nothing is skipped.
+
+    Args:
+        data_dir: path. `kaggle_3m/` or a folder containing it.
+        max_cases: int or None. Keep only the first `max_cases` cases (sorted by id).
+    """
+    root = find_dataset_root(data_dir)
+    case_dirs = sorted(path for path in root.iterdir() if path.is_dir())
+    if max_cases is not None:
+        if max_cases < 1:
+            raise ValueError(f"max_cases must be at least 1 or None; received {max_cases}")
+        case_dirs = case_dirs[:max_cases]
+    rows = []
+    for case_dir in case_dirs:
+        images, masks = {}, {}
+        for path in case_dir.iterdir():
+            if path.suffix.lower() not in (".tif", ".tiff"):
+                continue
+            match = SLICE_FILE.match(path.name)
+            if match is None or match["case_id"] != case_dir.name:
+                raise DatasetError(
+                    f"{path}: expected files named {case_dir.name}_<n>.tif and {case_dir.name}_<n>_mask.tif"
+                )
+            (masks if match["mask"] else images)[int(match["slice_index"])] = path
+        if not images and not masks:
+            raise DatasetError(f"{case_dir}: case folder holds no slices")
+        for index in sorted(images.keys() ^ masks.keys()):
+            present = images.get(index) or masks.get(index)
+            missing = "mask" if index in images else "image"
+            raise DatasetError(f"{present}: its {missing} is missing")
+        rows += [
+            {
+                "case_id": case_dir.name,
+                "patient_id": patient_id(case_dir.name),
+                "slice_index": index,
+                "image_path": str(images[index]),
+                "mask_path": str(masks[index]),
+            }
+            for index in sorted(images)
+        ]
+    if not rows:
+        raise DatasetError(f"no cases found in {root}")
+    slices = pd.DataFrame(rows)
+    with ThreadPoolExecutor(READ_WORKERS) as pool:
+        areas = list(pool.map(lambda path: int(read_mask(path).sum()), slices["mask_path"]))
+    slices["tumor_area_px"] = areas
+    slices["has_tumor"] = slices["tumor_area_px"] > 0
+    return slices
+
+
+def load_clinical(data_dir):
+    """`data.csv` (one row per patient), keyed by `patient_id`; join with `find_slices` on it."""
+    path = find_dataset_root(data_dir) / "data.csv"
+    try:
+        clinical = pd.read_csv(path)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"cannot read {path}: {error}") from None
+    if "Patient" not in clinical.columns:
+        raise DatasetError(f"{path}: expected a 'Patient' column; found {list(clinical.columns)[:8]}")
+    return clinical.rename(columns={"Patient": "patient_id"})
+
+
+def _unit_hash(text):
+    """A number in [0, 1) fixed by `text` alone (same on every machine and Python version)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
+
+
+def split_by_patient(case_ids, val_fraction=0.1, test_fraction=0.2, salt="lgg-split-v1"):
+    """Assign each case to train, val or test by a hash of its patient id.
+
+    A case's split depends on its own id only, so it does not move when cases are added or
+    missing, and every slice of a patient lands in the same split. Only when a split would be
+    empty (a handful of cases) is the train case nearest to it by hash moved there.
+
+    Returns:
+        dict `case_id -> "train" | "val" | "test"`.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"fractions must be in [0, 1) and sum below 1; received val_fraction={val_fraction}, "
+            f"test_fraction={test_fraction}"
+        )
+    case_ids = sorted(set(case_ids))
+    position = {case: _unit_hash(f"{salt}:{patient_id(case)}") for case in case_ids}
+    split = {
+        case: "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        for case, u in position.items()
+    }
+    for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+        train_cases = [case for case in case_ids if split[case] == "train"]
+        if fraction > 0 and name not in split.values() and len(train_cases) > 1:
+            split[min(train_cases, key=position.get)] = name
+    return split
+
+
+def random_slice_split(slices, random_state=0):
+    """The original notebooks' split: slices shuffled into 90/5/5 with `random_state=0`.
+
+    LEAKY: slices of one patient land in train and in validation/test, so scores on it are
+    optimistic. Use it only to reproduce the original notebooks' numbers.
+
+    Returns:
+        pandas Series of "train" / "val" / "test", indexed like `slices`.
+    """
+    from sklearn.model_selection import train_test_split
+
+    train_index, held_out = train_test_split(slices.index, test_size=0.1, random_state=random_state)
+    val_index, test_index = train_test_split(held_out, test_size=0.5, random_state=random_state)
+    split = pd.Series("train", index=slices.index)
+    split[val_index], split[test_index] = "val", "test"
+    return split
+
+
+def resize_image(image, size):
+    if image.shape[0] == size:
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def resize_mask(mask, size):
+    """Resize a 0/1 mask by area averaging, then threshold at one half (keeps small tumors)."""
+    if mask.shape[0] == size:
+        return mask
+    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return (resized >= 0.5).astype(np.uint8)
+
+
+def load_arrays(slices, image_size=NATIVE_SIZE, with_masks=True):
+    """Decode the slices of a `find_slices` table into memory.
+
+    Returns:
+        images uint8 `(N, S, S, 3)` and, if `with_masks`, masks uint8 `(N, S, S, 1)` of 0/1.
+        The 88 shared cases at 256x256 take 620 MB + 207 MB.
+    """
+
+    def load(row):
+        image = resize_image(read_image(row.image_path), image_size)
+        mask = resize_mask(read_mask(row.mask_path), image_size)[..., None] if with_masks else None
+        return image, mask
+
+    with ThreadPoolExecutor(READ_WORKERS) as pool:
+        loaded = list(pool.map(load, slices.itertuples()))
+    images = np.stack([image for image, _ in loaded]) if loaded else np.zeros((0, image_size, image_size, 3), np.uint8)
+    if not with_masks:
+        return images
+    masks = np.stack([mask for _, mask in loaded]) if loaded else np.zeros((0, image_size, image_size, 1), np.uint8)
+    return images, masks
+
+
+# Augmentation ranges, close to the original notebooks' ImageDataGenerator settings.
+AUGMENTATION = {"rotation_degrees": 10.0, "shift_fraction": 0.05, "zoom_fraction": 0.05, "horizontal_flip": True}
+
+
+def _random_affine(batch_size, size, seed, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
+    """Per-sample projective transforms (output -> input pixel maps) for `ImageProjectiveTransformV3`."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    angle = tf.random.stateless_uniform([batch_size], seeds[0], -1.0, 1.0) * (rotation_degrees * np.pi / 180)
+    zoom = 1.0 + tf.random.stateless_uniform([batch_size], seeds[1], -1.0, 1.0) * zoom_fraction
+    shift = tf.random.stateless_uniform([batch_size, 2], seeds[2], -1.0, 1.0) * (shift_fraction * size)
+    flip = tf.ones([batch_size])
+    if horizontal_flip:
+        flip = tf.where(tf.random.stateless_uniform([batch_size], seeds[3]) < 0.5, -1.0, 1.0)
+    center = (size - 1) / 2.0
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    # input = R/zoom * F * (output - center) + center + shift, F flipping x.
+    a0, a1 = cos * flip, -sin
+    b0, b1 = sin * flip, cos
+    a2 = center - a0 * center - a1 * center + shift[:, 0]
+    b2 = center - b0 * center - b1 * center + shift[:, 1]
+    zeros = tf.zeros([batch_size])
+    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+
+
+def augment_batch(images, masks, seed, augmentation=None):
+    """Apply one random affine transform per sample, identically to the image and its mask.
+
+    Args:
+        images: float32 tensor `(B, S, S, 3)`.
+        masks: float32 tensor `(B, S, S, 1)` or None.
+        seed: int32 tensor of shape (2,), for stateless (reproducible) randomness.
+        augmentation: dict like `AUGMENTATION`. Defaults to `AUGMENTATION`.
+    """
+    import tensorflow as tf
+
+    params = {**AUGMENTATION, **(augmentation or {})}
+    batch_size, size = tf.shape(images)[0], tf.shape(images)[1]
+    transforms = _random_affine(batch_size, tf.cast(size, tf.float32), seed, **params)
+    stacked = images if masks is None else tf.concat([images, masks], axis=-1)
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=stacked,
+        transforms=transforms,
+        output_shape=[size, size],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+    if masks is None:
+        return warped
+    return warped[..., :3], tf.round(warped[..., 3:])
+
+
+def make_dataset(
+    images, targets, batch_size=16, training=False, seed=0, augment=True, tumor_fraction=None, has_tumor=None
+):
+    """A `tf.data` pipeline over slices already decoded in memory.
+
+    Training: reshuffled each epoch, augmented per batch (same transform for a slice and its
+    mask), optionally oversampling tumor slices to `tumor_fraction` of each batch, prefetched.
+    Evaluation: in order, no augmentation.
+
+    Args:
+        images: uint8 array `(N, S, S, 3)`.
+        targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
+        batch_size: int. Defaults to `16`, as the original notebooks.
+        training: bool. Shuffle and augment. Defaults to `False`.
+        seed: int. Seeds shuffling and augmentation. Defaults to `0`.
+        augment: bool. Apply `augment_batch` when training. Defaults to `True`.
+        tumor_fraction: float or None. When training, draw tumor slices with this probability
+            (needs `has_tumor`). Defaults to `None` (the data's own ratio).
+        has_tumor: bool array `(N,)`. Which slices show tumor; for `tumor_fraction`.
+
+    Returns:
+        `(dataset, steps_per_epoch)`.
+    """
+    import tensorflow as tf
+
+    images = np.asarray(images)
+    targets = np.asarray(targets)
+    segmentation = targets.ndim == 4
+    steps = int(np.ceil(len(images) / batch_size))
+
+    def to_float(image, target):
+        return tf.cast(image, tf.float32), tf.cast(target, tf.float32)
+
+    if training and tumor_fraction is not None:
+        if has_tumor is None or not 0 < tumor_fraction < 1:
+            raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
+        has_tumor = np.asarray(has_tumor, bool)
+        parts = [
+            tf.data.Dataset.from_tensor_slices((images[keep], targets[keep]))
+            .shuffle(int(keep.sum()), seed=seed)
+            .repeat()
+            for keep in (has_tumor, ~has_tumor)
+        ]
+        dataset = tf.data.Dataset.sample_from_datasets(parts, [tumor_fraction, 1 - tumor_fraction], seed=seed)
+        dataset = dataset.take(steps * batch_size)
+    else:
+        dataset = tf.data.Dataset.from_tensor_slices((images, targets))
+        if training:
+            dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augment:
+        seeds = tf.data.Dataset.counter().map(lambda step: tf.stack([tf.cast(seed, tf.int64), step]))
+        dataset = tf.data.Dataset.zip((dataset, seeds))
+        if segmentation:
+            dataset = dataset.map(
+                lambda batch, step_seed: augment_batch(batch[0], batch[1], tf.cast(step_seed, tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        else:
+            dataset = dataset.map(
+                lambda batch, step_seed: (augment_batch(batch[0], None, tf.cast(step_seed, tf.int32)), batch[1]),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+    return dataset.prefetch(tf.data.AUTOTUNE), steps

@@ -1,0 +1,69 @@
+"""Getting data: the real set from Kaggle (kagglehub), or a small SYNTHETIC set in its layout."""
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from lgg.data import NATIVE_SIZE, find_dataset_root
+
+KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
+
+
+def download_kaggle(dest="data"):
+    """Download the Kaggle set with kagglehub (needs Kaggle credentials) and link it under `dest`."""
+    try:
+        import kagglehub
+
+        downloaded = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not download {KAGGLE_DATASET} ({type(error).__name__}: {error}). Set up Kaggle "
+            "credentials (https://www.kaggle.com/docs/api), or download the archive by hand and "
+            "unzip it so that data/kaggle_3m/<case>/ exists."
+        ) from None
+    root = find_dataset_root(downloaded)
+    link = Path(dest) / "kaggle_3m"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(root.resolve(), target_is_directory=True)
+    print(f"Dataset at {root}; linked as {link}")
+    return link
+
+
+def _synthetic_slice(rng, size, tumor_center, tumor_radius):
+    yy, xx = np.mgrid[:size, :size]
+    brain = ((yy - size / 2) / (0.38 * size)) ** 2 + ((xx - size / 2) / (0.32 * size)) ** 2 < 1
+    mask = np.zeros((size, size), np.uint8)
+    if tumor_radius > 0:
+        distance = np.hypot(yy - tumor_center[0], xx - tumor_center[1])
+        wobble = 1 + 0.2 * np.sin(np.arctan2(yy - tumor_center[0], xx - tumor_center[1]) * 3)
+        mask = ((distance < tumor_radius * wobble) & brain).astype(np.uint8)
+    image = np.zeros((size, size, 3), np.float32)
+    for channel, (tissue, lesion) in enumerate(((70, 20), (90, 90), (80, 35))):
+        image[..., channel] = brain * (tissue + rng.normal(0, 12, (size, size))) + mask * lesion
+    return np.clip(image, 0, 255).astype(np.uint8), mask * 255
+
+
+def write_demo_dataset(dest, cases=8, slices_per_case=20, seed=0):
+    """Write SYNTHETIC cases in the Kaggle layout (ellipse 'brain', bright FLAIR blob 'tumor').
+
+    Only for running the code on a machine without the real data; it says nothing about MRI.
+    Returns the `kaggle_3m` folder.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(dest) / "kaggle_3m"
+    for case in range(cases):
+        case_id = f"SYNTH_DEMO_{case:04d}_20000101"
+        case_dir = root / case_id
+        case_dir.mkdir(parents=True, exist_ok=True)
+        center = rng.uniform(0.35, 0.65, 2) * NATIVE_SIZE
+        peak = rng.uniform(10, 30)
+        first, last = sorted(rng.choice(np.arange(4, slices_per_case - 2), 2, replace=False))
+        for index in range(1, slices_per_case + 1):
+            radius = peak * np.sin(np.pi * (index - first) / (last - first)) if first <= index <= last else 0
+            image, mask = _synthetic_slice(rng, NATIVE_SIZE, center, max(radius, 0))
+            tifffile.imwrite(case_dir / f"{case_id}_{index}.tif", image, photometric="rgb")
+            tifffile.imwrite(case_dir / f"{case_id}_{index}_mask.tif", mask)
+    (root / "README.md").write_text("SYNTHETIC demo data written by `python -m lgg demo-data`. Not MRI.\n")
+    return root

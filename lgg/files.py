@@ -1,0 +1,53 @@
+"""Atomic file writes: a crash or interrupt never leaves a half-written model or results file."""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    The temporary keeps the whole name as its ending (Keras and matplotlib choose the format by it). On failure
+    the previous `path`, if any, is untouched and the temporary is removed.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".partial-{path.name}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def save_json(obj, path):
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def save_csv(frame, path):
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def save_model(model, path):
+    """Save a Keras model (`.h5` or `.keras`, by suffix) atomically."""
+    with atomic_path(path) as temporary:
+        model.save(temporary)
+
+
+def save_figure(figure, path):
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")

@@ -1,0 +1,73 @@
+"""Training-time losses and metrics, written with `keras.ops` so they run on any Keras 3 backend.
+
+These are *batch* quantities: the whole batch is flattened into one set of pixels and smoothed
+with `smooth=1`, exactly as the original notebooks computed them, so their numbers compare with
+theirs. They are not the evaluation Dice the results table reports; that one is computed per case
+over the whole 3-D volume in `lgg.metrics`.
+"""
+
+import keras
+from keras import ops
+
+PACKAGE = "lgg"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def dice_coefficient(y_true, y_pred, smooth=1.0):
+    """Batch Dice, `(2|A∩B| + smooth) / (|A| + |B| + smooth)` over all pixels of the batch."""
+    y_true = ops.cast(ops.reshape(y_true, (-1,)), "float32")
+    y_pred = ops.cast(ops.reshape(y_pred, (-1,)), "float32")
+    intersection = ops.sum(y_true * y_pred)
+    return (2.0 * intersection + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def jaccard_index(y_true, y_pred, smooth=1.0):
+    """Batch Jaccard (intersection over union), smoothed like `dice_coefficient`."""
+    y_true = ops.cast(ops.reshape(y_true, (-1,)), "float32")
+    y_pred = ops.cast(ops.reshape(y_pred, (-1,)), "float32")
+    intersection = ops.sum(y_true * y_pred)
+    union = ops.sum(y_true) + ops.sum(y_pred) - intersection
+    return (intersection + smooth) / (union + smooth)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BCEDiceLoss(keras.losses.Loss):
+    """`bce_weight * binary_crossentropy + dice_weight * (1 - dice_coefficient)`.
+
+    Args:
+        bce_weight: float. Weight of the pixel-wise binary cross-entropy. Defaults to `1.0`.
+        dice_weight: float. Weight of the soft Dice loss. Defaults to `1.0`.
+        smooth: float. Smoothing of the Dice term. Defaults to `1.0`, as the original notebooks.
+
+    Example:
+        >>> model.compile(optimizer="adam", loss=BCEDiceLoss(bce_weight=1.0, dice_weight=1.0))
+    """
+
+    def __init__(self, bce_weight=1.0, dice_weight=1.0, smooth=1.0, name="bce_dice_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if bce_weight < 0 or dice_weight < 0 or bce_weight + dice_weight == 0:
+            raise ValueError(
+                "bce_weight and dice_weight must be non-negative and not both zero; "
+                f"received bce_weight={bce_weight}, dice_weight={dice_weight}"
+            )
+        if smooth < 0:
+            raise ValueError(f"smooth must be non-negative; received smooth={smooth}")
+        self.bce_weight = float(bce_weight)
+        self.dice_weight = float(dice_weight)
+        self.smooth = float(smooth)
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+        dice = dice_coefficient(y_true, y_pred, self.smooth)
+        return self.bce_weight * bce + self.dice_weight * (1.0 - dice)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(bce_weight=self.bce_weight, dice_weight=self.dice_weight, smooth=self.smooth)
+        return config
+
+
+SEGMENTATION_METRICS = [dice_coefficient, jaccard_index]

@@ -1,0 +1,118 @@
+"""Evaluation in numpy: what the results table reports.
+
+Names keep the two kinds of Dice apart:
+
+- `case_dice`: Dice of one case's whole 3-D volume (all its slices), as Buda et al. 2019 report.
+  Every case in the dataset has tumor; a case with an empty true and predicted volume scores 1,
+  an empty true volume with a non-empty prediction scores 0.
+- `batch_dice_smooth1`: the original notebooks' figure, the mean over batches of the smoothed
+  training metric (`lgg.losses.dice_coefficient`, smooth=1) on probabilities, empty slices included.
+"""
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as sk_metrics
+
+
+def dice_score(true_mask, predicted_mask):
+    """Dice of two binary arrays; 1.0 when both are empty (nothing to find, nothing found)."""
+    true_mask, predicted_mask = np.asarray(true_mask, bool), np.asarray(predicted_mask, bool)
+    total = true_mask.sum() + predicted_mask.sum()
+    if total == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(true_mask, predicted_mask).sum() / total)
+
+
+def jaccard_score(true_mask, predicted_mask):
+    """Intersection over union of two binary arrays; 1.0 when both are empty."""
+    true_mask, predicted_mask = np.asarray(true_mask, bool), np.asarray(predicted_mask, bool)
+    union = np.logical_or(true_mask, predicted_mask).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(true_mask, predicted_mask).sum() / union)
+
+
+def batch_dice_smooth1(true_masks, probabilities, batch_size=16, smooth=1.0):
+    """The original notebooks' validation Dice: smoothed batch Dice on probabilities, averaged
+    over consecutive batches of `batch_size` slices (empty slices included)."""
+    scores = []
+    for start in range(0, len(true_masks), batch_size):
+        truth = np.asarray(true_masks[start : start + batch_size], np.float64).ravel()
+        prob = np.asarray(probabilities[start : start + batch_size], np.float64).ravel()
+        scores.append((2 * (truth * prob).sum() + smooth) / (truth.sum() + prob.sum() + smooth))
+    return float(np.mean(scores))
+
+
+def segmentation_report(slices, true_masks, probabilities, threshold=0.5):
+    """Score predicted masks against true ones, per case and per slice.
+
+    Args:
+        slices: DataFrame with `case_id` (one row per slice, in the order of the arrays).
+        true_masks: array `(N, H, W)` or `(N, H, W, 1)` of 0/1.
+        probabilities: array like `true_masks`, tumor probability per pixel.
+        threshold: float. Pixels at or above it are tumor. Defaults to `0.5`.
+
+    Returns:
+        `(per_case, summary)`: a DataFrame with one row per case (case_dice, case_jaccard,
+        slices, tumor_slices, true_volume_px, predicted_volume_px, false_positive_slices) and a dict:
+        mean and median case Dice, mean case Jaccard, tumor-slice Dice (mean over slices with
+        tumor), false-positive rate on tumor-free slices, and the original notebooks' batch Dice.
+    """
+    true_masks = np.asarray(true_masks).reshape(len(slices), -1).astype(bool)
+    probabilities = np.asarray(probabilities).reshape(len(slices), -1)
+    if true_masks.shape != probabilities.shape:
+        raise ValueError(f"true_masks {true_masks.shape} and probabilities {probabilities.shape} differ")
+    predicted = probabilities >= threshold
+    slice_has_tumor = true_masks.any(axis=1)
+    slice_predicted_any = predicted.any(axis=1)
+    rows = []
+    case_ids = np.asarray(slices["case_id"])
+    for case_id in pd.unique(case_ids):
+        rows_of_case = case_ids == case_id
+        truth, guess = true_masks[rows_of_case], predicted[rows_of_case]
+        rows.append(
+            {
+                "case_id": case_id,
+                "case_dice": dice_score(truth, guess),
+                "case_jaccard": jaccard_score(truth, guess),
+                "slices": int(rows_of_case.sum()),
+                "tumor_slices": int(slice_has_tumor[rows_of_case].sum()),
+                "true_volume_px": int(truth.sum()),
+                "predicted_volume_px": int(guess.sum()),
+                "false_positive_slices": int((slice_predicted_any & ~slice_has_tumor)[rows_of_case].sum()),
+            }
+        )
+    per_case = pd.DataFrame(rows)
+    tumor_slice_dice = [dice_score(t, p) for t, p in zip(true_masks[slice_has_tumor], predicted[slice_has_tumor])]
+    empty = ~slice_has_tumor
+    summary = {
+        "cases": int(len(per_case)),
+        "slices": int(len(true_masks)),
+        "case_dice_mean": float(per_case["case_dice"].mean()),
+        "case_dice_median": float(per_case["case_dice"].median()),
+        "case_jaccard_mean": float(per_case["case_jaccard"].mean()),
+        "tumor_slice_dice_mean": float(np.mean(tumor_slice_dice)) if tumor_slice_dice else float("nan"),
+        "tumor_free_false_positive_rate": float(slice_predicted_any[empty].mean()) if empty.any() else float("nan"),
+        "batch_dice_smooth1": batch_dice_smooth1(true_masks, probabilities),
+        "threshold": threshold,
+    }
+    return per_case, summary
+
+
+def classification_report(labels, probabilities, threshold=0.5):
+    """Accuracy, sensitivity, specificity, ROC AUC and the confusion matrix of a slice classifier."""
+    labels = np.asarray(labels).astype(int).ravel()
+    probabilities = np.asarray(probabilities, np.float64).ravel()
+    predicted = (probabilities >= threshold).astype(int)
+    (tn, fp), (fn, tp) = sk_metrics.confusion_matrix(labels, predicted, labels=[0, 1])
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "slices": int(len(labels)),
+        "tumor_slices": int(labels.sum()),
+        "accuracy": float((tp + tn) / len(labels)),
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "roc_auc": float(sk_metrics.roc_auc_score(labels, probabilities)) if both_classes else float("nan"),
+        "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
+        "threshold": threshold,
+    }

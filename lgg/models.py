@@ -1,0 +1,211 @@
+"""Model builders: U-Net, ResNet50 + U-Net, and the tumor / no-tumor slice classifier.
+
+Every model holds its own preprocessing, built from stock Keras layers only, so an exported
+`.h5` takes raw slices (float32 in [0, 255], shape (N, S, S, 3), channels in the Kaggle order
+pre-contrast, FLAIR, post-contrast) and loads in a process that never imports this package.
+"""
+
+import os
+from pathlib import Path
+
+import keras
+from keras import layers
+
+# Skip connections of the ResNet50 encoder, shallow to deep, and the bridge (He et al. 2016).
+RESNET50_SKIP_LAYERS = ("conv1_relu", "conv2_block3_out", "conv3_block4_out")
+RESNET50_BRIDGE_LAYER = "conv4_block6_out"
+# Scale of ImageNet pixels after the caffe-style mean subtraction ResNet50 was trained on,
+# so a standardized MRI slice reaches the pretrained encoder at the range it expects.
+IMAGENET_PIXEL_STD = 57.4
+IMAGENET_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def _standardize(inputs, name="preprocess"):
+    """Rescale to [0, 1], then standardize each channel of each slice (zero mean, unit variance).
+
+    Per-slice, per-channel standardization removes the scanner- and case-dependent intensity
+    scale of MRI. `GroupNormalization` with one group per channel (instance normalization) does
+    exactly that with a stock layer, so the exported model needs no custom code. (A
+    `LayerNormalization` over the spatial axes would too, but its `axis` tuple comes back from
+    `.h5` files as `-1` in Keras 3.15.)
+    """
+    x = layers.Rescaling(1.0 / 255.0, name=f"{name}_rescale")(inputs)
+    return layers.GroupNormalization(
+        groups=inputs.shape[-1], axis=-1, center=False, scale=False, epsilon=1e-3, name=f"{name}_standardize"
+    )(x)
+
+
+def _conv_block(x, filters, name):
+    for index in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{index}")(x)
+    return x
+
+
+def _decoder_step(x, skip, filters, name):
+    x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_up")(x)
+    if skip is not None:
+        x = layers.Concatenate(name=f"{name}_concat")([x, skip])
+    return _conv_block(x, filters, name)
+
+
+def _segmentation_head(x):
+    # float32 output even under a mixed-precision policy, so Dice and the loss stay exact.
+    return layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
+
+
+def build_unet(input_shape=(256, 256, 3), base_filters=16, depth=4, name="unet"):
+    """U-Net (Ronneberger, Fischer, Brox 2015) with batch normalization.
+
+    Each level applies two 3x3 convolutions with batch norm and ReLU; the encoder max-pools, the
+    decoder upsamples with 2x2 transposed convolutions and concatenates the encoder's features.
+
+    Args:
+        input_shape: tuple. Slice shape `(S, S, 3)`; `S` must be divisible by `2**depth`.
+            Defaults to `(256, 256, 3)`.
+        base_filters: int. Filters at the first level, doubled at each level down.
+            Defaults to `16` (1.9 M parameters at depth 4), sized for CPU training.
+        depth: int. Number of pooling steps. Defaults to `4`, as the paper.
+        name: str. Model name. Defaults to `"unet"`.
+
+    Example:
+        >>> model = build_unet(input_shape=(128, 128, 3), base_filters=8)
+        >>> model.output_shape
+        (None, 128, 128, 1)
+    """
+    size = input_shape[0]
+    if len(input_shape) != 3 or input_shape[0] != input_shape[1] or size % (2**depth):
+        raise ValueError(
+            f"input_shape must be (S, S, C) with S divisible by 2**depth={2**depth}; received input_shape={input_shape}"
+        )
+    inputs = keras.Input(shape=input_shape, name="slice")
+    x = _standardize(inputs)
+    skips = []
+    for level in range(depth):
+        x = _conv_block(x, base_filters * 2**level, name=f"enc{level + 1}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{level + 1}_pool")(x)
+    x = _conv_block(x, base_filters * 2**depth, name="bridge")
+    for level in reversed(range(depth)):
+        x = _decoder_step(x, skips[level], base_filters * 2**level, name=f"dec{level + 1}")
+    return keras.Model(inputs, _segmentation_head(x), name=name)
+
+
+def _resnet50_weights(encoder_weights):
+    """Resolve `encoder_weights` to what `keras.applications.ResNet50` accepts, or fail clearly."""
+    if encoder_weights is None:
+        return None
+    if encoder_weights != "imagenet":
+        path = Path(encoder_weights)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"encoder_weights file not found: {path}. Pass None, 'imagenet', or the path of "
+                f"ResNet50 no-top weights ({IMAGENET_WEIGHTS_FILE})."
+            )
+        return str(path)
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / IMAGENET_WEIGHTS_FILE
+    if cache.is_file():
+        return "imagenet"
+    try:
+        keras.utils.get_file(
+            IMAGENET_WEIGHTS_FILE,
+            "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_WEIGHTS_FILE,
+            cache_subdir="models",
+            file_hash="4d473c1dd8becc155b73f8504c6f6626",
+        )
+    except Exception as error:  # any network failure: say what to do instead of a traceback
+        raise RuntimeError(
+            "Could not download the ImageNet weights for ResNet50 "
+            f"({type(error).__name__}: {error}). This machine is probably offline. Either copy "
+            f"{IMAGENET_WEIGHTS_FILE} into {cache.parent}/ (or pass its path as encoder_weights), "
+            "or train from scratch with encoder_weights=None."
+        ) from None
+    return "imagenet"
+
+
+def _resnet50_encoder(inputs, encoder_weights, freeze_encoder):
+    x = _standardize(inputs)
+    x = layers.Rescaling(IMAGENET_PIXEL_STD, name="preprocess_imagenet_scale")(x)
+    encoder = keras.applications.ResNet50(include_top=False, weights=_resnet50_weights(encoder_weights), input_tensor=x)
+    encoder.trainable = not freeze_encoder
+    return encoder
+
+
+def build_resnet50_unet(
+    input_shape=(256, 256, 3),
+    encoder_weights="imagenet",
+    freeze_encoder=False,
+    decoder_filters=(256, 128, 64, 32),
+    name="resnet50_unet",
+):
+    """U-Net whose encoder is ResNet50 (He et al. 2016), in the segmentation_models style.
+
+    The encoder's features at 1/2, 1/4 and 1/8 resolution (`RESNET50_SKIP_LAYERS`) feed the
+    decoder's skip connections and `RESNET50_BRIDGE_LAYER` (1/16) is the bridge; the last
+    decoder step returns to full resolution.
+
+    Args:
+        input_shape: tuple. `(S, S, 3)`, `S` divisible by 16. Defaults to `(256, 256, 3)`.
+        encoder_weights: `"imagenet"`, `None` or a path to ResNet50 no-top weights.
+            Defaults to `"imagenet"`; offline, `"imagenet"` raises a `RuntimeError` saying how
+            to proceed.
+        freeze_encoder: bool. Keep the encoder's weights fixed. Defaults to `False`.
+        decoder_filters: tuple of 4 ints. Filters of the decoder steps, deep to shallow.
+            Defaults to `(256, 128, 64, 32)`.
+        name: str. Model name. Defaults to `"resnet50_unet"`.
+
+    Example:
+        >>> model = build_resnet50_unet((128, 128, 3), encoder_weights=None)
+    """
+    if len(input_shape) != 3 or input_shape[0] % 16 or input_shape[-1] != 3:
+        raise ValueError(f"input_shape must be (S, S, 3) with S divisible by 16; received {input_shape}")
+    if len(decoder_filters) != len(RESNET50_SKIP_LAYERS) + 1:
+        raise ValueError(f"decoder_filters needs 4 entries; received {decoder_filters}")
+    inputs = keras.Input(shape=input_shape, name="slice")
+    encoder = _resnet50_encoder(inputs, encoder_weights, freeze_encoder)
+    skips = [encoder.get_layer(layer_name).output for layer_name in RESNET50_SKIP_LAYERS]
+    x = encoder.get_layer(RESNET50_BRIDGE_LAYER).output
+    for step, filters in enumerate(decoder_filters):
+        skip = skips[-1 - step] if step < len(skips) else None
+        x = _decoder_step(x, skip, filters, name=f"dec{len(decoder_filters) - step}")
+    return keras.Model(inputs, _segmentation_head(x), name=name)
+
+
+def build_classifier(
+    input_shape=(256, 256, 3),
+    backbone="light",
+    encoder_weights="imagenet",
+    freeze_encoder=False,
+    name=None,
+):
+    """Tumor / no-tumor slice classifier; outputs the probability that a slice shows tumor.
+
+    Args:
+        input_shape: tuple. `(S, S, 3)`. Defaults to `(256, 256, 3)`.
+        backbone: `"light"` (a small CNN that trains in minutes on a CPU) or `"resnet50"`
+            (the original notebooks' choice). Defaults to `"light"`.
+        encoder_weights: for `"resnet50"`: `"imagenet"`, `None` or a weights file.
+            Defaults to `"imagenet"`.
+        freeze_encoder: bool. For `"resnet50"`: keep the encoder fixed. Defaults to `False`.
+        name: str. Model name. Defaults to `"classifier_<backbone>"`.
+
+    Example:
+        >>> model = build_classifier((128, 128, 3), backbone="light")
+        >>> model.output_shape
+        (None, 1)
+    """
+    inputs = keras.Input(shape=input_shape, name="slice")
+    if backbone == "resnet50":
+        x = _resnet50_encoder(inputs, encoder_weights, freeze_encoder).output
+    elif backbone == "light":
+        x = _standardize(inputs)
+        for level, filters in enumerate((16, 32, 64, 128, 128)):
+            x = _conv_block(x, filters, name=f"enc{level + 1}")
+            x = layers.MaxPooling2D(2, name=f"enc{level + 1}_pool")(x)
+    else:
+        raise ValueError(f"backbone must be 'light' or 'resnet50'; received {backbone!r}")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(0.3, name="dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="tumor")(x)
+    return keras.Model(inputs, outputs, name=name or f"classifier_{backbone}")

@@ -1,0 +1,313 @@
+"""Training with the standard callbacks, atomic export of models and results, run folders.
+
+A run folder holds: `model.h5` and `model.keras` (best validation epoch), `best.weights.h5`,
+`history.csv`, `split.csv`, `config.json` (configuration, seed, library versions), `curves.png`,
+and after evaluation `test_cases.csv`, `test_summary.json` and plots.
+"""
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import keras
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from lgg import data, losses, models, plots
+from lgg.evaluate import evaluate_run
+from lgg.files import atomic_path, save_csv, save_json, save_model
+
+MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
+
+
+# ----------------------------------------------------------------------------- run folders
+def prepare_run_dir(run_dir, overwrite=False, resume=False):
+    """Create `run_dir`; refuse to reuse a non-empty one unless `overwrite` or `resume`."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(
+            f"run folder {run_dir} already holds files; pass --overwrite to replace them or "
+            "--resume to continue that run"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def environment():
+    """Library versions and machine facts, written into every run's config."""
+    import sklearn
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "tensorflow": tf.__version__,
+        "numpy": np.__version__,
+        "scikit_learn": sklearn.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.uname().machine,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+# ----------------------------------------------------------------------------- callbacks
+class ElapsedTime(keras.callbacks.Callback):
+    """Adds `elapsed_s` (training time so far) to each epoch's logs and stops after `max_minutes`."""
+
+    def __init__(self, max_minutes=None, already_elapsed_s=0.0):
+        super().__init__()
+        self.max_minutes = max_minutes
+        self.already_elapsed_s = already_elapsed_s
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter() - self.already_elapsed_s
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self.start
+        if logs is not None:
+            logs["elapsed_s"] = elapsed
+        if self.max_minutes is not None and elapsed >= 60 * self.max_minutes:
+            print(f"\nStopping: time limit of {self.max_minutes} minutes reached after epoch {epoch + 1}.")
+            self.model.stop_training = True
+
+
+class BestWeightsCheckpoint(keras.callbacks.Callback):
+    """Save the weights of the best epoch so far (by `monitor`, higher is better), atomically."""
+
+    def __init__(self, path, monitor):
+        super().__init__()
+        self.path, self.monitor, self.best = Path(path), monitor, -np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and np.isfinite(value) and value > self.best:
+            self.best = float(value)
+            with atomic_path(self.path) as temporary:
+                self.model.save_weights(temporary)
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """`TerminateOnNaN` that says in which epoch the loss diverged."""
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            print(
+                f"\nStopping: the loss became {loss} in batch {batch} of this epoch; the best weights so far are kept."
+            )
+            self.model.stop_training = True
+
+
+# ----------------------------------------------------------------------------- compile and fit
+def compile_model(model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0):
+    """Adam with BCE + Dice and batch Dice / Jaccard (segmentation), or BCE with accuracy and AUC."""
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if task == "segmentation":
+        model.compile(
+            optimizer=optimizer,
+            loss=losses.BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight),
+            metrics=losses.SEGMENTATION_METRICS,
+        )
+    elif task == "classification":
+        model.compile(
+            optimizer=optimizer,
+            loss="binary_crossentropy",
+            metrics=["accuracy", keras.metrics.AUC(name="auc")],
+        )
+    else:
+        raise ValueError(f"task must be 'segmentation' or 'classification'; received {task!r}")
+    return model
+
+
+def monitor_for(task):
+    return "val_dice_coefficient" if task == "segmentation" else "val_auc"
+
+
+def fit(
+    model,
+    train_data,
+    val_data,
+    run_dir,
+    epochs=100,
+    steps_per_epoch=None,
+    task="segmentation",
+    patience=10,
+    max_minutes=None,
+    resume=False,
+    verbose=1,
+):
+    """Fit with the standard callbacks and return the history as a DataFrame.
+
+    Callbacks: best-weights checkpoint on the validation Dice (AUC for the classifier),
+    EarlyStopping (patience `patience`, best weights restored), ReduceLROnPlateau (halve after
+    `patience // 2` flat epochs), CSVLogger (`history.csv`), a NaN stop, an optional time limit,
+    and BackupAndRestore so an interrupted run continues with `resume=True`.
+    On return the model holds the weights of its best validation epoch.
+    """
+    run_dir = Path(run_dir)
+    monitor = monitor_for(task)
+    best_path = run_dir / "best.weights.h5"
+    history_path = run_dir / "history.csv"
+    already = 0.0
+    if resume and history_path.exists():
+        previous = pd.read_csv(history_path)
+        already = float(previous["elapsed_s"].iloc[-1]) if len(previous) and "elapsed_s" in previous else 0.0
+    callbacks = [
+        ElapsedTime(max_minutes, already_elapsed_s=already),
+        BestWeightsCheckpoint(best_path, monitor),
+        keras.callbacks.EarlyStopping(monitor, mode="max", patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor, mode="max", factor=0.5, patience=max(1, patience // 2), min_lr=1e-5),
+        keras.callbacks.CSVLogger(str(history_path), append=resume),
+        StopOnNaN(),
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=True),
+    ]
+    model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=verbose,
+    )
+    if best_path.exists():
+        model.load_weights(best_path)
+    return pd.read_csv(history_path)
+
+
+def export_model(model, run_dir):
+    """Write `model.h5` and `model.keras` atomically; return the `.h5` path."""
+    run_dir = Path(run_dir)
+    save_model(model, run_dir / "model.h5")
+    save_model(model, run_dir / "model.keras")
+    return run_dir / "model.h5"
+
+
+# ----------------------------------------------------------------------------- whole runs
+def build_model(kind, image_size, encoder_weights=None, base_filters=16, backbone="light"):
+    input_shape = (image_size, image_size, 3)
+    if kind == "unet":
+        return models.build_unet(input_shape, base_filters=base_filters)
+    if kind == "resnet50-unet":
+        return models.build_resnet50_unet(input_shape, encoder_weights=encoder_weights)
+    if kind == "classifier":
+        return models.build_classifier(input_shape, backbone=backbone, encoder_weights=encoder_weights)
+    raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")
+
+
+def task_of(kind):
+    return "classification" if kind == "classifier" else "segmentation"
+
+
+def split_table(slices, split_name="patient", seed=0, val_fraction=0.1, test_fraction=0.2):
+    """`slices` with a `split` column: by patient (default) or the original leaky slice split."""
+    slices = slices.copy()
+    if split_name == "patient":
+        assignment = data.split_by_patient(slices["case_id"], val_fraction, test_fraction)
+        slices["split"] = slices["case_id"].map(assignment)
+    elif split_name == "random-slice-leaky":
+        slices["split"] = data.random_slice_split(slices, random_state=seed)
+    else:
+        raise ValueError(f"split must be 'patient' or 'random-slice-leaky'; received {split_name!r}")
+    return slices
+
+
+def split_counts(slices):
+    """Cases, slices and tumor slices per split."""
+    return slices.groupby("split").agg(
+        cases=("case_id", "nunique"), slices=("case_id", "size"), tumor_slices=("has_tumor", "sum")
+    )
+
+
+def prepare_split(data_dir, run_dir, max_cases=None, split="patient", seed=0):
+    """Find the slices, split them, write `split.csv` into the run folder, print the counts."""
+    slices = split_table(data.find_slices(data_dir, max_cases=max_cases), split, seed)
+    save_csv(slices[["case_id", "slice_index", "split", "has_tumor", "tumor_area_px"]], Path(run_dir) / "split.csv")
+    print(split_counts(slices).to_string())
+    return slices
+
+
+def write_config(run_dir, config, slices=None):
+    """Write `config.json`: the run's settings, library versions, and the split's counts."""
+    config = {**config, "environment": environment()}
+    if slices is not None:
+        config["split_counts"] = split_counts(slices).reset_index().to_dict("records")
+    save_json(config, Path(run_dir) / "config.json")
+
+
+def make_datasets(slices, task, image_size=128, batch_size=16, seed=0, tumor_fraction=None):
+    """Decode the train and val slices into memory and wrap them in `tf.data` pipelines.
+
+    Returns `(train_data, steps_per_epoch, val_data)`; training data is shuffled, augmented and,
+    with `tumor_fraction`, oversamples tumor slices.
+    """
+    train_rows, val_rows = slices[slices.split == "train"], slices[slices.split == "val"]
+    started = time.perf_counter()
+    train_images, train_masks = data.load_arrays(train_rows, image_size)
+    val_images, val_masks = data.load_arrays(val_rows, image_size)
+    print(
+        f"Decoded {len(train_rows) + len(val_rows)} slices at {image_size}x{image_size} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    if task == "segmentation":
+        train_targets, val_targets = train_masks, val_masks
+    else:
+        train_targets = train_rows["has_tumor"].to_numpy(np.float32)
+        val_targets = val_rows["has_tumor"].to_numpy(np.float32)
+    train_data, steps = data.make_dataset(
+        train_images,
+        train_targets,
+        batch_size,
+        training=True,
+        seed=seed,
+        tumor_fraction=tumor_fraction,
+        has_tumor=train_rows["has_tumor"].to_numpy(),
+    )
+    val_data, _ = data.make_dataset(val_images, val_targets, batch_size)
+    return train_data, steps, val_data
+
+
+def train_run(
+    kind,
+    data_dir,
+    out_dir,
+    epochs=100,
+    batch_size=16,
+    image_size=128,
+    seed=0,
+    max_cases=None,
+    encoder_weights=None,
+    base_filters=16,
+    backbone="light",
+    learning_rate=1e-3,
+    patience=10,
+    tumor_fraction=None,
+    max_minutes=None,
+    split="patient",
+    overwrite=False,
+    resume=False,
+    verbose=1,
+):
+    """Train one model end to end: data, split, fit, export, curves, test evaluation.
+
+    Returns the run folder. This is what `python -m lgg train` runs; the notebooks call the
+    same steps one by one.
+    """
+    config = {key: value for key, value in locals().items()}
+    run_dir = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+    keras.utils.set_random_seed(seed)
+    task = task_of(kind)
+    slices = prepare_split(data_dir, run_dir, max_cases=max_cases, split=split, seed=seed)
+    write_config(run_dir, config, slices)
+
+    train_data, steps, val_data = make_datasets(slices, task, image_size, batch_size, seed, tumor_fraction)
+    model = compile_model(build_model(kind, image_size, encoder_weights, base_filters, backbone), task, learning_rate)
+    history = fit(model, train_data, val_data, run_dir, epochs, steps, task, patience, max_minutes, resume, verbose)
+    export_model(model, run_dir)
+    plots.plot_history(history, task, save_path=run_dir / "curves.png")
+    evaluate_run(model, slices, run_dir, split_name="test")
+    plt.close("all")
+    return run_dir

@@ -1,0 +1,114 @@
+"""`python -m lgg` end to end on a few real cases: train, evaluate, predict; and the demo set."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lgg import data, metrics
+
+
+def lgg(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "lgg", *map(str, args)], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"lgg {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(real_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "unet"
+    lgg(
+        "train",
+        "unet",
+        "--data",
+        real_data,
+        "--out",
+        out,
+        "--epochs",
+        1,
+        "--image-size",
+        64,
+        "--max-cases",
+        6,
+        "--batch-size",
+        8,
+        "--base-filters",
+        8,
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_train_writes_the_whole_run_folder(run_dir):
+    for name in (
+        "model.h5",
+        "model.keras",
+        "best.weights.h5",
+        "history.csv",
+        "split.csv",
+        "config.json",
+        "curves.png",
+        "test_cases.csv",
+        "test_summary.json",
+        "test_case_dice.png",
+        "test_overlays.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["seed"] == 0 and config["environment"]["keras"]
+    history = pd.read_csv(run_dir / "history.csv")
+    assert {"loss", "val_dice_coefficient", "val_jaccard_index", "elapsed_s"} <= set(history.columns)
+    split = pd.read_csv(run_dir / "split.csv")
+    assert split.groupby("case_id")["split"].nunique().max() == 1 and set(split.split) == {"train", "val", "test"}
+
+
+@pytest.mark.slow
+def test_evaluate_prints_per_case_dice(run_dir, real_data, tmp_path):
+    result = lgg("evaluate", "--model", run_dir / "model.h5", "--data", real_data, "--out", tmp_path)
+    per_case = pd.read_csv(run_dir / "test_cases.csv")
+    for case_id in per_case.case_id:
+        assert case_id in result.stdout
+    again = json.loads((tmp_path / "test_summary.json").read_text())
+    first = json.loads((run_dir / "test_summary.json").read_text())
+    assert again["case_dice_mean"] == pytest.approx(first["case_dice_mean"], abs=1e-6)
+    assert 0 <= first["case_dice_mean"] <= 1
+
+
+@pytest.mark.slow
+def test_predicted_masks_score_like_evaluate(run_dir, real_data, tmp_path):
+    per_case = pd.read_csv(run_dir / "test_cases.csv")
+    case_id = per_case.case_id.iloc[0]
+    lgg("predict", "--model", run_dir / "model.h5", "--out", tmp_path, real_data / case_id)
+    slices = data.find_slices(real_data, max_cases=6)
+    slices = slices[slices.case_id == case_id]
+    predicted = np.stack([data.read_mask(tmp_path / case_id / f"{case_id}_{i}_mask.tif") for i in slices.slice_index])
+    truth = np.stack([data.read_mask(path) for path in slices.mask_path])
+    assert metrics.dice_score(truth, predicted) == pytest.approx(per_case.case_dice.iloc[0], abs=1e-9)
+    row = pd.read_csv(tmp_path / "cases.csv").iloc[0]
+    assert row.case_id == case_id and row.slices == len(slices) and row.tumor_area_px_total == predicted.sum()
+
+
+@pytest.mark.slow
+def test_second_run_into_the_same_folder_is_refused(run_dir, real_data):
+    result = lgg("train", "unet", "--data", real_data, "--out", run_dir, "--epochs", 1, check=False)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+def test_missing_data_gives_a_clear_message(tmp_path):
+    result = lgg("train", "unet", "--data", tmp_path / "nowhere", "--out", tmp_path / "run", check=False)
+    assert result.returncode == 2
+    assert "data folder not found" in result.stderr and "python -m lgg download" in result.stderr
+
+
+def test_demo_data_is_in_the_kaggle_layout(tmp_path):
+    lgg("demo-data", "--dest", tmp_path, "--cases", 3)
+    slices = data.find_slices(tmp_path)
+    assert slices.case_id.nunique() == 3 and len(slices) == 60
+    assert 0 < slices.has_tumor.sum() < 60
+    assert slices.case_id.str.startswith("SYNTH").all()

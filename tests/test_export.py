@@ -1,0 +1,67 @@
+"""Exported models: `.h5` loads without the package; with it, loss and metrics come back too."""
+
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from lgg import data, evaluate, losses, models, train
+
+
+@pytest.fixture(scope="module")
+def trained_unet(real_data, tmp_path_factory):
+    slices = data.find_slices(real_data, max_cases=2)
+    images, masks = data.load_arrays(slices[slices.has_tumor].head(16), 64)
+    model = train.compile_model(models.build_unet((64, 64, 3), base_filters=4, depth=3), "segmentation")
+    model.fit(images.astype("float32"), masks.astype("float32"), batch_size=8, epochs=1, verbose=0)
+    run_dir = tmp_path_factory.mktemp("export")
+    train.export_model(model, run_dir)
+    return model, images.astype("float32"), run_dir
+
+
+def test_run_folder_holds_both_formats(trained_unet):
+    _, _, run_dir = trained_unet
+    assert (run_dir / "model.h5").stat().st_size > 10_000
+    assert (run_dir / "model.keras").stat().st_size > 10_000
+    assert not list(run_dir.glob(".partial-*"))
+
+
+def test_h5_loads_in_a_fresh_process_without_the_package(trained_unet, tmp_path):
+    model, images, run_dir = trained_unet
+    np.save(tmp_path / "x.npy", images)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, keras
+        model = keras.models.load_model({str(run_dir / "model.h5")!r}, compile=False)
+        np.save({str(tmp_path / "y.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+        assert not any(name == "lgg" or name.startswith("lgg.") for name in sys.modules), "lgg was imported"
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(images, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("file_name", ["model.h5", "model.keras"])
+def test_loads_with_loss_and_metrics_when_the_package_is_imported(trained_unet, file_name):
+    model, images, run_dir = trained_unet
+    loaded = evaluate.load_model(run_dir / file_name)
+    assert isinstance(loaded.loss, losses.BCEDiceLoss)
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+    results = loaded.evaluate(images, (images[..., :1] > 128).astype("float32"), verbose=0, return_dict=True)
+    assert {"loss", "dice_coefficient", "jaccard_index"} <= set(results)
+
+
+def test_classifier_round_trip(tmp_path):
+    model = train.compile_model(models.build_classifier((64, 64, 3)), "classification")
+    train.export_model(model, tmp_path)
+    x = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    loaded = keras.models.load_model(tmp_path / "model.h5", compile=False)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path):
+    path = tmp_path / "model.h5"
+    path.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="model.h5 is not a Keras model"):
+        evaluate.load_model(path)

@@ -1,0 +1,30 @@
+"""Atomic writes and run folders that are never overwritten silently."""
+
+import pandas as pd
+import pytest
+
+from lgg import files, train
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "test_summary.json"
+    files.save_json({"case_dice_mean": 0.8}, path)
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_path(path) as temporary:
+            temporary.write_text('{"case_dice_mean": 0.')  # half written, then interrupted
+            raise KeyboardInterrupt
+    assert path.read_text() == '{\n  "case_dice_mean": 0.8\n}\n'
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_csv_written_whole(tmp_path):
+    files.save_csv(pd.DataFrame({"case_id": ["a", "b"], "case_dice": [0.5, 1.0]}), tmp_path / "cases.csv")
+    assert (tmp_path / "cases.csv").read_text() == "case_id,case_dice\na,0.5\nb,1.0\n"
+
+
+def test_run_folder_is_not_overwritten_silently(tmp_path):
+    run_dir = train.prepare_run_dir(tmp_path / "run")
+    (run_dir / "model.h5").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train.prepare_run_dir(run_dir)
+    assert train.prepare_run_dir(run_dir, overwrite=True) == run_dir

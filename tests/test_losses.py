@@ -1,0 +1,39 @@
+import keras
+import numpy as np
+import pytest
+
+from lgg import losses
+
+A = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]], "float32")
+B = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], "float32")
+
+
+def test_batch_dice_and_jaccard_with_smoothing():
+    truth, guess = np.stack([A, A])[..., None], np.stack([B, A])[..., None]
+    # intersection 2 + 3 = 5, |truth| = 6, |guess| = 6
+    assert float(losses.dice_coefficient(truth, guess)) == pytest.approx((2 * 5 + 1) / (12 + 1))
+    assert float(losses.jaccard_index(truth, guess)) == pytest.approx((5 + 1) / (7 + 1))
+    empty = np.zeros((1, 3, 3, 1), "float32")
+    assert float(losses.dice_coefficient(empty, empty)) == pytest.approx(1.0)
+
+
+def test_bce_dice_loss_is_the_weighted_sum():
+    truth = A[None, ..., None]
+    prob = np.clip(B[None, ..., None], 0.1, 0.9)
+    bce = float(np.mean(keras.losses.binary_crossentropy(truth, prob)))
+    dice = float(losses.dice_coefficient(truth, prob))
+    loss = losses.BCEDiceLoss(bce_weight=0.5, dice_weight=2.0)
+    assert float(loss(truth, prob)) == pytest.approx(0.5 * bce + 2.0 * (1 - dice), rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{"bce_weight": -1}, {"bce_weight": 0, "dice_weight": 0}, {"smooth": -1}])
+def test_bce_dice_loss_rejects_bad_weights(kwargs):
+    with pytest.raises(ValueError, match="received"):
+        losses.BCEDiceLoss(**kwargs)
+
+
+def test_loss_and_metrics_are_registered_for_loading():
+    assert keras.saving.get_registered_object("lgg>BCEDiceLoss") is losses.BCEDiceLoss
+    assert keras.saving.get_registered_object("lgg>dice_coefficient") is losses.dice_coefficient
+    config = keras.saving.serialize_keras_object(losses.BCEDiceLoss(bce_weight=0.3))
+    assert keras.saving.deserialize_keras_object(config).bce_weight == pytest.approx(0.3)

@@ -1,0 +1,96 @@
+"""Tiny configurations: output shapes and ranges, layer names, weights options."""
+
+import keras
+import numpy as np
+import pytest
+
+from lgg import models
+
+
+def _raw_slices(size, count=2):
+    return np.random.default_rng(0).uniform(0, 255, (count, size, size, 3)).astype("float32")
+
+
+def test_unet_shapes_and_range():
+    model = models.build_unet((64, 64, 3), base_filters=4, depth=3)
+    output = model.predict(_raw_slices(64), verbose=0)
+    assert model.output_shape == (None, 64, 64, 1) and output.shape == (2, 64, 64, 1)
+    assert 0.0 <= output.min() and output.max() <= 1.0
+    names = {layer.name for layer in model.layers}
+    assert {"enc1_conv1", "enc3_pool", "bridge_conv2", "dec1_up", "dec1_concat", "mask"} <= names
+
+
+def test_unet_default_size_is_cpu_sized():
+    assert models.build_unet().count_params() == pytest.approx(1.95e6, rel=0.02)
+
+
+@pytest.mark.parametrize("shape", [(100, 100, 3), (64, 32, 3), (64, 64)])
+def test_unet_rejects_shapes_it_cannot_pool(shape):
+    with pytest.raises(ValueError, match="received input_shape"):
+        models.build_unet(shape)
+
+
+def test_preprocessing_is_inside_the_model():
+    # the model takes raw [0, 255] slices and standardizes each channel of each slice itself
+    model = models.build_unet((32, 32, 3), base_filters=4, depth=2)
+    preprocess = keras.Model(model.input, model.get_layer("preprocess_standardize").output)
+    x = _raw_slices(32, 2) * np.array([0.2, 1.0, 0.6], "float32")
+    scaled = x / 255.0
+    mean, std = scaled.mean(axis=(1, 2), keepdims=True), scaled.std(axis=(1, 2), keepdims=True)
+    expected = (scaled - mean) / np.sqrt(std**2 + 1e-3)
+    np.testing.assert_allclose(preprocess.predict(x, verbose=0), expected, atol=1e-4)
+
+
+def test_resnet50_unet_full_resolution_and_skip_table():
+    model = models.build_resnet50_unet((64, 64, 3), encoder_weights=None)
+    assert model.output_shape == (None, 64, 64, 1)
+    for name in (*models.RESNET50_SKIP_LAYERS, models.RESNET50_BRIDGE_LAYER):
+        model.get_layer(name)
+    output = model.predict(_raw_slices(64), verbose=0)
+    assert output.shape == (2, 64, 64, 1) and 0 <= output.min() and output.max() <= 1
+
+
+def test_resnet50_freeze_encoder():
+    model = models.build_resnet50_unet((64, 64, 3), encoder_weights=None, freeze_encoder=True)
+    assert not model.get_layer("conv2_block1_1_conv").trainable
+    assert model.get_layer("dec1_conv1").trainable
+
+
+def test_resnet50_weights_from_a_local_file(tmp_path):
+    path = tmp_path / "resnet50_notop.weights.h5"
+    source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    source.save_weights(path)
+    model = models.build_resnet50_unet((64, 64, 3), encoder_weights=str(path))
+    np.testing.assert_array_equal(
+        model.get_layer("conv1_conv").get_weights()[0], source.get_layer("conv1_conv").get_weights()[0]
+    )
+
+
+def test_resnet50_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        models.build_resnet50_unet((64, 64, 3), encoder_weights=str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_weights_offline_say_how_to_proceed(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(RuntimeError, match="encoder_weights=None") as error:
+        models.build_resnet50_unet((64, 64, 3), encoder_weights="imagenet")
+    assert "offline" in str(error.value) and models.IMAGENET_WEIGHTS_FILE in str(error.value)
+
+
+@pytest.mark.parametrize("backbone", ["light", "resnet50"])
+def test_classifier_outputs_one_probability_per_slice(backbone):
+    model = models.build_classifier((64, 64, 3), backbone=backbone, encoder_weights=None)
+    output = model.predict(_raw_slices(64, 3), verbose=0)
+    assert model.output_shape == (None, 1) and output.shape == (3, 1)
+    assert 0 <= output.min() and output.max() <= 1
+
+
+def test_classifier_rejects_unknown_backbone():
+    with pytest.raises(ValueError, match="received 'vgg'"):
+        models.build_classifier(backbone="vgg")

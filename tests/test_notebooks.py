@@ -1,0 +1,145 @@
+"""The three notebooks: committed clean and parametrized, and each runs top to bottom on real cases.
+
+The slow tests execute every notebook with papermill on 6 restored Kaggle cases at 64x64 for 2 epochs,
+exactly as a user would run it, with only the values of its `parameters` cell overridden.
+"""
+
+import ast
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / "data"
+NOTEBOOKS = {
+    "U_Net": ROOT / "U_Net" / "U_Net.ipynb",
+    "ResNet50_plus_UNet": ROOT / "ResNet50_plus_UNet" / "ResNet50_plus_UNet.ipynb",
+    "Classification": ROOT / "Classification" / "Classification.ipynb",
+}
+COMMON_PARAMETERS = {"data_dir", "image_size", "batch_size", "epochs", "seed", "max_cases", "out_dir", "overwrite"}
+REQUIRED_PARAMETERS = {
+    "U_Net": COMMON_PARAMETERS,
+    "ResNet50_plus_UNet": COMMON_PARAMETERS | {"encoder_weights"},
+    "Classification": COMMON_PARAMETERS | {"encoder_weights", "backbone", "segmenter_path"},
+}
+MAX_CELL_LINES = 40  # a cell longer than a screen belongs in lgg/
+SMALL_RUN = {"max_cases": 6, "image_size": 64, "epochs": 2, "batch_size": 8, "overwrite": True}
+SEGMENTATION_METRICS = (
+    "case_dice_mean",
+    "case_dice_median",
+    "tumor_slice_dice_mean",
+    "tumor_free_false_positive_rate",
+    "batch_dice_smooth1",
+)
+CLASSIFICATION_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+COMMON_FILES = ("model.h5", "model.keras", "curves.png", "examples.png", "history.csv", "split.csv", "config.json")
+EXPECTED_FILES = {
+    "U_Net": COMMON_FILES + ("test_cases.csv", "test_case_dice.png", "test_overlays.png", "test_summary.json"),
+    "ResNet50_plus_UNet": COMMON_FILES
+    + ("test_cases.csv", "test_case_dice.png", "test_overlays.png", "test_summary.json"),
+    "Classification": COMMON_FILES
+    + ("test_slices.csv", "test_roc_confusion.png", "test_summary.json", "test_comparison.csv"),
+}
+
+
+def code_cells(notebook):
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_clean_and_parametrized(name):
+    notebook = nbformat.read(NOTEBOOKS[name], as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    cells = code_cells(notebook)
+    for index, cell in enumerate(cells):
+        assert cell.outputs == [], f"{name}: code cell {index} stores outputs; strip them before committing"
+        assert cell.execution_count is None, f"{name}: code cell {index} stores an execution count"
+        lines = len(cell.source.splitlines())
+        assert lines <= MAX_CELL_LINES, f"{name}: code cell {index} has {lines} lines (at most {MAX_CELL_LINES})"
+
+    parameters = cells[0]
+    assert "parameters" in parameters.metadata.get("tags", []), f"{name}: first code cell is not tagged `parameters`"
+    for line in parameters.source.splitlines():
+        # papermill's parameter parser (`--help-notebook`, unknown-parameter warnings) skips lines with two `=`
+        assert line.count("=") <= 1, f"{name}: parameters line {line!r} has a second `=` (in its comment?)"
+    defined = {}
+    for statement in ast.parse(parameters.source).body:
+        # papermill overrides the cell by appending assignments: it must hold plain `name = literal` lines only
+        assert isinstance(statement, ast.Assign), f"{name}: parameters cell holds {ast.dump(statement)[:80]}"
+        (target,) = statement.targets
+        defined[target.id] = ast.literal_eval(statement.value)
+    missing = REQUIRED_PARAMETERS[name] - defined.keys()
+    assert not missing, f"{name}: parameters cell does not define {sorted(missing)}"
+    assert defined["data_dir"] == "../data"
+    assert defined["out_dir"] == f"../runs/{name}"
+    assert defined["max_cases"] is None and defined["epochs"] == 100
+
+
+def write_untrained_segmenter(path):
+    """A tiny untrained U-Net `.h5` (in a subprocess, so TensorFlow stays out of the test process)."""
+    script = (
+        "import sys; from lgg import files, models, train; "
+        "model = train.compile_model(models.build_unet((64, 64, 3), base_filters=4), 'segmentation'); "
+        "files.save_model(model, sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, check=True, capture_output=True)
+    return path
+
+
+def assert_unit_interval(summary, keys):
+    for key in keys:
+        value = summary[key]
+        assert isinstance(value, float) and math.isfinite(value), f"{key} = {value!r} is not a finite number"
+        assert 0.0 <= value <= 1.0, f"{key} = {value} outside [0, 1]"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_on_real_cases(name, tmp_path, real_data):
+    """Run the notebook on 6 real cases; `real_data` (conftest) fails the test if they are not restored."""
+    import papermill
+
+    run_dir = tmp_path / "run"
+    parameters = {**SMALL_RUN, "data_dir": str(DATA_DIR), "out_dir": str(run_dir)}
+    if name != "U_Net":
+        parameters["encoder_weights"] = None
+    if name == "Classification":
+        parameters["backbone"] = "light"
+        parameters["segmenter_path"] = str(write_untrained_segmenter(tmp_path / "segmenter.h5"))
+
+    executed = tmp_path / f"{name}.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOKS[name]),
+        str(executed),
+        parameters=parameters,
+        cwd=str(NOTEBOOKS[name].parent),
+        kernel_name="python3",
+        progress_bar=False,
+    )  # raises PapermillExecutionError, naming the cell, if any cell fails
+
+    outputs = [output for cell in code_cells(nbformat.read(executed, as_version=4)) for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    missing = [file for file in EXPECTED_FILES[name] if not (run_dir / file).is_file()]
+    assert not missing, f"{name}: run folder lacks {missing}"
+
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert 2 <= len(history) <= 1 + SMALL_RUN["epochs"], "history.csv should hold a header and one row per epoch"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["image_size"] == SMALL_RUN["image_size"] and config["max_cases"] == SMALL_RUN["max_cases"]
+    summary = json.loads((run_dir / "test_summary.json").read_text())
+    if name == "Classification":
+        assert 0 < summary["tumor_slices"] < summary["slices"], "6 cases hold tumor and tumor-free test slices"
+        assert_unit_interval(summary, CLASSIFICATION_METRICS)
+        comparison = (run_dir / "test_comparison.csv").read_text().splitlines()
+        assert len(comparison) == 3, "classifier and segmenter rows expected in test_comparison.csv"
+    else:
+        assert_unit_interval(summary, SEGMENTATION_METRICS)
+        assert summary["cases"] >= 1
+    if name != "U_Net":
+        assert config["encoder_weights"] is None, "config.json must record the encoder weights actually used"

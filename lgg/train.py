@@ -5,8 +5,10 @@ A run folder holds: `model.h5` and `model.keras` (best validation epoch), `best.
 and after evaluation `test_cases.csv`, `test_summary.json` and plots.
 """
 
+import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -24,13 +26,20 @@ MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
 
 # ----------------------------------------------------------------------------- run folders
 def prepare_run_dir(run_dir, overwrite=False, resume=False):
-    """Create `run_dir`; refuse to reuse a non-empty one unless `overwrite` or `resume`."""
+    """Create `run_dir`. A non-empty one is refused unless `overwrite` (its contents are deleted,
+    including the backup of an interrupted run) or `resume` (kept, to continue that run)."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
-        raise FileExistsError(
-            f"run folder {run_dir} already holds files; pass --overwrite to replace them or "
-            "--resume to continue that run"
-        )
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"run folder {run_dir} already holds files; pass --overwrite to replace them or "
+                "--resume to continue that run"
+            )
+        for path in run_dir.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -101,6 +110,81 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
             self.model.stop_training = True
 
 
+class ResumeCheckpoint(keras.callbacks.Callback):
+    """After each epoch, keep what continuing the run needs: weights, optimizer state (moments,
+    step count, learning rate), the epoch, the training time so far, and the counters of the
+    early-stopping, plateau and best-weights callbacks.
+
+    Each epoch's state goes into a new folder `resume/epoch-<n>/`; only then is
+    `resume/state.json` switched to it (atomically), so a kill at any moment leaves one complete
+    state. (Keras' `BackupAndRestore` writes its checkpoint in place, and a kill while it writes
+    leaves a file that cannot be read.)
+    """
+
+    COUNTERS = {
+        "EarlyStopping": ("wait", "best", "stopped_epoch"),
+        "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+        "BestWeightsCheckpoint": ("best",),
+    }
+
+    def __init__(self, directory, callbacks):
+        super().__init__()
+        self.directory, self.callbacks, self.restored = Path(directory), callbacks, None
+
+    def _counters(self):
+        return {
+            type(callback).__name__: {name: float(getattr(callback, name)) for name in names}
+            for callback in self.callbacks
+            for kind, names in self.COUNTERS.items()
+            if type(callback).__name__ == kind
+        }
+
+    def on_epoch_end(self, epoch, logs=None):
+        folder = self.directory / f"epoch-{epoch}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        self.model.save_weights(folder / "model.weights.h5")
+        np.savez(folder / "optimizer.npz", *[variable.numpy() for variable in self.model.optimizer.variables])
+        state = {
+            "epoch": epoch,
+            "elapsed_s": (logs or {}).get("elapsed_s", 0.0),
+            "folder": folder.name,
+            "callbacks": self._counters(),
+        }
+        save_json(state, self.directory / "state.json")
+        for old in self.directory.glob("epoch-*"):
+            if old != folder:
+                shutil.rmtree(old)
+
+    def restore(self, model):
+        """Load the last complete state into `model` (compiled); return it, or None if there is none."""
+        state_path = self.directory / "state.json"
+        if not state_path.exists():
+            return None
+        state = json.loads(state_path.read_text())
+        folder = self.directory / state["folder"]
+        model.load_weights(folder / "model.weights.h5")
+        model.optimizer.build(model.trainable_variables)
+        with np.load(folder / "optimizer.npz") as saved:
+            values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
+        if len(values) != len(model.optimizer.variables):
+            raise ValueError(f"{folder}: optimizer state of another model ({len(values)} variables)")
+        for variable, value in zip(model.optimizer.variables, values):
+            variable.assign(value)
+        self.restored = state
+        return state
+
+    def on_train_begin(self, logs=None):
+        # runs after the other callbacks' on_train_begin, which reset their counters
+        for callback in self.callbacks:
+            for name, value in (self.restored or {}).get("callbacks", {}).get(type(callback).__name__, {}).items():
+                setattr(callback, name, int(value) if name != "best" else value)
+
+    def on_train_end(self, logs=None):
+        shutil.rmtree(self.directory, ignore_errors=True)  # finished: nothing to resume
+
+
 # ----------------------------------------------------------------------------- compile and fit
 def compile_model(model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0):
     """Adam with BCE + Dice and batch Dice / Jaccard (segmentation), or BCE with accuracy and AUC."""
@@ -144,32 +228,41 @@ def fit(
     Callbacks: best-weights checkpoint on the validation Dice (AUC for the classifier),
     EarlyStopping (patience `patience`, best weights restored), ReduceLROnPlateau (halve after
     `patience // 2` flat epochs), CSVLogger (`history.csv`), a NaN stop, an optional time limit,
-    and BackupAndRestore so an interrupted run continues with `resume=True`.
+    and `ResumeCheckpoint`, so an interrupted run continues from its last epoch with `resume=True`.
     On return the model holds the weights of its best validation epoch.
     """
     run_dir = Path(run_dir)
     monitor = monitor_for(task)
     best_path = run_dir / "best.weights.h5"
     history_path = run_dir / "history.csv"
-    already = 0.0
-    if resume and history_path.exists():
-        previous = pd.read_csv(history_path)
-        already = float(previous["elapsed_s"].iloc[-1]) if len(previous) and "elapsed_s" in previous else 0.0
+    timer = ElapsedTime(max_minutes)
+    csv_logger = keras.callbacks.CSVLogger(str(history_path), append=False)
     callbacks = [
-        ElapsedTime(max_minutes, already_elapsed_s=already),
+        timer,
         BestWeightsCheckpoint(best_path, monitor),
         keras.callbacks.EarlyStopping(monitor, mode="max", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor, mode="max", factor=0.5, patience=max(1, patience // 2), min_lr=1e-5),
-        keras.callbacks.CSVLogger(str(history_path), append=resume),
+        csv_logger,
         StopOnNaN(),
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=True),
     ]
+    resume_checkpoint = ResumeCheckpoint(run_dir / "resume", callbacks)
+    initial_epoch = 0
+    state = resume_checkpoint.restore(model) if resume else None
+    if state is not None:
+        initial_epoch, timer.already_elapsed_s = state["epoch"] + 1, state["elapsed_s"]
+        history = pd.read_csv(history_path)
+        save_csv(history[history["epoch"] <= state["epoch"]], history_path)  # drop a row past the saved state
+        print(f"Resuming after epoch {initial_epoch} ({state['elapsed_s'] / 60:.1f} min of training so far)")
+        csv_logger.append = True  # continue history.csv
+    elif resume:
+        print(f"Nothing to resume in {run_dir}: training from the start")
     model.fit(
         train_data,
         validation_data=val_data,
         epochs=epochs,
+        initial_epoch=initial_epoch,
         steps_per_epoch=steps_per_epoch,
-        callbacks=callbacks,
+        callbacks=[*callbacks, resume_checkpoint],
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=verbose,
     )

@@ -112,3 +112,64 @@ def test_demo_data_is_in_the_kaggle_layout(tmp_path):
     assert slices.case_id.nunique() == 3 and len(slices) == 60
     assert 0 < slices.has_tumor.sum() < 60
     assert slices.case_id.str.startswith("SYNTH").all()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_epoch(real_data, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "lgg",
+        "train",
+        "unet",
+        "--data",
+        str(real_data),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--image-size",
+        "32",
+        "--max-cases",
+        "4",
+        "--batch-size",
+        "8",
+        "--base-filters",
+        "4",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history, state = out / "history.csv", out / "resume" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not state.exists():  # the first epoch is done and saved
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the second epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads(state.read_text())["epoch"] in (0, 1), "the run should have been killed in its 2nd or 3rd epoch"
+    assert not (out / "model.h5").exists()
+    lgg(
+        "train",
+        "unet",
+        "--data",
+        real_data,
+        "--out",
+        out,
+        "--epochs",
+        3,
+        "--image-size",
+        32,
+        "--max-cases",
+        4,
+        "--batch-size",
+        8,
+        "--base-filters",
+        4,
+        "--resume",
+    )
+    epochs = pd.read_csv(history)["epoch"].tolist()
+    assert epochs == [0, 1, 2]  # continued at epoch 1, not restarted
+    assert (out / "model.h5").is_file()

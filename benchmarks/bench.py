@@ -1,0 +1,602 @@
+"""Benchmark training and inference of the lgg models on this CPU; write one JSON and print a table.
+
+    .venv/bin/python benchmarks/bench.py --data data --out results/benchmark.json
+    .venv/bin/python benchmarks/bench.py --data data --out /tmp/bench-quick.json --quick   # smoke run
+
+Measures, in this order:
+
+1. machine facts (CPU model, cores, SIMD flags, library versions);
+2. the float32 (and bfloat16) matrix-multiply peak of TensorFlow on this machine, in GFLOP/s;
+3. per model (U-Net, ResNet50 U-Net, light classifier): end-to-end training throughput through the
+   real `lgg.data` pipeline, the pure training-step rate on one fixed in-memory batch, the input
+   pipeline alone, the analytic FLOPs per slice and the achieved fraction of the matmul peak, and
+   the inference time for one whole case at native 256x256;
+4. the original notebooks' input pipeline (`ImageDataGenerator.flow_from_dataframe` reading the
+   .tif files from disk, augmenting with SciPy) feeding the same U-Net;
+5. the U-Net under the `mixed_bfloat16` policy;
+6. peak memory while training the U-Net at 256x256 on all cases (in a fresh subprocess, so that the
+   models measured before do not count).
+
+Throughputs are slices per second (one slice = one 2-D image of the batch). Training FLOPs are
+counted analytically (convolutions, transposed convolutions and dense layers; normalization,
+pooling and activations are left out) and taken as 3x the forward FLOPs.
+"""
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up notices out of the table
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from lgg import data, inference, models, train  # noqa: E402
+from lgg.files import save_json  # noqa: E402
+
+# ----------------------------------------------------------------------------- settings
+IMAGE_SIZE = 128
+BATCH_SIZE = 16
+CASES = 20
+# Timed training steps (after the warm-up) per measurement: the ResNet50 U-Net is about 5x slower per step than
+# the U-Net, and the U-Net under mixed_bfloat16 about 8x on a CPU without AVX-512 BF16.
+STEPS = {"unet": 12, "resnet50_unet": 4, "classifier_light": 12, "original_pipeline": 12, "mixed_bfloat16": 4}
+WARMUP_STEPS = 2  # the first fit on a model: traces and compiles the training step
+RETRACE_STEPS = 1  # a fit on a dataset of another element shape: retraces once
+TUMOR_FRACTION = 0.5
+SEED = 0
+
+MATMUL_SIZE = 2048
+MATMUL_REPEATS = 5
+INFERENCE_REPEATS = 3
+INFERENCE_CASE_SLICES = (30, 40)  # pick a case with this many slices (else the one nearest the middle)
+MEMORY_IMAGE_SIZE = data.NATIVE_SIZE
+MEMORY_STEPS = 3
+
+QUICK = {"steps": 3, "cases": 3, "image_size": 64, "matmul_repeats": 3, "inference_repeats": 1, "memory_check": False}
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# The original notebooks' ImageDataGenerator settings (the same for images and masks).
+ORIGINAL_AUGMENTATION = {
+    "rotation_range": 0.2,
+    "width_shift_range": 0.05,
+    "height_shift_range": 0.05,
+    "shear_range": 0.05,
+    "zoom_range": 0.05,
+    "horizontal_flip": True,
+    "fill_mode": "nearest",
+}
+ORIGINAL_SEED = 1
+
+MODELS = {
+    "unet": ("U-Net (base 16)", "segmentation", lambda size: models.build_unet((size, size, 3), base_filters=16)),
+    "resnet50_unet": (
+        "ResNet50 U-Net",
+        "segmentation",
+        lambda size: models.build_resnet50_unet((size, size, 3), encoder_weights=None),
+    ),
+    "classifier_light": (
+        "Classifier (light)",
+        "classification",
+        lambda size: models.build_classifier((size, size, 3), backbone="light"),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def log(message):
+    print(message, flush=True)
+
+
+def rate(slices, seconds):
+    return slices / seconds if seconds > 0 else float("nan")
+
+
+def timed_fit(model, dataset, steps):
+    """Seconds for one `model.fit` of `steps` steps (the first call on a model also compiles)."""
+    start = time.perf_counter()
+    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # the datasets shuffle
+    elapsed = time.perf_counter() - start
+    gc.collect()  # drop the finished fit's iterator (and its prefetch thread) before the next timing
+    return elapsed
+
+
+def compiled(key, size):
+    _, task, build = MODELS[key]
+    return train.compile_model(build(size), task)
+
+
+def release(model):
+    del model
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def training_targets(task, masks, slices):
+    """Masks and tumor_fraction for segmentation; has_tumor labels and no oversampling for classification."""
+    has_tumor = slices.has_tumor.to_numpy()
+    if task == "classification":
+        return slices.has_tumor.to_numpy(np.float32), None
+    # Oversampling needs both kinds of slice; a tiny --cases selection may lack one.
+    fraction = TUMOR_FRACTION if 0 < has_tumor.sum() < len(has_tumor) else None
+    return masks, fraction
+
+
+def training_dataset(task, images, masks, slices, batch_size):
+    targets, fraction = training_targets(task, masks, slices)
+    dataset, _ = data.make_dataset(
+        images,
+        targets,
+        batch_size,
+        training=True,
+        seed=SEED,
+        tumor_fraction=fraction,
+        has_tumor=slices.has_tumor.to_numpy(),
+    )
+    return dataset
+
+
+# ----------------------------------------------------------------------------- 1. machine
+def machine_facts():
+    model_name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model_name is None:
+                model_name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu_model": model_name,
+        "cores": os.cpu_count(),
+        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
+        "memory_total_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "environment": train.environment(),
+    }
+
+
+# ----------------------------------------------------------------------------- 2. matmul peak
+def measure_matmul(n=MATMUL_SIZE, repeats=MATMUL_REPEATS, dtype="float32"):
+    """Best-of-`repeats` GFLOP/s of one `n x n` matmul (2 n^3 FLOPs), after a warm-up."""
+    a = tf.cast(tf.random.stateless_normal((n, n), seed=(1, 2)), dtype)
+    b = tf.cast(tf.random.stateless_normal((n, n), seed=(3, 4)), dtype)
+    tf.linalg.matmul(a, b)[0, 0].numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tf.linalg.matmul(a, b)[0, 0].numpy()  # reading an element waits for the result
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {
+        "n": n,
+        "dtype": dtype,
+        "best_s": best,
+        "median_s": float(np.median(times)),
+        "gflops": 2 * n**3 / best / 1e9,
+    }
+
+
+# ----------------------------------------------------------------------------- 3c. FLOPs
+def _leaf_layers(model):
+    seen = set()
+
+    def walk(layer):
+        for child in getattr(layer, "layers", []):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            yield from walk(child) if isinstance(child, keras.Model) else [child]
+
+    yield from walk(model)
+
+
+def count_flops(model):
+    """Forward multiply-accumulates per slice of the conv, transposed-conv and dense layers.
+
+    Conv2D / DepthwiseConv2D: out_h * out_w * kernel size (kh * kw * in/groups * out);
+    Conv2DTranspose: in_h * in_w * kh * kw * in * out; Dense: positions * in * out.
+    """
+    macs, by_type = 0, {}
+    for layer in _leaf_layers(model):
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            layer_macs = int(np.prod(layer.input.shape[1:3])) * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            depthwise = int(np.prod(layer.output.shape[1:3])) * int(np.prod(layer.depthwise_kernel.shape))
+            layer_macs = depthwise + int(np.prod(layer.output.shape[1:3])) * int(np.prod(layer.pointwise_kernel.shape))
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            layer_macs = int(np.prod(layer.output.shape[1:3])) * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Dense):
+            layer_macs = int(np.prod(layer.input.shape[1:-1])) * int(np.prod(layer.kernel.shape))
+        else:
+            continue
+        macs += layer_macs
+        name = type(layer).__name__
+        by_type[name] = by_type.get(name, 0) + layer_macs
+    forward = 2 * macs
+    return {
+        "forward_gflop_per_slice": forward / 1e9,
+        "training_gflop_per_slice": 3 * forward / 1e9,
+        "forward_gflop_by_layer_type": {name: 2 * value / 1e9 for name, value in by_type.items()},
+        "parameters": model.count_params(),
+    }
+
+
+# ----------------------------------------------------------------------------- 3a/3b. training
+def measure_training(model, dataset, steps, batch_size, fixed_batch=True):
+    """End-to-end `fit` throughput on `dataset`, and optionally on one fixed batch and the pipeline alone."""
+    result = {"steps": steps, "batch_size": batch_size}
+    result["first_fit_s"] = timed_fit(model, dataset.repeat(), WARMUP_STEPS)  # traces and compiles
+    seconds = timed_fit(model, dataset.repeat(), steps)
+    result["pipeline_fit_s"] = seconds
+    result["slices_per_s"] = rate(steps * batch_size, seconds)
+    if not fixed_batch:
+        return result
+
+    batch = next(iter(dataset))
+    fixed = tf.data.Dataset.from_tensors(batch).repeat()
+    timed_fit(model, fixed, RETRACE_STEPS)  # its static batch size retraces the step once
+    fixed_seconds = timed_fit(model, fixed, steps)
+    result["fixed_batch_fit_s"] = fixed_seconds
+    result["fixed_batch_slices_per_s"] = rate(steps * batch_size, fixed_seconds)
+    result["data_wait_share"] = max(0.0, 1.0 - fixed_seconds / seconds)
+
+    iterator = iter(dataset.repeat())
+    next(iterator)  # start the pipeline (shuffle buffers, threads) outside the timing
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(iterator)
+    pipeline_seconds = time.perf_counter() - start
+    del iterator
+    result["pipeline_only_s"] = pipeline_seconds
+    result["pipeline_only_slices_per_s"] = rate(steps * batch_size, pipeline_seconds)
+    return result
+
+
+# ----------------------------------------------------------------------------- 3d. inference
+def pick_inference_case(slices):
+    counts = slices.groupby("case_id").size()
+    low, high = INFERENCE_CASE_SLICES
+    in_range = counts[(counts >= low) & (counts <= high)]
+    candidates = in_range if len(in_range) else counts
+    return (candidates - (low + high) / 2).abs().idxmin()
+
+
+def measure_inference(model, case_images, repeats=INFERENCE_REPEATS):
+    """Median seconds of `predict_probabilities` on one whole case (uint8, native size), after a warm-up."""
+    inference.predict_probabilities(model, case_images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        inference.predict_probabilities(model, case_images)
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return {"seconds_per_case": median, "slices_per_s": rate(len(case_images), median), "repeats": repeats}
+
+
+def benchmark_model(key, arrays, case_images, steps, batch_size, size, inference_repeats):
+    label, task, _ = MODELS[key]
+    images, masks, slices = arrays
+    log(f"  {label}: building and compiling")
+    model = compiled(key, size)
+    result = {"label": label, "task": task, "image_size": size}
+    result["flops"] = count_flops(model)
+    dataset = training_dataset(task, images, masks, slices, batch_size)
+    log(f"  {label}: training {WARMUP_STEPS} warm-up + {steps} timed steps")
+    result["training"] = measure_training(model, dataset, steps, batch_size)
+    log(f"  {label}: inference on one case of {len(case_images)} slices")
+    result["inference"] = measure_inference(model, case_images, inference_repeats)
+    release(model)
+    return result
+
+
+def add_efficiency(result, peak_gflops):
+    """Achieved training GFLOP/s (end to end and on a fixed batch) and its fraction of the matmul peak."""
+    per_slice = result["flops"]["training_gflop_per_slice"]
+    training = result["training"]
+    for prefix in ("", "fixed_batch_"):
+        slices_per_s = training[f"{prefix}slices_per_s"]
+        achieved = per_slice * slices_per_s
+        training[f"{prefix}achieved_gflops"] = achieved
+        training[f"{prefix}fraction_of_matmul_peak"] = achieved / peak_gflops
+
+
+# ----------------------------------------------------------------------------- 4. original pipeline
+def image_data_generator_class():
+    try:
+        from keras.preprocessing.image import ImageDataGenerator
+
+        return ImageDataGenerator, "keras.preprocessing.image.ImageDataGenerator"
+    except ImportError:  # Keras 3 exposes it only under its legacy module
+        from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+        return ImageDataGenerator, "keras.src.legacy.preprocessing.image.ImageDataGenerator"
+
+
+def check_tif_reading(slices):
+    """How Keras' `load_img` (PIL) sees the first image and mask, as the original pipeline reads them."""
+    from PIL import Image
+
+    row = slices.iloc[0]
+    facts = {}
+    for kind, path, mode in (("image", row.image_path, "rgb"), ("mask", row.mask_path, "grayscale")):
+        with Image.open(path) as image:
+            facts[f"{kind}_pil_mode"], facts[f"{kind}_size"] = image.mode, list(image.size)
+        array = keras.utils.img_to_array(keras.utils.load_img(path, color_mode=mode))
+        facts[f"{kind}_load_img_shape"], facts[f"{kind}_max"] = list(array.shape), float(array.max())
+    return facts
+
+
+def original_generator(slices, size, batch_size):
+    """The notebooks' training generator: two `flow_from_dataframe` streams (same seed), masks binarized."""
+    ImageDataGenerator, _ = image_data_generator_class()
+    absolute = {column: slices[column].map(os.path.abspath) for column in ("image_path", "mask_path")}
+    frame = slices.assign(**absolute)
+    common = {"class_mode": None, "target_size": (size, size), "batch_size": batch_size, "seed": ORIGINAL_SEED}
+    images = ImageDataGenerator(**ORIGINAL_AUGMENTATION).flow_from_dataframe(
+        frame, x_col="image_path", color_mode="rgb", **common
+    )
+    masks = ImageDataGenerator(**ORIGINAL_AUGMENTATION).flow_from_dataframe(
+        frame, x_col="mask_path", color_mode="grayscale", **common
+    )
+    for image, mask in zip(images, masks):
+        # adjust_data: the originals also divided images by 255; our models rescale internally.
+        yield image.astype(np.float32), (mask / 255 > 0.5).astype(np.float32)
+
+
+def benchmark_original(slices, steps, batch_size, size):
+    _, source = image_data_generator_class()
+    result = {"image_data_generator": source, "augmentation": ORIGINAL_AUGMENTATION, "steps": steps}
+    result["tif_reading"] = check_tif_reading(slices)
+    model = compiled("unet", size)
+    result["first_fit_s"] = timed_fit(model, original_generator(slices, size, batch_size), WARMUP_STEPS)
+    # A fresh generator per fit: the finished fit's prefetch thread must not share a generator with the next.
+    seconds = timed_fit(model, original_generator(slices, size, batch_size), steps)
+    result["fit_s"] = seconds
+    result["slices_per_s"] = rate(steps * batch_size, seconds)
+    release(model)
+
+    generator = original_generator(slices, size, batch_size)
+    next(generator)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(generator)
+    result["pipeline_only_slices_per_s"] = rate(steps * batch_size, time.perf_counter() - start)
+    return result
+
+
+# ----------------------------------------------------------------------------- 5. mixed precision
+def benchmark_mixed_precision(arrays, steps, batch_size, size, policy="mixed_bfloat16"):
+    images, masks, slices = arrays
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = compiled("unet", size)  # built after setting the policy
+        dataset = training_dataset("segmentation", images, masks, slices, batch_size)
+        result = {"policy": policy, **measure_training(model, dataset, steps, batch_size, fixed_batch=False)}
+        release(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return result
+
+
+# ----------------------------------------------------------------------------- 6. memory
+def memory_worker(data_dir, batch_size, steps, out_path):
+    """Runs in a fresh process: load all cases at 256x256, train the U-Net a few steps, record memory."""
+    process = psutil.Process()
+
+    def rss_mb():
+        return process.memory_info().rss / 2**20
+
+    result = {"image_size": MEMORY_IMAGE_SIZE, "batch_size": batch_size, "steps": steps, "rss_at_start_mb": rss_mb()}
+    start = time.perf_counter()
+    slices = data.find_slices(data_dir)
+    images, masks = data.load_arrays(slices, MEMORY_IMAGE_SIZE)
+    result.update(
+        cases=int(slices.case_id.nunique()),
+        slices=len(slices),
+        arrays_mb=(images.nbytes + masks.nbytes) / 2**20,
+        load_s=time.perf_counter() - start,
+        rss_after_load_mb=rss_mb(),
+    )
+    log(f"  loaded {len(slices)} slices at {MEMORY_IMAGE_SIZE}x{MEMORY_IMAGE_SIZE} in {result['load_s']:.1f} s")
+    model = compiled("unet", MEMORY_IMAGE_SIZE)
+    dataset = training_dataset("segmentation", images, masks, slices, batch_size)
+    result["fit_s"] = timed_fit(model, dataset.repeat(), steps)
+    result["rss_after_training_mb"] = rss_mb()
+    result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:  # the peak of this process's own address space (ru_maxrss can carry a parent's peak across exec)
+        status = Path("/proc/self/status").read_text().splitlines()
+        result["vm_hwm_mb"] = int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        pass
+    save_json(result, out_path)
+
+
+def benchmark_memory(data_dir, batch_size, steps=MEMORY_STEPS):
+    """Run `memory_worker` in a subprocess, so its peak memory is that of this training alone."""
+    with tempfile.TemporaryDirectory() as folder:
+        out_path = Path(folder) / "memory.json"
+        command = [sys.executable, __file__, "--memory-worker", str(out_path), "--data", str(data_dir)]
+        command += ["--batch-size", str(batch_size), "--steps", str(steps)]
+        subprocess.run(command, check=True)
+        return json.loads(out_path.read_text())
+
+
+# ----------------------------------------------------------------------------- report
+def print_table(results):
+    machine = results["machine"]
+    env = machine["environment"]
+    flags = ", ".join(f"{flag}={'yes' if present else 'no'}" for flag, present in machine["cpu_flags"].items())
+    log("\n" + "=" * 100)
+    log(f"CPU: {machine['cpu_model']}, {machine['cores']} cores ({flags})")
+    log(f"TensorFlow {env['tensorflow']}, Keras {env['keras']}, NumPy {env['numpy']}, Python {env['python']}")
+    settings = results["settings"]
+    log(
+        f"Settings: image {settings['image_size']}x{settings['image_size']}, batch {settings['batch_size']}, "
+        f"{settings['cases']} cases ({settings['slices']} slices), steps {settings['steps']}"
+        + (" [QUICK]" if settings["quick"] else "")
+    )
+    for matmul in results.get("matmul", {}).values():
+        log(f"Matmul peak ({matmul['dtype']}, {matmul['n']}x{matmul['n']}): {matmul['gflops']:.1f} GFLOP/s")
+
+    if results.get("models"):
+        log("")
+        header = (
+            f"{'model':<20}{'params':>9}{'fwd GF':>8}{'train GF':>9}{'e2e sl/s':>10}{'fixed sl/s':>11}"
+            f"{'pipe sl/s':>10}{'wait':>6}{'GFLOP/s':>9}{'%peak':>7}{'infer s/case':>13}"
+        )
+        log(header)
+        log("-" * len(header))
+        for result in results["models"].values():
+            flops, training, infer = result["flops"], result["training"], result["inference"]
+            log(
+                f"{result['label']:<20}{flops['parameters'] / 1e6:>8.2f}M{flops['forward_gflop_per_slice']:>8.2f}"
+                f"{flops['training_gflop_per_slice']:>9.2f}{training['slices_per_s']:>10.1f}"
+                f"{training['fixed_batch_slices_per_s']:>11.1f}{training['pipeline_only_slices_per_s']:>10.1f}"
+                f"{training['data_wait_share']:>6.0%}{training['achieved_gflops']:>9.1f}"
+                f"{training['fraction_of_matmul_peak']:>7.0%}{infer['seconds_per_case']:>13.2f}"
+            )
+        case = results["inference_case"]
+        log(
+            f"(e2e: fit through lgg.data.make_dataset; fixed: one in-memory batch; pipe: input pipeline alone; "
+            f"wait: data-wait share;\n GFLOP/s and %peak from the e2e rate; inference: {case['case_id']}, "
+            f"{case['slices']} slices at 256x256)"
+        )
+
+    original = results.get("original_pipeline")
+    if original:
+        log(
+            f"\nOriginal notebooks' pipeline ({original['image_data_generator']}.flow_from_dataframe):"
+            f"\n  U-Net training {original['slices_per_s']:.1f} slices/s "
+            f"(generator alone {original['pipeline_only_slices_per_s']:.1f} slices/s); "
+            f"ours / original = {original['ours_over_original']:.2f}x"
+        )
+    mixed = results.get("mixed_precision")
+    if mixed:
+        log(
+            f"Mixed precision ({mixed['policy']}): U-Net training {mixed['slices_per_s']:.1f} slices/s, "
+            f"{mixed['ratio_vs_float32']:.2f}x float32"
+        )
+    memory = results.get("memory")
+    if memory:
+        log(
+            f"Memory, U-Net training at {memory['image_size']}x{memory['image_size']} on all {memory['cases']} cases "
+            f"({memory['slices']} slices, arrays {memory['arrays_mb']:.0f} MB): "
+            f"peak RSS {memory['ru_maxrss_mb']:.0f} MB "
+            f"(ru_maxrss; VmHWM {memory.get('vm_hwm_mb', float('nan')):.0f} MB), "
+            f"RSS after training {memory['rss_after_training_mb']:.0f} MB"
+        )
+    log(f"Total benchmark time: {results['total_s'] / 60:.1f} min")
+    log("=" * 100)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
+    parser.add_argument("--out", default="results/benchmark.json", help="JSON to write (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
+    parser.add_argument("--steps", type=int, help=f"timed training steps for every model (default: {STEPS})")
+    parser.add_argument("--image-size", type=int, help=f"training image size (default: {IMAGE_SIZE})")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default: %(default)s")
+    parser.add_argument("--cases", type=int, help=f"cases to train on (default: {CASES})")
+    parser.add_argument(
+        "--memory-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure peak memory at 256x256 on all cases (default: on, off with --quick)",
+    )
+    parser.add_argument("--memory-worker", metavar="JSON", help=argparse.SUPPRESS)  # internal: the subprocess
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args.data, args.batch_size, args.steps or MEMORY_STEPS, args.memory_worker)
+        return
+    quick = QUICK if args.quick else {}
+    size = args.image_size or quick.get("image_size", IMAGE_SIZE)
+    cases = args.cases or quick.get("cases", CASES)
+    steps = {key: args.steps or quick.get("steps", default) for key, default in STEPS.items()}
+    memory_check = args.memory_check if args.memory_check is not None else quick.get("memory_check", True)
+    batch_size = args.batch_size
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def save():
+        results["total_s"] = time.perf_counter() - started
+        save_json(results, out)
+
+    log("1. Machine")
+    results = {"machine": machine_facts()}
+    log("2. Matmul peak")
+    repeats = quick.get("matmul_repeats", MATMUL_REPEATS)
+    results["matmul"] = {dtype: measure_matmul(MATMUL_SIZE, repeats, dtype) for dtype in ("float32", "bfloat16")}
+    peak = results["matmul"]["float32"]["gflops"]
+
+    log(f"3. Models: loading {cases} cases at {size}x{size}")
+    slices = data.find_slices(args.data, max_cases=cases)
+    images, masks = data.load_arrays(slices, size)
+    case_id = pick_inference_case(slices)
+    case_images = data.load_arrays(slices[slices.case_id == case_id], data.NATIVE_SIZE, with_masks=False)
+    results["settings"] = {
+        "quick": args.quick,
+        "image_size": size,
+        "batch_size": batch_size,
+        "cases": int(slices.case_id.nunique()),
+        "slices": len(slices),
+        "tumor_slices": int(slices.has_tumor.sum()),
+        "steps": steps,
+        "warmup_steps": WARMUP_STEPS,
+        "tumor_fraction": TUMOR_FRACTION,
+        "memory_check": memory_check,
+    }
+    results["inference_case"] = {"case_id": case_id, "slices": len(case_images), "image_size": data.NATIVE_SIZE}
+    results["models"] = {}
+    inference_repeats = quick.get("inference_repeats", INFERENCE_REPEATS)
+    arrays = (images, masks, slices)
+    for key in MODELS:
+        result = benchmark_model(key, arrays, case_images, steps[key], batch_size, size, inference_repeats)
+        add_efficiency(result, peak)
+        results["models"][key] = result
+        save()
+
+    log("4. Original notebooks' pipeline (ImageDataGenerator) on the same U-Net")
+    original = benchmark_original(slices, steps["original_pipeline"], batch_size, size)
+    original["ours_over_original"] = results["models"]["unet"]["training"]["slices_per_s"] / original["slices_per_s"]
+    results["original_pipeline"] = original
+    save()
+
+    log("5. Mixed precision (mixed_bfloat16) U-Net")
+    mixed = benchmark_mixed_precision(arrays, steps["mixed_bfloat16"], batch_size, size)
+    mixed["ratio_vs_float32"] = mixed["slices_per_s"] / results["models"]["unet"]["training"]["slices_per_s"]
+    results["mixed_precision"] = mixed
+    save()
+
+    if memory_check:
+        log(f"6. Memory: U-Net at {MEMORY_IMAGE_SIZE}x{MEMORY_IMAGE_SIZE} on all cases (subprocess)")
+        del images, masks
+        gc.collect()
+        results["memory"] = benchmark_memory(args.data, batch_size)
+    save()
+    print_table(results)
+    log(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,8 +27,8 @@ train: setup
 	$(PYTHON) -m lgg train unet --data $(DATA) --out $(RUNS)/unet --image-size 128 --tumor-fraction 0.5 --max-minutes 60
 
 lint: setup
-	$(PYTHON) -m ruff check lgg tests U_Net ResNet50_plus_UNet Classification
-	$(PYTHON) -m ruff format --check lgg tests U_Net ResNet50_plus_UNet Classification
+	$(PYTHON) -m ruff check lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
+	$(PYTHON) -m ruff format --check lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
 
 test: lint
 	$(PYTHON) -m pytest -q --durations=15

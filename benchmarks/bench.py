@@ -62,8 +62,9 @@ INFERENCE_CASE_SLICES = (30, 40)  # pick a case with this many slices (else the 
 MEMORY_IMAGE_SIZE = data.NATIVE_SIZE
 MEMORY_STEPS = 3
 
-QUICK = {"steps": 3, "cases": 3, "image_size": 64, "matmul_repeats": 3, "inference_repeats": 1, "memory_check": False}
+QUICK = {"steps": 2, "cases": 3, "image_size": 32, "matmul_repeats": 3, "inference_repeats": 1, "memory_check": False}
 
+BUSY_SHARE = 0.1  # warn when other processes used more than this share of all cores during the benchmark
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # The original notebooks' ImageDataGenerator settings (the same for images and masks).
 ORIGINAL_AUGMENTATION = {
@@ -167,6 +168,25 @@ def machine_facts():
         "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "environment": train.environment(),
     }
+
+
+class OtherLoad:
+    """Share of all cores that processes other than this one (and its children) used since creation."""
+
+    def __init__(self):
+        self.start = self._readings()
+
+    @staticmethod
+    def _readings():
+        system = psutil.cpu_times()
+        own = psutil.Process().cpu_times()
+        # Linux counts guest time inside user and nice already; steal (taken by the hypervisor) counts as busy.
+        busy = sum(system) - system.idle - sum(getattr(system, name, 0.0) for name in ("iowait", "guest", "guest_nice"))
+        return time.perf_counter(), busy, own.user + own.system + own.children_user + own.children_system
+
+    def share(self):
+        (wall0, busy0, own0), (wall1, busy1, own1) = self.start, self._readings()
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
 
 
 # ----------------------------------------------------------------------------- 2. matmul peak
@@ -277,14 +297,21 @@ def pick_inference_case(slices):
 
 def measure_inference(model, case_images, repeats=INFERENCE_REPEATS):
     """Median seconds of `predict_probabilities` on one whole case (uint8, native size), after a warm-up."""
-    inference.predict_probabilities(model, case_images)
+    start = time.perf_counter()
+    inference.predict_probabilities(model, case_images)  # traces the predict step
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         inference.predict_probabilities(model, case_images)
         times.append(time.perf_counter() - start)
     median = float(np.median(times))
-    return {"seconds_per_case": median, "slices_per_s": rate(len(case_images), median), "repeats": repeats}
+    return {
+        "seconds_per_case": median,
+        "slices_per_s": rate(len(case_images), median),
+        "repeats": repeats,
+        "first_call_s": first,
+    }
 
 
 def benchmark_model(key, arrays, case_images, steps, batch_size, size, inference_repeats):
@@ -330,7 +357,7 @@ def check_tif_reading(slices):
     """How Keras' `load_img` (PIL) sees the first image and mask, as the original pipeline reads them."""
     from PIL import Image
 
-    row = slices.iloc[0]
+    row = slices[slices.has_tumor].iloc[0] if slices.has_tumor.any() else slices.iloc[0]
     facts = {}
     for kind, path, mode in (("image", row.image_path, "rgb"), ("mask", row.mask_path, "grayscale")):
         with Image.open(path) as image:
@@ -500,6 +527,9 @@ def print_table(results):
             f"RSS after training {memory['rss_after_training_mb']:.0f} MB"
         )
     log(f"Total benchmark time: {results['total_s'] / 60:.1f} min")
+    busy = machine["other_processes_cpu_share"]
+    if busy > BUSY_SHARE:
+        log(f"WARNING: other processes used {busy:.0%} of all cores meanwhile; these timings are low and noisy.")
     log("=" * 100)
 
 
@@ -536,10 +566,12 @@ def main(argv=None):
     batch_size = args.batch_size
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, other_load = time.perf_counter(), OtherLoad()
 
     def save():
         results["total_s"] = time.perf_counter() - started
+        results["machine"]["load_average_at_end"] = [round(load, 2) for load in os.getloadavg()]
+        results["machine"]["other_processes_cpu_share"] = other_load.share()
         save_json(results, out)
 
     log("1. Machine")
@@ -549,9 +581,10 @@ def main(argv=None):
     results["matmul"] = {dtype: measure_matmul(MATMUL_SIZE, repeats, dtype) for dtype in ("float32", "bfloat16")}
     peak = results["matmul"]["float32"]["gflops"]
 
-    log(f"3. Models: loading {cases} cases at {size}x{size}")
+    log(f"3. Models: loading up to {cases} cases at {size}x{size}")
     slices = data.find_slices(args.data, max_cases=cases)
     images, masks = data.load_arrays(slices, size)
+    log(f"  {slices.case_id.nunique()} cases, {len(slices)} slices ({int(slices.has_tumor.sum())} with tumor)")
     case_id = pick_inference_case(slices)
     case_images = data.load_arrays(slices[slices.case_id == case_id], data.NATIVE_SIZE, with_masks=False)
     results["settings"] = {
@@ -590,7 +623,7 @@ def main(argv=None):
 
     if memory_check:
         log(f"6. Memory: U-Net at {MEMORY_IMAGE_SIZE}x{MEMORY_IMAGE_SIZE} on all cases (subprocess)")
-        del images, masks
+        del arrays, images, masks  # free this process's copies before the subprocess loads all cases
         gc.collect()
         results["memory"] = benchmark_memory(args.data, batch_size)
     save()

@@ -128,13 +128,69 @@ def readme_table(results):
     return "\n".join(lines)
 
 
-def write_readme(results):
-    text = README.read_text()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
+def benchmark_table(bench):
+    """The README's speed section, from `results/benchmark.json` (written by `make bench`)."""
+    machine, settings = bench["machine"], bench["settings"]
+    peak = bench["matmul"]["float32"]["gflops"]
+    lines = [
+        f"Produced by `make bench` (`benchmarks/bench.py`) on {machine['cpu_model']}, {machine['cores']} cores, "
+        f"AVX-512: {'yes' if machine['cpu_flags']['avx512f'] else 'no'}; training at {settings['image_size']}², "
+        f"batch {settings['batch_size']}, {settings['cases']} real cases; measured float32 matrix-multiply peak "
+        f"{peak:.0f} GFLOP/s. Numbers from `results/benchmark.json`.",
+        "",
+        "| model | parameters | training GFLOP / slice | training slices/s (real pipeline) | waiting for data | "
+        "achieved GFLOP/s (share of matmul peak) | one case at 256² (slices) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    case = bench["inference_case"]
+    for model in bench["models"].values():
+        training, flops = model["training"], model["flops"]
+        lines.append(
+            f"| {model['label']} | {flops['parameters'] / 1e6:.2f} M | {flops['training_gflop_per_slice']:.2f} | "
+            f"{training['slices_per_s']:.1f} | {100 * training['data_wait_share']:.0f} % | "
+            f"{training['achieved_gflops']:.1f} ({100 * training['fraction_of_matmul_peak']:.0f} %) | "
+            f"{model['inference']['seconds_per_case']:.2f} s ({case['slices']}) |"
+        )
+    original, mixed = bench.get("original_pipeline"), bench.get("mixed_precision")
+    if original:
+        lines += [
+            "",
+            f"The original notebooks' input pipeline (`ImageDataGenerator.flow_from_dataframe`, reading "
+            f"the .tif files every epoch) with the same U-Net: {original['slices_per_s']:.1f} slices/s, "
+            f"ours {original['ours_over_original']:.2f}x that (its generator alone gives "
+            f"{original['pipeline_only_slices_per_s']:.0f} slices/s, ours "
+            f"{bench['models']['unet']['training']['pipeline_only_slices_per_s']:.0f}).",
+        ]
+    if mixed:
+        lines += [
+            "",
+            f"`mixed_bfloat16`: {mixed['slices_per_s']:.1f} slices/s, {mixed['ratio_vs_float32']:.2f}x "
+            "float32 on this CPU (no AVX-512 BF16), so training stays float32.",
+        ]
+    memory = bench.get("memory")
+    if memory:
+        lines += [
+            "",
+            f"Peak resident memory training the U-Net at {memory['image_size']}² with all "
+            f"{memory['cases']} cases ({memory['slices']} slices) in memory: {memory['ru_maxrss_mb'] / 1024:.1f} GB.",
+        ]
+    return "\n".join(lines)
+
+
+def _replace_between(text, name, body):
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     before, rest = text.split(start)
     _, after = rest.split(end)
+    return f"{before}{start}\n{body}\n{end}{after}"
+
+
+def write_readme(results):
+    text = _replace_between(README.read_text(), "results", readme_table(results))
+    if (RESULTS / "benchmark.json").exists():
+        bench = json.loads((RESULTS / "benchmark.json").read_text())
+        text = _replace_between(text, "benchmark", benchmark_table(bench))
     with atomic_path(README) as temporary:
-        temporary.write_text(f"{before}{start}\n{readme_table(results)}\n{end}{after}")
+        temporary.write_text(text)
 
 
 def main(argv=None):

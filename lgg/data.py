@@ -50,13 +50,24 @@ def find_dataset_root(data_dir):
     )
 
 
-def _read_tif(path):
+def _read_tif(path, expected_shapes):
+    """Read a one-page `.tif` after checking its header, so a damaged or huge file fails fast
+    with a `DatasetError` naming it (a header claiming 60000x60000 pixels is refused before any
+    memory is allocated)."""
     path = Path(path)
     try:
-        array = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.shape not in expected_shapes or page.dtype != np.uint8:
+                raise DatasetError(
+                    f"{path}: expected uint8 of shape {' or '.join(map(str, expected_shapes))}; "
+                    f"found {page.dtype} of shape {page.shape}"
+                )
+            return page.asarray()
+    except DatasetError:
+        raise
     except Exception as error:  # tifffile raises many types for damaged files
         raise DatasetError(f"cannot read {path}: {type(error).__name__}: {error}") from None
-    return array
 
 
 def read_image(path):
@@ -64,25 +75,15 @@ def read_image(path):
 
     tifffile returns the channels as stored (OpenCV's `imread` would reverse them to BGR).
     """
-    image = _read_tif(path)
-    if image.dtype != np.uint8 or image.shape != (NATIVE_SIZE, NATIVE_SIZE, 3):
-        raise DatasetError(
-            f"{path}: expected a uint8 slice of shape ({NATIVE_SIZE}, {NATIVE_SIZE}, 3); "
-            f"found {image.dtype} of shape {image.shape}"
-        )
-    return image
+    return _read_tif(path, [(NATIVE_SIZE, NATIVE_SIZE, 3)])
 
 
 def read_mask(path):
     """Read one mask as uint8 `(256, 256)` with values 0 and 1, or raise `DatasetError`."""
-    mask = _read_tif(path)
-    if mask.ndim == 3 and mask.shape[-1] in (3, 4):  # a few re-saved masks carry colour channels
+    # a few re-saved masks carry colour channels; the first one is the mask
+    mask = _read_tif(path, [(NATIVE_SIZE, NATIVE_SIZE), (NATIVE_SIZE, NATIVE_SIZE, 3), (NATIVE_SIZE, NATIVE_SIZE, 4)])
+    if mask.ndim == 3:
         mask = mask[..., 0]
-    if mask.dtype != np.uint8 or mask.shape != (NATIVE_SIZE, NATIVE_SIZE):
-        raise DatasetError(
-            f"{path}: expected a uint8 mask of shape ({NATIVE_SIZE}, {NATIVE_SIZE}); "
-            f"found {mask.dtype} of shape {mask.shape}"
-        )
     values = np.unique(mask)
     if not set(values.tolist()) <= {0, 1, 255}:
         raise DatasetError(f"{path}: a mask holds 0 and 255 only; found values {values[:10].tolist()}")

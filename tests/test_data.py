@@ -126,7 +126,7 @@ def test_image_of_wrong_shape_or_dtype(tmp_path, array, expected):
     path = case_dir / f"{case_dir.name}_1.tif"
     tifffile.imwrite(path, array)
     slices = data.find_slices(tmp_path)
-    with pytest.raises(data.DatasetError, match=f"{path.name}: expected a uint8 slice.*{expected}"):
+    with pytest.raises(data.DatasetError, match=f"{path.name}: expected uint8 of shape.*{expected}"):
         data.load_arrays(slices)
 
 

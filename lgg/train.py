@@ -99,13 +99,17 @@ class BestWeightsCheckpoint(keras.callbacks.Callback):
 
 
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
-    """`TerminateOnNaN` that says in which epoch the loss diverged."""
+    """`TerminateOnNaN` that says in which epoch and batch the loss diverged."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
 
     def on_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
             print(
-                f"\nStopping: the loss became {loss} in batch {batch} of this epoch; the best weights so far are kept."
+                f"\nStopping: the loss became {loss} in epoch {self.epoch + 1}, batch {batch + 1}; "
+                "the best weights so far are kept."
             )
             self.model.stop_training = True
 
@@ -232,6 +236,7 @@ def fit(
     On return the model holds the weights of its best validation epoch.
     """
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     monitor = monitor_for(task)
     best_path = run_dir / "best.weights.h5"
     history_path = run_dir / "history.csv"

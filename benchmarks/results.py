@@ -23,7 +23,7 @@ COMMON = {"epochs": 100, "batch_size": 16, "image_size": 128, "seed": 0, "patien
 CONFIGS = {
     "unet": ("unet", {"tumor_fraction": 0.5, "max_minutes": 60}),
     "classifier": ("classifier", {"backbone": "light", "max_minutes": 15}),
-    "resnet50-unet": ("resnet50-unet", {"tumor_fraction": 0.5, "max_minutes": 30, "encoder_weights": "imagenet"}),
+    "resnet50-unet": ("resnet50-unet", {"tumor_fraction": 0.5, "max_minutes": 20, "encoder_weights": "imagenet"}),
     "unet-leaky-slice-split": ("unet", {"tumor_fraction": 0.5, "max_minutes": 20, "split": "random-slice-leaky"}),
 }
 PLOTS = ("curves.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")

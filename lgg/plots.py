@@ -57,7 +57,7 @@ def plot_overlays(images, true_masks, probabilities, titles, threshold=0.5, save
     """FLAIR with the true (green) and predicted (red) tumor outline, one panel per slice."""
     count = len(images)
     rows = int(np.ceil(count / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.8 * rows), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
     for axis, image, truth, probability, title in zip(axes.ravel(), images, true_masks, probabilities, titles):

@@ -173,3 +173,15 @@ def test_killed_training_resumes_from_its_last_epoch(real_data, tmp_path):
     epochs = pd.read_csv(history)["epoch"].tolist()
     assert epochs == [0, 1, 2]  # continued at epoch 1, not restarted
     assert (out / "model.h5").is_file()
+
+
+@pytest.mark.slow
+def test_predict_refuses_odd_inputs_naming_them(run_dir, tmp_path):
+    import tifffile
+
+    odd = tmp_path / "TCGA_XX_0001_20000101_1.tif"
+    tifffile.imwrite(odd, np.zeros((128, 128), np.uint16))
+    result = lgg("predict", "--model", run_dir / "model.h5", "--out", tmp_path / "out", odd, check=False)
+    assert result.returncode == 2 and odd.name in result.stderr and "expected uint8" in result.stderr
+    classifier_like = lgg("predict", "--model", run_dir / "best.weights.h5", "--out", tmp_path / "o2", odd, check=False)
+    assert classifier_like.returncode == 2 and "best.weights.h5" in classifier_like.stderr

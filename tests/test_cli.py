@@ -183,5 +183,5 @@ def test_predict_refuses_odd_inputs_naming_them(run_dir, tmp_path):
     tifffile.imwrite(odd, np.zeros((128, 128), np.uint16))
     result = lgg("predict", "--model", run_dir / "model.h5", "--out", tmp_path / "out", odd, check=False)
     assert result.returncode == 2 and odd.name in result.stderr and "expected uint8" in result.stderr
-    classifier_like = lgg("predict", "--model", run_dir / "best.weights.h5", "--out", tmp_path / "o2", odd, check=False)
-    assert classifier_like.returncode == 2 and "best.weights.h5" in classifier_like.stderr
+    weights_only = lgg("predict", "--model", run_dir / "best.weights.h5", "--out", tmp_path / "o2", odd, check=False)
+    assert weights_only.returncode == 2 and "best.weights.h5" in weights_only.stderr

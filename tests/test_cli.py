@@ -151,25 +151,7 @@ def test_killed_training_resumes_from_its_last_epoch(real_data, tmp_path):
     process.wait()
     assert json.loads(state.read_text())["epoch"] in (0, 1), "the run should have been killed in its 2nd or 3rd epoch"
     assert not (out / "model.h5").exists()
-    lgg(
-        "train",
-        "unet",
-        "--data",
-        real_data,
-        "--out",
-        out,
-        "--epochs",
-        3,
-        "--image-size",
-        32,
-        "--max-cases",
-        4,
-        "--batch-size",
-        8,
-        "--base-filters",
-        4,
-        "--resume",
-    )
+    lgg(*command[3:], "--resume")  # the same command, continued
     epochs = pd.read_csv(history)["epoch"].tolist()
     assert epochs == [0, 1, 2]  # continued at epoch 1, not restarted
     assert (out / "model.h5").is_file()

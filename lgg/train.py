@@ -2,7 +2,8 @@
 
 A run folder holds: `model.h5` and `model.keras` (best validation epoch), `best.weights.h5`,
 `history.csv`, `split.csv`, `config.json` (configuration, seed, library versions), `curves.png`,
-and after evaluation `test_cases.csv`, `test_summary.json` and plots.
+and after evaluation `test_cases.csv`, `test_summary.json` and plots. While training, `resume/`
+holds the last completed epoch's state for `--resume`; it is removed when training ends.
 """
 
 import json
@@ -27,7 +28,7 @@ MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
 # ----------------------------------------------------------------------------- run folders
 def prepare_run_dir(run_dir, overwrite=False, resume=False):
     """Create `run_dir`. A non-empty one is refused unless `overwrite` (its contents are deleted,
-    including the backup of an interrupted run) or `resume` (kept, to continue that run)."""
+    including the `resume/` state of an interrupted run) or `resume` (kept, to continue that run)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
@@ -139,8 +140,7 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         return {
             type(callback).__name__: {name: float(getattr(callback, name)) for name in names}
             for callback in self.callbacks
-            for kind, names in self.COUNTERS.items()
-            if type(callback).__name__ == kind
+            if (names := self.COUNTERS.get(type(callback).__name__))
         }
 
     def on_epoch_end(self, epoch, logs=None):

@@ -111,9 +111,9 @@ def timed_fit(model, dataset, steps):
     return elapsed
 
 
-def compiled(key, size):
+def compiled(key, size, jit_compile=True):
     _, task, build = MODELS[key]
-    return train.compile_model(build(size), task)
+    return train.compile_model(build(size), task, jit_compile=jit_compile)
 
 
 def release(model):
@@ -388,7 +388,7 @@ def benchmark_original(slices, steps, batch_size, size):
     _, source = image_data_generator_class()
     result = {"image_data_generator": source, "augmentation": ORIGINAL_AUGMENTATION, "steps": steps}
     result["tif_reading"] = check_tif_reading(slices)
-    model = compiled("unet", size)
+    model = compiled("unet", size, jit_compile=False)  # the original setup: no XLA
     result["first_fit_s"] = timed_fit(model, original_generator(slices, size, batch_size), WARMUP_STEPS)
     # A fresh generator per fit: the finished fit's prefetch thread must not share a generator with the next.
     seconds = timed_fit(model, original_generator(slices, size, batch_size), steps)
@@ -613,6 +613,15 @@ def main(argv=None):
     original = benchmark_original(slices, steps["original_pipeline"], batch_size, size)
     original["ours_over_original"] = results["models"]["unet"]["training"]["slices_per_s"] / original["slices_per_s"]
     results["original_pipeline"] = original
+    save()
+
+    log("4b. Our pipeline, U-Net compiled without XLA (Keras' CPU default)")
+    model = compiled("unet", size, jit_compile=False)
+    dataset = training_dataset("segmentation", *arrays, batch_size)
+    no_xla = measure_training(model, dataset, steps["unet"], batch_size, fixed_batch=False)
+    no_xla["xla_over_no_xla"] = results["models"]["unet"]["training"]["slices_per_s"] / no_xla["slices_per_s"]
+    results["without_xla"] = no_xla
+    release(model)
     save()
 
     log("5. Mixed precision (mixed_bfloat16) U-Net")

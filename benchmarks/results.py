@@ -21,12 +21,15 @@ RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 COMMON = {"epochs": 100, "batch_size": 16, "image_size": 128, "seed": 0, "patience": 10}
 # name -> (model kind, settings). Time limits keep the whole command within about two hours of CPU.
 CONFIGS = {
-    "unet": ("unet", {"tumor_fraction": 0.5, "max_minutes": 60}),
+    "unet": (
+        "unet",
+        {"tumor_fraction": 0.5, "max_minutes": 60, "schedule": "time-cosine", "snapshot_minutes": (15, 30, 45, 60)},
+    ),
     "classifier": ("classifier", {"backbone": "light", "max_minutes": 15}),
     "resnet50-unet": ("resnet50-unet", {"tumor_fraction": 0.5, "max_minutes": 20, "encoder_weights": "imagenet"}),
     "unet-leaky-slice-split": ("unet", {"tumor_fraction": 0.5, "max_minutes": 20, "split": "random-slice-leaky"}),
 }
-PLOTS = ("curves.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
+PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
 
 
 def train(name, data_dir):
@@ -45,7 +48,7 @@ def train(name, data_dir):
     train_run(kind, data_dir, RUNS / f"results-{name}", overwrite=True, verbose=2, **settings)
 
 
-def collect(name):
+def collect(name, data_dir):
     run_dir = RUNS / f"results-{name}"
     if not (run_dir / "test_summary.json").exists():
         return None
@@ -53,6 +56,11 @@ def collect(name):
     history = pd.read_csv(run_dir / "history.csv")
     summary = json.loads((run_dir / "test_summary.json").read_text())
     monitor = "val_dice_coefficient" if "val_dice_coefficient" in history else "val_auc"
+    curve = run_dir / "snapshots" / "curve.csv"
+    if (run_dir / "snapshots" / "snapshots.csv").exists() and not curve.exists():
+        from lgg.evaluate import evaluate_snapshots
+
+        evaluate_snapshots(run_dir, data_dir)
     result = {
         "name": name,
         "command": f"python benchmarks/results.py --models {name}",
@@ -69,8 +77,18 @@ def collect(name):
         "environment": config["environment"],
         "test": summary,
     }
+    if curve.exists():
+        result["after_minutes"] = pd.read_csv(curve).to_dict("records")
     out = RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
+    if curve.exists():
+        from lgg import plots
+
+        plots.plot_time_curve(pd.read_csv(curve), save_path=run_dir / "dice_vs_minutes.png")
+    copies = {"test_postprocessing.csv": "test_postprocessing.csv", "snapshots/curve.csv": "dice_vs_minutes.csv"}
+    for source, target in copies.items():
+        if (run_dir / source).exists():
+            shutil.copy(run_dir / source, out / target)
     for plot in PLOTS:
         if (run_dir / plot).exists():
             shutil.copy(run_dir / plot, out / plot)
@@ -82,9 +100,30 @@ def collect(name):
     return result
 
 
+def two_stage(data_dir, again=True):
+    """The U-Net gated by the classifier (`lgg.evaluate.evaluate_two_stage`) -> `results/two_stage.json`."""
+    segmenter, classifier = RUNS / "results-unet" / "model.h5", RUNS / "results-classifier" / "model.h5"
+    out = RUNS / "two-stage"
+    if not (segmenter.exists() and classifier.exists()):
+        return
+    if again or not (out / "two_stage.json").exists():
+        from lgg.evaluate import evaluate_two_stage
+
+        evaluate_two_stage(segmenter, classifier, data_dir, out_dir=out)
+    shutil.copy(out / "two_stage.json", RESULTS / "two_stage.json")
+
+
 def _counts(result):
     test = next(row for row in result["split_counts"] if row["split"] == "test")
     return f"{test['cases']} cases, {test['slices']} slices"
+
+
+def _postprocessing(test):
+    from lgg import postprocess
+
+    if "postprocessing" not in test:
+        return "none (threshold 0.5; run predates post-processing)"
+    return postprocess.describe(test["postprocessing"])
 
 
 def readme_table(results):
@@ -93,11 +132,12 @@ def readme_table(results):
     lines = [
         "Produced by `make results` (`benchmarks/results.py`) on the 88 shared cases, on a 2-core CPU "
         "(AMD EPYC, no GPU); numbers from `results/*.json`. Held-out **test** cases of the patient split "
-        "unless marked leaky; Dice per case is over each case's whole volume at 256×256, threshold 0.5.",
+        "unless marked leaky; Dice per case is over each case's whole volume at 256×256, after the "
+        "post-processing chosen on the validation cases (raw = threshold 0.5, nothing else).",
         "",
-        "| model | split (test) | image | epochs (best) | CPU min | Dice per case mean | median | "
-        "tumor-slice Dice | FP rate, tumor-free slices | Jaccard per case | batch Dice smooth=1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | split (test) | image | epochs (best) | CPU min | Dice per case mean | median | raw mean | "
+        "tumor-slice Dice | FP rate, tumor-free slices | Jaccard per case | batch Dice smooth=1 | post-processing |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in segmenters:
         t = r["test"]
@@ -105,12 +145,24 @@ def readme_table(results):
         if r["model"] == "resnet50-unet" and r["encoder_weights"] is None:
             label += " (random init: no ImageNet weights offline)"
         split = "random slices, **leaky**" if r["split"] != "patient" else "patient"
+        raw = t.get("raw", t)["case_dice_mean"]
         lines.append(
             f"| {label} | {split}: {_counts(r)} | {r['image_size']}² | {r['epochs_run']} ({r['best_epoch']}) | "
-            f"{r['training_minutes']} | {t['case_dice_mean']:.3f} | {t['case_dice_median']:.3f} | "
+            f"{r['training_minutes']} | {t['case_dice_mean']:.3f} | {t['case_dice_median']:.3f} | {raw:.3f} | "
             f"{t['tumor_slice_dice_mean']:.3f} | {t['tumor_free_false_positive_rate']:.3f} | "
-            f"{t['case_jaccard_mean']:.3f} | {t['batch_dice_smooth1']:.3f} |"
+            f"{t['case_jaccard_mean']:.3f} | {t['batch_dice_smooth1']:.3f} | {_postprocessing(t)} |"
         )
+    for r in segmenters:
+        if r.get("after_minutes"):
+            points = ", ".join(
+                f"{p['case_dice_mean']:.3f} after {p['elapsed_min']:.0f} min (epoch {p['epoch']})"
+                for p in r["after_minutes"]
+            )
+            lines += [
+                "",
+                f"{r['name']}, mean per-case test Dice of the weights kept after N minutes: {points} "
+                f"(`results/{r['name']}/dice_vs_minutes.png`; post-processing chosen on validation for each).",
+            ]
     if classifiers:
         lines += [
             "",
@@ -126,6 +178,51 @@ def readme_table(results):
                 f"{t['specificity']:.3f} | {t['roc_auc']:.3f} |"
             )
     return "\n".join(lines)
+
+
+def gpu_table(gpu):
+    """The architecture comparison of `benchmarks/gpu_architectures.py` (`results/gpu/gpu_architectures.json`)."""
+    lines = [
+        f"Produced by `benchmarks/gpu_architectures.py` on one {gpu['device']} (Keras {gpu['keras']}, "
+        f"{gpu['backend']} backend), {gpu['minutes_per_model']} minutes of training per model, random "
+        "initialization for all (no ImageNet weights offline), 128², batch 32, the same patient split and "
+        "test cases as above; numbers from `results/gpu/gpu_architectures.json`. One seed each.",
+        "",
+        "| model | parameters | epochs (best) | slices/s | Dice per case mean | median | raw mean | "
+        "tumor-slice Dice | FP rate, tumor-free slices | post-processing |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    from lgg import postprocess
+
+    for m in gpu["models"]:
+        t = m["test"]
+        lines.append(
+            f"| {m['model']} | {m['parameters'] / 1e6:.2f} M | {m['epochs']} ({m['best_epoch']}) | "
+            f"{m['training_slices_per_s']:.0f} | {t['case_dice_mean']:.3f} | {t['case_dice_median']:.3f} | "
+            f"{m['test_raw']['case_dice_mean']:.3f} | {t['tumor_slice_dice_mean']:.3f} | "
+            f"{t['tumor_free_false_positive_rate']:.3f} | {postprocess.describe(m['postprocessing'])} |"
+        )
+    return "\n".join(lines)
+
+
+def two_stage_table(two_stage):
+    alone, gated = two_stage["segmenter_alone"], two_stage["two_stage"]
+    return "\n".join(
+        [
+            f"Two-stage pipeline (`python -m lgg evaluate --model runs/results-unet/model.h5 --classifier "
+            f"runs/results-classifier/model.h5`, `results/two_stage.json`): the light classifier gates the U-Net, "
+            f"gate threshold {two_stage['gate_threshold']} chosen on the validation cases; "
+            f"{two_stage['test_cases']} test cases.",
+            "",
+            "| pipeline | Dice per case mean | median | tumor-slice Dice | FP rate, tumor-free slices |",
+            "| --- | --- | --- | --- | --- |",
+            *(
+                f"| {name} | {s['case_dice_mean']:.3f} | {s['case_dice_median']:.3f} | "
+                f"{s['tumor_slice_dice_mean']:.3f} | {s['tumor_free_false_positive_rate']:.3f} |"
+                for name, s in (("U-Net alone", alone), ("classifier, then U-Net", gated))
+            ),
+        ]
+    )
 
 
 def benchmark_table(bench):
@@ -155,11 +252,18 @@ def benchmark_table(bench):
     if original:
         lines += [
             "",
-            f"The original notebooks' input pipeline (`ImageDataGenerator.flow_from_dataframe`, reading "
-            f"the .tif files every epoch) with the same U-Net: {original['slices_per_s']:.1f} slices/s, "
+            f"The original notebooks' training setup (`ImageDataGenerator.flow_from_dataframe`, reading "
+            f"the .tif files every epoch, no XLA) with the same U-Net: {original['slices_per_s']:.1f} slices/s, "
             f"ours {original['ours_over_original']:.2f}x that (its generator alone gives "
             f"{original['pipeline_only_slices_per_s']:.0f} slices/s, ours "
             f"{bench['models']['unet']['training']['pipeline_only_slices_per_s']:.0f}).",
+        ]
+    no_xla = bench.get("without_xla")
+    if no_xla:
+        lines += [
+            "",
+            f"Our pipeline with the U-Net compiled without XLA: {no_xla['slices_per_s']:.1f} slices/s; "
+            f"XLA gives {no_xla['xla_over_no_xla']:.2f}x that.",
         ]
     if mixed:
         lines += [
@@ -186,6 +290,14 @@ def _replace_between(text, name, body):
 
 def write_readme(results):
     text = _replace_between(README.read_text(), "results", readme_table(results))
+    if (RESULTS / "gpu" / "gpu_architectures.json").exists():
+        text = _replace_between(
+            text, "gpu", gpu_table(json.loads((RESULTS / "gpu" / "gpu_architectures.json").read_text()))
+        )
+    if (RESULTS / "two_stage.json").exists():
+        text = _replace_between(
+            text, "two-stage", two_stage_table(json.loads((RESULTS / "two_stage.json").read_text()))
+        )
     if (RESULTS / "benchmark.json").exists():
         bench = json.loads((RESULTS / "benchmark.json").read_text())
         text = _replace_between(text, "benchmark", benchmark_table(bench))
@@ -202,7 +314,8 @@ def main(argv=None):
     if not args.collect_only:
         for name in args.models.split(","):
             train(name, args.data)
-    results = [result for result in map(collect, CONFIGS) if result is not None]
+    results = [result for result in (collect(name, args.data) for name in CONFIGS) if result is not None]
+    two_stage(args.data, again=not args.collect_only)
     write_readme(results)
     print(readme_table(results))
 

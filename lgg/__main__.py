@@ -31,12 +31,27 @@ def _parser():
         help="ResNet50 models: imagenet, none, or a weights file",
     )
     train.add_argument("--base-filters", type=int, default=16, help="U-Net filters at the first level")
+    train.add_argument("--attention", action="store_true", help="resnet50-unet: attention gates (Oktay 2018)")
     train.add_argument("--backbone", choices=["light", "resnet50"], default="light", help="classifier backbone")
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--patience", type=int, default=10)
     train.add_argument("--tumor-fraction", type=float, default=None, help="oversample tumor slices to this share")
     train.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     train.add_argument("--split", choices=["patient", "random-slice-leaky"], default="patient")
+    train.add_argument(
+        "--schedule",
+        choices=["plateau", "time-cosine"],
+        default="plateau",
+        help="learning rate: halve on plateau, or cosine decay over --max-minutes",
+    )
+    train.add_argument(
+        "--snapshot-minutes",
+        type=float,
+        nargs="*",
+        default=(),
+        help="keep the weights reached after these many minutes (e.g. 15 30 60)",
+    )
+    train.add_argument("--no-jit", dest="jit_compile", action="store_false", help="train without XLA")
     train.add_argument("--overwrite", action="store_true")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
@@ -46,13 +61,31 @@ def _parser():
     evaluate.add_argument("--split-file", default=None, help="split.csv of a run (default: the model's run folder)")
     evaluate.add_argument("--split", default="test", help="which split to score: train, val, test or all")
     evaluate.add_argument("--out", default=None, help="folder for the results (default: the model's folder)")
-    evaluate.add_argument("--threshold", type=float, default=0.5)
+    evaluate.add_argument(
+        "--tune-postprocessing",
+        action="store_true",
+        help="choose the post-processing again on the run's validation cases (rewrites postprocess.json)",
+    )
+    evaluate.add_argument(
+        "--classifier",
+        default=None,
+        help="also score the two-stage pipeline: this classifier gates the segmenter slice by slice",
+    )
+    evaluate.add_argument(
+        "--threshold", type=float, default=None, help="score a plain threshold instead of the run's postprocess.json"
+    )
 
     predict = commands.add_parser("predict", help="segment .tif slices, case folders or a kaggle_3m tree")
     predict.add_argument("inputs", nargs="+", help=".tif slices, case folders or dataset folders")
     predict.add_argument("--model", required=True)
     predict.add_argument("--out", required=True)
-    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument(
+        "--threshold", type=float, default=None, help="plain threshold instead of the run's postprocess.json"
+    )
+    predict.add_argument("--classifier", default=None, help="two-stage: a classifier model gates each slice")
+    predict.add_argument("--gate-threshold", type=float, default=None, help="default: two_stage.json, else 0.5")
+    predict.add_argument("--pixel-spacing-mm", type=float, default=None, help="in-plane pixel size, for areas in mm²")
+    predict.add_argument("--slice-thickness-mm", type=float, default=None, help="with --pixel-spacing-mm: volume in ml")
 
     download = commands.add_parser("download", help="download the Kaggle dataset with kagglehub")
     download.add_argument("--dest", default="data")
@@ -76,11 +109,33 @@ def main(argv=None):
         elif args.command == "evaluate":
             from lgg.evaluate import evaluate_model_file
 
-            evaluate_model_file(args.model, args.data, args.split_file, args.split, args.out, args.threshold)
+            if args.classifier:
+                from lgg.evaluate import evaluate_two_stage
+
+                evaluate_two_stage(args.model, args.classifier, args.data, args.out)
+            else:
+                evaluate_model_file(
+                    args.model,
+                    args.data,
+                    args.split_file,
+                    args.split,
+                    args.out,
+                    args.threshold,
+                    args.tune_postprocessing,
+                )
         elif args.command == "predict":
             from lgg.predict import predict_paths
 
-            predict_paths(args.model, args.inputs, args.out, args.threshold)
+            predict_paths(
+                args.model,
+                args.inputs,
+                args.out,
+                args.threshold,
+                args.classifier,
+                args.gate_threshold,
+                args.pixel_spacing_mm,
+                args.slice_thickness_mm,
+            )
         elif args.command == "download":
             from lgg.datasets import download_kaggle
 

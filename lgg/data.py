@@ -305,24 +305,36 @@ def augment_batch(images, masks, seed, augmentation=None):
 
 
 def make_dataset(
-    images, targets, batch_size=16, training=False, seed=0, augment=True, tumor_fraction=None, has_tumor=None
+    images,
+    targets,
+    batch_size=16,
+    training=False,
+    seed=0,
+    augment=True,
+    tumor_fraction=None,
+    has_tumor=None,
+    start_epoch=0,
 ):
     """A `tf.data` pipeline over slices already decoded in memory.
 
-    Training: reshuffled each epoch, augmented per batch (same transform for a slice and its
-    mask), optionally oversampling tumor slices to `tumor_fraction` of each batch, prefetched.
-    Evaluation: in order, no augmentation.
+    Training: an endless stream of epochs (pass `steps_per_epoch` to `fit`), each one shuffled,
+    optionally oversampling tumor slices to `tumor_fraction`, and augmented per sample (same
+    transform for a slice and its mask), then prefetched. Every random draw is keyed by
+    `(seed, epoch, batch)`, so epoch `e` is the same whether a run gets there uninterrupted or
+    resumes at `start_epoch=e`. Evaluation: in order, no augmentation, one pass.
 
     Args:
         images: uint8 array `(N, S, S, 3)`.
         targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
         batch_size: int. Defaults to `16`, as the original notebooks.
         training: bool. Shuffle and augment. Defaults to `False`.
-        seed: int. Seeds shuffling and augmentation. Defaults to `0`.
+        seed: int. Seeds shuffling, oversampling and augmentation. Defaults to `0`.
         augment: bool. Apply `augment_batch` when training. Defaults to `True`.
         tumor_fraction: float or None. When training, draw tumor slices with this probability
-            (needs `has_tumor`). Defaults to `None` (the data's own ratio).
+            (needs `has_tumor`); each epoch then has as many slices as the data, drawn with
+            replacement. Defaults to `None` (each slice once per epoch).
         has_tumor: bool array `(N,)`. Which slices show tumor; for `tumor_fraction`.
+        start_epoch: int. First epoch of the stream (to resume a run). Defaults to `0`.
 
     Returns:
         `(dataset, steps_per_epoch)`.
@@ -337,34 +349,45 @@ def make_dataset(
     def to_float(image, target):
         return tf.cast(image, tf.float32), tf.cast(target, tf.float32)
 
-    if training and tumor_fraction is not None:
+    if not training:
+        dataset = tf.data.Dataset.from_tensor_slices((images, targets)).batch(batch_size)
+        return dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), steps
+
+    if tumor_fraction is not None:
         if has_tumor is None or not 0 < tumor_fraction < 1:
             raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
         has_tumor = np.asarray(has_tumor, bool)
-        parts = [
-            tf.data.Dataset.from_tensor_slices((images[keep], targets[keep]))
-            .shuffle(int(keep.sum()), seed=seed)
-            .repeat()
-            for keep in (has_tumor, ~has_tumor)
+        if has_tumor.all() or not has_tumor.any():
+            raise ValueError("tumor_fraction needs slices both with and without tumor")
+        pools = [tf.constant(np.flatnonzero(has_tumor)), tf.constant(np.flatnonzero(~has_tumor))]
+    all_images, all_targets = tf.constant(images), tf.constant(targets)  # captured once, gathered per batch
+
+    def epoch_indices(epoch):
+        """Slice indices of one epoch, from stateless draws keyed by (seed, epoch)."""
+        key = tf.stack([tf.constant(seed, tf.int64), epoch])
+        if tumor_fraction is None:
+            return tf.argsort(tf.random.stateless_uniform([len(images)], key))
+        draws = tf.random.experimental.stateless_split(key, 3)
+        count = steps * batch_size
+        tumor = tf.random.stateless_uniform([count], draws[0]) < tumor_fraction
+        picks = [
+            tf.gather(pool, tf.random.stateless_uniform([count], draw, 0, tf.shape(pool, tf.int64)[0], tf.int64))
+            for pool, draw in zip(pools, (draws[1], draws[2]))
         ]
-        dataset = tf.data.Dataset.sample_from_datasets(parts, [tumor_fraction, 1 - tumor_fraction], seed=seed)
-        dataset = dataset.take(steps * batch_size)
-    else:
-        dataset = tf.data.Dataset.from_tensor_slices((images, targets))
-        if training:
-            dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augment:
-        seeds = tf.data.Dataset.counter().map(lambda step: tf.stack([tf.cast(seed, tf.int64), step]))
-        dataset = tf.data.Dataset.zip((dataset, seeds))
+        return tf.where(tumor, picks[0], picks[1])
+
+    def epoch_batches(epoch):
+        batches = tf.data.Dataset.from_tensor_slices(epoch_indices(epoch)).batch(batch_size).enumerate()
+        return batches.map(lambda step, index: (epoch, step, index))
+
+    def load(epoch, step, index):
+        batch_images, batch_targets = to_float(tf.gather(all_images, index), tf.gather(all_targets, index))
+        if not augment:
+            return batch_images, batch_targets
+        batch_seed = tf.cast(tf.stack([seed, epoch * steps + step]), tf.int32)
         if segmentation:
-            dataset = dataset.map(
-                lambda batch, step_seed: augment_batch(batch[0], batch[1], tf.cast(step_seed, tf.int32)),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-        else:
-            dataset = dataset.map(
-                lambda batch, step_seed: (augment_batch(batch[0], None, tf.cast(step_seed, tf.int32)), batch[1]),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-    return dataset.prefetch(tf.data.AUTOTUNE), steps
+            return augment_batch(batch_images, batch_targets, batch_seed)
+        return augment_batch(batch_images, None, batch_seed), batch_targets
+
+    epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int32).max).flat_map(epoch_batches)
+    return epochs.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), steps

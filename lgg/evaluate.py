@@ -4,32 +4,74 @@ import json
 from pathlib import Path
 
 import keras
+import numpy as np
 import pandas as pd
 
-from lgg import data, metrics, plots
+from lgg import data, metrics, plots, postprocess
 from lgg.files import save_csv, save_json
-from lgg.inference import predict_probabilities
+from lgg.inference import model_task, predict_probabilities, predict_with_mirror
 
 
-def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5):
+def tune_postprocessing(model, slices, run_dir):
+    """Choose the post-processing (threshold, small components, largest 3-D component, flip TTA)
+    with the best mean case Dice on the validation cases at native resolution; write every
+    setting's scores to `val_postprocessing.csv` and the choice to `postprocess.json`."""
+    rows = slices[slices["split"] == "val"]
+    if rows.empty:
+        raise ValueError("no validation slices to choose the post-processing on")
+    images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
+    plain, tta = predict_with_mirror(model, images)
+    table = postprocess.score_settings(rows, masks, plain, tta)
+    save_csv(table, Path(run_dir) / "val_postprocessing.csv")
+    chosen = postprocess.choose(table)
+    postprocess.save(chosen, run_dir)
+    best = table["case_dice_mean"].max()
+    raw = table.query("threshold == 0.5 and min_component_px == 0 and not largest_3d and not hflip_tta")
+    print(
+        f"Post-processing chosen on {rows['case_id'].nunique()} validation cases: {postprocess.describe(chosen)} "
+        f"(val case Dice {raw['case_dice_mean'].iloc[0]:.3f} raw -> {best:.3f})"
+    )
+    return chosen
+
+
+def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5, postprocessing=None):
     """Evaluate `model` on the `split_name` rows of `slices` at native resolution; write the
-    per-case CSV (segmentation) or per-slice CSV (classification), the summary JSON and plots."""
+    per-case CSV (segmentation) or per-slice CSV (classification), the summary JSON and plots.
+
+    Segmenters: `postprocessing` (settings like `postprocess.RAW`, chosen on validation cases)
+    replaces the plain `threshold`; the summary then also holds the raw figures (threshold 0.5)
+    under `"raw"`, and `<split>_postprocessing.csv` the effect of each step on this split.
+    """
     run_dir = Path(run_dir)
     rows = slices[slices["split"] == split_name] if "split" in slices else slices
     if rows.empty:
         raise ValueError(f"no slices in split {split_name!r}")
     images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
-    probabilities = predict_probabilities(model, images)
-    task = "segmentation" if probabilities.ndim == 3 else "classification"
+    task = model_task(model)
     if task == "segmentation":
-        per_case, summary = metrics.segmentation_report(rows, masks, probabilities, threshold)
+        settings = dict(postprocessing) if postprocessing else {**postprocess.RAW, "threshold": threshold}
+        if postprocessing:
+            plain, tta = predict_with_mirror(model, images)
+        else:
+            plain, tta = predict_probabilities(model, images), None
+        probabilities = tta if settings["hflip_tta"] else plain
+        predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings)
+        per_case, summary = metrics.segmentation_report(rows, masks, probabilities, predicted=predicted)
+        summary["threshold"] = settings["threshold"]
+        summary["postprocessing"] = settings
+        if postprocessing:
+            _, raw = metrics.segmentation_report(rows, masks, plain, 0.5)
+            summary["raw"] = {key: raw[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS}
+            steps = postprocess.ablation(rows, masks, plain, tta, settings)
+            save_csv(steps, run_dir / f"{split_name}_postprocessing.csv")
+            print(steps.to_string(index=False))
         save_csv(per_case, run_dir / f"{split_name}_cases.csv")
         plots.plot_case_dice(per_case, save_path=run_dir / f"{split_name}_case_dice.png")
-        plots.plot_case_overlays(
-            rows, images, masks, probabilities, per_case, threshold, save_path=run_dir / f"{split_name}_overlays.png"
-        )
+        overlays = run_dir / f"{split_name}_overlays.png"
+        plots.plot_case_overlays(rows, images, masks, predicted.astype(np.float32), per_case, save_path=overlays)
         print(per_case[["case_id", "case_dice", "case_jaccard", "tumor_slices"]].to_string(index=False))
     else:
+        probabilities = predict_probabilities(model, images)
         labels = rows["has_tumor"].values
         summary = metrics.classification_report(labels, probabilities, threshold)
         save_csv(
@@ -61,26 +103,136 @@ def load_model(path):
         ) from None
 
 
-def evaluate_model_file(model_path, data_dir, split_file=None, split_name="test", out_dir=None, threshold=0.5):
+def slices_with_split(data_dir, split_file):
+    """The slices of `data_dir` with the `split` column of a run's `split.csv`."""
+    split_file = Path(split_file)
+    if not split_file.is_file():
+        raise FileNotFoundError(f"split file not found: {split_file}; pass --split-file or --split all")
+    slices = data.find_slices(data_dir)
+    split = pd.read_csv(split_file).drop_duplicates("case_id").set_index("case_id")["split"]
+    slices["split"] = slices["case_id"].map(split)
+    if slices["split"].isna().all():
+        raise ValueError(f"none of the cases in {data_dir} appear in {split_file}")
+    return slices
+
+
+def evaluate_model_file(
+    model_path, data_dir, split_file=None, split_name="test", out_dir=None, threshold=None, tune=False
+):
     """`python -m lgg evaluate`: score a saved model on one split (or `all`) of a data folder.
 
     The split comes from `split_file`, by default the `split.csv` next to the model, so a run is
-    scored on exactly the cases it held out.
+    scored on exactly the cases it held out. The post-processing is the run's `postprocess.json`
+    (chosen on its validation cases) unless `threshold` is given, which scores a plain threshold;
+    `tune=True` chooses it again on the validation cases first (and rewrites `postprocess.json`
+    in `out_dir`).
     """
     model_path = Path(model_path)
     model = load_model(model_path)
-    slices = data.find_slices(data_dir)
-    if split_name != "all":
-        split_file = Path(split_file) if split_file else model_path.parent / "split.csv"
-        if not split_file.is_file():
-            raise FileNotFoundError(f"split file not found: {split_file}; pass --split-file or --split all")
-        split = pd.read_csv(split_file).drop_duplicates("case_id").set_index("case_id")["split"]
-        slices["split"] = slices["case_id"].map(split)
-        missing = slices.loc[slices["split"].isna(), "case_id"].unique()
-        if split_name != "all" and len(missing) == slices["case_id"].nunique():
-            raise ValueError(f"none of the cases in {data_dir} appear in {split_file}")
+    if split_name == "all":
+        slices = data.find_slices(data_dir).assign(split="all")
     else:
-        slices["split"] = "all"
+        slices = slices_with_split(data_dir, split_file or model_path.parent / "split.csv")
     out_dir = Path(out_dir) if out_dir else model_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_run(model, slices, out_dir, split_name=split_name, threshold=threshold)
+    if threshold is not None or model_task(model) != "segmentation":
+        return evaluate_run(model, slices, out_dir, split_name, threshold=0.5 if threshold is None else threshold)
+    if tune:
+        settings = tune_postprocessing(model, slices, out_dir)
+    else:
+        settings = postprocess.load(model_path)
+        print(f"Post-processing ({model_path.parent / postprocess.FILENAME}): {postprocess.describe(settings)}")
+    return evaluate_run(model, slices, out_dir, split_name, postprocessing=settings)
+
+
+def evaluate_snapshots(run_dir, data_dir):
+    """Test scores of the weights a run kept after N minutes (`TimeSnapshots`): for each snapshot
+    the post-processing is chosen on the validation cases, as at the end of a run. Writes and
+    returns `snapshots/curve.csv` (minutes, epoch, raw and post-processed test figures)."""
+    run_dir = Path(run_dir)
+    table = pd.read_csv(run_dir / "snapshots" / "snapshots.csv")
+    model = load_model(run_dir / "model.h5")
+    slices = slices_with_split(data_dir, run_dir / "split.csv")
+    rows = []
+    for snapshot in table.itertuples():
+        model.load_weights(run_dir / "snapshots" / snapshot.file)
+        scratch = run_dir / "snapshots" / f"after-{snapshot.minutes:g}min"
+        scratch.mkdir(exist_ok=True)
+        settings = tune_postprocessing(model, slices, scratch)
+        summary = evaluate_run(model, slices, scratch, "test", postprocessing=settings)
+        rows.append(
+            {
+                "minutes": snapshot.minutes,
+                "epoch": snapshot.epoch + 1,
+                "elapsed_min": snapshot.elapsed_min,
+                **{f"raw_{key}": value for key, value in summary["raw"].items()},
+                **{key: summary[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS},
+                "postprocessing": postprocess.describe(settings),
+            }
+        )
+    curve = pd.DataFrame(rows)
+    save_csv(curve, run_dir / "snapshots" / "curve.csv")
+    return curve
+
+
+GATE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def gate_masks(masks, slice_probabilities, threshold):
+    """Two-stage pipeline: keep a slice's predicted mask only where the classifier's tumor
+    probability reaches `threshold`."""
+    keep = np.asarray(slice_probabilities) >= threshold
+    return np.asarray(masks, bool) & keep[:, None, None]
+
+
+def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
+    """Classifier first, segmenter only on the slices it calls tumor, against the segmenter alone.
+
+    Both models are scored on the segmenter run's test cases (its `split.csv`); the classifier's
+    run must not have trained on them. The classifier threshold is chosen on the validation
+    cases (best mean case Dice). The segmenter keeps its own post-processing (`postprocess.json`).
+    Writes `two_stage.json` and `two_stage_<split>.csv` (one row per gate threshold) to `out_dir`
+    (default: the segmenter's run folder) and returns the summary.
+    """
+    segmenter_path, classifier_path = Path(segmenter_path), Path(classifier_path)
+    segmenter, classifier = load_model(segmenter_path), load_model(classifier_path)
+    if model_task(segmenter) != "segmentation" or model_task(classifier) != "classification":
+        raise ValueError(f"expected a segmenter and a classifier; got {segmenter_path} and {classifier_path}")
+    slices = slices_with_split(data_dir, segmenter_path.parent / "split.csv")
+    classifier_split = classifier_path.parent / "split.csv"
+    if classifier_split.is_file():
+        trained_on = set(pd.read_csv(classifier_split).query("split == 'train'")["case_id"])
+        leaked = sorted(trained_on & set(slices.loc[slices["split"].isin(["val", "test"]), "case_id"]))
+        if leaked:
+            raise ValueError(f"{classifier_path} was trained on {len(leaked)} of the segmenter's val/test cases")
+    settings = postprocess.load(segmenter_path)
+    summary = {"segmenter": str(segmenter_path), "classifier": str(classifier_path), "postprocessing": settings}
+    out_dir = Path(out_dir) if out_dir else segmenter_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split_name in ("val", "test"):
+        rows = slices[slices["split"] == split_name]
+        images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
+        plain, tta = predict_with_mirror(segmenter, images)
+        probabilities = tta if settings["hflip_tta"] else plain
+        predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings)
+        tumor_probability = predict_probabilities(classifier, images)
+        table = []
+        for threshold in (None, *GATE_THRESHOLDS):
+            gated = predicted if threshold is None else gate_masks(predicted, tumor_probability, threshold)
+            _, scores = metrics.segmentation_report(rows, masks, probabilities, predicted=gated)
+            table.append({"gate_threshold": threshold, **{k: scores[k] for k in metrics.SEGMENTATION_SUMMARY_KEYS}})
+        table = pd.DataFrame(table)
+        save_csv(table, out_dir / f"two_stage_{split_name}.csv")
+        if split_name == "val":
+            gated_rows = table.dropna(subset=["gate_threshold"])
+            chosen = float(gated_rows.loc[gated_rows["case_dice_mean"].idxmax(), "gate_threshold"])
+            summary["gate_threshold"] = chosen
+        else:
+            alone = table[table["gate_threshold"].isna()].iloc[0]
+            gated = table[table["gate_threshold"] == summary["gate_threshold"]].iloc[0]
+            summary["test_cases"] = int(rows["case_id"].nunique())
+            summary["segmenter_alone"] = {k: float(alone[k]) for k in metrics.SEGMENTATION_SUMMARY_KEYS}
+            summary["two_stage"] = {k: float(gated[k]) for k in metrics.SEGMENTATION_SUMMARY_KEYS}
+    save_json(summary, out_dir / "two_stage.json")
+    print(json.dumps(summary, indent=2))
+    return summary

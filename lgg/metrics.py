@@ -43,7 +43,16 @@ def batch_dice_smooth1(true_masks, probabilities, batch_size=16, smooth=1.0):
     return float(np.mean(scores))
 
 
-def segmentation_report(slices, true_masks, probabilities, threshold=0.5):
+SEGMENTATION_SUMMARY_KEYS = (
+    "case_dice_mean",
+    "case_dice_median",
+    "case_jaccard_mean",
+    "tumor_slice_dice_mean",
+    "tumor_free_false_positive_rate",
+)
+
+
+def segmentation_report(slices, true_masks, probabilities, threshold=0.5, predicted=None):
     """Score predicted masks against true ones, per case and per slice.
 
     Args:
@@ -51,6 +60,9 @@ def segmentation_report(slices, true_masks, probabilities, threshold=0.5):
         true_masks: array `(N, H, W)` or `(N, H, W, 1)` of 0/1.
         probabilities: array like `true_masks`, tumor probability per pixel.
         threshold: float. Pixels at or above it are tumor. Defaults to `0.5`.
+        predicted: optional binary masks like `true_masks` (e.g. post-processed); when given they
+            are scored instead of `probabilities >= threshold` (the batch Dice still uses
+            `probabilities`).
 
     Returns:
         `(per_case, summary)`: a DataFrame with one row per case (case_dice, case_jaccard,
@@ -62,7 +74,10 @@ def segmentation_report(slices, true_masks, probabilities, threshold=0.5):
     probabilities = np.asarray(probabilities).reshape(len(slices), -1)
     if true_masks.shape != probabilities.shape:
         raise ValueError(f"true_masks {true_masks.shape} and probabilities {probabilities.shape} differ")
-    predicted = probabilities >= threshold
+    if predicted is None:
+        predicted = probabilities >= threshold
+    else:
+        predicted = np.asarray(predicted).reshape(probabilities.shape).astype(bool)
     slice_has_tumor = true_masks.any(axis=1)
     slice_predicted_any = predicted.any(axis=1)
     rows = []

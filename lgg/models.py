@@ -50,6 +50,18 @@ def _decoder_step(x, skip, filters, name):
     return _conv_block(x, filters, name)
 
 
+def _attention_gate(skip, gating, filters, name):
+    """Additive attention gate (Oktay et al. 2018, "Attention U-Net"): each skip-connection pixel
+    is weighted by a coefficient in [0, 1] computed from the skip features and the coarser
+    decoder features (the gating signal, half the skip's resolution)."""
+    theta = layers.Conv2D(filters, 2, strides=2, padding="same", use_bias=False, name=f"{name}_theta")(skip)
+    phi = layers.Conv2D(filters, 1, padding="same", name=f"{name}_phi")(gating)
+    joint = layers.Activation("relu", name=f"{name}_relu")(layers.Add(name=f"{name}_add")([theta, phi]))
+    coefficients = layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_coefficients")(joint)
+    coefficients = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_upsample")(coefficients)
+    return layers.Multiply(name=f"{name}_gated")([skip, coefficients])
+
+
 def _segmentation_head(x):
     # float32 output even under a mixed-precision policy, so Dice and the loss stay exact.
     return layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
@@ -137,7 +149,8 @@ def build_resnet50_unet(
     encoder_weights="imagenet",
     freeze_encoder=False,
     decoder_filters=(256, 128, 64, 32),
-    name="resnet50_unet",
+    attention=False,
+    name=None,
 ):
     """U-Net whose encoder is ResNet50 (He et al. 2016), in the segmentation_models style.
 
@@ -153,7 +166,10 @@ def build_resnet50_unet(
         freeze_encoder: bool. Keep the encoder's weights fixed. Defaults to `False`.
         decoder_filters: tuple of 4 ints. Filters of the decoder steps, deep to shallow.
             Defaults to `(256, 128, 64, 32)`.
-        name: str. Model name. Defaults to `"resnet50_unet"`.
+        attention: bool. Pass each skip connection through an attention gate (Oktay et al.
+            2018), gated by the decoder features one level deeper: the original work's ResUANet.
+            Defaults to `False`.
+        name: str. Model name. Defaults to `"resnet50_unet"` (`"resnet50_attention_unet"`).
 
     Example:
         >>> model = build_resnet50_unet((128, 128, 3), encoder_weights=None)
@@ -168,7 +184,11 @@ def build_resnet50_unet(
     x = encoder.get_layer(RESNET50_BRIDGE_LAYER).output
     for step, filters in enumerate(decoder_filters):
         skip = skips[-1 - step] if step < len(skips) else None
-        x = _decoder_step(x, skip, filters, name=f"dec{len(decoder_filters) - step}")
+        level = len(decoder_filters) - step
+        if skip is not None and attention:
+            skip = _attention_gate(skip, x, filters // 2, name=f"att{level}")
+        x = _decoder_step(x, skip, filters, name=f"dec{level}")
+    name = name or ("resnet50_attention_unet" if attention else "resnet50_unet")
     return keras.Model(inputs, _segmentation_head(x), name=name)
 
 

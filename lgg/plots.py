@@ -117,3 +117,17 @@ def plot_classification(labels, probabilities, threshold=0.5, save_path=None):
         colorbar=False,
     )
     return _finish(figure, save_path)
+
+
+def plot_time_curve(curve, save_path=None):
+    """Mean per-case test Dice of the weights kept after N minutes of training (raw and post-processed)."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    axis.plot(curve["elapsed_min"], curve["case_dice_mean"], "o-", label="post-processed (chosen on val)")
+    axis.plot(curve["elapsed_min"], curve["raw_case_dice_mean"], "s--", label="raw, threshold 0.5")
+    for row in curve.itertuples():
+        axis.annotate(f"{row.case_dice_mean:.3f}", (row.elapsed_min, row.case_dice_mean), textcoords="offset points",
+                      xytext=(0, 6), ha="center", fontsize=8)  # fmt: skip
+    axis.set(xlabel="training minutes (CPU)", ylabel="mean per-case Dice, test cases", ylim=(0, 1))
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
+    return _finish(figure, save_path)

@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lgg import data, losses, models, plots
-from lgg.evaluate import evaluate_run
+from lgg import data, losses, metrics, models, plots
+from lgg.evaluate import evaluate_run, evaluate_snapshots, tune_postprocessing
 from lgg.files import atomic_path, save_csv, save_json, save_model
 
 MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
@@ -99,6 +99,76 @@ class BestWeightsCheckpoint(keras.callbacks.Callback):
                 self.model.save_weights(temporary)
 
 
+class CaseDiceValidation(keras.callbacks.Callback):
+    """Adds `val_case_dice` to each epoch's logs: mean per-case volume Dice (threshold 0.5) on the
+    validation cases at the training resolution, the figure the results table reports.
+
+    The smoothed batch Dice Keras logs (`val_dice_coefficient`) also counts faint probability on
+    tumor-free slices and the batch composition; choosing the best epoch on per-case Dice selects
+    for what is reported.
+    """
+
+    def __init__(self, images, masks, case_ids, batch_size=32):
+        super().__init__()
+        self.images, self.masks, self.case_ids = images.astype(np.float32), masks, np.asarray(case_ids)
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        probabilities = self.model.predict(self.images, batch_size=self.batch_size, verbose=0)
+        cases = pd.DataFrame({"case_id": self.case_ids})
+        _, summary = metrics.segmentation_report(cases, self.masks, probabilities)
+        if logs is not None:
+            logs["val_case_dice"] = summary["case_dice_mean"]
+
+
+class TimeCosineSchedule(keras.callbacks.Callback):
+    """Cosine learning-rate decay over a time budget: at the start of each epoch the rate is
+    `initial * (floor + (1 - floor) * (1 + cos(pi * t)) / 2)`, `t` the share of `max_minutes`
+    used so far. A run with a time limit then ends annealed, whatever the machine's speed."""
+
+    def __init__(self, timer, initial_learning_rate, floor=0.01):
+        super().__init__()
+        self.timer, self.initial, self.floor = timer, initial_learning_rate, floor
+
+    def on_epoch_begin(self, epoch, logs=None):
+        used = min(1.0, (time.perf_counter() - self.timer.start) / (60 * self.timer.max_minutes))
+        self.rate = self.initial * (self.floor + (1 - self.floor) * (1 + np.cos(np.pi * used)) / 2)
+        self.model.optimizer.learning_rate.assign(self.rate)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = self.rate
+
+
+class TimeSnapshots(keras.callbacks.Callback):
+    """Save the weights at the first epoch end past each of `minutes` (e.g. 15, 30, 60) as
+    `snapshots/after-<m>min.weights.h5`, and the epoch and minutes in `snapshots/snapshots.csv`,
+    so a run reports what the model could do after a quarter, half and all of its time."""
+
+    def __init__(self, directory, minutes):
+        super().__init__()
+        self.directory, self.minutes = Path(directory), sorted(minutes)
+
+    def _table(self):
+        path = self.directory / "snapshots.csv"
+        if path.is_file():
+            return pd.read_csv(path)
+        return pd.DataFrame(columns=["minutes", "epoch", "elapsed_min", "file"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed_min = (logs or {}).get("elapsed_s", 0) / 60
+        table = self._table()
+        for mark in self.minutes:
+            if elapsed_min >= mark and mark not in set(table["minutes"]):
+                self.directory.mkdir(parents=True, exist_ok=True)
+                name = f"after-{mark:g}min.weights.h5"
+                with atomic_path(self.directory / name) as temporary:
+                    self.model.save_weights(temporary)
+                row = {"minutes": mark, "epoch": epoch, "elapsed_min": round(elapsed_min, 2), "file": name}
+                table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+                save_csv(table, self.directory / "snapshots.csv")
+
+
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
     """`TerminateOnNaN` that says in which epoch and batch the loss diverged."""
 
@@ -161,6 +231,12 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             if old != folder:
                 shutil.rmtree(old)
 
+    @staticmethod
+    def next_epoch(directory):
+        """The epoch a resumed run starts at: one past the last saved state in `directory`, or 0."""
+        state_path = Path(directory) / "state.json"
+        return json.loads(state_path.read_text())["epoch"] + 1 if state_path.exists() else 0
+
     def restore(self, model):
         """Load the last complete state into `model` (compiled); return it, or None if there is none."""
         state_path = self.directory / "state.json"
@@ -190,28 +266,36 @@ class ResumeCheckpoint(keras.callbacks.Callback):
 
 
 # ----------------------------------------------------------------------------- compile and fit
-def compile_model(model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0):
-    """Adam with BCE + Dice and batch Dice / Jaccard (segmentation), or BCE with accuracy and AUC."""
+def compile_model(model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0, jit_compile=True):
+    """Adam with BCE + Dice and batch Dice / Jaccard (segmentation), or BCE with accuracy and AUC.
+
+    `jit_compile=True` compiles the training step with XLA, which Keras leaves off on CPU-only
+    machines by default; on our 2-core CPU it trains the U-Net about 1.2-2x faster (see README).
+    """
     optimizer = keras.optimizers.Adam(learning_rate)
     if task == "segmentation":
         model.compile(
             optimizer=optimizer,
             loss=losses.BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight),
             metrics=losses.SEGMENTATION_METRICS,
+            jit_compile=jit_compile,
         )
     elif task == "classification":
         model.compile(
             optimizer=optimizer,
             loss="binary_crossentropy",
             metrics=["accuracy", keras.metrics.AUC(name="auc")],
+            jit_compile=jit_compile,
         )
     else:
         raise ValueError(f"task must be 'segmentation' or 'classification'; received {task!r}")
     return model
 
 
-def monitor_for(task):
-    return "val_dice_coefficient" if task == "segmentation" else "val_auc"
+def monitor_for(task, case_validation=False):
+    if task == "classification":
+        return "val_auc"
+    return "val_case_dice" if case_validation else "val_dice_coefficient"
 
 
 def fit(
@@ -226,27 +310,51 @@ def fit(
     max_minutes=None,
     resume=False,
     verbose=1,
+    val_cases=None,
+    schedule="plateau",
+    snapshot_minutes=(),
 ):
     """Fit with the standard callbacks and return the history as a DataFrame.
 
     Callbacks: best-weights checkpoint on the validation Dice (AUC for the classifier),
-    EarlyStopping (patience `patience`, best weights restored), ReduceLROnPlateau (halve after
-    `patience // 2` flat epochs), CSVLogger (`history.csv`), a NaN stop, an optional time limit,
-    and `ResumeCheckpoint`, so an interrupted run continues from its last epoch with `resume=True`.
-    On return the model holds the weights of its best validation epoch.
+    EarlyStopping (patience `patience`, best weights restored), the learning-rate schedule,
+    CSVLogger (`history.csv`), a NaN stop, an optional time limit, and `ResumeCheckpoint`, so an
+    interrupted run continues from its last epoch with `resume=True`. On return the model holds
+    the weights of its best validation epoch.
+
+    Args:
+        val_cases: optional `(images, masks, case_ids)` of the validation slices at the training
+            size; the best epoch is then chosen on their mean per-case Dice (`val_case_dice`)
+            instead of Keras' smoothed batch Dice.
+        schedule: `"plateau"` halves the rate after `patience // 2` flat epochs;
+            `"time-cosine"` (needs `max_minutes`) decays it along a cosine over the time budget.
+        snapshot_minutes: e.g. `(15, 30, 60)`: keep the weights reached after so many minutes
+            (`TimeSnapshots`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    monitor = monitor_for(task)
+    monitor = monitor_for(task, val_cases is not None)
     best_path = run_dir / "best.weights.h5"
     history_path = run_dir / "history.csv"
     timer = ElapsedTime(max_minutes)
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=False)
-    callbacks = [
-        timer,
+    callbacks = [timer]
+    if val_cases is not None:
+        callbacks.append(CaseDiceValidation(*val_cases))
+    if snapshot_minutes:
+        callbacks.append(TimeSnapshots(run_dir / "snapshots", snapshot_minutes))
+    if schedule == "time-cosine":
+        if max_minutes is None:
+            raise ValueError("schedule 'time-cosine' needs max_minutes")
+        callbacks.append(TimeCosineSchedule(timer, learning_rate_of(model)))
+    elif schedule == "plateau":
+        wait = max(1, patience // 2)
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor, mode="max", factor=0.5, patience=wait, min_lr=1e-5))
+    else:
+        raise ValueError(f"schedule must be 'plateau' or 'time-cosine'; received {schedule!r}")
+    callbacks += [
         BestWeightsCheckpoint(best_path, monitor),
         keras.callbacks.EarlyStopping(monitor, mode="max", patience=patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor, mode="max", factor=0.5, patience=max(1, patience // 2), min_lr=1e-5),
         csv_logger,
         StopOnNaN(),
     ]
@@ -276,6 +384,10 @@ def fit(
     return pd.read_csv(history_path)
 
 
+def learning_rate_of(model):
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
 def export_model(model, run_dir):
     """Write `model.h5` and `model.keras` atomically; return the `.h5` path."""
     run_dir = Path(run_dir)
@@ -285,12 +397,14 @@ def export_model(model, run_dir):
 
 
 # ----------------------------------------------------------------------------- whole runs
-def build_model(kind, image_size, encoder_weights=None, base_filters=16, backbone="light"):
+def build_model(kind, image_size, encoder_weights=None, base_filters=16, backbone="light", attention=False):
     input_shape = (image_size, image_size, 3)
+    if attention and kind != "resnet50-unet":
+        raise ValueError(f"attention gates are an option of resnet50-unet, not of {kind}")
     if kind == "unet":
         return models.build_unet(input_shape, base_filters=base_filters)
     if kind == "resnet50-unet":
-        return models.build_resnet50_unet(input_shape, encoder_weights=encoder_weights)
+        return models.build_resnet50_unet(input_shape, encoder_weights=encoder_weights, attention=attention)
     if kind == "classifier":
         return models.build_classifier(input_shape, backbone=backbone, encoder_weights=encoder_weights)
     raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")
@@ -336,11 +450,12 @@ def write_config(run_dir, config, slices=None):
     save_json(config, Path(run_dir) / "config.json")
 
 
-def make_datasets(slices, task, image_size=128, batch_size=16, seed=0, tumor_fraction=None):
+def make_datasets(slices, task, image_size=128, batch_size=16, seed=0, tumor_fraction=None, start_epoch=0):
     """Decode the train and val slices into memory and wrap them in `tf.data` pipelines.
 
-    Returns `(train_data, steps_per_epoch, val_data)`; training data is shuffled, augmented and,
-    with `tumor_fraction`, oversamples tumor slices.
+    Returns `(train_data, steps_per_epoch, val_data)`; training data is an endless stream of
+    shuffled, augmented epochs from `start_epoch` on (pass `steps_per_epoch` to `fit`) and, with
+    `tumor_fraction`, oversamples tumor slices.
     """
     train_rows, val_rows = slices[slices.split == "train"], slices[slices.split == "val"]
     started = time.perf_counter()
@@ -363,9 +478,17 @@ def make_datasets(slices, task, image_size=128, batch_size=16, seed=0, tumor_fra
         seed=seed,
         tumor_fraction=tumor_fraction,
         has_tumor=train_rows["has_tumor"].to_numpy(),
+        start_epoch=start_epoch,
     )
     val_data, _ = data.make_dataset(val_images, val_targets, batch_size)
     return train_data, steps, val_data
+
+
+def validation_cases(slices, image_size):
+    """`(images, masks, case_ids)` of the validation slices at `image_size`, for `CaseDiceValidation`."""
+    rows = slices[slices.split == "val"]
+    images, masks = data.load_arrays(rows, image_size)
+    return images, masks, rows["case_id"].to_numpy()
 
 
 def train_run(
@@ -380,16 +503,21 @@ def train_run(
     encoder_weights=None,
     base_filters=16,
     backbone="light",
+    attention=False,
     learning_rate=1e-3,
     patience=10,
     tumor_fraction=None,
     max_minutes=None,
     split="patient",
+    schedule="plateau",
+    snapshot_minutes=(),
+    jit_compile=True,
     overwrite=False,
     resume=False,
     verbose=1,
 ):
-    """Train one model end to end: data, split, fit, export, curves, test evaluation.
+    """Train one model end to end: data, split, fit, export, curves, post-processing chosen on
+    the validation cases (segmenters), test evaluation.
 
     Returns the run folder. This is what `python -m lgg train` runs; the notebooks call the
     same steps one by one.
@@ -401,11 +529,20 @@ def train_run(
     slices = prepare_split(data_dir, run_dir, max_cases=max_cases, split=split, seed=seed)
     write_config(run_dir, config, slices)
 
-    train_data, steps, val_data = make_datasets(slices, task, image_size, batch_size, seed, tumor_fraction)
-    model = compile_model(build_model(kind, image_size, encoder_weights, base_filters, backbone), task, learning_rate)
-    history = fit(model, train_data, val_data, run_dir, epochs, steps, task, patience, max_minutes, resume, verbose)
+    start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
+    train_data, steps, val_data = make_datasets(slices, task, image_size, batch_size, seed, tumor_fraction, start_epoch)
+    model = build_model(kind, image_size, encoder_weights, base_filters, backbone, attention)
+    model = compile_model(model, task, learning_rate, jit_compile=jit_compile)
+    val_cases = validation_cases(slices, image_size) if task == "segmentation" else None
+    history = fit(
+        model, train_data, val_data, run_dir, epochs, steps, task, patience, max_minutes, resume, verbose,
+        val_cases=val_cases, schedule=schedule, snapshot_minutes=snapshot_minutes,
+    )  # fmt: skip
     export_model(model, run_dir)
     plots.plot_history(history, task, save_path=run_dir / "curves.png")
-    evaluate_run(model, slices, run_dir, split_name="test")
+    settings = tune_postprocessing(model, slices, run_dir) if task == "segmentation" else None
+    evaluate_run(model, slices, run_dir, split_name="test", postprocessing=settings)
+    if snapshot_minutes and task == "segmentation":
+        print(evaluate_snapshots(run_dir, data_dir).to_string(index=False))
     plt.close("all")
     return run_dir

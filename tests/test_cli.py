@@ -40,7 +40,17 @@ def run_dir(real_data, tmp_path_factory):
         8,
         "--base-filters",
         8,
+        "--snapshot-minutes",
+        0,
     )
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(real_data, run_dir):
+    out = run_dir.parent / "classifier"
+    lgg("train", "classifier", "--data", real_data, "--out", out, "--epochs", 1, "--image-size", 64,
+        "--max-cases", 6, "--batch-size", 8)  # fmt: skip
     return out
 
 
@@ -58,12 +68,25 @@ def test_train_writes_the_whole_run_folder(run_dir):
         "test_summary.json",
         "test_case_dice.png",
         "test_overlays.png",
+        "postprocess.json",
+        "val_postprocessing.csv",
+        "test_postprocessing.csv",
+        "snapshots/after-0min.weights.h5",
+        "snapshots/curve.csv",
     ):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["seed"] == 0 and config["environment"]["keras"]
     history = pd.read_csv(run_dir / "history.csv")
-    assert {"loss", "val_dice_coefficient", "val_jaccard_index", "elapsed_s"} <= set(history.columns)
+    assert {"loss", "val_dice_coefficient", "val_case_dice", "elapsed_s"} <= set(history.columns)
+    summary = json.loads((run_dir / "test_summary.json").read_text())
+    assert summary["postprocessing"] == json.loads((run_dir / "postprocess.json").read_text())
+    assert set(summary["raw"]) == set(metrics.SEGMENTATION_SUMMARY_KEYS)
+    steps = pd.read_csv(run_dir / "test_postprocessing.csv")
+    assert steps["step"].iloc[0] == "raw, threshold 0.5" and steps["step"].iloc[-1] == "chosen on validation"
+    assert steps["case_dice_mean"].iloc[-1] == pytest.approx(summary["case_dice_mean"])
+    curve = pd.read_csv(run_dir / "snapshots" / "curve.csv")
+    assert list(curve["minutes"]) == [0] and curve["epoch"].iloc[0] == 1
     split = pd.read_csv(run_dir / "split.csv")
     assert split.groupby("case_id")["split"].nunique().max() == 1 and set(split.split) == {"train", "val", "test"}
 
@@ -78,13 +101,18 @@ def test_evaluate_prints_per_case_dice(run_dir, real_data, tmp_path):
     first = json.loads((run_dir / "test_summary.json").read_text())
     assert again["case_dice_mean"] == pytest.approx(first["case_dice_mean"], abs=1e-6)
     assert 0 <= first["case_dice_mean"] <= 1
+    tuned = tmp_path / "tuned"
+    lgg("evaluate", "--model", run_dir / "model.h5", "--data", real_data, "--out", tuned, "--tune-postprocessing")
+    chosen = json.loads((tuned / "postprocess.json").read_text())
+    assert json.loads((tuned / "test_summary.json").read_text())["postprocessing"] == chosen
+    assert (tuned / "val_postprocessing.csv").is_file()
 
 
 @pytest.mark.slow
 def test_predicted_masks_score_like_evaluate(run_dir, real_data, tmp_path):
     per_case = pd.read_csv(run_dir / "test_cases.csv")
     case_id = per_case.case_id.iloc[0]
-    lgg("predict", "--model", run_dir / "model.h5", "--out", tmp_path, real_data / case_id)
+    lgg("predict", "--model", run_dir / "model.h5", "--out", tmp_path, real_data / case_id, "--pixel-spacing-mm", 0.5)
     slices = data.find_slices(real_data, max_cases=6)
     slices = slices[slices.case_id == case_id]
     predicted = np.stack([data.read_mask(tmp_path / case_id / f"{case_id}_{i}_mask.tif") for i in slices.slice_index])
@@ -92,6 +120,32 @@ def test_predicted_masks_score_like_evaluate(run_dir, real_data, tmp_path):
     assert metrics.dice_score(truth, predicted) == pytest.approx(per_case.case_dice.iloc[0], abs=1e-9)
     row = pd.read_csv(tmp_path / "cases.csv").iloc[0]
     assert row.case_id == case_id and row.slices == len(slices) and row.tumor_area_px_total == predicted.sum()
+    assert row.tumor_area_mm2_total == pytest.approx(0.25 * predicted.sum())
+    with_tumor = [i for i, mask in zip(slices.slice_index, predicted) if mask.any()]
+    overlays = sorted(path.name for path in (tmp_path / case_id).glob("*_overlay.png"))
+    assert overlays == sorted(f"{case_id}_{i}_overlay.png" for i in with_tumor)
+    assert (tmp_path / case_id / f"{case_id}_montage.png").is_file() == bool(with_tumor)
+    assert not list(tmp_path.rglob(".partial-*"))
+
+
+@pytest.mark.slow
+def test_two_stage_pipeline_is_scored_and_used_by_predict(run_dir, classifier_dir, real_data, tmp_path):
+    lgg("evaluate", "--model", run_dir / "model.h5", "--classifier", classifier_dir / "model.h5", "--data", real_data,
+        "--out", tmp_path)  # fmt: skip
+    summary = json.loads((tmp_path / "two_stage.json").read_text())
+    alone = json.loads((run_dir / "test_summary.json").read_text())
+    assert summary["segmenter_alone"]["case_dice_mean"] == pytest.approx(alone["case_dice_mean"], abs=1e-9)
+    assert summary["two_stage"]["tumor_free_false_positive_rate"] <= alone["tumor_free_false_positive_rate"]
+    table = pd.read_csv(tmp_path / "two_stage_test.csv")
+    assert len(table) == 11 and summary["gate_threshold"] in set(table["gate_threshold"])
+    case_id = pd.read_csv(run_dir / "test_cases.csv").case_id.iloc[0]
+    out = tmp_path / "gated"
+    lgg("predict", "--model", run_dir / "model.h5", "--classifier", classifier_dir / "model.h5", "--gate-threshold",
+        1.01, "--out", out, real_data / case_id)  # fmt: skip
+    assert pd.read_csv(out / "cases.csv").tumor_area_px_total.iloc[0] == 0  # nothing passes a gate above 1
+    wrong = lgg("predict", "--model", run_dir / "model.h5", "--classifier", run_dir / "model.h5", "--out", out,
+                real_data / case_id, check=False)  # fmt: skip
+    assert wrong.returncode == 2 and "needs a classifier" in wrong.stderr
 
 
 @pytest.mark.slow
@@ -152,9 +206,19 @@ def test_killed_training_resumes_from_its_last_epoch(real_data, tmp_path):
     assert json.loads(state.read_text())["epoch"] in (0, 1), "the run should have been killed in its 2nd or 3rd epoch"
     assert not (out / "model.h5").exists()
     lgg(*command[3:], "--resume")  # the same command, continued
-    epochs = pd.read_csv(history)["epoch"].tolist()
-    assert epochs == [0, 1, 2]  # continued at epoch 1, not restarted
+    resumed = pd.read_csv(history)
+    assert resumed["epoch"].tolist() == [0, 1, 2]  # continued at epoch 1, not restarted
     assert (out / "model.h5").is_file()
+
+    # and it ends where the same run, never interrupted, ends (CPU kernels: within 1e-4, as README says)
+    straight = tmp_path / "straight"
+    lgg(*[str(straight) if part == str(out) else part for part in command[3:]])
+    uninterrupted = pd.read_csv(straight / "history.csv")
+    columns = ["loss", "dice_coefficient", "val_loss", "val_dice_coefficient", "val_case_dice"]
+    pd.testing.assert_frame_equal(resumed[columns], uninterrupted[columns], atol=1e-4, rtol=1e-3)
+    first = json.loads((out / "test_summary.json").read_text())
+    second = json.loads((straight / "test_summary.json").read_text())
+    assert first["batch_dice_smooth1"] == pytest.approx(second["batch_dice_smooth1"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -39,7 +39,8 @@ def test_h5_loads_in_a_fresh_process_without_the_package(trained_unet, tmp_path)
         assert not any(name == "lgg" or name.startswith("lgg.") for name in sys.modules), "lgg was imported"
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(images, verbose=0), atol=1e-6)
+    # 1e-5: the model in memory predicts through XLA, which rounds differently (the .h5 axis bug gave 0.99)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(images, verbose=0), atol=1e-5)
 
 
 @pytest.mark.parametrize("file_name", ["model.h5", "model.keras"])
@@ -47,7 +48,7 @@ def test_loads_with_loss_and_metrics_when_the_package_is_imported(trained_unet, 
     model, images, run_dir = trained_unet
     loaded = evaluate.load_model(run_dir / file_name)
     assert isinstance(loaded.loss, losses.BCEDiceLoss)
-    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
     results = loaded.evaluate(images, (images[..., :1] > 128).astype("float32"), verbose=0, return_dict=True)
     assert {"loss", "dice_coefficient", "jaccard_index"} <= set(results)
 

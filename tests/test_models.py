@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from lgg import models
+from lgg import files, models
 
 
 def _raw_slices(size, count=2):
@@ -94,3 +94,17 @@ def test_classifier_outputs_one_probability_per_slice(backbone):
 def test_classifier_rejects_unknown_backbone():
     with pytest.raises(ValueError, match="received 'vgg'"):
         models.build_classifier(backbone="vgg")
+
+
+def test_attention_gates_weight_every_skip_and_survive_h5(tmp_path):
+    model = models.build_resnet50_unet((64, 64, 3), encoder_weights=None, attention=True)
+    assert model.name == "resnet50_attention_unet" and model.output_shape == (None, 64, 64, 1)
+    gates = [layer.name for layer in model.layers if layer.name.endswith("_gated")]
+    assert sorted(gates) == ["att2_gated", "att3_gated", "att4_gated"]  # one per skip connection
+    coefficients = keras.Model(model.input, model.get_layer("att2_coefficients").output)
+    values = coefficients.predict(_raw_slices(64), verbose=0)
+    assert values.shape == (2, 16, 16, 1) and 0 <= values.min() and values.max() <= 1
+    files.save_model(model, tmp_path / "attention.h5")
+    reloaded = keras.models.load_model(tmp_path / "attention.h5", compile=False)
+    x = _raw_slices(64)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)

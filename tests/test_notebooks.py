@@ -38,10 +38,19 @@ SEGMENTATION_METRICS = (
 )
 CLASSIFICATION_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 COMMON_FILES = ("model.h5", "model.keras", "curves.png", "examples.png", "history.csv", "split.csv", "config.json")
+SEGMENTATION_FILES = (
+    "test_cases.csv",
+    "test_case_dice.png",
+    "test_overlays.png",
+    "test_summary.json",
+    "postprocess.json",
+    "val_postprocessing.csv",
+    "test_postprocessing.csv",
+    "predict/cases.csv",
+)
 EXPECTED_FILES = {
-    "U_Net": COMMON_FILES + ("test_cases.csv", "test_case_dice.png", "test_overlays.png", "test_summary.json"),
-    "ResNet50_plus_UNet": COMMON_FILES
-    + ("test_cases.csv", "test_case_dice.png", "test_overlays.png", "test_summary.json"),
+    "U_Net": COMMON_FILES + SEGMENTATION_FILES,
+    "ResNet50_plus_UNet": COMMON_FILES + SEGMENTATION_FILES,
     "Classification": COMMON_FILES
     + ("test_slices.csv", "test_roc_confusion.png", "test_summary.json", "test_comparison.csv"),
 }

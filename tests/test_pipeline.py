@@ -17,9 +17,15 @@ def arrays(real_data):
 
 def test_segmentation_batches(arrays):
     slices, images, masks = arrays
-    dataset, steps = data.make_dataset(images, masks, batch_size=8, training=True, seed=1)
-    batches = list(dataset)
-    assert len(batches) == steps == int(np.ceil(len(images) / 8))
+    dataset, steps = data.make_dataset(images, masks, batch_size=8, training=True, seed=1, augment=False)
+    assert steps == int(np.ceil(len(images) / 8))
+    batches = list(dataset.take(2 * steps))
+    first_epoch = np.concatenate([x.numpy() for x, _ in batches[:steps]])
+    # each slice exactly once per epoch, in a new order each epoch
+    order = [int(np.flatnonzero((images == slice_).all(axis=(1, 2, 3)))[0]) for slice_ in first_epoch]
+    assert sorted(order) == list(range(len(images)))
+    second_epoch = np.concatenate([x.numpy() for x, _ in batches[steps:]])
+    assert not np.array_equal(first_epoch, second_epoch)
     x, y = batches[0]
     assert x.shape == (8, 128, 128, 3) and y.shape == (8, 128, 128, 1)
     assert set(np.unique(y.numpy())) <= {0.0, 1.0}
@@ -42,10 +48,10 @@ def test_augmentation_moves_image_and_mask_together():
 def test_oversampling_reaches_the_requested_tumor_share(arrays):
     slices, images, masks = arrays
     has_tumor = slices.has_tumor.to_numpy()
-    dataset, _ = data.make_dataset(
+    dataset, steps = data.make_dataset(
         images, masks, batch_size=16, training=True, tumor_fraction=0.5, has_tumor=has_tumor, augment=False
     )
-    drawn = np.concatenate([(y.numpy().reshape(len(y), -1).max(axis=1) > 0) for _, y in dataset.repeat(8)])
+    drawn = np.concatenate([(y.numpy().reshape(len(y), -1).max(axis=1) > 0) for _, y in dataset.take(8 * steps)])
     assert has_tumor.mean() < 0.45
     assert drawn.mean() == pytest.approx(0.5, abs=0.08)
 
@@ -60,9 +66,26 @@ def test_pipeline_is_far_faster_than_a_training_step(arrays):
     # a 16-filter U-Net trains at about 12 slices/s at 128x128 on a 2-core CPU; the pipeline must
     # stay several times faster even on a loaded machine (unloaded it gives over 1000 slices/s)
     _, images, masks = arrays
-    dataset, _ = data.make_dataset(images, masks, batch_size=16, training=True)
+    dataset, steps = data.make_dataset(images, masks, batch_size=16, training=True)
     list(dataset.take(2))
     start = time.perf_counter()
-    count = sum(len(x) for x, _ in dataset.repeat(3))
+    count = sum(len(x) for x, _ in dataset.take(3 * steps))
     rate = count / (time.perf_counter() - start)
     assert rate > 60, f"input pipeline gives only {rate:.0f} slices/s"
+
+
+@pytest.mark.parametrize("tumor_fraction", [None, 0.5])
+def test_a_resumed_stream_repeats_the_same_epochs(arrays, tumor_fraction):
+    # what makes a resumed run equal an uninterrupted one: epoch e's batches (order, oversampling,
+    # augmentation) depend only on (seed, e), not on how many epochs this process has seen
+    slices, images, masks = arrays
+    options = {"batch_size": 16, "training": True, "seed": 5, "tumor_fraction": tumor_fraction}
+    options["has_tumor"] = slices.has_tumor.to_numpy()
+    full, steps = data.make_dataset(images, masks, **options)
+    resumed, _ = data.make_dataset(images, masks, start_epoch=2, **options)
+    expected = list(full.skip(2 * steps).take(steps))
+    for (x, y), (x_expected, y_expected) in zip(resumed.take(steps), expected):
+        np.testing.assert_array_equal(x.numpy(), x_expected.numpy())
+        np.testing.assert_array_equal(y.numpy(), y_expected.numpy())
+    first = next(iter(full))[0].numpy()
+    assert not np.array_equal(first, expected[0][0].numpy())  # epochs differ

@@ -1,0 +1,222 @@
+"""Compare the segmentation architectures on a GPU, where each can be trained far enough to compare.
+
+On our 2-core CPU a ResNet50 U-Net gets 2 epochs in 20 minutes (3 slices/s), which compares
+nothing. This script trains the U-Net, the ResNet50 U-Net and the ResNet50 U-Net with attention
+gates (Oktay et al. 2018) under the same time budget each, on the same patient split and cases,
+with Keras on the PyTorch backend (the GPU machine lent to this project has PyTorch, not
+TensorFlow), and scores them exactly as `make results` does: per-case Dice at 256x256 on the test
+cases, post-processing chosen on the validation cases. No ImageNet weights (offline): every
+encoder starts from random weights.
+
+    # here (reads the .tif files; needs the project's requirements):
+    python benchmarks/gpu_architectures.py prepare --data data --out .gpu/arrays.npz
+    # on the GPU machine (needs keras, namex, optree as wheels; see the closing note of issue 5):
+    KERAS_BACKEND=torch python benchmarks/gpu_architectures.py run --arrays .gpu/arrays.npz --out OUT
+
+Writes `OUT/gpu_architectures.json` (one entry per model) and `OUT/<model>_history.csv`.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SPLITS = ("train", "val", "test")
+MODELS = ("unet", "resnet50-unet", "resnet50-attention-unet")
+
+
+def prepare(data_dir, out, image_size=128):
+    """Decode the patient split into one compressed `.npz`: images and masks at `image_size` for
+    training, and the native 256x256 masks of the val/test cases for scoring."""
+    from lgg import data, train
+
+    slices = train.split_table(data.find_slices(data_dir))
+    arrays = {"image_size": np.array(image_size)}
+    for split in SPLITS:
+        rows = slices[slices.split == split]
+        images, masks = data.load_arrays(rows, image_size)
+        arrays[f"{split}_images"], arrays[f"{split}_masks"] = images, masks
+        arrays[f"{split}_case_ids"] = rows["case_id"].to_numpy().astype(str)
+        arrays[f"{split}_has_tumor"] = rows["has_tumor"].to_numpy()
+        if split != "train":
+            native = np.stack([data.read_mask(path) for path in rows["mask_path"]])
+            arrays[f"{split}_native_masks"] = np.packbits(native.astype(bool), axis=-1)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
+    print(f"wrote {out}: {Path(out).stat().st_size / 1e6:.1f} MB", {s: len(arrays[f"{s}_images"]) for s in SPLITS})
+
+
+def _augment(images, masks, rng, rotation_degrees=10.0, shift_fraction=0.05, zoom_fraction=0.05):
+    """The training augmentation of `lgg.data.AUGMENTATION` in numpy/OpenCV: one random affine
+    (rotation, zoom, shift, horizontal flip) per slice, the same for its mask."""
+    import cv2
+
+    size = images.shape[1]
+    out_images, out_masks = np.empty_like(images), np.empty_like(masks)
+    for index in range(len(images)):
+        angle = rng.uniform(-rotation_degrees, rotation_degrees)
+        zoom = 1 + rng.uniform(-zoom_fraction, zoom_fraction)
+        matrix = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, zoom)
+        matrix[:, 2] += rng.uniform(-shift_fraction, shift_fraction, 2) * size
+        image, mask = images[index], masks[index, ..., 0]
+        if rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        out_images[index] = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR)
+        out_masks[index, ..., 0] = cv2.warpAffine(
+            np.ascontiguousarray(mask), matrix, (size, size), flags=cv2.INTER_NEAREST
+        )
+    return out_images, out_masks
+
+
+def _batches(arrays, batch_size, tumor_fraction, seed):
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        """Epochs of `len(train)` slices, tumor slices drawn with probability `tumor_fraction`."""
+
+        def __init__(self):
+            super().__init__(workers=8, use_multiprocessing=False)
+            self.images, self.masks = arrays["train_images"], arrays["train_masks"]
+            has_tumor = arrays["train_has_tumor"].astype(bool)
+            self.pools = np.flatnonzero(has_tumor), np.flatnonzero(~has_tumor)
+            self.epoch = 0
+            self.on_epoch_end()
+
+        def on_epoch_end(self):
+            rng = np.random.default_rng([seed, self.epoch])
+            tumor = rng.random(len(self.images)) < tumor_fraction
+            self.order = np.where(tumor, rng.choice(self.pools[0], len(tumor)), rng.choice(self.pools[1], len(tumor)))
+            self.epoch += 1
+
+        def __len__(self):
+            return int(np.ceil(len(self.order) / batch_size))
+
+        def __getitem__(self, index):
+            picks = self.order[index * batch_size : (index + 1) * batch_size]
+            rng = np.random.default_rng([seed, self.epoch, index])
+            images, masks = _augment(self.images[picks], self.masks[picks], rng)
+            return images.astype(np.float32), masks.astype(np.float32)
+
+    return Batches()
+
+
+def _probabilities(model, images, native_size=256):
+    """Plain and flip-TTA probabilities, resized to the native size as `lgg.inference` does."""
+    import cv2
+
+    images = images.astype(np.float32)
+    plain = model.predict(images, batch_size=64, verbose=0)[..., 0]
+    mirrored = model.predict(images[:, :, ::-1], batch_size=64, verbose=0)[..., 0][:, :, ::-1]
+
+    def resize(stack):
+        return np.stack([cv2.resize(p, (native_size, native_size), interpolation=cv2.INTER_LINEAR) for p in stack])
+
+    return resize(plain), resize((plain + mirrored) / 2)
+
+
+def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor_fraction=0.5, seed=0):
+    import keras
+    import pandas as pd
+
+    from lgg import metrics, models, postprocess, train
+
+    keras.utils.set_random_seed(seed)
+    size = int(arrays["image_size"])
+    if kind == "unet":
+        model = models.build_unet((size, size, 3), base_filters=16)
+    else:
+        model = models.build_resnet50_unet((size, size, 3), encoder_weights=None, attention="attention" in kind)
+    model = train.compile_model(model, "segmentation", learning_rate, jit_compile=False)
+    timer = train.ElapsedTime(minutes)
+    best = Path(out) / f".{kind}.weights.h5"
+    val_cases = (arrays["val_images"], arrays["val_masks"], arrays["val_case_ids"])
+    callbacks = [
+        timer,
+        train.CaseDiceValidation(*val_cases, batch_size=64),
+        train.TimeCosineSchedule(timer, learning_rate),
+        train.BestWeightsCheckpoint(best, "val_case_dice"),
+    ]
+    started = time.perf_counter()
+    history = model.fit(
+        _batches(arrays, batch_size, tumor_fraction, seed), epochs=10_000, callbacks=callbacks, verbose=2
+    )
+    seconds = time.perf_counter() - started
+    model.load_weights(best)
+    best.unlink()
+    history = pd.DataFrame(history.history).rename_axis("epoch").reset_index()
+    history.to_csv(Path(out) / f"{kind}_history.csv", index=False)
+
+    scored = {}
+    for split in ("val", "test"):
+        rows = pd.DataFrame({"case_id": arrays[f"{split}_case_ids"]})
+        truth = np.unpackbits(arrays[f"{split}_native_masks"], axis=-1).astype(bool)
+        scored[split] = (rows, truth, *_probabilities(model, arrays[f"{split}_images"]))
+    chosen = postprocess.choose(postprocess.score_settings(*scored["val"]))
+    steps = postprocess.ablation(*scored["test"], chosen)
+    rows, truth, plain, tta = scored["test"]
+    source = tta if chosen["hflip_tta"] else plain
+    predicted = postprocess.masks_from_probabilities(source, rows["case_id"], chosen)
+    per_case, summary = metrics.segmentation_report(rows, truth, source, predicted=predicted)
+    _, raw = metrics.segmentation_report(rows, truth, plain, 0.5)
+    trained_slices = int(history.shape[0]) * len(arrays["train_images"])
+    return {
+        "model": kind,
+        "parameters": int(model.count_params()),
+        "encoder_weights": None,
+        "epochs": int(history.shape[0]),
+        "best_epoch": int(history["val_case_dice"].idxmax()) + 1,
+        "training_seconds": round(seconds, 1),
+        "training_slices_per_s": round(trained_slices / seconds, 1),
+        "postprocessing": chosen,
+        "test": {key: summary[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS} | {"cases": summary["cases"]},
+        "test_raw": {key: raw[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS},
+        "test_steps": steps.to_dict("records"),
+        "test_per_case": per_case[["case_id", "case_dice"]].to_dict("records"),
+    }
+
+
+def run(arrays_path, out, minutes, models_to_run):
+    import keras
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = dict(np.load(arrays_path))
+    device = "cpu"
+    if keras.backend.backend() == "torch":
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}, {device}")
+    results = {"device": device, "keras": keras.__version__, "backend": keras.backend.backend(),
+               "minutes_per_model": minutes, "models": []}  # fmt: skip
+    for kind in models_to_run:
+        results["models"].append(run_one(kind, arrays, out, minutes))
+        print(json.dumps({k: v for k, v in results["models"][-1].items() if not k.startswith("test_")}, indent=1))
+        (out / "gpu_architectures.json").write_text(json.dumps(results, indent=1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare")
+    prep.add_argument("--data", default="data")
+    prep.add_argument("--out", default=".gpu/arrays.npz")
+    go = commands.add_parser("run")
+    go.add_argument("--arrays", default=".gpu/arrays.npz")
+    go.add_argument("--out", required=True)
+    go.add_argument("--minutes", type=float, default=2.5, help="training time per model")
+    go.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.data, args.out)
+    else:
+        run(args.arrays, args.out, args.minutes, args.models.split(","))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""From tumor probabilities to masks: threshold, small components, largest 3-D component, flip TTA.
+
+Every step is optional and chosen on the validation cases (`tune`), never on the test cases.
+The chosen settings travel with the model as `postprocess.json` next to it, and `evaluate` and
+`predict` apply them. `largest_3d` keeps, per case, the largest connected tumor region of the
+whole volume (26-connectivity across slices), as Buda et al. 2019 did.
+"""
+
+import itertools
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from lgg import metrics
+from lgg.files import save_json
+
+RAW = {"threshold": 0.5, "min_component_px": 0, "largest_3d": False, "hflip_tta": False}
+FILENAME = "postprocess.json"
+
+# what `tune` tries (pixels are at the native 256x256)
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
+MIN_COMPONENT_PX = (0, 50, 150)
+
+
+def remove_small_components(masks, min_pixels):
+    """Drop 8-connected regions smaller than `min_pixels` from each 2-D mask `(N, H, W)`."""
+    masks = np.asarray(masks, bool)
+    if min_pixels <= 0:
+        return masks
+    kept = np.zeros_like(masks)
+    for index, mask in enumerate(masks):
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        large = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_pixels)
+        large = large[large != 0]  # label 0 is background
+        kept[index] = np.isin(labels, large)
+    return kept
+
+
+def largest_component_3d(volume):
+    """Keep the largest 26-connected region of one case's mask volume `(slices, H, W)`."""
+    volume = np.asarray(volume, bool)
+    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return volume
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def masks_from_probabilities(probabilities, case_ids, settings=None):
+    """Binary masks `(N, H, W)` from probabilities, with `settings` like `RAW` (slices of a case
+    must be in slice order for `largest_3d` to mean anything)."""
+    settings = {**RAW, **(settings or {})}
+    masks = np.asarray(probabilities) >= settings["threshold"]
+    masks = remove_small_components(masks, settings["min_component_px"])
+    if settings["largest_3d"]:
+        case_ids = np.asarray(case_ids)
+        for case_id in pd.unique(case_ids):
+            rows = case_ids == case_id
+            masks[rows] = largest_component_3d(masks[rows])
+    return masks
+
+
+def candidates():
+    """Every combination `tune` scores: thresholds x minimum component sizes x largest 3-D x TTA."""
+    grid = itertools.product(THRESHOLDS, MIN_COMPONENT_PX, (False, True), (False, True))
+    for threshold, min_px, largest, tta in grid:
+        yield {"threshold": threshold, "min_component_px": min_px, "largest_3d": largest, "hflip_tta": tta}
+
+
+def score_settings(slices, true_masks, probabilities, probabilities_tta=None):
+    """Summary metrics of every candidate setting, one row each (TTA rows need `probabilities_tta`)."""
+    rows = []
+    for settings in candidates():
+        if settings["hflip_tta"] and probabilities_tta is None:
+            continue
+        source = probabilities_tta if settings["hflip_tta"] else probabilities
+        predicted = masks_from_probabilities(source, slices["case_id"], settings)
+        _, summary = metrics.segmentation_report(slices, true_masks, source, predicted=predicted)
+        rows.append({**settings, **{k: summary[k] for k in metrics.SEGMENTATION_SUMMARY_KEYS}})
+    return pd.DataFrame(rows)
+
+
+def choose(table, tolerance=0.001):
+    """The setting with the best mean case Dice. Settings within `tolerance` of the best count as
+    ties, and a tie goes to the simplest: fewest steps switched on, then the threshold nearest 0.5;
+    so a step is kept only where it helps on the validation cases."""
+    steps = (table["min_component_px"] > 0).astype(int) + table[["largest_3d", "hflip_tta"]].astype(int).sum(axis=1)
+    ranked = table.assign(
+        _tied=table["case_dice_mean"] >= table["case_dice_mean"].max() - tolerance,
+        _steps=steps,
+        _distance=(table["threshold"] - RAW["threshold"]).abs(),
+        _dice=-table["case_dice_mean"],
+    ).sort_values(["_tied", "_steps", "_distance", "_dice"], ascending=[False, True, True, True])
+    row = ranked.iloc[0]
+    return {key: _plain(row[key]) for key in RAW}
+
+
+def ablation(slices, true_masks, probabilities, probabilities_tta, chosen):
+    """Effect of each step alone, from raw (threshold 0.5) to the chosen setting."""
+    steps = [("raw, threshold 0.5", dict(RAW))]
+
+    def then(name, **change):
+        steps.append((name, {**steps[-1][1], **change}))
+
+    then(f"threshold {chosen['threshold']}", threshold=chosen["threshold"])
+    if chosen["min_component_px"]:
+        then(f"+ drop components < {chosen['min_component_px']} px", min_component_px=chosen["min_component_px"])
+    then("+ largest 3-D component", largest_3d=True)
+    if probabilities_tta is not None:
+        then("+ horizontal-flip TTA", hflip_tta=True)
+    steps.append(("chosen on validation", chosen))
+    rows = []
+    for name, settings in steps:
+        source = probabilities_tta if settings["hflip_tta"] else probabilities
+        predicted = masks_from_probabilities(source, slices["case_id"], settings)
+        _, summary = metrics.segmentation_report(slices, true_masks, source, predicted=predicted)
+        rows.append({"step": name, **settings, **{k: summary[k] for k in metrics.SEGMENTATION_SUMMARY_KEYS}})
+    return pd.DataFrame(rows)
+
+
+def save(settings, run_dir):
+    save_json({key: _plain(settings[key]) for key in RAW}, Path(run_dir) / FILENAME)
+
+
+def load(model_path):
+    """The `postprocess.json` next to a model file, or `RAW` when there is none."""
+    path = Path(model_path).parent / FILENAME
+    if not path.is_file():
+        return dict(RAW)
+    try:
+        settings = json.loads(path.read_text())
+        unknown = set(settings) - set(RAW)
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        return {**RAW, **settings}
+    except ValueError as error:
+        raise ValueError(f"{path} is not a valid post-processing file: {error}") from None
+
+
+def describe(settings):
+    parts = [f"threshold {settings['threshold']}"]
+    if settings["min_component_px"]:
+        parts.append(f"components < {settings['min_component_px']} px dropped")
+    if settings["largest_3d"]:
+        parts.append("largest 3-D component per case")
+    if settings["hflip_tta"]:
+        parts.append("horizontal-flip TTA")
+    return ", ".join(parts)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value

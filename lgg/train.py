@@ -270,7 +270,7 @@ def compile_model(model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1
     """Adam with BCE + Dice and batch Dice / Jaccard (segmentation), or BCE with accuracy and AUC.
 
     `jit_compile=True` compiles the training step with XLA, which Keras leaves off on CPU-only
-    machines by default; on our 2-core CPU it trains the U-Net about 1.2-2x faster (see README).
+    machines by default; on our 2-core CPU it trains the U-Net about 1.1x faster (`make bench`).
     """
     optimizer = keras.optimizers.Adam(learning_rate)
     if task == "segmentation":

@@ -83,3 +83,40 @@ def test_corrupt_data_csv(tmp_path, content):
         assert "data.csv" in str(error)
     else:
         assert "patient_id" in clinical.columns
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tmp_path_factory):
+    from lgg import files, models
+
+    path = tmp_path_factory.mktemp("model") / "model.h5"
+    files.save_model(models.build_unet((32, 32, 3), base_filters=2, depth=1), path)
+    return path
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    content=st.binary(max_size=4096)
+    | st.floats(0.0, 0.99).map(lambda fraction: ("cut", fraction))
+    | st.sampled_from([((256, 256), "uint8"), ((256, 256, 3), "uint16"), ((64, 64, 3), "uint8"), ((1, 1, 3), "uint8")])
+)
+def test_predict_on_hostile_slices_names_the_file(real_data, tiny_segmenter, tmp_path, content):
+    # `predict` on a case folder holding one good slice and one hostile one: a DatasetError naming
+    # the hostile file, nothing written for the case
+    from lgg.predict import predict_paths
+
+    case = tmp_path / "in" / "TCGA_XX_0002_20000101"
+    case.mkdir(parents=True, exist_ok=True)
+    (case / "TCGA_XX_0002_20000101_1.tif").write_bytes(_a_real_slice().read_bytes())
+    hostile = case / "TCGA_XX_0002_20000101_2.tif"
+    if isinstance(content, bytes):
+        hostile.write_bytes(content)
+    elif content[0] == "cut":
+        original = _a_real_slice().read_bytes()
+        hostile.write_bytes(original[: int(len(original) * content[1])])
+    else:
+        tifffile.imwrite(hostile, np.zeros(*content))
+    out = tmp_path / "out"
+    with pytest.raises(data.DatasetError, match="TCGA_XX_0002_20000101_2.tif"):
+        predict_paths(tiny_segmenter, [case], out)
+    assert not (out / "TCGA_XX_0002_20000101").exists()

@@ -12,6 +12,16 @@ from lgg.files import save_csv, save_json
 from lgg.inference import model_task, predict_probabilities, predict_with_mirror
 
 
+def segment(model, images, case_ids, settings):
+    """`(probabilities, masks)` of a segmenter on uint8 slices, with the post-processing `settings`
+    (flip TTA only when they ask for it). What `predict` and the two-stage pipeline run."""
+    if settings["hflip_tta"]:
+        probabilities = predict_with_mirror(model, images)[1]
+    else:
+        probabilities = predict_probabilities(model, images)
+    return probabilities, postprocess.masks_from_probabilities(probabilities, case_ids, settings)
+
+
 def tune_postprocessing(model, slices, run_dir):
     """Choose the post-processing (threshold, small components, largest 3-D component, flip TTA)
     with the best mean case Dice on the validation cases at native resolution; write every
@@ -212,9 +222,7 @@ def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
     for split_name in ("val", "test"):
         rows = slices[slices["split"] == split_name]
         images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
-        plain, tta = predict_with_mirror(segmenter, images)
-        probabilities = tta if settings["hflip_tta"] else plain
-        predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings)
+        probabilities, predicted = segment(segmenter, images, rows["case_id"], settings)
         tumor_probability = predict_probabilities(classifier, images)
         table = []
         for threshold in (None, *GATE_THRESHOLDS):

@@ -23,9 +23,9 @@ import pandas as pd
 import tifffile
 
 from lgg import data, plots, postprocess
-from lgg.evaluate import gate_masks, load_model
+from lgg.evaluate import gate_masks, load_model, segment
 from lgg.files import atomic_path, save_csv
-from lgg.inference import model_task, predict_probabilities, predict_with_mirror
+from lgg.inference import model_task, predict_probabilities
 
 TRUE_BGR, PREDICTED_BGR = (0, 255, 0), (0, 0, 255)
 
@@ -117,11 +117,7 @@ def predict_paths(
     for number, (case_id, entries) in enumerate(cases.items(), 1):
         images = np.stack([data.read_image(path) for _, path, _ in entries])
         masks = [data.read_mask(mask) if mask else None for _, _, mask in entries]
-        if settings["hflip_tta"]:
-            probabilities = predict_with_mirror(model, images)[1]
-        else:
-            probabilities = predict_probabilities(model, images)
-        predicted = postprocess.masks_from_probabilities(probabilities, [case_id] * len(entries), settings)
+        probabilities, predicted = segment(model, images, [case_id] * len(entries), settings)
         if classifier is not None:
             predicted = gate_masks(predicted, predict_probabilities(classifier, images), gate_threshold)
         case_dir = out_dir / case_id

@@ -52,6 +52,18 @@ def _parser():
         help="keep the weights reached after these many minutes (e.g. 15 30 60)",
     )
     train.add_argument("--no-jit", dest="jit_compile", action="store_false", help="train without XLA")
+    train.add_argument(
+        "--dice-loss",
+        choices=["batch", "slice"],
+        default="batch",
+        help="Dice term of the loss: over the whole batch (the original notebooks) or per slice, averaged",
+    )
+    train.add_argument(
+        "--precision",
+        choices=["float32", "mixed_bfloat16"],
+        default="float32",
+        help="mixed_bfloat16: compute in bfloat16, weights and the exported model in float32",
+    )
     train.add_argument("--overwrite", action="store_true")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 

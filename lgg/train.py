@@ -266,7 +266,9 @@ class ResumeCheckpoint(keras.callbacks.Callback):
 
 
 # ----------------------------------------------------------------------------- compile and fit
-def compile_model(model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0, jit_compile=True):
+def compile_model(
+    model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0, jit_compile=True, dice_loss="batch"
+):
     """Adam with BCE + Dice and batch Dice / Jaccard (segmentation), or BCE with accuracy and AUC.
 
     `jit_compile=True` compiles the training step with XLA, which Keras leaves off on CPU-only
@@ -276,7 +278,7 @@ def compile_model(model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1
     if task == "segmentation":
         model.compile(
             optimizer=optimizer,
-            loss=losses.BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight),
+            loss=losses.BCEDiceLoss(bce_weight=bce_weight, dice_weight=dice_weight, dice=dice_loss),
             metrics=losses.SEGMENTATION_METRICS,
             jit_compile=jit_compile,
         )
@@ -397,7 +399,36 @@ def export_model(model, run_dir):
 
 
 # ----------------------------------------------------------------------------- whole runs
-def build_model(kind, image_size, encoder_weights=None, base_filters=16, backbone="light", attention=False):
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def build_model(
+    kind, image_size, encoder_weights=None, base_filters=16, backbone="light", attention=False, precision="float32"
+):
+    """One of the three models; `precision="mixed_bfloat16"` computes in bfloat16 with float32
+    weights and a float32 output layer (Keras mixed precision)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; received {precision!r}")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        return _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def as_float32(model, kind, image_size, base_filters=16, backbone="light", attention=False):
+    """The same model built in float32 with the trained weights (mixed precision keeps its
+    weights in float32, so nothing is rounded): what is exported and evaluated, so a saved model
+    behaves the same wherever it is loaded."""
+    if model.dtype_policy.name == "float32":
+        return model
+    copy = build_model(kind, image_size, None, base_filters, backbone, attention)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention):
     input_shape = (image_size, image_size, 3)
     if attention and kind != "resnet50-unet":
         raise ValueError(f"attention gates are an option of resnet50-unet, not of {kind}")
@@ -512,6 +543,8 @@ def train_run(
     schedule="plateau",
     snapshot_minutes=(),
     jit_compile=True,
+    precision="float32",
+    dice_loss="batch",
     overwrite=False,
     resume=False,
     verbose=1,
@@ -531,13 +564,14 @@ def train_run(
 
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
     train_data, steps, val_data = make_datasets(slices, task, image_size, batch_size, seed, tumor_fraction, start_epoch)
-    model = build_model(kind, image_size, encoder_weights, base_filters, backbone, attention)
-    model = compile_model(model, task, learning_rate, jit_compile=jit_compile)
+    model = build_model(kind, image_size, encoder_weights, base_filters, backbone, attention, precision)
+    model = compile_model(model, task, learning_rate, jit_compile=jit_compile, dice_loss=dice_loss)
     val_cases = validation_cases(slices, image_size) if task == "segmentation" else None
     history = fit(
         model, train_data, val_data, run_dir, epochs, steps, task, patience, max_minutes, resume, verbose,
         val_cases=val_cases, schedule=schedule, snapshot_minutes=snapshot_minutes,
     )  # fmt: skip
+    model = as_float32(model, kind, image_size, base_filters, backbone, attention)
     export_model(model, run_dir)
     plots.plot_history(history, task, save_path=run_dir / "curves.png")
     settings = tune_postprocessing(model, slices, run_dir) if task == "segmentation" else None

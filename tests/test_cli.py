@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -50,8 +51,14 @@ def run_dir(real_data, tmp_path_factory):
 def classifier_dir(real_data, run_dir):
     out = run_dir.parent / "classifier"
     lgg("train", "classifier", "--data", real_data, "--out", out, "--epochs", 1, "--image-size", 64,
-        "--max-cases", 6, "--batch-size", 8)  # fmt: skip
+        "--max-cases", 6, "--batch-size", 8, "--precision", "mixed_bfloat16")  # fmt: skip
     return out
+
+
+def test_a_mixed_precision_run_exports_a_float32_model(classifier_dir):
+    assert json.loads((classifier_dir / "config.json").read_text())["precision"] == "mixed_bfloat16"
+    model = keras.saving.load_model(classifier_dir / "model.h5", compile=False)
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
 
 
 @pytest.mark.slow

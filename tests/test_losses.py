@@ -26,7 +26,26 @@ def test_bce_dice_loss_is_the_weighted_sum():
     assert float(loss(truth, prob)) == pytest.approx(0.5 * bce + 2.0 * (1 - dice), rel=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"bce_weight": -1}, {"bce_weight": 0, "dice_weight": 0}, {"smooth": -1}])
+def test_slice_dice_weighs_a_small_tumor_like_a_large_one():
+    large = np.zeros((8, 8), "float32")
+    large[:6, :6] = 1
+    small = np.zeros((8, 8), "float32")
+    small[0, 0] = 1
+    truth = np.stack([large, small])[..., None]
+    guess = np.stack([large, np.zeros_like(small)])[..., None]  # the small tumor missed
+    per_slice = [(2 * 36 + 1) / (72 + 1), (0 + 1) / (1 + 1)]
+    assert float(losses.slice_dice_coefficient(truth, guess)) == pytest.approx(np.mean(per_slice))
+    # over the batch the miss hardly counts: (72 + 1) / (73 + 1)
+    assert float(losses.dice_coefficient(truth, guess)) == pytest.approx(73 / 74)
+    loss = losses.BCEDiceLoss(bce_weight=0.0, dice="slice")
+    assert float(loss(truth, guess)) == pytest.approx(1 - np.mean(per_slice), rel=1e-5)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert restored.dice == "slice"
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"bce_weight": -1}, {"bce_weight": 0, "dice_weight": 0}, {"smooth": -1}, {"dice": "volume"}]
+)
 def test_bce_dice_loss_rejects_bad_weights(kwargs):
     with pytest.raises(ValueError, match="received"):
         losses.BCEDiceLoss(**kwargs)

@@ -19,7 +19,7 @@ from lgg.files import atomic_path, save_json
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 COMMON = {"epochs": 100, "batch_size": 16, "image_size": 128, "seed": 0, "patience": 10}
-# name -> (model kind, settings). Time limits keep the whole command within about two hours of CPU.
+# name -> (model kind, settings). Time limits: about three hours of CPU for all five (60+60+15+20+20 min + evaluation).
 CONFIGS = {
     "unet": (
         "unet",

@@ -19,22 +19,12 @@ from lgg.files import atomic_path, save_json
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 COMMON = {"epochs": 100, "batch_size": 16, "image_size": 128, "seed": 0, "patience": 10}
+# The U-Net results configuration (`make train` runs the same).
+UNET = {"tumor_fraction": 0.5, "max_minutes": 60, "schedule": "time-cosine", "snapshot_minutes": (15, 30, 45, 60)}
 # name -> (model kind, settings). Time limits: about three hours of CPU for all five (60+60+15+20+20 min + evaluation).
 CONFIGS = {
-    "unet": (
-        "unet",
-        {"tumor_fraction": 0.5, "max_minutes": 60, "schedule": "time-cosine", "snapshot_minutes": (15, 30, 45, 60)},
-    ),
-    "unet-slice-dice": (
-        "unet",
-        {
-            "tumor_fraction": 0.5,
-            "max_minutes": 60,
-            "schedule": "time-cosine",
-            "snapshot_minutes": (15, 30, 45, 60),
-            "dice_loss": "slice",
-        },
-    ),
+    "unet": ("unet", UNET),
+    "unet-slice-dice": ("unet", {**UNET, "dice_loss": "slice"}),
     "classifier": ("classifier", {"backbone": "light", "max_minutes": 15}),
     "resnet50-unet": ("resnet50-unet", {"tumor_fraction": 0.5, "max_minutes": 20, "encoder_weights": "imagenet"}),
     "unet-leaky-slice-split": ("unet", {"tumor_fraction": 0.5, "max_minutes": 20, "split": "random-slice-leaky"}),

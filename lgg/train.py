@@ -571,7 +571,9 @@ def train_run(
         model, train_data, val_data, run_dir, epochs, steps, task, patience, max_minutes, resume, verbose,
         val_cases=val_cases, schedule=schedule, snapshot_minutes=snapshot_minutes,
     )  # fmt: skip
-    model = as_float32(model, kind, image_size, base_filters, backbone, attention)
+    if precision != "float32":  # export and evaluate the float32 twin, compiled like the trained model
+        model = as_float32(model, kind, image_size, base_filters, backbone, attention)
+        model = compile_model(model, task, learning_rate, jit_compile=jit_compile, dice_loss=dice_loss)
     export_model(model, run_dir)
     plots.plot_history(history, task, save_path=run_dir / "curves.png")
     settings = tune_postprocessing(model, slices, run_dir) if task == "segmentation" else None

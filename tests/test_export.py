@@ -10,6 +10,11 @@ import pytest
 
 from lgg import data, evaluate, losses, models, train
 
+# Two copies of the same float32 model predict through different graphs (XLA in memory, plain kernels after
+# loading), so their probabilities differ by rounding: 1.1e-5 was seen on the CI machine, ~1e-6 here.
+# A wrongly loaded model is far off (the .h5 axis bug moved probabilities by 0.99).
+SAME_MODEL = 1e-4
+
 
 @pytest.fixture(scope="module")
 def trained_unet(real_data, tmp_path_factory):
@@ -39,8 +44,7 @@ def test_h5_loads_in_a_fresh_process_without_the_package(trained_unet, tmp_path)
         assert not any(name == "lgg" or name.startswith("lgg.") for name in sys.modules), "lgg was imported"
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
-    # 1e-5: the model in memory predicts through XLA, which rounds differently (the .h5 axis bug gave 0.99)
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(images, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(images, verbose=0), atol=SAME_MODEL)
 
 
 @pytest.mark.parametrize("file_name", ["model.h5", "model.keras"])
@@ -48,7 +52,7 @@ def test_loads_with_loss_and_metrics_when_the_package_is_imported(trained_unet, 
     model, images, run_dir = trained_unet
     loaded = evaluate.load_model(run_dir / file_name)
     assert isinstance(loaded.loss, losses.BCEDiceLoss)
-    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=SAME_MODEL)
     results = loaded.evaluate(images, (images[..., :1] > 128).astype("float32"), verbose=0, return_dict=True)
     assert {"loss", "dice_coefficient", "jaccard_index"} <= set(results)
 
@@ -58,7 +62,7 @@ def test_classifier_round_trip(tmp_path):
     train.export_model(model, tmp_path)
     x = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
     loaded = keras.models.load_model(tmp_path / "model.h5", compile=False)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=SAME_MODEL)
 
 
 def test_a_file_that_is_not_a_model_is_refused(tmp_path):

@@ -107,4 +107,5 @@ def test_attention_gates_weight_every_skip_and_survive_h5(tmp_path):
     files.save_model(model, tmp_path / "attention.h5")
     reloaded = keras.models.load_model(tmp_path / "attention.h5", compile=False)
     x = _raw_slices(64)
-    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    # rounding differs between the graphs (1.1e-5 seen on the CI machine for a U-Net); a bad load is ~1 off
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4)

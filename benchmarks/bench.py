@@ -12,8 +12,10 @@ Measures, in this order:
    pipeline alone, the analytic FLOPs per slice and the achieved fraction of the matmul peak, and
    the inference time for one whole case at native 256x256;
 4. the original notebooks' input pipeline (`ImageDataGenerator.flow_from_dataframe` reading the
-   .tif files from disk, augmenting with SciPy) feeding the same U-Net;
-5. the U-Net under the `mixed_bfloat16` policy;
+   .tif files from disk, augmenting with SciPy) on its own;
+5. side by side, interleaved over several rounds so that the machine's slow spells hit all of them:
+   the U-Net trained our way, the original notebooks' way (that generator, no XLA), ours without
+   XLA, and ours under the `mixed_bfloat16` policy; the ratios with their spread over the rounds;
 6. peak memory while training the U-Net at 256x256 on all cases (in a fresh subprocess, so that the
    models measured before do not count).
 
@@ -49,7 +51,10 @@ BATCH_SIZE = 16
 CASES = 20
 # Timed training steps (after the warm-up) per measurement: the ResNet50 U-Net is about 3x slower per step than
 # the U-Net; mixed_bfloat16 gets as many steps as float32 (4 steps once read 1.38x where whole epochs gave 1.04x).
-STEPS = {"unet": 12, "resnet50_unet": 4, "classifier_light": 12, "original_pipeline": 12, "mixed_bfloat16": 12}
+STEPS = {"unet": 12, "resnet50_unet": 4, "classifier_light": 12, "original_pipeline": 12, "side_by_side": 12}
+# The side-by-side comparison (section 5) repeats its four timings this many times, interleaved: single timings of
+# 12 steps moved the ours/original ratio between 1.5x and 2.0x from one run to the next on this machine.
+ROUNDS = 5
 WARMUP_STEPS = 2  # the first fit on a model: traces and compiles the training step
 RETRACE_STEPS = 1  # a fit on a dataset of another element shape: retraces once
 TUMOR_FRACTION = 0.5
@@ -62,7 +67,15 @@ INFERENCE_CASE_SLICES = (30, 40)  # pick a case with this many slices (else the 
 MEMORY_IMAGE_SIZE = data.NATIVE_SIZE
 MEMORY_STEPS = 3
 
-QUICK = {"steps": 2, "cases": 3, "image_size": 32, "matmul_repeats": 3, "inference_repeats": 1, "memory_check": False}
+QUICK = {
+    "steps": 2,
+    "cases": 3,
+    "image_size": 32,
+    "matmul_repeats": 3,
+    "inference_repeats": 1,
+    "rounds": 2,
+    "memory_check": False,
+}
 
 BUSY_SHARE = 0.1  # warn when other processes used more than this share of all cores during the benchmark
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -384,18 +397,11 @@ def original_generator(slices, size, batch_size):
         yield image.astype(np.float32), (mask / 255 > 0.5).astype(np.float32)
 
 
-def benchmark_original(slices, steps, batch_size, size):
+def benchmark_original_generator(slices, steps, batch_size, size):
+    """The original notebooks' input pipeline on its own: which ImageDataGenerator, the .tif check, slices/s."""
     _, source = image_data_generator_class()
     result = {"image_data_generator": source, "augmentation": ORIGINAL_AUGMENTATION, "steps": steps}
     result["tif_reading"] = check_tif_reading(slices)
-    model = compiled("unet", size, jit_compile=False)  # the original setup: no XLA
-    result["first_fit_s"] = timed_fit(model, original_generator(slices, size, batch_size), WARMUP_STEPS)
-    # A fresh generator per fit: the finished fit's prefetch thread must not share a generator with the next.
-    seconds = timed_fit(model, original_generator(slices, size, batch_size), steps)
-    result["fit_s"] = seconds
-    result["slices_per_s"] = rate(steps * batch_size, seconds)
-    release(model)
-
     generator = original_generator(slices, size, batch_size)
     next(generator)
     start = time.perf_counter()
@@ -405,18 +411,56 @@ def benchmark_original(slices, steps, batch_size, size):
     return result
 
 
-# ----------------------------------------------------------------------------- 5. mixed precision
-def benchmark_mixed_precision(arrays, steps, batch_size, size, policy="mixed_bfloat16"):
+# ----------------------------------------------------------------------------- 5. side by side
+def side_by_side(arrays, steps, batch_size, size, rounds):
+    """The U-Net's training rate in four setups, timed in turn, round after round.
+
+    Setups: ours (`make_dataset`, XLA, float32), the original notebooks' (`ImageDataGenerator`
+    reading the .tif files, no XLA), ours without XLA, and ours in `mixed_bfloat16`. Each round
+    times every setup once for `steps` steps, so a slow spell of the machine hits all of them; the
+    ratios are taken within each round and reported as median, min and max over the rounds.
+    """
     images, masks, slices = arrays
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        model = compiled("unet", size)  # built after setting the policy
-        dataset = training_dataset("segmentation", images, masks, slices, batch_size)
-        result = {"policy": policy, **measure_training(model, dataset, steps, batch_size, fixed_batch=False)}
+    dataset = training_dataset("segmentation", images, masks, slices, batch_size)
+    setups = {
+        "ours": (compiled("unet", size), lambda: dataset.repeat()),
+        "original": (
+            compiled("unet", size, jit_compile=False),
+            # a fresh generator per fit: a finished fit's prefetch thread must not share one with the next
+            lambda: original_generator(slices, size, batch_size),
+        ),
+        "ours_without_xla": (compiled("unet", size, jit_compile=False), lambda: dataset.repeat()),
+        "ours_mixed_bfloat16": (
+            train.compile_model(train.build_model("unet", size, precision="mixed_bfloat16"), "segmentation"),
+            lambda: dataset.repeat(),
+        ),
+    }
+    for model, batches in setups.values():
+        timed_fit(model, batches(), WARMUP_STEPS)  # traces and compiles
+    seconds = {name: [] for name in setups}
+    for round_index in range(rounds):
+        for name, (model, batches) in setups.items():
+            seconds[name].append(timed_fit(model, batches(), steps))
+        log(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{n} {s[-1]:.1f} s" for n, s in seconds.items()))
+    rates = {name: [rate(steps * batch_size, s) for s in values] for name, values in seconds.items()}
+
+    def spread(values):
+        return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+    def ratio(numerator, denominator):
+        return spread([a / b for a, b in zip(rates[numerator], rates[denominator])])
+
+    for model, _ in setups.values():
         release(model)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    return result
+    return {
+        "rounds": rounds,
+        "steps": steps,
+        "batch_size": batch_size,
+        "slices_per_s": {name: {**spread(values), "all": values} for name, values in rates.items()},
+        "ours_over_original": ratio("ours", "original"),
+        "xla_over_no_xla": ratio("ours", "ours_without_xla"),
+        "mixed_bfloat16_over_float32": ratio("ours_mixed_bfloat16", "ours"),
+    }
 
 
 # ----------------------------------------------------------------------------- 6. memory
@@ -503,20 +547,22 @@ def print_table(results):
             f"{case['slices']} slices at 256x256)"
         )
 
-    original = results.get("original_pipeline")
+    original, both = results.get("original_pipeline"), results.get("side_by_side")
     if original:
         log(
-            f"\nOriginal notebooks' pipeline ({original['image_data_generator']}.flow_from_dataframe):"
-            f"\n  U-Net training {original['slices_per_s']:.1f} slices/s "
-            f"(generator alone {original['pipeline_only_slices_per_s']:.1f} slices/s); "
-            f"ours / original = {original['ours_over_original']:.2f}x"
+            f"\nOriginal notebooks' pipeline ({original['image_data_generator']}.flow_from_dataframe): "
+            f"generator alone {original['pipeline_only_slices_per_s']:.1f} slices/s"
         )
-    mixed = results.get("mixed_precision")
-    if mixed:
+    if both:
+        rates = both["slices_per_s"]
         log(
-            f"Mixed precision ({mixed['policy']}): U-Net training {mixed['slices_per_s']:.1f} slices/s, "
-            f"{mixed['ratio_vs_float32']:.2f}x float32"
+            f"Side by side, U-Net training slices/s, median (min-max) of {both['rounds']} interleaved rounds of "
+            f"{both['steps']} steps:\n  "
+            + ", ".join(f"{name} {r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})" for name, r in rates.items())
         )
+        for key in ("ours_over_original", "xla_over_no_xla", "mixed_bfloat16_over_float32"):
+            r = both[key]
+            log(f"  {key}: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
     memory = results.get("memory")
     if memory:
         log(
@@ -543,6 +589,7 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, help=f"training image size (default: {IMAGE_SIZE})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default: %(default)s")
     parser.add_argument("--cases", type=int, help=f"cases to train on (default: {CASES})")
+    parser.add_argument("--rounds", type=int, help=f"interleaved rounds of the side-by-side timing (default: {ROUNDS})")
     parser.add_argument(
         "--memory-check",
         action=argparse.BooleanOptionalAction,
@@ -563,6 +610,7 @@ def main(argv=None):
     cases = args.cases or quick.get("cases", CASES)
     steps = {key: args.steps or quick.get("steps", default) for key, default in STEPS.items()}
     memory_check = args.memory_check if args.memory_check is not None else quick.get("memory_check", True)
+    rounds = args.rounds or quick.get("rounds", ROUNDS)
     batch_size = args.batch_size
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -596,6 +644,7 @@ def main(argv=None):
         "tumor_slices": int(slices.has_tumor.sum()),
         "steps": steps,
         "warmup_steps": WARMUP_STEPS,
+        "side_by_side_rounds": rounds,
         "tumor_fraction": TUMOR_FRACTION,
         "memory_check": memory_check,
     }
@@ -609,25 +658,12 @@ def main(argv=None):
         results["models"][key] = result
         save()
 
-    log("4. Original notebooks' pipeline (ImageDataGenerator) on the same U-Net")
-    original = benchmark_original(slices, steps["original_pipeline"], batch_size, size)
-    original["ours_over_original"] = results["models"]["unet"]["training"]["slices_per_s"] / original["slices_per_s"]
-    results["original_pipeline"] = original
+    log("4. Original notebooks' input pipeline (ImageDataGenerator) alone")
+    results["original_pipeline"] = benchmark_original_generator(slices, steps["original_pipeline"], batch_size, size)
     save()
 
-    log("4b. Our pipeline, U-Net compiled without XLA (Keras' CPU default)")
-    model = compiled("unet", size, jit_compile=False)
-    dataset = training_dataset("segmentation", *arrays, batch_size)
-    no_xla = measure_training(model, dataset, steps["unet"], batch_size, fixed_batch=False)
-    no_xla["xla_over_no_xla"] = results["models"]["unet"]["training"]["slices_per_s"] / no_xla["slices_per_s"]
-    results["without_xla"] = no_xla
-    release(model)
-    save()
-
-    log("5. Mixed precision (mixed_bfloat16) U-Net")
-    mixed = benchmark_mixed_precision(arrays, steps["mixed_bfloat16"], batch_size, size)
-    mixed["ratio_vs_float32"] = mixed["slices_per_s"] / results["models"]["unet"]["training"]["slices_per_s"]
-    results["mixed_precision"] = mixed
+    log(f"5. Side by side, {rounds} interleaved rounds: ours, original, ours without XLA, ours in mixed_bfloat16")
+    results["side_by_side"] = side_by_side(arrays, steps["side_by_side"], batch_size, size, rounds)
     save()
 
     if memory_check:

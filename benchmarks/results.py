@@ -21,9 +21,10 @@ RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 COMMON = {"epochs": 100, "batch_size": 16, "image_size": 128, "seed": 0, "patience": 10}
 # The U-Net results configuration (`make train` runs the same).
 UNET = {"tumor_fraction": 0.5, "max_minutes": 60, "schedule": "time-cosine", "snapshot_minutes": (15, 30, 45, 60)}
-# name -> (model kind, settings). Time limits: about three hours of CPU for all five (60+60+15+20+20 min + evaluation).
+# name -> (model kind, settings). Time limits: about four hours of CPU for all six (60+60+60+15+20+20 min + evaluation).
 CONFIGS = {
     "unet": ("unet", UNET),
+    "unet-seed1": ("unet", {**UNET, "seed": 1}),  # the same run with another seed: how much is luck
     "unet-slice-dice": ("unet", {**UNET, "dice_loss": "slice"}),
     "classifier": ("classifier", {"backbone": "light", "max_minutes": 15}),
     "resnet50-unet": ("resnet50-unet", {"tumor_fraction": 0.5, "max_minutes": 20, "encoder_weights": "imagenet"}),
@@ -81,6 +82,8 @@ def collect(name, data_dir):
     }
     if curve.exists():
         result["after_minutes"] = pd.read_csv(curve).to_dict("records")
+    if config["kind"] != "classifier":
+        result["uncertainty"] = uncertainty(run_dir, data_dir, summary)
     out = RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     if curve.exists():
@@ -99,6 +102,45 @@ def collect(name, data_dir):
         out / "test.csv",
     )
     save_json(result, RESULTS / f"{name}.json")
+    return result
+
+
+def fit(run_dir, data_dir):
+    """Raw (threshold 0.5) per-case Dice of a run's model on its training and validation cases,
+    beside the test cases: how well it fits what it saw, and how the held-out sets differ.
+    Scored once into `<run>/fit/`."""
+    from lgg import evaluate
+
+    scores = {}
+    for split in ("train", "val"):
+        summary_file = run_dir / "fit" / f"{split}_summary.json"
+        if not summary_file.exists():
+            evaluate.evaluate_model_file(
+                run_dir / "model.h5", data_dir, split_name=split, out_dir=run_dir / "fit", threshold=0.5
+            )
+        summary = json.loads(summary_file.read_text())
+        scores[split] = {key: summary[key] for key in ("cases", "case_dice_mean", "case_dice_median")}
+    return scores
+
+
+def uncertainty(run_dir, data_dir, summary):
+    """How sure the test figure is: the 95 % bootstrap interval of the mean over the test cases,
+    the fit on training and validation cases (patient split only), and, beside the `unet` row,
+    the paired per-case difference on the same test cases."""
+    from lgg import metrics
+
+    per_case = pd.read_csv(run_dir / "test_cases.csv")
+    result = {"case_dice_mean_ci95": list(metrics.mean_confidence_interval(per_case["case_dice"]))}
+    config = json.loads((run_dir / "config.json").read_text())
+    if config["split"] != "patient":
+        return result
+    result["raw_fit"] = {
+        **fit(run_dir, data_dir),
+        "test": {k: summary.get("raw", summary)[k] for k in ("case_dice_mean", "case_dice_median")},
+    }
+    baseline = RUNS / "results-unet" / "test_cases.csv"
+    if run_dir != baseline.parent and baseline.exists():
+        result["vs_unet"] = metrics.paired_comparison(per_case, pd.read_csv(baseline))
     return result
 
 
@@ -158,6 +200,35 @@ def readme_table(results):
             f"{t['tumor_slice_dice_mean']:.3f} | {t['tumor_free_false_positive_rate']:.3f} | "
             f"{t['case_jaccard_mean']:.3f} | {t['batch_dice_smooth1']:.3f} | {_postprocessing(t)} |"
         )
+    sure = [r for r in segmenters if r.get("uncertainty", {}).get("raw_fit")]
+    if sure:
+        lines += [
+            "",
+            "How sure these figures are (patient split). The interval is a 95 % bootstrap interval of the mean "
+            "over the test cases (BCa, `lgg.metrics.mean_confidence_interval`): another draw of patients could "
+            "move the mean that much. The fit columns are the raw per-case Dice (threshold 0.5) on the cases "
+            "each model trained on and on the validation cases. The last column compares each row with the "
+            "unet row on the same test cases (`lgg.metrics.paired_comparison`).",
+            "",
+            "| model | test mean (95 % CI) | raw train | raw val | raw test | vs unet: mean difference (95 % CI), "
+            "cases better / worse, Wilcoxon p |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in sure:
+            u, f = r["uncertainty"], r["uncertainty"]["raw_fit"]
+            low, high = u["case_dice_mean_ci95"]
+            versus = "—"
+            if "vs_unet" in u:
+                v = u["vs_unet"]
+                versus = (
+                    f"{v['mean_difference']:+.3f} ({v['mean_difference_ci95'][0]:+.3f} to "
+                    f"{v['mean_difference_ci95'][1]:+.3f}), {v['better']} / {v['worse']}, p = {v['wilcoxon_p']:.2f}"
+                )
+            lines.append(
+                f"| {r['name']} | {r['test']['case_dice_mean']:.3f} ({low:.3f}–{high:.3f}) | "
+                + " | ".join(f"{f[split]['case_dice_mean']:.3f} ({f[split]['cases']})" for split in ("train", "val"))
+                + f" | {f['test']['case_dice_mean']:.3f} ({r['test']['cases']}) | {versus} |"
+            )
     for r in segmenters:
         if r.get("after_minutes"):
             points = ", ".join(
@@ -254,28 +325,26 @@ def benchmark_table(bench):
             f"{training['achieved_gflops']:.1f} ({100 * training['fraction_of_matmul_peak']:.0f} %) | "
             f"{model['inference']['seconds_per_case']:.2f} s ({case['slices']}) |"
         )
-    original, mixed = bench.get("original_pipeline"), bench.get("mixed_precision")
-    if original:
+    both = bench.get("side_by_side")
+    if both:
+        rates = both["slices_per_s"]
+
+        def median_range(r, unit=""):
+            return f"{r['median']:.2f}{unit} (rounds: {r['min']:.2f}–{r['max']:.2f})"
+
         lines += [
             "",
-            f"The original notebooks' training setup (`ImageDataGenerator.flow_from_dataframe`, reading "
-            f"the .tif files every epoch, no XLA) with the same U-Net: {original['slices_per_s']:.1f} slices/s, "
-            f"ours {original['ours_over_original']:.2f}x that (its generator alone gives "
-            f"{original['pipeline_only_slices_per_s']:.0f} slices/s, ours "
-            f"{bench['models']['unet']['training']['pipeline_only_slices_per_s']:.0f}).",
-        ]
-    no_xla = bench.get("without_xla")
-    if no_xla:
-        lines += [
-            "",
-            f"Our pipeline with the U-Net compiled without XLA: {no_xla['slices_per_s']:.1f} slices/s; "
-            f"XLA gives {no_xla['xla_over_no_xla']:.2f}x that.",
-        ]
-    if mixed:
-        lines += [
-            "",
-            f"`mixed_bfloat16` (through XLA): {mixed['slices_per_s']:.1f} slices/s, {mixed['ratio_vs_float32']:.2f}x "
-            f"float32 over {mixed['steps']} steps on this CPU (the whole-run check is under the table).",
+            f"Side by side, the same U-Net timed in turn for {both['rounds']} rounds of {both['steps']} steps "
+            "(medians; ratios taken within each round, so a slow spell of the machine hits every setup): ours "
+            f"{rates['ours']['median']:.1f} slices/s; the original notebooks' setup "
+            "(`ImageDataGenerator.flow_from_dataframe` reading the .tif files every epoch, no XLA) "
+            f"{rates['original']['median']:.1f}, **ours {median_range(both['ours_over_original'], 'x')}**; "
+            f"ours without XLA {rates['ours_without_xla']['median']:.1f} (XLA "
+            f"{median_range(both['xla_over_no_xla'], 'x')}); ours in `mixed_bfloat16` "
+            f"{rates['ours_mixed_bfloat16']['median']:.1f} ({median_range(both['mixed_bfloat16_over_float32'], 'x')} "
+            "float32; the whole-run check is under the table). The original generator alone gives "
+            f"{bench['original_pipeline']['pipeline_only_slices_per_s']:.0f} slices/s, ours "
+            f"{bench['models']['unet']['training']['pipeline_only_slices_per_s']:.0f}.",
         ]
     memory = bench.get("memory")
     if memory:

@@ -67,6 +67,7 @@ def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5, postp
         probabilities = tta if settings["hflip_tta"] else plain
         predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings)
         per_case, summary = metrics.segmentation_report(rows, masks, probabilities, predicted=predicted)
+        summary["case_dice_mean_ci95"] = list(metrics.mean_confidence_interval(per_case["case_dice"]))
         summary["threshold"] = settings["threshold"]
         summary["postprocessing"] = settings
         if postprocessing:

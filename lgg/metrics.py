@@ -131,3 +131,53 @@ def classification_report(labels, probabilities, threshold=0.5):
         "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
         "threshold": threshold,
     }
+
+
+def mean_confidence_interval(values, confidence=0.95, resamples=10_000, seed=0):
+    """Bootstrap confidence interval of the mean of per-case scores (BCa, `scipy.stats.bootstrap`).
+
+    The cases are the unit that was sampled, so this is how far the mean could move with another
+    draw of patients of the same kind; it says nothing of training noise (seeds). Deterministic
+    for a given `seed`.
+
+    Returns:
+        `(low, high)`, or `(nan, nan)` with fewer than two cases or identical scores.
+    """
+    from scipy import stats
+
+    values = np.asarray(values, np.float64)
+    if len(values) < 2 or np.ptp(values) == 0:
+        return float("nan"), float("nan")
+    result = stats.bootstrap(
+        (values,), np.mean, confidence_level=confidence, n_resamples=resamples, rng=np.random.default_rng(seed)
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def paired_comparison(per_case, baseline, column="case_dice"):
+    """Compare two models on the same cases: `per_case` minus `baseline`, matched by `case_id`.
+
+    Returns a dict: the number of cases, the mean difference with its 95 % bootstrap interval
+    (`mean_confidence_interval` of the per-case differences), how many cases are better / worse,
+    and the two-sided Wilcoxon signed-rank p-value (`scipy.stats.wilcoxon`).
+
+    Raises:
+        ValueError: when the two tables do not hold the same cases.
+    """
+    from scipy import stats
+
+    ours, theirs = per_case.set_index("case_id")[column], baseline.set_index("case_id")[column]
+    if set(ours.index) != set(theirs.index):
+        missing = sorted(set(ours.index) ^ set(theirs.index))
+        raise ValueError(f"the two tables hold different cases (in one only: {missing[:5]}...)")
+    difference = (ours - theirs.loc[ours.index]).to_numpy()
+    low, high = mean_confidence_interval(difference)
+    nonzero = difference[difference != 0]
+    return {
+        "cases": int(len(difference)),
+        "mean_difference": float(difference.mean()),
+        "mean_difference_ci95": [low, high],
+        "better": int((difference > 0).sum()),
+        "worse": int((difference < 0).sum()),
+        "wilcoxon_p": float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0,
+    }

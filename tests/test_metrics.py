@@ -72,3 +72,28 @@ def test_classification_report_exact():
     assert report["specificity"] == pytest.approx(1 / 2)
     # pairs (pos, neg) ranked correctly: 0.9>0.7,0.9>0.1,0.6>0.1,0.2>0.1 -> 4 of 6
     assert report["roc_auc"] == pytest.approx(4 / 6)
+
+
+def test_mean_confidence_interval_matches_the_normal_approximation_for_many_cases():
+    scores = np.random.default_rng(1).uniform(0.4, 1.0, 400)
+    low, high = metrics.mean_confidence_interval(scores)
+    half_width = 1.96 * scores.std(ddof=1) / np.sqrt(len(scores))
+    assert low < scores.mean() < high
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
+    assert metrics.mean_confidence_interval(scores) == (low, high)  # seeded: the same interval again
+    few_low, few_high = metrics.mean_confidence_interval(scores[:10])
+    assert few_high - few_low > 4 * (high - low)  # 10 cases pin the mean down far less than 400
+    assert all(np.isnan(metrics.mean_confidence_interval([0.8])))
+
+
+def test_paired_comparison_matches_cases_by_id():
+    baseline = pd.DataFrame({"case_id": ["a", "b", "c", "d"], "case_dice": [0.5, 0.6, 0.7, 0.0]})
+    ours = pd.DataFrame({"case_id": ["d", "c", "b", "a"], "case_dice": [0.0, 0.65, 0.8, 0.6]})  # other order
+    result = metrics.paired_comparison(ours, baseline)
+    assert result["mean_difference"] == pytest.approx((0.1 + 0.2 - 0.05 + 0) / 4)
+    assert (result["cases"], result["better"], result["worse"]) == (4, 2, 1)
+    low, high = result["mean_difference_ci95"]
+    assert low <= result["mean_difference"] <= high
+    assert 0 < result["wilcoxon_p"] <= 1
+    with pytest.raises(ValueError, match="different cases"):
+        metrics.paired_comparison(ours.iloc[:3], baseline)

@@ -109,6 +109,10 @@ def test_evaluate_prints_per_case_dice(run_dir, real_data, tmp_path):
     first = json.loads((run_dir / "test_summary.json").read_text())
     assert again["case_dice_mean"] == pytest.approx(first["case_dice_mean"], abs=1e-6)
     assert 0 <= first["case_dice_mean"] <= 1
+    # the summary's interval is the bootstrap interval of the per-case table (NaN for identical scores)
+    np.testing.assert_allclose(
+        first["case_dice_mean_ci95"], metrics.mean_confidence_interval(per_case.case_dice), equal_nan=True
+    )
     tuned = tmp_path / "tuned"
     lgg("evaluate", "--model", run_dir / "model.h5", "--data", real_data, "--out", tuned, "--tune-postprocessing")
     chosen = json.loads((tuned / "postprocess.json").read_text())

@@ -144,6 +144,31 @@ def uncertainty(run_dir, data_dir, summary):
     return result
 
 
+def resolution_ceiling(data_dir, sizes=(128, 160, 192)):
+    """What training at S x S alone costs: the true test masks resized to S x S and back to 256 x 256
+    the way predictions are (area down, bilinear up, threshold 0.5), scored against themselves.
+    -> `results/resolution_ceiling.json`."""
+    import cv2
+    import numpy as np
+
+    from lgg import data, evaluate, metrics
+
+    slices = evaluate.slices_with_split(data_dir, RUNS / "results-unet" / "split.csv")
+    rows = slices[slices["split"] == "test"]
+    _, masks = data.load_arrays(rows, data.NATIVE_SIZE)
+    ceiling = {"cases": int(rows["case_id"].nunique()), "sizes": {}}
+    for size in sizes:
+        small = np.stack([data.resize_mask(mask[..., 0], size) for mask in masks]).astype(np.float32)
+        back = np.stack([cv2.resize(m, (data.NATIVE_SIZE,) * 2, interpolation=cv2.INTER_LINEAR) for m in small])
+        per_case, summary = metrics.segmentation_report(rows, masks, back, 0.5)
+        ceiling["sizes"][str(size)] = {
+            "case_dice_mean": summary["case_dice_mean"],
+            "case_dice_min": float(per_case["case_dice"].min()),
+        }
+    save_json(ceiling, RESULTS / "resolution_ceiling.json")
+    return ceiling
+
+
 def two_stage(data_dir, again=True):
     """The U-Net gated by the classifier (`lgg.evaluate.evaluate_two_stage`) -> `results/two_stage.json`."""
     segmenter, classifier = RUNS / "results-unet" / "model.h5", RUNS / "results-classifier" / "model.h5"
@@ -229,6 +254,19 @@ def readme_table(results):
                 + " | ".join(f"{f[split]['case_dice_mean']:.3f} ({f[split]['cases']})" for split in ("train", "val"))
                 + f" | {f['test']['case_dice_mean']:.3f} ({r['test']['cases']}) | {versus} |"
             )
+    ceiling_file = RESULTS / "resolution_ceiling.json"
+    if ceiling_file.exists():
+        ceiling = json.loads(ceiling_file.read_text())
+        sizes = ", ".join(
+            f"{size}²: {c['case_dice_mean']:.3f} (lowest case {c['case_dice_min']:.3f})"
+            for size, c in ceiling["sizes"].items()
+        )
+        lines += [
+            "",
+            f"What the training resolution alone costs (`results/resolution_ceiling.json`): the true masks of the "
+            f"{ceiling['cases']} test cases, resized down and back to 256² as predictions are, score a mean per-case "
+            f"Dice of {sizes}.",
+        ]
     for r in segmenters:
         if r.get("after_minutes"):
             points = ", ".join(
@@ -390,6 +428,8 @@ def main(argv=None):
         for name in args.models.split(","):
             train(name, args.data)
     results = [result for result in (collect(name, args.data) for name in CONFIGS) if result is not None]
+    if (RUNS / "results-unet" / "split.csv").exists():
+        resolution_ceiling(args.data)
     two_stage(args.data, again=not args.collect_only)
     write_readme(results)
     print(readme_table(results))

@@ -68,6 +68,7 @@ def collect(name, data_dir):
         "model": config["kind"],
         "split": config["split"],
         "split_counts": config["split_counts"],
+        "seed": config["seed"],
         "image_size": config["image_size"],
         "precision": config.get("precision", "float32"),
         "dice_loss": config.get("dice_loss", "batch") if config["kind"] != "classifier" else None,
@@ -195,6 +196,10 @@ def _postprocessing(test):
     return postprocess.describe(test["postprocessing"])
 
 
+def _p_value(p):
+    return "< 0.001" if p < 0.001 else f"= {p:.2f}" if p >= 0.01 else f"= {p:.3f}"
+
+
 def readme_table(results):
     segmenters = [r for r in results if r["model"] != "classifier"]
     classifiers = [r for r in results if r["model"] == "classifier"]
@@ -217,6 +222,8 @@ def readme_table(results):
             label += f", {r['precision']}"
         if r.get("dice_loss") not in (None, "batch"):
             label += f", {r['dice_loss']} Dice loss"
+        if r.get("seed", 0) != 0:
+            label += f", seed {r['seed']}"
         split = "random slices, **leaky**" if r["split"] != "patient" else "patient"
         raw = t.get("raw", t)["case_dice_mean"]
         lines.append(
@@ -247,7 +254,7 @@ def readme_table(results):
                 v = u["vs_unet"]
                 versus = (
                     f"{v['mean_difference']:+.3f} ({v['mean_difference_ci95'][0]:+.3f} to "
-                    f"{v['mean_difference_ci95'][1]:+.3f}), {v['better']} / {v['worse']}, p = {v['wilcoxon_p']:.2f}"
+                    f"{v['mean_difference_ci95'][1]:+.3f}), {v['better']} / {v['worse']}, p {_p_value(v['wilcoxon_p'])}"
                 )
             lines.append(
                 f"| {r['name']} | {r['test']['case_dice_mean']:.3f} ({low:.3f}–{high:.3f}) | "

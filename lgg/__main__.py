@@ -37,7 +37,13 @@ def _parser():
     train.add_argument("--patience", type=int, default=10)
     train.add_argument("--tumor-fraction", type=float, default=None, help="oversample tumor slices to this share")
     train.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
-    train.add_argument("--split", choices=["patient", "random-slice-leaky"], default="patient")
+    train.add_argument(
+        "--split",
+        default="patient",
+        help="patient (default: hash of the patient id, about 70/10/20), patient-fold-K-of-N (fold K of an N-fold "
+        "cross-validation by patient; fold 1 of 5 is the default split), or random-slice-leaky (the original "
+        "notebooks' slice split: patients on both sides)",
+    )
     train.add_argument(
         "--schedule",
         choices=["plateau", "time-cosine"],

@@ -168,12 +168,16 @@ def _unit_hash(text):
     return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
 
 
-def split_by_patient(case_ids, val_fraction=0.1, test_fraction=0.2, salt="lgg-split-v1"):
+def split_by_patient(case_ids, val_fraction=0.1, test_fraction=0.2, salt="lgg-split-v1", test_start=0.0):
     """Assign each case to train, val or test by a hash of its patient id.
 
-    A case's split depends on its own id only, so it does not move when cases are added or
-    missing, and every slice of a patient lands in the same split. Only when a split would be
-    empty (a handful of cases) is the train case nearest to it by hash moved there.
+    Each patient gets a number in [0, 1) from a hash of its id; test is the window
+    `[test_start, test_start + test_fraction)` of those numbers, val the `val_fraction` after it
+    (wrapping round past 1), train the rest. A case's split depends on its own id only, so it does
+    not move when cases are added or missing, and every slice of a patient lands in the same split.
+    Only when a split would be empty (a handful of cases) is the train case nearest to it by hash
+    moved there. Moving `test_start` by `test_fraction` gives the folds of a cross-validation
+    (`patient_fold`).
 
     Returns:
         dict `case_id -> "train" | "val" | "test"`.
@@ -184,7 +188,7 @@ def split_by_patient(case_ids, val_fraction=0.1, test_fraction=0.2, salt="lgg-sp
             f"test_fraction={test_fraction}"
         )
     case_ids = sorted(set(case_ids))
-    position = {case: _unit_hash(f"{salt}:{patient_id(case)}") for case in case_ids}
+    position = {case: (_unit_hash(f"{salt}:{patient_id(case)}") - test_start) % 1.0 for case in case_ids}
     split = {
         case: "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
         for case, u in position.items()
@@ -194,6 +198,25 @@ def split_by_patient(case_ids, val_fraction=0.1, test_fraction=0.2, salt="lgg-sp
         if fraction > 0 and name not in split.values() and len(train_cases) > 1:
             split[min(train_cases, key=position.get)] = name
     return split
+
+
+FOLD_PATTERN = re.compile(r"patient-fold-(\d+)-of-(\d+)")
+
+
+def patient_fold(case_ids, name, val_fraction=0.1):
+    """The split of one cross-validation fold by patient, named like `"patient-fold-2-of-5"`.
+
+    Fold K of N tests the K-th N-th of the patients by hash; run folds 1 to N and every patient is
+    tested exactly once. Fold 1 of 5 is the default `"patient"` split.
+
+    Returns:
+        dict `case_id -> "train" | "val" | "test"`, as `split_by_patient`.
+    """
+    match = FOLD_PATTERN.fullmatch(name)
+    fold, folds = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not (folds >= 3 and 1 <= fold <= folds):
+        raise ValueError(f"a fold split is named patient-fold-K-of-N with N >= 3 and 1 <= K <= N; received {name!r}")
+    return split_by_patient(case_ids, val_fraction, 1.0 / folds, test_start=(fold - 1) / folds)
 
 
 def random_slice_split(slices, random_state=0):

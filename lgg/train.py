@@ -446,16 +446,28 @@ def task_of(kind):
 
 
 def split_table(slices, split_name="patient", seed=0, val_fraction=0.1, test_fraction=0.2):
-    """`slices` with a `split` column: by patient (default) or the original leaky slice split."""
+    """`slices` with a `split` column: by patient (default), one cross-validation fold by patient
+    (`"patient-fold-K-of-N"`, `lgg.data.patient_fold`), or the original leaky slice split."""
+    check_split_name(split_name)
     slices = slices.copy()
     if split_name == "patient":
         assignment = data.split_by_patient(slices["case_id"], val_fraction, test_fraction)
         slices["split"] = slices["case_id"].map(assignment)
-    elif split_name == "random-slice-leaky":
-        slices["split"] = data.random_slice_split(slices, random_state=seed)
+    elif split_name.startswith("patient-fold-"):
+        slices["split"] = slices["case_id"].map(data.patient_fold(slices["case_id"], split_name, val_fraction))
     else:
-        raise ValueError(f"split must be 'patient' or 'random-slice-leaky'; received {split_name!r}")
+        slices["split"] = data.random_slice_split(slices, random_state=seed)
     return slices
+
+
+def check_split_name(split_name):
+    """Refuse a split name `split_table` does not know, before anything is written."""
+    if split_name.startswith("patient-fold-"):
+        data.patient_fold([], split_name)  # raises ValueError for a malformed fold name
+    elif split_name not in ("patient", "random-slice-leaky"):
+        raise ValueError(
+            f"split must be 'patient', 'patient-fold-K-of-N' or 'random-slice-leaky'; received {split_name!r}"
+        )
 
 
 def split_counts(slices):
@@ -556,6 +568,7 @@ def train_run(
     same steps one by one.
     """
     config = {key: value for key, value in locals().items()}
+    check_split_name(split)
     run_dir = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
     keras.utils.set_random_seed(seed)
     task = task_of(kind)

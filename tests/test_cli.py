@@ -172,6 +172,13 @@ def test_missing_data_gives_a_clear_message(tmp_path):
     assert "data folder not found" in result.stderr and "python -m lgg download" in result.stderr
 
 
+def test_a_malformed_fold_is_refused_before_the_run_folder_is_made(real_data, tmp_path):
+    out = tmp_path / "run"
+    result = lgg("train", "unet", "--data", real_data, "--out", out, "--split", "patient-fold-6-of-5", check=False)
+    assert result.returncode == 2 and "patient-fold-6-of-5" in result.stderr
+    assert not out.exists()
+
+
 def test_demo_data_is_in_the_kaggle_layout(tmp_path):
     lgg("demo-data", "--dest", tmp_path, "--cases", 3)
     slices = data.find_slices(tmp_path)

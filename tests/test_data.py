@@ -4,11 +4,12 @@ import shutil
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 from conftest import write_case
 
-from lgg import data
+from lgg import data, train
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,27 @@ def test_patient_split_has_no_leak_and_is_stable(real_slices):
     assert all(data.split_by_patient(sorted(split)[5:])[case] == split[case] for case in sorted(split)[5:])
     by_patient = real_slices.assign(split=real_slices.case_id.map(split)).groupby("patient_id")["split"].nunique()
     assert (by_patient == 1).all()
+
+
+def test_patient_folds_test_every_case_once(real_slices):
+    case_ids = real_slices.case_id.unique()
+    folds = [data.patient_fold(case_ids, f"patient-fold-{k}-of-5") for k in range(1, 6)]
+    assert folds[0] == data.split_by_patient(case_ids)  # fold 1 of 5 is the default split
+    table = train.split_table(real_slices, "patient-fold-2-of-5")  # what `train --split` uses
+    assert table.split.equals(real_slices.case_id.map(folds[1]))
+    tested = [case for fold in folds for case, name in fold.items() if name == "test"]
+    assert sorted(tested) == sorted(case_ids)  # every case tested exactly once over the folds
+    for fold in folds:
+        counts = {name: list(fold.values()).count(name) for name in data.SPLITS}
+        assert 10 <= counts["test"] <= 26 and 4 <= counts["val"] <= 14, counts
+
+
+@pytest.mark.parametrize(
+    "name", ["patient-fold-0-of-5", "patient-fold-6-of-5", "patient-fold-1-of-2", "patient-fold-x"]
+)
+def test_malformed_fold_names_are_refused(name):
+    with pytest.raises(ValueError, match=f"received '{name}'"):
+        train.split_table(pd.DataFrame({"case_id": ["TCGA_AA_0001_20000101"]}), name)
 
 
 def test_tiny_subsets_still_get_validation_and_test_cases():

@@ -124,6 +124,16 @@ def timed_fit(model, dataset, steps):
     return elapsed
 
 
+def time_batches(batches, steps):
+    """Seconds to draw `steps` batches from an input pipeline alone (the first, which starts its
+    shuffle buffers and threads, is drawn outside the timing)."""
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return time.perf_counter() - start
+
+
 def compiled(key, size, jit_compile=True):
     _, task, build = MODELS[key]
     return train.compile_model(build(size), task, jit_compile=jit_compile)
@@ -287,13 +297,7 @@ def measure_training(model, dataset, steps, batch_size, fixed_batch=True):
     result["fixed_batch_slices_per_s"] = rate(steps * batch_size, fixed_seconds)
     result["data_wait_share"] = max(0.0, 1.0 - fixed_seconds / seconds)
 
-    iterator = iter(dataset.repeat())
-    next(iterator)  # start the pipeline (shuffle buffers, threads) outside the timing
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(iterator)
-    pipeline_seconds = time.perf_counter() - start
-    del iterator
+    pipeline_seconds = time_batches(iter(dataset.repeat()), steps)
     result["pipeline_only_s"] = pipeline_seconds
     result["pipeline_only_slices_per_s"] = rate(steps * batch_size, pipeline_seconds)
     return result
@@ -402,12 +406,8 @@ def benchmark_original_generator(slices, steps, batch_size, size):
     _, source = image_data_generator_class()
     result = {"image_data_generator": source, "augmentation": ORIGINAL_AUGMENTATION, "steps": steps}
     result["tif_reading"] = check_tif_reading(slices)
-    generator = original_generator(slices, size, batch_size)
-    next(generator)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(generator)
-    result["pipeline_only_slices_per_s"] = rate(steps * batch_size, time.perf_counter() - start)
+    seconds = time_batches(original_generator(slices, size, batch_size), steps)
+    result["pipeline_only_slices_per_s"] = rate(steps * batch_size, seconds)
     return result
 
 

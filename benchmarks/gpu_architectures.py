@@ -107,16 +107,12 @@ def _batches(arrays, batch_size, tumor_fraction, seed):
 
 def _probabilities(model, images, native_size=256):
     """Plain and flip-TTA probabilities, resized to the native size as `lgg.inference` does."""
-    import cv2
+    from lgg.inference import resize_probabilities
 
     images = images.astype(np.float32)
     plain = model.predict(images, batch_size=64, verbose=0)[..., 0]
     mirrored = model.predict(images[:, :, ::-1], batch_size=64, verbose=0)[..., 0][:, :, ::-1]
-
-    def resize(stack):
-        return np.stack([cv2.resize(p, (native_size, native_size), interpolation=cv2.INTER_LINEAR) for p in stack])
-
-    return resize(plain), resize((plain + mirrored) / 2)
+    return resize_probabilities(plain, native_size), resize_probabilities((plain + mirrored) / 2, native_size)
 
 
 def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor_fraction=0.5, seed=0):

@@ -149,10 +149,10 @@ def resolution_ceiling(data_dir, sizes=(128, 160, 192)):
     """What training at S x S alone costs: the true test masks resized to S x S and back to 256 x 256
     the way predictions are (area down, bilinear up, threshold 0.5), scored against themselves.
     -> `results/resolution_ceiling.json`."""
-    import cv2
     import numpy as np
 
     from lgg import data, evaluate, metrics
+    from lgg.inference import resize_probabilities
 
     slices = evaluate.slices_with_split(data_dir, RUNS / "results-unet" / "split.csv")
     rows = slices[slices["split"] == "test"]
@@ -160,7 +160,7 @@ def resolution_ceiling(data_dir, sizes=(128, 160, 192)):
     ceiling = {"cases": int(rows["case_id"].nunique()), "sizes": {}}
     for size in sizes:
         small = np.stack([data.resize_mask(mask[..., 0], size) for mask in masks]).astype(np.float32)
-        back = np.stack([cv2.resize(m, (data.NATIVE_SIZE,) * 2, interpolation=cv2.INTER_LINEAR) for m in small])
+        back = resize_probabilities(small, data.NATIVE_SIZE)
         per_case, summary = metrics.segmentation_report(rows, masks, back, 0.5)
         ceiling["sizes"][str(size)] = {
             "case_dice_mean": summary["case_dice_mean"],

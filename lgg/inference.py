@@ -38,12 +38,17 @@ def predict_probabilities(model, images, batch_size=32, hflip_tta=False):
         probabilities = (probabilities + (mirrored[:, :, ::-1] if task == "segmentation" else mirrored)) / 2
     if task == "classification":
         return probabilities[:, 0]
+    return resize_probabilities(probabilities[..., 0], images.shape[1])
+
+
+def resize_probabilities(probabilities, size):
+    """Probability maps `(N, S, S)` resized bilinearly to `(N, size, size)`: how a model's output
+    at its input size is brought back to the resolution of the true masks."""
     import cv2
 
-    height = images.shape[1]
-    if height == size:
-        return probabilities[..., 0]
-    return np.stack([cv2.resize(p[..., 0], (height, height), interpolation=cv2.INTER_LINEAR) for p in probabilities])
+    if probabilities.shape[1] == size:
+        return probabilities
+    return np.stack([cv2.resize(p, (size, size), interpolation=cv2.INTER_LINEAR) for p in probabilities])
 
 
 def predict_with_mirror(model, images, batch_size=32):

@@ -1,9 +1,10 @@
-# The two commands: `make demo` (set up, train a short U-Net, evaluate, export) and `make test`.
+# The two commands: `make demo` (set up; the shipped U-Net outlines a real case; then train a short U-Net,
+# evaluate, export) and `make test`.
 PYTHON := .venv/bin/python
 DATA ?= data
 RUNS ?= runs
 
-.PHONY: setup demo train test lint results bench clean
+.PHONY: setup demo train test test-fast lint results bench clean
 
 $(PYTHON):
 	python3 -m venv .venv
@@ -19,6 +20,9 @@ demo: setup
 	elif [ -f ../shared/lgg/restore.py ]; then $(PYTHON) ../shared/lgg/restore.py $(DATA); \
 	else echo "No dataset in $(DATA)/: using a SYNTHETIC demo set (see data/README.md for the real one)"; \
 	  $(PYTHON) -m lgg demo-data --dest $(DATA)/demo; fi
+	@if [ -d $(DATA)/kaggle_3m ] && [ -f models/unet/model.h5 ]; then \
+	  case=$$(ls -d $(DATA)/kaggle_3m/*/ | head -1); echo "The shipped U-Net (models/unet) on $$case:"; \
+	  $(PYTHON) -m lgg predict --out $(RUNS)/demo-predict --overwrite $$case; fi
 	$(PYTHON) -m lgg train unet --data $$( [ -d $(DATA)/kaggle_3m ] && echo $(DATA) || echo $(DATA)/demo ) \
 	  --out $(RUNS)/demo-unet --max-cases 24 --epochs 3 --image-size 128 --overwrite
 
@@ -34,11 +38,14 @@ lint: setup
 test: lint
 	$(PYTHON) -m pytest -q --durations=15
 
+test-fast: setup  # everything but the slow end-to-end tests (training, notebooks)
+	$(PYTHON) -m pytest -q -m "not slow"
+
 results: setup
 	bash benchmarks/results.sh
 
 bench: setup
 	$(PYTHON) benchmarks/bench.py --data $(DATA) --out results/benchmark.json
 
-clean:
-	rm -rf .venv $(RUNS)
+clean:  # only what make itself created: the environment and the demo's run folders, never other runs
+	rm -rf .venv $(RUNS)/demo-unet $(RUNS)/demo-predict

@@ -5,6 +5,8 @@ results table.
     python benchmarks/results.py                      # train all, then collect
     python benchmarks/results.py --models unet        # train one
     python benchmarks/results.py --collect-only       # rebuild results/ and the README table from runs/
+                                                      # (rows without a run folder: from results/*.json)
+    python benchmarks/results.py --ship unet-fold2    # that run's model -> models/unet/ with its model card
 """
 
 import argparse
@@ -12,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lgg.files import atomic_path, save_json
@@ -21,7 +24,8 @@ RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 COMMON = {"epochs": 100, "batch_size": 16, "image_size": 128, "seed": 0, "patience": 10}
 # The U-Net results configuration (`make train` runs the same).
 UNET = {"tumor_fraction": 0.5, "max_minutes": 60, "schedule": "time-cosine", "snapshot_minutes": (15, 30, 45, 60)}
-# name -> (model kind, settings). Time limits: about four hours of CPU for all six (60+60+60+15+20+20 min + evaluation).
+# name -> (model kind, settings). Time limits: about eight hours of CPU for all ten (7 x 60 + 15 + 20 + 20 min,
+# plus evaluation); train one row at a time with --models.
 CONFIGS = {
     "unet": ("unet", UNET),
     "unet-seed1": ("unet", {**UNET, "seed": 1}),  # the same run with another seed: how much is luck
@@ -29,7 +33,11 @@ CONFIGS = {
     "classifier": ("classifier", {"backbone": "light", "max_minutes": 15}),
     "resnet50-unet": ("resnet50-unet", {"tumor_fraction": 0.5, "max_minutes": 20, "encoder_weights": "imagenet"}),
     "unet-leaky-slice-split": ("unet", {"tumor_fraction": 0.5, "max_minutes": 20, "split": "random-slice-leaky"}),
+    # the other folds of the 5-fold cross-validation by patient (fold 1 of 5 is the `unet` row's split)
+    **{f"unet-fold{k}": ("unet", {**UNET, "split": f"patient-fold-{k}-of-5"}) for k in range(2, 6)},
 }
+# the U-Net recipe over the 5 patient folds: every one of the 88 patients tested once, by a model that never saw it
+CROSS_VALIDATION = ("unet", "unet-fold2", "unet-fold3", "unet-fold4", "unet-fold5")
 PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
 
 
@@ -50,9 +58,12 @@ def train(name, data_dir):
 
 
 def collect(name, data_dir):
+    """The row of `name` from its run folder (`runs/results-<name>/`), which also refreshes
+    `results/`; without the run folder (a fresh clone), the committed `results/<name>.json`."""
     run_dir = RUNS / f"results-{name}"
     if not (run_dir / "test_summary.json").exists():
-        return None
+        committed = RESULTS / f"{name}.json"
+        return json.loads(committed.read_text()) if committed.exists() else None
     config = json.loads((run_dir / "config.json").read_text())
     history = pd.read_csv(run_dir / "history.csv")
     summary = json.loads((run_dir / "test_summary.json").read_text())
@@ -145,6 +156,95 @@ def uncertainty(run_dir, data_dir, summary):
     return result
 
 
+def cross_validation(results):
+    """Pool the folds of `CROSS_VALIDATION` that have results: every case scored once by the fold
+    model that never saw it. Mean and median per-case Dice with its 95 % bootstrap interval, cases
+    at Dice 0, tumor-slice Dice (weighted by each fold's tumor slices), false-positive rate on
+    tumor-free slices (pooled counts), and the Dice after N minutes (each fold's snapshots,
+    weighted by its cases) -> `results/unet-cross-validation.json` and `.csv` (one row per case)."""
+    from lgg import metrics
+
+    folds = [r for r in results if r["name"] in CROSS_VALIDATION]
+    if len(folds) < 2:
+        return None
+    tables = []
+    for r in folds:
+        table = pd.read_csv(RESULTS / r["name"] / "test.csv").assign(fold=r["name"], split=r["split"])
+        tables.append(table)
+    cases = pd.concat(tables, ignore_index=True)
+    if cases["case_id"].duplicated().any():
+        raise ValueError(f"a case is tested by two folds: {sorted(cases.case_id[cases.case_id.duplicated()])}")
+    tumor_slices = [r["test"]["tumor_slice_dice_mean"] * _test_counts(r)["tumor_slices"] for r in folds]
+    tumor_free = cases["slices"] - cases["tumor_slices"]
+    pooled = {
+        "folds": [r["name"] for r in folds],
+        "splits": [r["split"] for r in folds],
+        "cases": int(len(cases)),
+        "case_dice_mean": float(cases.case_dice.mean()),
+        "case_dice_median": float(cases.case_dice.median()),
+        "case_dice_mean_ci95": list(metrics.mean_confidence_interval(cases.case_dice)),
+        "cases_at_dice_0": sorted(cases.case_id[cases.case_dice == 0]),
+        "tumor_slice_dice_mean": float(sum(tumor_slices) / sum(_test_counts(r)["tumor_slices"] for r in folds)),
+        "tumor_free_false_positive_rate": float(cases.false_positive_slices.sum() / tumor_free.sum()),
+        "per_fold": [
+            {
+                "fold": r["name"],
+                "split": r["split"],
+                "cases": r["test"]["cases"],
+                "case_dice_mean": r["test"]["case_dice_mean"],
+                "epochs": r["epochs_run"],
+                "training_minutes": r["training_minutes"],
+            }
+            for r in folds
+        ],
+    }
+    curves = [
+        pd.DataFrame(r["after_minutes"]).assign(cases=r["test"]["cases"]) for r in folds if r.get("after_minutes")
+    ]
+    if len(curves) == len(folds):
+        curve = pd.concat(curves)
+        pooled["after_minutes"] = [
+            {
+                "minutes": float(minutes),
+                "case_dice_mean": float((group.case_dice_mean * group.cases).sum() / group.cases.sum()),
+                "cases": int(group.cases.sum()),
+            }
+            for minutes, group in curve.groupby("minutes")
+            if group.cases.sum() == len(cases)  # only marks that every fold reached
+        ]
+    save_json(pooled, RESULTS / "unet-cross-validation.json")
+    from lgg.files import save_csv
+
+    save_csv(cases, RESULTS / "unet-cross-validation.csv")
+    return pooled
+
+
+def _test_counts(result):
+    return next(row for row in result["split_counts"] if row["split"] == "test")
+
+
+def cross_validation_text(pooled):
+    low, high = pooled["case_dice_mean_ci95"]
+    folds = ", ".join(
+        f"{f['split']} {f['case_dice_mean']:.3f} ({f['cases']} cases; {f['epochs']} epochs/{f['training_minutes']} min)"
+        for f in pooled["per_fold"]
+    )
+    zero = pooled["cases_at_dice_0"]
+    lines = [
+        f"**Cross-validation by patient, the U-Net recipe of the first row** ({len(pooled['folds'])} of 5 folds run: "
+        f"{pooled['cases']} of the 88 patients, each scored once by the fold model that never saw it; "
+        f"`results/unet-cross-validation.json`, one row per case in `results/unet-cross-validation.csv`): "
+        f"mean per-case Dice **{pooled['case_dice_mean']:.3f}** (95 % interval {low:.3f}–{high:.3f}), median "
+        f"{pooled['case_dice_median']:.3f}; {len(zero)} cases at Dice 0{' (' + ', '.join(zero) + ')' if zero else ''}; "
+        f"tumor-slice Dice {pooled['tumor_slice_dice_mean']:.3f}; false-positive rate on tumor-free slices "
+        f"{pooled['tumor_free_false_positive_rate']:.3f}. Per fold: {folds}.",
+    ]
+    if pooled.get("after_minutes"):
+        points = ", ".join(f"{p['case_dice_mean']:.3f} after {p['minutes']:g} min" for p in pooled["after_minutes"])
+        lines += ["", f"Pooled over the same cases, the weights kept after N minutes: {points}."]
+    return "\n".join(lines)
+
+
 def resolution_ceiling(data_dir, sizes=(128, 160, 192)):
     """What training at S x S alone costs: the true test masks resized to S x S and back to 256 x 256
     the way predictions are (area down, bilinear up, threshold 0.5), scored against themselves.
@@ -224,7 +324,7 @@ def readme_table(results):
             label += f", {r['dice_loss']} Dice loss"
         if r.get("seed", 0) != 0:
             label += f", seed {r['seed']}"
-        split = "random slices, **leaky**" if r["split"] != "patient" else "patient"
+        split = "random slices, **leaky**" if r["split"] == "random-slice-leaky" else r["split"]
         raw = t.get("raw", t)["case_dice_mean"]
         lines.append(
             f"| {label} | {split}: {_counts(r)} | {r['image_size']}² | {r['epochs_run']} ({r['best_epoch']}) | "
@@ -261,6 +361,9 @@ def readme_table(results):
                 + " | ".join(f"{f[split]['case_dice_mean']:.3f} ({f[split]['cases']})" for split in ("train", "val"))
                 + f" | {f['test']['case_dice_mean']:.3f} ({r['test']['cases']}) | {versus} |"
             )
+    pooled_file = RESULTS / "unet-cross-validation.json"
+    if pooled_file.exists():
+        lines += ["", cross_validation_text(json.loads(pooled_file.read_text()))]
     ceiling_file = RESULTS / "resolution_ceiling.json"
     if ceiling_file.exists():
         ceiling = json.loads(ceiling_file.read_text())
@@ -425,12 +528,154 @@ def write_readme(results):
         temporary.write_text(text)
 
 
+MODELS = ROOT / "models"
+DATASET_TERMS = (
+    "Kaggle [LGG MRI Segmentation](https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation) (Buda, "
+    "Saha, Mazurowski 2019), images from TCGA-LGG in The Cancer Imaging Archive: the dataset's own terms (Kaggle "
+    "page, TCIA data usage policy) apply to these weights' use; the code that trained them is MIT-licensed. "
+    "Cite: Buda M, Saha A, Mazurowski MA. Association of genomic subtypes of lower-grade gliomas with shape "
+    "features automatically extracted by a deep learning algorithm. Computers in Biology and Medicine 109 (2019)."
+)
+
+
+def ship(name, data_dir, target="unet"):
+    """Copy the model of the run `name` into `models/<target>/` (`model.h5` without optimizer state,
+    `postprocess.json`, `split.csv`) with `MODEL_CARD.md` and `card.json`. A shipped model is
+    replaced only by a run whose recipe scores a higher pooled cross-validated mean per-case Dice."""
+    import hashlib
+
+    import keras
+
+    from lgg import evaluate
+
+    run_dir, folder = RUNS / f"results-{name}", MODELS / target
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    pooled_file = RESULTS / "unet-cross-validation.json"
+    pooled = json.loads(pooled_file.read_text()) if pooled_file.exists() else None
+    if pooled is None or name not in pooled["folds"]:
+        raise ValueError(f"{name} is not one of the pooled cross-validation folds; run --collect-only first")
+    card_file = folder / "card.json"
+    shipped = json.loads(card_file.read_text()) if card_file.exists() else None
+    if shipped:
+        if shipped["cross_validation"]["case_dice_mean"] >= pooled["case_dice_mean"] and shipped["run"] != name:
+            raise ValueError(
+                f"models/{target} holds a model whose recipe scores "
+                f"{shipped['cross_validation']['case_dice_mean']:.3f} (pooled); {name}'s recipe scores "
+                f"{pooled['case_dice_mean']:.3f}: not better, not replaced"
+            )
+    # everything is built in a new folder and swapped in at the end: a failure leaves the shipped model as it was
+    staging = MODELS / f".{target}-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model = keras.models.load_model(run_dir / "model.h5", compile=False)
+    if shipped and shipped["run"] == name:  # the same model, its card brought up to date: the same file, no new blob
+        shutil.copy(folder / "model.h5", staging / "model.h5")
+    else:
+        model.save(staging / "model.h5", include_optimizer=False)
+    probe = np.random.default_rng(0).uniform(0, 255, (4, *model.input_shape[1:])).astype("float32")
+    evaluate.check_reloaded(model, [staging / "model.h5"], probe)
+    for extra in ("postprocess.json", "split.csv"):
+        shutil.copy(run_dir / extra, staging / extra)
+    # the test figure of the shipped file itself, as a user would measure it (tests/test_shipped.py repeats it)
+    shipped_test = evaluate.evaluate_model_file(staging / "model.h5", data_dir, out_dir=RUNS / f"ship-{name}-eval")
+    sha256 = hashlib.sha256((staging / "model.h5").read_bytes()).hexdigest()
+    card = {
+        "run": name,
+        "file": f"models/{target}/model.h5",
+        "sha256": sha256,
+        "megabytes": round((staging / "model.h5").stat().st_size / 1e6, 2),
+        "parameters": int(model.count_params()),
+        "input": list(model.input_shape),
+        "split": result["split"],
+        "split_counts": result["split_counts"],
+        "recipe": result["command"],
+        "image_size": result["image_size"],
+        "epochs_run": result["epochs_run"],
+        "best_epoch": result["best_epoch"],
+        "training_minutes": result["training_minutes"],
+        "environment": result["environment"],
+        "test": {k: shipped_test[k] for k in ("cases", "case_dice_mean", "case_dice_median", "postprocessing")},
+        "cross_validation": {
+            k: pooled[k]
+            for k in ("folds", "cases", "case_dice_mean", "case_dice_median", "case_dice_mean_ci95", "cases_at_dice_0")
+        },  # fmt: skip
+    }
+    save_json(card, staging / "card.json")
+    (staging / "MODEL_CARD.md").write_text(model_card(card))
+    if folder.exists():
+        retired = MODELS / f".{target}-retired"
+        shutil.rmtree(retired, ignore_errors=True)
+        folder.rename(retired)
+        staging.rename(folder)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(folder)
+    print(f"Shipped {name} as models/{target}/model.h5 ({card['megabytes']} MB, sha256 {sha256})")
+    return card
+
+
+def model_card(card):
+    from lgg import postprocess
+
+    test, cv, env = card["test"], card["cross_validation"], card["environment"]
+    counts = {row["split"]: row for row in card["split_counts"]}
+    low, high = cv["case_dice_mean_ci95"]
+    size = card["image_size"]
+    rows = {
+        "file": f"`{card['file']}`, {card['megabytes']} MB, sha256 `{card['sha256']}`",
+        "architecture": f"U-Net (Ronneberger 2015), {card['parameters'] / 1e6:.2f} M parameters",
+        "contract": f"raw slices, float32 in [0, 255], shape (N, {size}, {size}, 3), channels pre-contrast, FLAIR, "
+        f"post-contrast (preprocessing inside the model) -> (N, {size}, {size}, 1) tumor probabilities; loads with "
+        "`keras.models.load_model(path, compile=False)` without this package; `lgg` resizes 256² slices to "
+        f"{size}² and the probabilities back",
+        "post-processing": "`postprocess.json` beside it, chosen on the validation cases: "
+        + postprocess.describe(test["postprocessing"]),
+        "data": f"the 88 shared cases of the Kaggle set, split `{card['split']}` (`split.csv` beside it): trained on "
+        f"{counts['train']['cases']} patients ({counts['train']['slices']} slices), best epoch chosen on "
+        f"{counts['val']['cases']} validation patients, tested on {counts['test']['cases']} patients "
+        f"({counts['test']['slices']} slices) it never saw",
+        "recipe": f"`{card['recipe']}`: {card['epochs_run']} epochs (best {card['best_epoch']}) in "
+        f"{card['training_minutes']} min",
+        "machine": f"{env.get('processor')} ({env.get('machine')}), {env.get('cpu_count')} cores, no GPU; "
+        f"TensorFlow {env.get('tensorflow')}, Keras {env.get('keras')}",
+        "this model, its own test patients": f"mean per-case Dice {test['case_dice_mean']:.3f}, median "
+        f"{test['case_dice_median']:.3f} ({test['cases']} cases)",
+        "its recipe, cross-validated": f"mean per-case Dice {cv['case_dice_mean']:.3f} (95 % interval "
+        f"{low:.3f}–{high:.3f}), median {cv['case_dice_median']:.3f}, over {cv['cases']} patients, each scored by "
+        f"the fold model that never saw it (folds {', '.join(cv['folds'])}); {len(cv['cases_at_dice_0'])} at Dice 0",
+        "license and citation": DATASET_TERMS,
+    }
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+    return f"""# Model card: U-Net for LGG FLAIR abnormality segmentation
+
+Written by `python benchmarks/results.py --ship {card["run"]}` (the same facts as JSON: `card.json`).
+
+| | |
+| --- | --- |
+{table}
+
+Per-case Dice is over each case's whole volume at 256×256 (`lgg.metrics`), measured on this file
+(`python -m lgg evaluate`, post-processing from `postprocess.json`). The field's figure for this
+dataset is 0.82 mean per-case Dice (Buda et al. 2019, 22-fold cross-validation on 110 patients).
+Which fold's model ships was decided before that fold's test figure existed (the first fold run
+after fold 1), not by picking the best fold. Not a medical device: for research and teaching.
+
+Use it: `python -m lgg predict --out OUT data/kaggle_3m/<case>` (the shipped model is the default), or
+`keras.models.load_model("{card["file"]}", compile=False)`. Score it on its own test patients:
+`python -m lgg evaluate --model {card["file"]} --data data --out runs/shipped-eval`.
+"""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT / "data"))
     parser.add_argument("--models", default=",".join(CONFIGS), help=f"comma-separated, of {list(CONFIGS)}")
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--ship", default=None, help="copy this run's model into models/unet/ with its model card")
     args = parser.parse_args(argv)
+    if args.ship:
+        ship(args.ship, args.data)
+        return
     if not args.collect_only:
         for name in args.models.split(","):
             train(name, args.data)
@@ -438,6 +683,7 @@ def main(argv=None):
     if (RUNS / "results-unet" / "split.csv").exists():
         resolution_ceiling(args.data)
     two_stage(args.data, again=not args.collect_only)
+    cross_validation(results)
     write_readme(results)
     print(readme_table(results))
 

@@ -1,42 +1,101 @@
 """Command line: `python -m lgg train|evaluate|predict|download|demo-data ...` (see `--help`)."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from lgg.data import DatasetError
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up INFO lines would bury a one-line refusal
+
+from lgg import guards  # noqa: E402
+from lgg.data import DatasetError  # noqa: E402
 
 
 def _encoder_weights(value):
     return None if value in (None, "none", "None") else value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a refused setting in one line (`error: ...`, exit code 2), without the usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# number flags, checked at the door: (check, options) per flag name
+_PROBABILITY = (guards.probability, {})
+_MINUTES = (guards.positive, {"maximum": 7 * 24 * 60})  # at most a week
+_MILLIMETRES = (guards.positive, {"maximum": 100.0})
+
+
+def _flag(name, check_options):
+    check, options = check_options
+    return guards.argparse_type(check, name, **options)
+
+
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m lgg", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m lgg", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a model; writes a run folder")
     train.add_argument("kind", choices=["unet", "resnet50-unet", "classifier"])
     train.add_argument("--data", default="data", help="kaggle_3m folder or a folder containing it")
     train.add_argument("--out", required=True, help="run folder to create")
-    train.add_argument("--epochs", type=int, default=100, help="upper bound; early stopping decides")
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--image-size", type=int, default=128, help="side of the slices the model sees")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--max-cases", type=int, default=None)
+    train.add_argument(
+        "--epochs",
+        type=_flag("--epochs", (guards.positive, {"integer": True, "maximum": 100_000})),
+        default=100,
+        help="upper bound; early stopping decides",
+    )
+    train.add_argument(
+        "--batch-size", type=_flag("--batch-size", (guards.positive, {"integer": True, "maximum": 4096})), default=16
+    )
+    train.add_argument(
+        "--image-size",
+        type=_flag("--image-size", (guards.positive, {"integer": True, "maximum": 1024})),
+        default=128,
+        help="side of the slices the model sees",
+    )
+    train.add_argument(
+        "--seed", type=_flag("--seed", (guards.non_negative, {"integer": True, "maximum": 2**32 - 1})), default=0
+    )
+    train.add_argument(
+        "--max-cases",
+        type=_flag("--max-cases", (guards.positive, {"integer": True, "maximum": 100_000})),
+        default=None,
+    )
     train.add_argument(
         "--encoder-weights",
         default="imagenet",
         type=_encoder_weights,
         help="ResNet50 models: imagenet, none, or a weights file",
     )
-    train.add_argument("--base-filters", type=int, default=16, help="U-Net filters at the first level")
+    train.add_argument(
+        "--base-filters",
+        type=_flag("--base-filters", (guards.positive, {"integer": True, "maximum": 512})),
+        default=16,
+        help="U-Net filters at the first level",
+    )
     train.add_argument("--attention", action="store_true", help="resnet50-unet: attention gates (Oktay 2018)")
     train.add_argument("--backbone", choices=["light", "resnet50"], default="light", help="classifier backbone")
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--patience", type=int, default=10)
-    train.add_argument("--tumor-fraction", type=float, default=None, help="oversample tumor slices to this share")
-    train.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    train.add_argument(
+        "--learning-rate", type=_flag("--learning-rate", (guards.positive, {"maximum": 1})), default=1e-3
+    )
+    train.add_argument(
+        "--patience", type=_flag("--patience", (guards.positive, {"integer": True, "maximum": 100_000})), default=10
+    )
+    train.add_argument(
+        "--tumor-fraction",
+        type=_flag("--tumor-fraction", _PROBABILITY),
+        default=None,
+        help="oversample tumor slices to this share",
+    )
+    train.add_argument(
+        "--max-minutes",
+        type=_flag("--max-minutes", _MINUTES),
+        default=None,
+        help="stop after this much training time",
+    )
     train.add_argument(
         "--split",
         default="patient",
@@ -52,10 +111,10 @@ def _parser():
     )
     train.add_argument(
         "--snapshot-minutes",
-        type=float,
+        type=_flag("--snapshot-minutes", (guards.non_negative, _MINUTES[1])),
         nargs="*",
         default=(),
-        help="keep the weights reached after these many minutes (e.g. 15 30 60)",
+        help="keep the weights reached after these many minutes (e.g. 15 30 60; 0: after the first epoch)",
     )
     train.add_argument("--no-jit", dest="jit_compile", action="store_false", help="train without XLA")
     train.add_argument(
@@ -70,14 +129,16 @@ def _parser():
         default="float32",
         help="mixed_bfloat16: compute in bfloat16, weights and the exported model in float32",
     )
-    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished or failed run folder of ours")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
     evaluate = commands.add_parser("evaluate", help="score a model on a split of a data folder")
     evaluate.add_argument("--model", required=True, help="model.h5 or model.keras")
     evaluate.add_argument("--data", default="data")
     evaluate.add_argument("--split-file", default=None, help="split.csv of a run (default: the model's run folder)")
-    evaluate.add_argument("--split", default="test", help="which split to score: train, val, test or all")
+    evaluate.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "all"], help="which split to score"
+    )
     evaluate.add_argument("--out", default=None, help="folder for the results (default: the model's folder)")
     evaluate.add_argument(
         "--tune-postprocessing",
@@ -90,28 +151,54 @@ def _parser():
         help="also score the two-stage pipeline: this classifier gates the segmenter slice by slice",
     )
     evaluate.add_argument(
-        "--threshold", type=float, default=None, help="score a plain threshold instead of the run's postprocess.json"
+        "--threshold",
+        type=_flag("--threshold", _PROBABILITY),
+        default=None,
+        help="score a plain threshold instead of the run's postprocess.json",
     )
 
     predict = commands.add_parser("predict", help="segment .tif slices, case folders or a kaggle_3m tree")
     predict.add_argument("inputs", nargs="+", help=".tif slices, case folders or dataset folders")
-    predict.add_argument("--model", required=True)
+    predict.add_argument("--model", default=None, help="model.h5 (default: the shipped models/unet/model.h5)")
     predict.add_argument("--out", required=True)
     predict.add_argument(
-        "--threshold", type=float, default=None, help="plain threshold instead of the run's postprocess.json"
+        "--threshold",
+        type=_flag("--threshold", _PROBABILITY),
+        default=None,
+        help="plain threshold instead of the run's postprocess.json",
     )
     predict.add_argument("--classifier", default=None, help="two-stage: a classifier model gates each slice")
-    predict.add_argument("--gate-threshold", type=float, default=None, help="default: two_stage.json, else 0.5")
-    predict.add_argument("--pixel-spacing-mm", type=float, default=None, help="in-plane pixel size, for areas in mm²")
-    predict.add_argument("--slice-thickness-mm", type=float, default=None, help="with --pixel-spacing-mm: volume in ml")
+    predict.add_argument(
+        "--gate-threshold",
+        type=_flag("--gate-threshold", _PROBABILITY),
+        default=None,
+        help="default: two_stage.json, else 0.5",
+    )
+    predict.add_argument(
+        "--pixel-spacing-mm",
+        type=_flag("--pixel-spacing-mm", _MILLIMETRES),
+        default=None,
+        help="in-plane pixel size, for areas in mm²",
+    )
+    predict.add_argument(
+        "--slice-thickness-mm",
+        type=_flag("--slice-thickness-mm", _MILLIMETRES),
+        default=None,
+        help="with --pixel-spacing-mm: volume in ml",
+    )
+    predict.add_argument("--overwrite", action="store_true", help="replace the earlier predictions in --out")
 
     download = commands.add_parser("download", help="download the Kaggle dataset with kagglehub")
     download.add_argument("--dest", default="data")
 
     demo = commands.add_parser("demo-data", help="write a small SYNTHETIC set in the Kaggle layout")
     demo.add_argument("--dest", default="data/demo")
-    demo.add_argument("--cases", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--cases", type=_flag("--cases", (guards.positive, {"integer": True, "maximum": 1000})), default=8
+    )
+    demo.add_argument(
+        "--seed", type=_flag("--seed", (guards.non_negative, {"integer": True, "maximum": 2**32 - 1})), default=0
+    )
     return parser
 
 
@@ -153,6 +240,7 @@ def main(argv=None):
                 args.gate_threshold,
                 args.pixel_spacing_mm,
                 args.slice_thickness_mm,
+                args.overwrite,
             )
         elif args.command == "download":
             from lgg.datasets import download_kaggle
@@ -163,7 +251,7 @@ def main(argv=None):
 
             root = write_demo_dataset(Path(args.dest), cases=args.cases, seed=args.seed)
             print(f"Wrote {args.cases} SYNTHETIC cases (not real MRI) to {root}")
-    except (DatasetError, FileExistsError, FileNotFoundError, RuntimeError, ValueError) as error:
+    except (DatasetError, OSError, RuntimeError, ValueError) as error:  # OSError: also read-only or full disks
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

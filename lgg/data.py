@@ -29,11 +29,12 @@ class DatasetError(ValueError):
     """A dataset file or folder that is missing, unreadable or not what the Kaggle set holds."""
 
 
-def find_dataset_root(data_dir):
+def find_dataset_root(data_dir, with_masks=True):
     """Return the folder holding the case folders: `data_dir` itself, or a `kaggle_3m` inside it.
 
     Accepts `kaggle_3m/`, its parent (e.g. `data/`), and the `lgg-mri-segmentation/` folder that
-    Kaggle's archive unpacks to.
+    Kaggle's archive unpacks to. `with_masks=False` (predict) also accepts case folders of slices
+    without masks.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -42,15 +43,22 @@ def find_dataset_root(data_dir):
             "(Kaggle account needed) or make a synthetic demo set with `python -m lgg demo-data`."
         )
     for candidate in (data_dir, data_dir / "kaggle_3m", data_dir / "lgg-mri-segmentation" / "kaggle_3m"):
-        if candidate.is_dir() and any(candidate.glob("*/*_mask.tif")):
+        if candidate.is_dir() and any(candidate.glob("*/*_mask.tif" if with_masks else "*/*.tif")):
             return candidate
+    if not with_masks:
+        raise DatasetError(f"no case folders (<case_id>/<case_id>_<n>.tif) found in {data_dir} or its kaggle_3m/")
     raise DatasetError(
         f"no case folders (<case_id>/<case_id>_<n>_mask.tif) found in {data_dir} or its kaggle_3m/ "
         "subfolder. Point --data at the kaggle_3m folder of the Kaggle LGG MRI Segmentation set."
     )
 
 
-def _read_tif(path, expected_shapes):
+def check_header(path, expected_shapes):
+    """Check a `.tif` header (shape, dtype) without reading its pixels; `DatasetError` naming the file."""
+    _read_tif(path, expected_shapes, pixels=False)
+
+
+def _read_tif(path, expected_shapes, pixels=True):
     """Read a one-page `.tif` after checking its header, so a damaged or huge file fails fast
     with a `DatasetError` naming it (a header claiming 60000x60000 pixels is refused before any
     memory is allocated)."""
@@ -63,7 +71,7 @@ def _read_tif(path, expected_shapes):
                     f"{path}: expected uint8 of shape {' or '.join(map(str, expected_shapes))}; "
                     f"found {page.dtype} of shape {page.shape}"
                 )
-            return page.asarray()
+            return page.asarray() if pixels else None
     except DatasetError:
         raise
     except Exception as error:  # tifffile raises many types for damaged files
@@ -115,22 +123,14 @@ def find_slices(data_dir, max_cases=None):
         case_dirs = case_dirs[:max_cases]
     rows = []
     for case_dir in case_dirs:
-        images, masks = {}, {}
-        for path in case_dir.iterdir():
-            if path.suffix.lower() not in (".tif", ".tiff"):
-                continue
-            match = SLICE_FILE.match(path.name)
-            if match is None or match["case_id"] != case_dir.name:
-                raise DatasetError(
-                    f"{path}: expected files named {case_dir.name}_<n>.tif and {case_dir.name}_<n>_mask.tif"
-                )
-            (masks if match["mask"] else images)[int(match["slice_index"])] = path
+        images, masks = case_slice_files(case_dir)
         if not images and not masks:
             raise DatasetError(f"{case_dir}: case folder holds no slices")
         for index in sorted(images.keys() ^ masks.keys()):
             present = images.get(index) or masks.get(index)
             missing = "mask" if index in images else "image"
             raise DatasetError(f"{present}: its {missing} is missing")
+        report_gaps(case_dir.name, images)
         rows += [
             {
                 "case_id": case_dir.name,
@@ -149,6 +149,44 @@ def find_slices(data_dir, max_cases=None):
     slices["tumor_area_px"] = areas
     slices["has_tumor"] = slices["tumor_area_px"] > 0
     return slices
+
+
+def case_slice_files(case_dir):
+    """`(images, masks)`: slice number -> path of one case folder's `.tif` files. Refuses, naming the
+    file, a case id unusable as a file name, a file named unlike the case, anything but a regular
+    file (a FIFO would hang the reader), and two files for one slice number (`_7` and `_07`)."""
+    from lgg import guards
+
+    case_dir = Path(case_dir)
+    guards.check_case_id(case_dir.name, case_dir)
+    images, masks = {}, {}
+    for path in sorted(case_dir.iterdir()):
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            continue
+        match = SLICE_FILE.match(path.name)
+        if match is None or match["case_id"] != case_dir.name:
+            raise DatasetError(f"{path}: expected files named {case_dir.name}_<n>.tif and {case_dir.name}_<n>_mask.tif")
+        if not path.is_file():
+            raise DatasetError(f"{path}: not a regular file")
+        found = masks if match["mask"] else images
+        index = int(match["slice_index"])
+        if index in found:
+            raise DatasetError(f"{found[index]} and {path.name}: two files for slice {index} of {case_dir.name}")
+        found[index] = path
+    return images, masks
+
+
+def slice_gaps(slice_indices):
+    """The missing runs `[(first, last), ...]` in sorted slice numbers (a case numbered 1 to n has none)."""
+    indices = sorted(slice_indices)
+    return [(before + 1, after - 1) for before, after in zip(indices, indices[1:]) if after - before > 1]
+
+
+def report_gaps(case_id, slice_indices):
+    """Print a note for each run of missing slice numbers: the 3-D step will not join across it."""
+    for first, last in slice_gaps(slice_indices):
+        missing = f"slice {first}" if first == last else f"slices {first}-{last}"
+        print(f"Note: {case_id}: {missing} missing; the slices on either side are not treated as neighbours")
 
 
 def load_clinical(data_dir):

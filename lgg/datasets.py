@@ -1,5 +1,6 @@
 """Getting data: the real set from Kaggle (kagglehub), or a small SYNTHETIC set in its layout."""
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,42 @@ def _synthetic_slice(rng, size, tumor_center, tumor_radius):
     return np.clip(image, 0, 255).astype(np.uint8), mask * 255
 
 
+def _holds_cases(folder):
+    """A case folder (`<name>_<n>_mask.tif` inside), or a folder of such case folders."""
+
+    def is_case(path):
+        return path.is_dir() and any(path.glob(f"{glob.escape(path.name)}_*_mask.tif"))
+
+    try:
+        return is_case(folder) or any(is_case(sub) for sub in folder.iterdir())
+    except OSError:  # a folder we may not list holds nothing of ours
+        return False
+
+
+def _is_demo(folder):
+    for candidate in (folder, folder.parent):
+        readme = candidate / "README.md"
+        if readme.is_file() and readme.read_text(errors="replace").startswith("SYNTHETIC demo data"):
+            return True
+    return False
+
+
 def write_demo_dataset(dest, cases=8, slices_per_case=20, seed=0):
     """Write SYNTHETIC cases in the Kaggle layout (ellipse 'brain', bright FLAIR blob 'tumor').
 
     Only for running the code on a machine without the real data; it says nothing about MRI.
     Returns the `kaggle_3m` folder.
     """
+    dest = Path(dest)
+    root = dest / "kaggle_3m"
+    # never inside a dataset (a case folder, or the folder of case folders), never into a real kaggle_3m
+    inside = [folder for folder in (dest, *dest.resolve().parents) if _holds_cases(folder) and not _is_demo(folder)]
+    if inside or (_holds_cases(root) and not _is_demo(root)):
+        raise FileExistsError(
+            f"--dest {dest}: {inside[0] if inside else root} holds a dataset, and synthetic cases must not be mixed "
+            "into real data; choose an empty folder"
+        )
     rng = np.random.default_rng(seed)
-    root = Path(dest) / "kaggle_3m"
     for case in range(cases):
         case_id = f"SYNTH_DEMO_{case:04d}_20000101"
         case_dir = root / case_id

@@ -8,18 +8,20 @@ import numpy as np
 import pandas as pd
 
 from lgg import data, metrics, plots, postprocess
+from lgg.data import DatasetError
 from lgg.files import save_csv, save_json
 from lgg.inference import model_task, predict_probabilities, predict_with_mirror
 
 
-def segment(model, images, case_ids, settings):
+def segment(model, images, case_ids, settings, slice_indices=None):
     """`(probabilities, masks)` of a segmenter on uint8 slices, with the post-processing `settings`
-    (flip TTA only when they ask for it). What `predict` and the two-stage pipeline run."""
+    (flip TTA only when they ask for it; `slice_indices`: the slices' numbers, so the 3-D step
+    does not join across missing slices). What `predict` and the two-stage pipeline run."""
     if settings["hflip_tta"]:
         probabilities = predict_with_mirror(model, images)[1]
     else:
         probabilities = predict_probabilities(model, images)
-    return probabilities, postprocess.masks_from_probabilities(probabilities, case_ids, settings)
+    return probabilities, postprocess.masks_from_probabilities(probabilities, case_ids, settings, slice_indices)
 
 
 def tune_postprocessing(model, slices, run_dir):
@@ -65,7 +67,7 @@ def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5, postp
         else:
             plain, tta = predict_probabilities(model, images), None
         probabilities = tta if settings["hflip_tta"] else plain
-        predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings)
+        predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings, rows["slice_index"])
         per_case, summary = metrics.segmentation_report(rows, masks, probabilities, predicted=predicted)
         summary["case_dice_mean_ci95"] = list(metrics.mean_confidence_interval(per_case["case_dice"]))
         summary["threshold"] = settings["threshold"]
@@ -114,17 +116,78 @@ def load_model(path):
         ) from None
 
 
+# Two copies of one float32 model differ only by rounding: the model in memory predicts through XLA, a
+# reloaded one through plain kernels, and CPUs (AVX2 or AVX-512 oneDNN kernels, thread order) and GPUs
+# (TF32 matmuls) round differently: 1.1e-5 and 1.6e-5 were seen on two CPUs. A model that loaded wrongly
+# or only in part is off by 0.1 to 1 (the old .h5 axis bug: 0.99; one layer left at its initial weights:
+# tests/test_export.py), so the bar sits far from both.
+SAME_MODEL_ATOL = 1e-3
+
+
+def check_same_predictions(actual, expected, name):
+    """Raise `AssertionError` naming `name` unless two copies of one model predict alike within
+    `SAME_MODEL_ATOL` (probabilities); return the largest absolute difference."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name} predicts shape {actual.shape}; the model in memory {expected.shape}")
+    difference = float(np.abs(actual - expected).max()) if actual.size else 0.0
+    if not difference <= SAME_MODEL_ATOL:  # also catches NaN
+        raise AssertionError(
+            f"{name} does not reproduce the model: its predictions differ by up to {difference:.2e} "
+            f"(two copies of one model agree within {SAME_MODEL_ATOL:g})"
+        )
+    return difference
+
+
+def check_reloaded(model, paths, images):
+    """Reload each exported file of `model` the way a user would (`compile=False`, no package
+    needed) and check that it predicts `images` as the model in memory does. Prints and returns
+    the largest difference per file; raises `AssertionError` for a file that does not reproduce it."""
+    expected = model.predict(images, verbose=0)
+    differences = {}
+    for path in map(Path, paths):
+        actual = keras.models.load_model(path, compile=False).predict(images, verbose=0)
+        differences[path.name] = check_same_predictions(actual, expected, path.name)
+        print(f"{path.name} reloaded; max difference on {len(images)} slices: {differences[path.name]:.2e}")
+    return differences
+
+
 def slices_with_split(data_dir, split_file):
     """The slices of `data_dir` with the `split` column of a run's `split.csv`."""
     split_file = Path(split_file)
     if not split_file.is_file():
         raise FileNotFoundError(f"split file not found: {split_file}; pass --split-file or --split all")
+    try:
+        table = pd.read_csv(split_file)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {split_file}: {error}") from None
+    if not {"case_id", "split"} <= set(table.columns):
+        raise ValueError(f"{split_file} is not a split file: it needs the columns case_id and split")
+    if (table.groupby("case_id")["split"].nunique() > 1).any():
+        raise ValueError(f"{split_file} puts a case in two splits; give each case one split")
     slices = data.find_slices(data_dir)
-    split = pd.read_csv(split_file).drop_duplicates("case_id").set_index("case_id")["split"]
+    split = table.drop_duplicates("case_id").set_index("case_id")["split"]
     slices["split"] = slices["case_id"].map(split)
     if slices["split"].isna().all():
         raise ValueError(f"none of the cases in {data_dir} appear in {split_file}")
     return slices
+
+
+def refuse_missing_cases(slices, split_file, split_names, data_dir, out_dir, run_dir):
+    """Name the cases `split_file` puts in `split_names` that `data_dir` lacks. Writing a partial
+    score into the run's own folder (`out_dir` None or `run_dir`) is refused; elsewhere it is noted."""
+    split = pd.read_csv(split_file).drop_duplicates("case_id").set_index("case_id")["split"]
+    missing = sorted(set(split[split.isin(split_names)].index) - set(slices["case_id"]))
+    if not missing:
+        return
+    named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    what = f"{len(missing)} {'/'.join(split_names)} cases of the run are missing from {data_dir}: {named}"
+    if out_dir is None or Path(out_dir).resolve() == Path(run_dir).resolve():
+        raise DatasetError(
+            f"{what}. Scoring the rest would replace the run's own results with a partial score; "
+            "pass --out to write it elsewhere"
+        )
+    print(f"Note: {what}; they are not scored")
 
 
 def evaluate_model_file(
@@ -144,6 +207,10 @@ def evaluate_model_file(
         slices = data.find_slices(data_dir).assign(split="all")
     else:
         slices = slices_with_split(data_dir, split_file or model_path.parent / "split.csv")
+    if split_name != "all":
+        scored = [split_name, "val"] if tune else [split_name]  # tuning chooses on the validation cases
+        split_path = split_file or model_path.parent / "split.csv"
+        refuse_missing_cases(slices, split_path, scored, data_dir, out_dir, model_path.parent)
     out_dir = Path(out_dir) if out_dir else model_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     if threshold is not None or model_task(model) != "segmentation":
@@ -210,6 +277,8 @@ def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
     if model_task(segmenter) != "segmentation" or model_task(classifier) != "classification":
         raise ValueError(f"expected a segmenter and a classifier; got {segmenter_path} and {classifier_path}")
     slices = slices_with_split(data_dir, segmenter_path.parent / "split.csv")
+    refuse_missing_cases(slices, segmenter_path.parent / "split.csv", ["val", "test"], data_dir, out_dir,
+                         segmenter_path.parent)  # fmt: skip
     classifier_split = classifier_path.parent / "split.csv"
     if classifier_split.is_file():
         trained_on = set(pd.read_csv(classifier_split).query("split == 'train'")["case_id"])
@@ -223,7 +292,7 @@ def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
     for split_name in ("val", "test"):
         rows = slices[slices["split"] == split_name]
         images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
-        probabilities, predicted = segment(segmenter, images, rows["case_id"], settings)
+        probabilities, predicted = segment(segmenter, images, rows["case_id"], settings, rows["slice_index"])
         tumor_probability = predict_probabilities(classifier, images)
         table = []
         for threshold in (None, *GATE_THRESHOLDS):

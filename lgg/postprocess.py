@@ -51,9 +51,24 @@ def largest_component_3d(volume):
     return labels == sizes.argmax()
 
 
-def masks_from_probabilities(probabilities, case_ids, settings=None):
-    """Binary masks `(N, H, W)` from probabilities, with `settings` like `RAW` (slices of a case
-    must be in slice order for `largest_3d` to mean anything)."""
+def largest_component_across_gaps(volume, slice_indices):
+    """`largest_component_3d` of one case whose slices carry the numbers `slice_indices` (in
+    order): where numbers are missing, the slices on either side are not neighbours, so a blank
+    slice is put between them and no region is joined across the gap."""
+    slice_indices = np.asarray(slice_indices)
+    breaks = np.flatnonzero(np.diff(slice_indices) != 1) + 1
+    if not len(breaks):
+        return largest_component_3d(volume)
+    volume = np.asarray(volume, bool)
+    padded = np.insert(volume, breaks, False, axis=0)
+    kept = largest_component_3d(padded)
+    return np.delete(kept, breaks + np.arange(len(breaks)), axis=0)
+
+
+def masks_from_probabilities(probabilities, case_ids, settings=None, slice_indices=None):
+    """Binary masks `(N, H, W)` from probabilities, with `settings` like `RAW`. The slices of a
+    case must be in slice order for `largest_3d`; with `slice_indices` (their numbers), slices
+    on either side of missing numbers are not joined."""
     settings = {**RAW, **(settings or {})}
     masks = np.asarray(probabilities) >= settings["threshold"]
     masks = remove_small_components(masks, settings["min_component_px"])
@@ -61,7 +76,10 @@ def masks_from_probabilities(probabilities, case_ids, settings=None):
         case_ids = np.asarray(case_ids)
         for case_id in pd.unique(case_ids):
             rows = case_ids == case_id
-            masks[rows] = largest_component_3d(masks[rows])
+            if slice_indices is None:
+                masks[rows] = largest_component_3d(masks[rows])
+            else:
+                masks[rows] = largest_component_across_gaps(masks[rows], np.asarray(slice_indices)[rows])
     return masks
 
 
@@ -79,7 +97,7 @@ def score_settings(slices, true_masks, probabilities, probabilities_tta=None):
         if settings["hflip_tta"] and probabilities_tta is None:
             continue
         source = probabilities_tta if settings["hflip_tta"] else probabilities
-        predicted = masks_from_probabilities(source, slices["case_id"], settings)
+        predicted = masks_from_probabilities(source, slices["case_id"], settings, slices.get("slice_index"))
         _, summary = metrics.segmentation_report(slices, true_masks, source, predicted=predicted)
         rows.append({**settings, **{k: summary[k] for k in metrics.SEGMENTATION_SUMMARY_KEYS}})
     return pd.DataFrame(rows)
@@ -117,7 +135,7 @@ def ablation(slices, true_masks, probabilities, probabilities_tta, chosen):
     rows = []
     for name, settings in steps:
         source = probabilities_tta if settings["hflip_tta"] else probabilities
-        predicted = masks_from_probabilities(source, slices["case_id"], settings)
+        predicted = masks_from_probabilities(source, slices["case_id"], settings, slices.get("slice_index"))
         _, summary = metrics.segmentation_report(slices, true_masks, source, predicted=predicted)
         rows.append({"step": name, **settings, **{k: summary[k] for k in metrics.SEGMENTATION_SUMMARY_KEYS}})
     return pd.DataFrame(rows)
@@ -134,12 +152,31 @@ def load(model_path):
         return dict(RAW)
     try:
         settings = json.loads(path.read_text())
-        unknown = set(settings) - set(RAW)
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}")
-        return {**RAW, **settings}
+        return check({**RAW, **settings} if isinstance(settings, dict) else settings)
     except ValueError as error:
         raise ValueError(f"{path} is not a valid post-processing file: {error}") from None
+
+
+def check(settings):
+    """`settings` with the types and ranges of `RAW`, or `ValueError` naming the key: a threshold in
+    (0, 1), a whole number of pixels >= 0, true / false for the switches (never a string)."""
+    from lgg import guards
+
+    if not isinstance(settings, dict):
+        raise ValueError(f"expected an object with the keys {sorted(RAW)}; found {type(settings).__name__}")
+    unknown = set(settings) - set(RAW)
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    for key in ("largest_3d", "hflip_tta"):
+        if not isinstance(settings[key], bool):
+            raise ValueError(f"{key} must be true or false; found {settings[key]!r}")
+    return {
+        **settings,
+        "threshold": guards.probability("threshold", settings["threshold"]),
+        "min_component_px": guards.non_negative(
+            "min_component_px", settings["min_component_px"], integer=True, maximum=256 * 256
+        ),
+    }
 
 
 def describe(settings):

@@ -1,19 +1,26 @@
 """`python -m lgg predict`: segment new slices, case folders or whole dataset folders.
 
-Per case it writes the predicted mask of every slice in the Kaggle naming
-(`<case>_<n>_mask.tif`, so the output can be evaluated like the dataset), an overlay PNG for each
+Per case it writes the predicted mask of every slice as `<case>_<n>_pred.tif` (never the
+dataset's `_mask.tif`, so a prediction can never replace a manual mask), an overlay PNG for each
 slice predicted to show tumor (`<case>_<n>_overlay.png`: predicted outline in red on FLAIR, the
 true outline in green where a mask exists), a montage of the case's tumor slices
 (`<case>_montage.png`), and one row of `cases.csv`: slices, tumor slices, tumor area in pixels per
-slice and in total (and in mm² / mm³ when `pixel_spacing_mm` and `slice_thickness_mm` are given:
+slice and in total (and in mm² / ml when `pixel_spacing_mm` and `slice_thickness_mm` are given:
 the Kaggle .tif files carry no spacing), the slice with the largest area, and the mean tumor
 probability inside the predicted mask.
+
+The output folder must lie apart from every input. `cases.csv` and `predict.json` (the manifest:
+`"status": "running"` until the last case is done, then `"complete"`) are rewritten after each
+case, so a killed run is visibly partial. A folder of earlier predictions is replaced only with
+`overwrite` (everything in it is removed first, so nothing stale stays); any other non-empty
+folder is refused, and so is a second process writing into the same folder (`.lgg-lock`).
 
 The masks follow the run's `postprocess.json` (chosen on its validation cases) unless a
 `threshold` is given. With a `classifier`, only slices it calls tumor keep their mask (the
 two-stage pipeline; threshold from the run's `two_stage.json`, else 0.5).
 """
 
+import glob
 import json
 from pathlib import Path
 
@@ -22,12 +29,15 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from lgg import data, plots, postprocess
+from lgg import data, guards, plots, postprocess
 from lgg.evaluate import gate_masks, load_model, segment
-from lgg.files import atomic_path, save_csv
+from lgg.files import atomic_path, save_csv, save_json
 from lgg.inference import model_task, predict_probabilities
 
 TRUE_BGR, PREDICTED_BGR = (0, 255, 0), (0, 0, 255)
+# the model that ships with the repository (see its MODEL_CARD.md): what predict uses when given none
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "unet" / "model.h5"
+PREDICTED_SUFFIX = "_pred.tif"  # never the dataset's `_mask.tif`: a prediction cannot replace a manual mask
 
 
 def overlay_image(image, predicted, truth=None):
@@ -48,45 +58,65 @@ def _write_png(path, image):
 
 
 def _gather(inputs):
-    """Group input paths into `case_id -> [(slice_index, image_path, mask_path or None)]`."""
-    cases = {}
+    """Group input paths into `case_id -> [(slice_index, image_path, mask_path or None)]`.
+
+    A case found twice (two inputs holding it) or a slice number given twice is refused with
+    both paths named: nothing is merged or dropped silently."""
+    cases, sources = {}, {}
+
+    def add(case_id, index, path, source):
+        if case_id in sources and sources[case_id] != source:
+            raise data.DatasetError(f"case {case_id} found twice: in {sources[case_id]} and in {source}")
+        sources[case_id] = source
+        entries = cases.setdefault(case_id, {})
+        if index in entries:
+            raise data.DatasetError(f"{entries[index][0]} and {path}: two files for slice {index} of {case_id}")
+        mask = path.with_name(f"{path.stem}_mask{path.suffix}")
+        entries[index] = (path, mask if mask.is_file() else None)
+
     for item in map(Path, inputs):
-        if item.is_file():
-            match = data.SLICE_FILE.match(item.name)
-            if match is None or match["mask"]:
-                raise data.DatasetError(f"{item}: expected a slice named <case_id>_<n>.tif")
-            mask = item.with_name(f"{item.stem}_mask{item.suffix}")
-            cases.setdefault(match["case_id"], []).append(
-                (int(match["slice_index"]), item, mask if mask.exists() else None)
-            )
-        elif item.is_dir():
+        if item.is_dir():
             case_dirs = (
                 [item]
                 if any(item.glob(f"{item.name}_*.tif"))
-                else sorted(path for path in data.find_dataset_root(item).iterdir() if path.is_dir())
+                else sorted(path for path in data.find_dataset_root(item, with_masks=False).iterdir() if path.is_dir())
             )
             for case_dir in case_dirs:
-                for path in sorted(case_dir.glob("*.tif")):
-                    match = data.SLICE_FILE.match(path.name)
-                    if match is None or match["case_id"] != case_dir.name:
-                        raise data.DatasetError(f"{path}: expected files named {case_dir.name}_<n>.tif")
-                    if not match["mask"]:
-                        mask = path.with_name(f"{path.stem}_mask{path.suffix}")
-                        cases.setdefault(case_dir.name, []).append(
-                            (int(match["slice_index"]), path, mask if mask.exists() else None)
-                        )
+                images, _ = data.case_slice_files(case_dir)
+                for index, path in images.items():
+                    add(case_dir.name, index, path, case_dir.resolve())
+        elif item.exists() and not item.is_file():
+            raise data.DatasetError(f"{item}: not a regular file or a folder")
+        elif item.is_file():
+            match = data.SLICE_FILE.match(item.name)
+            if match is None or match["mask"]:
+                raise data.DatasetError(f"{item}: expected a slice named <case_id>_<n>.tif")
+            guards.check_case_id(match["case_id"], item)
+            add(match["case_id"], int(match["slice_index"]), item, item.resolve().parent)
         else:
             raise FileNotFoundError(f"input not found: {item}")
     if not cases:
         raise data.DatasetError(f"no slices found in {', '.join(map(str, inputs))}")
-    return {case_id: sorted(entries) for case_id, entries in sorted(cases.items())}
+    return {
+        case_id: [(index, *entries[index]) for index in sorted(entries)] for case_id, entries in sorted(cases.items())
+    }
 
 
 def _gate_threshold(model_path, gate_threshold):
     if gate_threshold is not None:
         return gate_threshold
     path = Path(model_path).parent / "two_stage.json"
-    return float(json.loads(path.read_text())["gate_threshold"]) if path.is_file() else 0.5
+    if not path.is_file():
+        return 0.5
+    try:
+        return guards.probability("gate_threshold", json.loads(path.read_text())["gate_threshold"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is not a valid two-stage file: {error}") from None
+
+
+def _holds_case_folders(folder):
+    """True for a folder of case folders (`<case>/<case>_<n>.tif`), like `kaggle_3m/`."""
+    return any(sub.is_dir() and any(sub.glob(f"{glob.escape(sub.name)}_*.tif")) for sub in folder.iterdir())
 
 
 def predict_paths(
@@ -98,63 +128,110 @@ def predict_paths(
     gate_threshold=None,
     pixel_spacing_mm=None,
     slice_thickness_mm=None,
+    overwrite=False,
 ):
+    if model_path is None:
+        model_path = SHIPPED_MODEL
+        if not model_path.is_file():
+            raise FileNotFoundError(f"no --model given and no shipped model at {model_path}; pass --model RUN/model.h5")
+        print(f"Model: {model_path} (shipped; see MODEL_CARD.md beside it)")
+    out_dir = Path(out_dir)
+    cases = _gather(inputs)
+    # apart from the inputs, the folders holding their case folders (an output folder there would pass for
+    # a case the next time the data is read) and the model files (which --overwrite would delete)
+    case_folders = {path.parent for entries in cases.values() for _, path, _ in entries}
+    roots = {folder.parent for folder in case_folders if _holds_case_folders(folder.parent)}
+    guards.check_apart(out_dir, [*inputs, *case_folders, *roots])
+    guards.check_not_within(out_dir, [path for path in (model_path, classifier_path) if path is not None])
+    if pixel_spacing_mm is not None:
+        guards.positive("pixel_spacing_mm", pixel_spacing_mm)
+    if slice_thickness_mm is not None:
+        guards.positive("slice_thickness_mm", slice_thickness_mm)
+    guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")
     model = load_model(model_path)
     if model_task(model) != "segmentation":
         raise ValueError(f"{model_path} is a classifier ({model.output_shape}); predict needs a segmenter")
-    settings = postprocess.load(model_path) if threshold is None else {**postprocess.RAW, "threshold": threshold}
+    if threshold is None:
+        settings = postprocess.load(model_path)
+    else:
+        settings = {**postprocess.RAW, "threshold": guards.probability("threshold", threshold)}
     print(f"Post-processing: {postprocess.describe(settings)}")
     classifier = None
     if classifier_path is not None:
         classifier = load_model(classifier_path)
         if model_task(classifier) != "classification":
             raise ValueError(f"{classifier_path} outputs {classifier.output_shape}: --classifier needs a classifier")
-        gate_threshold = _gate_threshold(model_path, gate_threshold)
+        gate_threshold = guards.probability("gate threshold", _gate_threshold(model_path, gate_threshold))
         print(f"Two-stage: slices with classifier probability < {gate_threshold} get an empty mask")
-    out_dir = Path(out_dir)
-    cases = _gather(inputs)
-    rows = []
-    for number, (case_id, entries) in enumerate(cases.items(), 1):
-        images = np.stack([data.read_image(path) for _, path, _ in entries])
-        masks = [data.read_mask(mask) if mask else None for _, _, mask in entries]
-        probabilities, predicted = segment(model, images, [case_id] * len(entries), settings)
-        if classifier is not None:
-            predicted = gate_masks(predicted, predict_probabilities(classifier, images), gate_threshold)
-        case_dir = out_dir / case_id
-        case_dir.mkdir(parents=True, exist_ok=True)
-        areas = predicted.reshape(len(entries), -1).sum(axis=1)
-        for (index, _, _), mask, image, truth, area in zip(entries, predicted, images, masks, areas):
-            with atomic_path(case_dir / f"{case_id}_{index}_mask.tif") as temporary:
-                tifffile.imwrite(temporary, mask.astype(np.uint8) * 255)
-            if area:
-                _write_png(case_dir / f"{case_id}_{index}_overlay.png", overlay_image(image, mask, truth))
-        tumor = np.flatnonzero(areas)
-        if len(tumor):
-            figure = plots.plot_overlays(
-                images[tumor],
-                [masks[i] for i in tumor],
-                predicted[tumor].astype(np.float32),
-                [f"{case_id} slice {entries[i][0]}, {areas[i]} px" for i in tumor],
-                save_path=case_dir / f"{case_id}_montage.png",
-            )
-            plots.plt.close(figure)
-        row = {
-            "case_id": case_id,
-            "slices": len(entries),
-            "tumor_slices": int(len(tumor)),
-            "tumor_area_px_total": int(areas.sum()),
-            "tumor_area_px_per_slice": " ".join(str(int(a)) for a in areas),
-            "largest_slice_index": int(entries[int(np.argmax(areas))][0]) if len(tumor) else None,
-            "mean_probability_in_mask": float(probabilities[predicted].mean()) if predicted.any() else 0.0,
-        }
-        if pixel_spacing_mm:
-            row["tumor_area_mm2_total"] = float(areas.sum() * pixel_spacing_mm**2)
-            if slice_thickness_mm:
-                row["tumor_volume_ml"] = float(areas.sum() * pixel_spacing_mm**2 * slice_thickness_mm / 1000)
-        rows.append(row)
-        print(
-            f"[{number}/{len(cases)}] {case_id}: {len(tumor)} of {len(entries)} slices with tumor, "
-            f"{int(areas.sum())} px"
-        )
-    save_csv(pd.DataFrame(rows), out_dir / "cases.csv")
+    for entries in cases.values():  # every slice's header, before earlier predictions are replaced
+        for _, path, _ in entries:
+            data.check_header(path, [(data.NATIVE_SIZE, data.NATIVE_SIZE, 3)])
+    with guards.folder_lock(out_dir):
+        guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")  # again, now locked
+        guards.empty_folder(out_dir)  # ours (checked above): nothing stale stays beside the new results
+        guards.mark_folder(out_dir, guards.PREDICT_MARKER)
+        manifest = {"status": "running", "model": str(model_path), "inputs": [str(i) for i in inputs], "cases": []}
+        save_json(manifest, out_dir / "predict.json")
+        rows = []
+        try:
+            for number, (case_id, entries) in enumerate(cases.items(), 1):
+                rows.append(_predict_case(model, classifier, case_id, entries, settings, gate_threshold, out_dir,
+                                          pixel_spacing_mm, slice_thickness_mm))  # fmt: skip
+                save_csv(pd.DataFrame(rows), out_dir / "cases.csv")  # case by case: a killed run keeps what it did
+                manifest["cases"].append(case_id)
+                save_json(manifest, out_dir / "predict.json")
+                row = rows[-1]
+                print(
+                    f"[{number}/{len(cases)}] {case_id}: {row['tumor_slices']} of {row['slices']} slices with "
+                    f"tumor, {row['tumor_area_px_total']} px"
+                )
+        except Exception as error:
+            save_json({**manifest, "status": f"failed: {type(error).__name__}: {error}"}, out_dir / "predict.json")
+            raise
+        save_json({**manifest, "status": "complete"}, out_dir / "predict.json")
     return out_dir
+
+
+def _predict_case(
+    model, classifier, case_id, entries, settings, gate_threshold, out_dir, pixel_spacing_mm, slice_thickness_mm
+):
+    """Predict one case, write its masks, overlays and montage; return its `cases.csv` row."""
+    images = np.stack([data.read_image(path) for _, path, _ in entries])
+    masks = [data.read_mask(mask) if mask else None for _, _, mask in entries]
+    slice_indices = [index for index, _, _ in entries]
+    data.report_gaps(case_id, slice_indices)
+    probabilities, predicted = segment(model, images, [case_id] * len(entries), settings, slice_indices)
+    if classifier is not None:
+        predicted = gate_masks(predicted, predict_probabilities(classifier, images), gate_threshold)
+    case_dir = out_dir / case_id
+    case_dir.mkdir(parents=True, exist_ok=True)
+    areas = predicted.reshape(len(entries), -1).sum(axis=1)
+    for (index, _, _), mask, image, truth, area in zip(entries, predicted, images, masks, areas):
+        with atomic_path(case_dir / f"{case_id}_{index}{PREDICTED_SUFFIX}") as temporary:
+            tifffile.imwrite(temporary, mask.astype(np.uint8) * 255)
+        if area:
+            _write_png(case_dir / f"{case_id}_{index}_overlay.png", overlay_image(image, mask, truth))
+    tumor = np.flatnonzero(areas)
+    if len(tumor):
+        figure = plots.plot_overlays(
+            images[tumor],
+            [masks[i] for i in tumor],
+            predicted[tumor].astype(np.float32),
+            [f"{case_id} slice {entries[i][0]}, {areas[i]} px" for i in tumor],
+            save_path=case_dir / f"{case_id}_montage.png",
+        )
+        plots.plt.close(figure)
+    row = {
+        "case_id": case_id,
+        "slices": len(entries),
+        "tumor_slices": int(len(tumor)),
+        "tumor_area_px_total": int(areas.sum()),
+        "tumor_area_px_per_slice": " ".join(str(int(a)) for a in areas),
+        "largest_slice_index": int(entries[int(np.argmax(areas))][0]) if len(tumor) else None,
+        "mean_probability_in_mask": float(probabilities[predicted].mean()) if predicted.any() else 0.0,
+    }
+    if pixel_spacing_mm:
+        row["tumor_area_mm2_total"] = float(areas.sum() * pixel_spacing_mm**2)
+        if slice_thickness_mm:
+            row["tumor_volume_ml"] = float(areas.sum() * pixel_spacing_mm**2 * slice_thickness_mm / 1000)
+    return row

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lgg import data, losses, metrics, models, plots
+from lgg import data, guards, losses, metrics, models, plots
 from lgg.evaluate import evaluate_run, evaluate_snapshots, tune_postprocessing
 from lgg.files import atomic_path, save_csv, save_json, save_model
 
@@ -26,23 +26,53 @@ MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
 
 
 # ----------------------------------------------------------------------------- run folders
-def prepare_run_dir(run_dir, overwrite=False, resume=False):
-    """Create `run_dir`. A non-empty one is refused unless `overwrite` (its contents are deleted,
-    including the `resume/` state of an interrupted run) or `resume` (kept, to continue that run)."""
+def prepare_run_dir(run_dir, overwrite=False, resume=False, inputs=()):
+    """Create `run_dir` and mark it as ours (`.lgg-run`), after `check_run_dir`; with `overwrite`
+    an earlier run's files are deleted first."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
+    check_run_dir(run_dir, overwrite, resume, inputs)
+    if overwrite and not resume and run_dir.is_dir():
+        guards.empty_folder(run_dir)
+    return guards.mark_folder(run_dir, guards.RUN_MARKER)
+
+
+def check_run_dir(run_dir, overwrite=False, resume=False, inputs=()):
+    """Refuse, writing nothing: a folder equal to, inside or holding one of `inputs`
+    (the data); a non-empty folder, unless `overwrite` and it is a run folder of ours (marker, or
+    a `config.json` written by `train`: its contents are deleted, including the `resume/` state
+    of an interrupted run) or `resume` and it holds an unfinished run (kept, to continue it); and
+    `resume` on a finished run (a `model.h5` and nothing to resume), which is left as it is.
+    """
+    run_dir = Path(run_dir)
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume contradict each other: give one")
+    guards.check_apart(run_dir, inputs)
+    if run_dir.exists() and any(path.name != guards.LOCK_FILE for path in run_dir.iterdir()):
+        ours = guards.is_ours(run_dir, guards.RUN_MARKER)
+        if resume:
+            if not ours:
+                raise FileExistsError(f"{run_dir} is not a run folder of ours ({guards.RUN_MARKER}); nothing to resume")
+            if (run_dir / "model.h5").is_file() and not (run_dir / "resume" / "state.json").is_file():
+                evaluated = (run_dir / "test_summary.json").is_file()
+                raise FileExistsError(
+                    f"{run_dir} holds a finished run (model.h5, nothing to resume); it is left as it is. "
+                    + (
+                        "Pass --overwrite instead of --resume to train it again"
+                        if evaluated
+                        else f"Its evaluation did not finish: python -m lgg evaluate --model {run_dir / 'model.h5'} "
+                        "--tune-postprocessing"
+                    )
+                )
+        elif not overwrite:
             raise FileExistsError(
                 f"run folder {run_dir} already holds files; pass --overwrite to replace them or "
                 "--resume to continue that run"
             )
-        for path in run_dir.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        elif not ours:
+            raise FileExistsError(
+                f"{run_dir} is not a run folder of ours (no {guards.RUN_MARKER} or config.json from train): "
+                "--overwrite only replaces run folders; choose another --out"
+            )
 
 
 def environment():
@@ -441,6 +471,61 @@ def _build_model(kind, image_size, encoder_weights, base_filters, backbone, atte
     raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")
 
 
+def check_settings(config):
+    """Refuse, with the setting named, what `train_run` cannot do well (the CLI's argparse types
+    check the same ranges at the door; this covers callers from Python)."""
+    if config["kind"] not in MODEL_KINDS:
+        raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {config['kind']!r}")
+    for name in ("epochs", "batch_size", "image_size", "base_filters", "patience"):
+        guards.positive(name, config[name], integer=True)
+    step = 16 if config["kind"] == "unet" else 32  # the size halves 4 (U-Net) or 5 (ResNet50) times
+    if config["image_size"] % step or config["image_size"] > 1024:
+        raise ValueError(
+            f"image_size of a {config['kind']} must be a multiple of {step}, at most 1024; "
+            f"received {config['image_size']!r}"
+        )
+    guards.non_negative("seed", config["seed"], integer=True)
+    guards.positive("learning_rate", config["learning_rate"], maximum=1)
+    if config["max_cases"] is not None:
+        guards.positive("max_cases", config["max_cases"], integer=True)
+    if config["max_minutes"] is not None:
+        guards.positive("max_minutes", config["max_minutes"])
+    if config["tumor_fraction"] is not None:
+        guards.probability("tumor_fraction", config["tumor_fraction"])
+    for minutes in config["snapshot_minutes"] or ():
+        guards.non_negative("snapshot_minutes", minutes)
+    if config["schedule"] == "time-cosine" and config["max_minutes"] is None:
+        raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")
+    if config["precision"] not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; received {config['precision']!r}")
+    if config["attention"] and config["kind"] != "resnet50-unet":
+        raise ValueError(f"attention gates are an option of resnet50-unet, not of {config['kind']}")
+    check_split_name(config["split"])
+
+
+def check_split_counts(slices):
+    """Refuse a split that leaves a part without cases (e.g. too few cases for a patient split):
+    training would have nothing to learn from or nothing to choose or report on."""
+    counts = slices.groupby("split")["case_id"].nunique()
+    empty = [name for name in data.SPLITS if counts.get(name, 0) == 0]
+    if empty:
+        found = ", ".join(f"{name} {counts.get(name, 0)}" for name in data.SPLITS)
+        raise ValueError(
+            f"the split leaves no {' and no '.join(empty)} cases ({found} cases of {slices['case_id'].nunique()}); "
+            "use more cases (--max-cases), at least about 10 for a patient split"
+        )
+
+
+def check_finite(model, run_dir):
+    """Refuse to export a model whose weights are not all finite (a diverged run)."""
+    bad = [weight.path for weight in model.weights if not np.isfinite(keras.ops.convert_to_numpy(weight)).all()]
+    if bad:
+        raise RuntimeError(
+            f"training diverged: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); nothing was exported "
+            f"from {run_dir}. Try a lower --learning-rate"
+        )
+
+
 def task_of(kind):
     return "classification" if kind == "classifier" else "segmentation"
 
@@ -480,9 +565,15 @@ def split_counts(slices):
 def prepare_split(data_dir, run_dir, max_cases=None, split="patient", seed=0):
     """Find the slices, split them, write `split.csv` into the run folder, print the counts."""
     slices = split_table(data.find_slices(data_dir, max_cases=max_cases), split, seed)
+    check_split_counts(slices)
+    write_split(slices, run_dir)
+    return slices
+
+
+def write_split(slices, run_dir):
+    """`split.csv` (one row per slice: case, slice, split, tumor) into the run folder; print the counts."""
     save_csv(slices[["case_id", "slice_index", "split", "has_tumor", "tumor_area_px"]], Path(run_dir) / "split.csv")
     print(split_counts(slices).to_string())
-    return slices
 
 
 def write_config(run_dir, config, slices=None):
@@ -568,11 +659,35 @@ def train_run(
     same steps one by one.
     """
     config = {key: value for key, value in locals().items()}
-    check_split_name(split)
-    run_dir = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+    check_settings(config)
+    inputs = [data_dir]
+    if encoder_weights not in (None, "imagenet"):  # a weights file: never inside the folder --overwrite empties
+        guards.check_not_within(out_dir, [encoder_weights])
+    check_run_dir(out_dir, overwrite, resume, inputs)
+    slices = split_table(data.find_slices(data_dir, max_cases=max_cases), split, seed)  # before any file is written
+    check_split_counts(slices)
+    with guards.folder_lock(out_dir):  # held before anything in the folder is removed
+        prepare_run_dir(out_dir, overwrite, resume, inputs)
+        return _train_run(config, slices)
+
+
+def _train_run(config, slices):
+    """`train_run` once its settings, data and run folder are checked (the folder is locked)."""
+    kind, data_dir, run_dir, seed = config["kind"], config["data_dir"], Path(config["out_dir"]), config["seed"]
+    image_size, batch_size, precision = config["image_size"], config["batch_size"], config["precision"]
+    encoder_weights, base_filters, backbone = config["encoder_weights"], config["base_filters"], config["backbone"]
+    attention, learning_rate, jit_compile = config["attention"], config["learning_rate"], config["jit_compile"]
+    dice_loss, snapshot_minutes, resume = config["dice_loss"], config["snapshot_minutes"], config["resume"]
+    epochs, patience, max_minutes, verbose = (
+        config["epochs"],
+        config["patience"],
+        config["max_minutes"],
+        config["verbose"],
+    )
+    tumor_fraction, schedule = config["tumor_fraction"], config["schedule"]
     keras.utils.set_random_seed(seed)
     task = task_of(kind)
-    slices = prepare_split(data_dir, run_dir, max_cases=max_cases, split=split, seed=seed)
+    write_split(slices, run_dir)
     write_config(run_dir, config, slices)
 
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
@@ -584,6 +699,7 @@ def train_run(
         model, train_data, val_data, run_dir, epochs, steps, task, patience, max_minutes, resume, verbose,
         val_cases=val_cases, schedule=schedule, snapshot_minutes=snapshot_minutes,
     )  # fmt: skip
+    check_finite(model, run_dir)
     if precision != "float32":  # export and evaluate the float32 twin, compiled like the trained model
         model = as_float32(model, kind, image_size, base_filters, backbone, attention)
         model = compile_model(model, task, learning_rate, jit_compile=jit_compile, dice_loss=dice_loss)

@@ -11,6 +11,11 @@ import pytest
 
 from lgg import data, metrics
 
+# The run scored its test cases with the model in memory (XLA); these commands reload model.h5 (plain kernels),
+# whose probabilities differ by ~1e-5, so a pixel at the threshold can flip: a case Dice moves by ~1e-4 at most.
+# A scoring error moves it by far more.
+SAME_SCORE = 1e-3
+
 
 def lgg(*args, check=True):
     result = subprocess.run([sys.executable, "-m", "lgg", *map(str, args)], capture_output=True, text=True)
@@ -107,7 +112,7 @@ def test_evaluate_prints_per_case_dice(run_dir, real_data, tmp_path):
         assert case_id in result.stdout
     again = json.loads((tmp_path / "test_summary.json").read_text())
     first = json.loads((run_dir / "test_summary.json").read_text())
-    assert again["case_dice_mean"] == pytest.approx(first["case_dice_mean"], abs=1e-6)
+    assert again["case_dice_mean"] == pytest.approx(first["case_dice_mean"], abs=SAME_SCORE)
     assert 0 <= first["case_dice_mean"] <= 1
     # the summary's interval is the bootstrap interval of the per-case table (NaN for identical scores)
     np.testing.assert_allclose(
@@ -127,9 +132,9 @@ def test_predicted_masks_score_like_evaluate(run_dir, real_data, tmp_path):
     lgg("predict", "--model", run_dir / "model.h5", "--out", tmp_path, real_data / case_id, "--pixel-spacing-mm", 0.5)
     slices = data.find_slices(real_data, max_cases=6)
     slices = slices[slices.case_id == case_id]
-    predicted = np.stack([data.read_mask(tmp_path / case_id / f"{case_id}_{i}_mask.tif") for i in slices.slice_index])
+    predicted = np.stack([data.read_mask(tmp_path / case_id / f"{case_id}_{i}_pred.tif") for i in slices.slice_index])
     truth = np.stack([data.read_mask(path) for path in slices.mask_path])
-    assert metrics.dice_score(truth, predicted) == pytest.approx(per_case.case_dice.iloc[0], abs=1e-9)
+    assert metrics.dice_score(truth, predicted) == pytest.approx(per_case.case_dice.iloc[0], abs=SAME_SCORE)
     row = pd.read_csv(tmp_path / "cases.csv").iloc[0]
     assert row.case_id == case_id and row.slices == len(slices) and row.tumor_area_px_total == predicted.sum()
     assert row.tumor_area_mm2_total == pytest.approx(0.25 * predicted.sum())
@@ -146,17 +151,22 @@ def test_two_stage_pipeline_is_scored_and_used_by_predict(run_dir, classifier_di
         "--out", tmp_path)  # fmt: skip
     summary = json.loads((tmp_path / "two_stage.json").read_text())
     alone = json.loads((run_dir / "test_summary.json").read_text())
-    assert summary["segmenter_alone"]["case_dice_mean"] == pytest.approx(alone["case_dice_mean"], abs=1e-9)
+    assert summary["segmenter_alone"]["case_dice_mean"] == pytest.approx(alone["case_dice_mean"], abs=SAME_SCORE)
     assert summary["two_stage"]["tumor_free_false_positive_rate"] <= alone["tumor_free_false_positive_rate"]
     table = pd.read_csv(tmp_path / "two_stage_test.csv")
     assert len(table) == 11 and summary["gate_threshold"] in set(table["gate_threshold"])
     case_id = pd.read_csv(run_dir / "test_cases.csv").case_id.iloc[0]
-    out = tmp_path / "gated"
+    out, plain = tmp_path / "gated", tmp_path / "plain"
     lgg("predict", "--model", run_dir / "model.h5", "--classifier", classifier_dir / "model.h5", "--gate-threshold",
-        1.01, "--out", out, real_data / case_id)  # fmt: skip
-    assert pd.read_csv(out / "cases.csv").tumor_area_px_total.iloc[0] == 0  # nothing passes a gate above 1
-    wrong = lgg("predict", "--model", run_dir / "model.h5", "--classifier", run_dir / "model.h5", "--out", out,
-                real_data / case_id, check=False)  # fmt: skip
+        0.999, "--out", out, real_data / case_id)  # fmt: skip
+    lgg("predict", "--model", run_dir / "model.h5", "--out", plain, real_data / case_id)
+    gated_area = pd.read_csv(out / "cases.csv").tumor_area_px_total.iloc[0]
+    assert gated_area <= pd.read_csv(plain / "cases.csv").tumor_area_px_total.iloc[0]  # the gate only removes
+    refused = lgg("predict", "--model", run_dir / "model.h5", "--classifier", classifier_dir / "model.h5",
+                  "--gate-threshold", 1.01, "--out", tmp_path / "above", real_data / case_id, check=False)  # fmt: skip
+    assert refused.returncode == 2 and "--gate-threshold" in refused.stderr and not (tmp_path / "above").exists()
+    wrong = lgg("predict", "--model", run_dir / "model.h5", "--classifier", run_dir / "model.h5", "--out",
+                tmp_path / "wrong", real_data / case_id, check=False)  # fmt: skip
     assert wrong.returncode == 2 and "needs a classifier" in wrong.stderr
 
 
@@ -244,7 +254,8 @@ def test_killed_training_resumes_from_its_last_epoch(real_data, tmp_path):
 def test_predict_refuses_odd_inputs_naming_them(run_dir, tmp_path):
     import tifffile
 
-    odd = tmp_path / "TCGA_XX_0001_20000101_1.tif"
+    odd = tmp_path / "in" / "TCGA_XX_0001_20000101_1.tif"
+    odd.parent.mkdir()
     tifffile.imwrite(odd, np.zeros((128, 128), np.uint16))
     result = lgg("predict", "--model", run_dir / "model.h5", "--out", tmp_path / "out", odd, check=False)
     assert result.returncode == 2 and odd.name in result.stderr and "expected uint8" in result.stderr

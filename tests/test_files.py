@@ -29,4 +29,4 @@ def test_run_folder_is_not_overwritten_silently(tmp_path):
         train.prepare_run_dir(run_dir)
     (run_dir / "backup").mkdir()  # left by an interrupted run: --overwrite must not resume from it
     assert train.prepare_run_dir(run_dir, overwrite=True) == run_dir
-    assert list(run_dir.iterdir()) == []
+    assert list(run_dir.iterdir()) == [run_dir / ".lgg-run"]  # emptied, and marked as a run folder of ours

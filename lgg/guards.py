@@ -1,0 +1,224 @@
+"""Refuse at the door: settings that make no sense, outputs that would land on inputs, folders that
+are not ours to empty, and two processes writing into one folder.
+
+Every check raises `ValueError` (a setting), `lgg.data.DatasetError` (a file or name) or
+`FileExistsError` (a folder) with one line that names what was wrong; the CLI turns them into
+`error: ...` and exit code 2 before anything is written.
+"""
+
+import contextlib
+import fcntl
+import json
+import math
+import numbers
+import os
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+
+# a file our run or predict folders get as soon as we create them: only such folders are ever emptied
+RUN_MARKER = ".lgg-run"
+PREDICT_MARKER = ".lgg-predict"
+LOCK_FILE = ".lgg-lock"
+# case ids become file names and CSV cells: letters, digits, `_`, `-` and `.` (not leading), at most 100
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+# ----------------------------------------------------------------------------- settings
+def _number(name, value, integer=False):
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):  # numpy scalars pass
+        raise ValueError(f"{name} must be {kind}; received {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; received {value!r}")
+    if integer and not float(value).is_integer():
+        raise ValueError(f"{name} must be {kind}; received {value!r}")
+    return int(value) if integer else float(value)
+
+
+def probability(name, value):
+    """A threshold on probabilities: finite, strictly between 0 and 1."""
+    value = _number(name, value)
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must lie strictly between 0 and 1; received {value!r}")
+    return value
+
+
+def positive(name, value, integer=False, maximum=None):
+    """A finite number > 0 (an integer with `integer`), at most `maximum` if given."""
+    value = _number(name, value, integer)
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0; received {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}; received {value!r}")
+    return value
+
+
+def non_negative(name, value, integer=False, maximum=None):
+    value = _number(name, value, integer)
+    if value < 0 or (maximum is not None and value > maximum):
+        bound = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be 0 or more{bound}; received {value!r}")
+    return value
+
+
+def fraction(name, value):
+    """A share in [0, 1)."""
+    value = _number(name, value)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must lie in [0, 1); received {value!r}")
+    return value
+
+
+def argparse_type(check, name, **options):
+    """An `argparse` `type=` that parses a number and applies `check`; its message names the flag."""
+    import argparse
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number; received {text!r}") from None
+        if options.get("integer") and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        try:
+            return check(name, value, **options)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{name} ")) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+# ----------------------------------------------------------------------------- names and paths
+def check_case_id(case_id, path):
+    """A case id that is safe as a file name and a CSV cell, or a `DatasetError` naming `path`."""
+    from lgg.data import DatasetError
+
+    if not CASE_ID.match(case_id) or ".." in case_id:
+        shown = case_id if len(case_id) <= 60 else f"{case_id[:60]}... ({len(case_id)} characters)"
+        raise DatasetError(
+            f"{os.fsdecode(path)!r}: case id {shown!r} is not usable: letters, digits, '_', '-' and '.' only "
+            "(starting with a letter or digit), at most 100 characters"
+        )
+    return case_id
+
+
+def _inside(path, folder):
+    return path == folder or folder in path.parents
+
+
+def check_apart(out_dir, inputs, flag="--out"):
+    """Refuse an output folder equal to, inside, or holding one of the input paths (a dataset,
+    a case folder, a slice's folder): outputs must never land on inputs."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{flag} {out_dir} is a file, not a folder")
+    for item in map(Path, inputs):
+        if not item.exists():
+            continue  # a missing input is reported by whoever reads it
+        folder = item.resolve() if item.is_dir() else item.resolve().parent
+        if _inside(out, folder) or _inside(folder, out):
+            relation = "is" if out == folder else "lies inside" if _inside(out, folder) else "holds"
+            raise FileExistsError(
+                f"{flag} {out_dir} {relation} the input folder {item if item.is_dir() else folder}: "
+                "choose an output folder apart from the data"
+            )
+
+
+def check_not_within(out_dir, paths, flag="--out"):
+    """Refuse an output folder that holds one of `paths` (e.g. the model file): replacing the
+    folder's contents would delete it. (An output folder inside a run folder is fine.)"""
+    out = Path(out_dir).resolve()
+    for path in map(Path, paths):
+        if path.exists() and _inside(path.resolve(), out):
+            raise FileExistsError(f"{flag} {out_dir} holds {path}, which the command reads: choose another folder")
+
+
+def mark_folder(folder, marker):
+    """Create `folder` (if needed) and leave `marker` in it: a folder we made and may empty later."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / marker).touch()
+    return folder
+
+
+def is_ours(folder, marker):
+    """True for a folder one of our commands made (its marker, or for runs from before markers
+    existed a `config.json` written by `train`)."""
+    folder = Path(folder)
+    if (folder / marker).is_file():
+        return True
+    if marker == RUN_MARKER and (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and {"kind", "environment"} <= set(config)
+    return False
+
+
+def empty_folder(folder, keep=(LOCK_FILE,)):
+    """Remove what `folder` holds (it must be ours: checked by the caller), keeping `keep`."""
+    import shutil
+
+    for path in Path(folder).iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive `flock` on `folder/.lgg-lock` while writing into `folder`; a second writer
+    is refused, naming the process that holds it. The kernel drops the lock when its holder dies, so
+    a killed run never blocks the next one; the file itself stays (every check ignores it)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    while True:
+        descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            raise FileExistsError(
+                f"{folder} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"(lock {lock}); wait for it to finish"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)  # the file was replaced between open and lock: take the new one
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        yield folder
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def check_output_folder(folder, marker, overwrite, command):
+    """Refuse, writing nothing, a non-empty `folder` (a lock file aside) unless it is ours
+    (`marker`) and `overwrite` is given."""
+    folder = Path(folder)
+    if folder.is_dir() and any(path.name != LOCK_FILE for path in folder.iterdir()):
+        if not is_ours(folder, marker):
+            raise FileExistsError(f"--out {folder} already holds files that {command} did not write; choose another")
+        if not overwrite:
+            raise FileExistsError(
+                f"{folder} holds the results of an earlier {command}; pass --overwrite to replace them"
+            )

@@ -1,0 +1,383 @@
+"""Never destroy data, never answer a bad setting: outputs apart from inputs, folders that are not ours
+left alone, settings refused at the door (exit 2, one line, nothing written), inputs identified, not
+guessed. The commands run in this process (`lgg.__main__.main`), so each check costs milliseconds."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_case
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lgg import data, files, guards, models, postprocess
+from lgg.__main__ import main
+
+
+def run(capsys, *args):
+    """`python -m lgg ARGS` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def checksums(folder):
+    return {
+        path.relative_to(folder): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def refused(code, err, *words):
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.fixture
+def dataset(real_data, tmp_path):
+    """Two real cases copied into `tmp_path/data/kaggle_3m`."""
+    root = tmp_path / "data" / "kaggle_3m"
+    for case_dir in sorted(path for path in real_data.iterdir() if path.is_dir())[:2]:
+        shutil.copytree(case_dir, root / case_dir.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.h5"
+    files.save_model(models.build_unet((32, 32, 3), base_filters=2, depth=1), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- outputs never land on inputs
+@pytest.mark.parametrize("where", ["dataset", "case", "inside case", "data parent"])
+def test_predict_never_writes_into_its_inputs(capsys, dataset, segmenter, where):
+    case = sorted(dataset.iterdir())[0]
+    out = {"dataset": dataset, "case": case, "inside case": case / "pred", "data parent": dataset.parent}[where]
+    before = checksums(dataset)
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", out, case)
+    refused(code, err, "input folder")
+    assert checksums(dataset) == before and not (case / "pred").exists()
+
+
+def test_predictions_never_take_the_dataset_names(capsys, dataset, segmenter, tmp_path):
+    case = sorted(dataset.iterdir())[0]
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "out", case)
+    assert code == 0, err
+    written = {path.name for path in (tmp_path / "out" / case.name).iterdir()}
+    assert not any(name.endswith("_mask.tif") for name in written)
+    assert len([name for name in written if name.endswith("_pred.tif")]) == len(list(case.glob("*_mask.tif")))
+    manifest = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert manifest["status"] == "complete" and manifest["cases"] == [case.name]
+
+
+def test_train_overwrite_never_empties_the_data_or_a_folder_that_is_not_a_run(capsys, dataset, tmp_path):
+    before = checksums(dataset)
+    for out in (dataset, dataset.parent, dataset / sorted(os.listdir(dataset))[0]):
+        code, _, err = run(capsys, "train", "unet", "--data", dataset, "--out", out, "--overwrite")
+        refused(code, err, "input folder")
+    users = tmp_path / "thesis"
+    users.mkdir()
+    (users / "chapter1.tex").write_text("years of work")
+    code, _, err = run(capsys, "train", "unet", "--data", dataset, "--out", users, "--overwrite")
+    refused(code, err, "not a run folder")
+    assert checksums(dataset) == before and (users / "chapter1.tex").read_text() == "years of work"
+
+
+def test_resume_on_a_finished_run_changes_nothing(capsys, real_data, tmp_path):
+    run_dir = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    (run_dir / "model.h5").write_bytes(b"a finished model")
+    before = checksums(run_dir)
+    code, _, err = run(capsys, "train", "unet", "--data", real_data, "--out", run_dir, "--resume", "--max-cases", 12)
+    refused(code, err, "finished run")
+    assert checksums(run_dir) == before
+
+
+def test_demo_data_is_never_mixed_into_real_data(capsys, dataset):
+    before = checksums(dataset)
+    for dest in (dataset.parent, dataset, sorted(dataset.iterdir())[0]):
+        code, _, err = run(capsys, "demo-data", "--dest", dest, "--cases", 1)
+        refused(code, err, "holds a dataset")
+    assert checksums(dataset) == before
+
+
+# ----------------------------------------------------------------------------- settings at the door
+# flag -> (command prefix, values it must refuse besides nan, inf, -inf, text and negatives)
+TRAIN = ("train", "unet", "--out")
+PREDICT = ("predict", "x.tif", "--model", "m.h5", "--out")
+NUMERIC_FLAGS = {
+    "--epochs": (TRAIN, [0, 1.5, 1e9]),
+    "--batch-size": (TRAIN, [0, 2.5, 1e6]),
+    "--image-size": (TRAIN, [0, 1e5]),
+    "--seed": (TRAIN, [0.5, 1e20]),
+    "--max-cases": (TRAIN, [0, 1e9]),
+    "--base-filters": (TRAIN, [0, 1e4]),
+    "--learning-rate": (TRAIN, [0, 2, 1e300]),
+    "--patience": (TRAIN, [0]),
+    "--tumor-fraction": (TRAIN, [0, 1, 1.5]),
+    "--max-minutes": (TRAIN, [0, 1e300]),
+    "--snapshot-minutes": (TRAIN, [1e300]),
+    "--threshold": (PREDICT, [0, 1, 2, 1e300]),
+    "--gate-threshold": (PREDICT, [0, 1, 1.01]),
+    "--pixel-spacing-mm": (PREDICT, [0, 1e300]),
+    "--slice-thickness-mm": (PREDICT, [0, 1e300]),
+}
+ALWAYS_BAD = ["nan", "inf", "-inf", "-1", "-1e-9", "abc", "", "1e400", "0x10", "1,5"]
+
+
+def _not_a_number(text):
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return True
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data_=st.data())
+def test_every_numeric_flag_refuses_nonsense_in_one_line_writing_nothing(capsys, tmp_path, data_):
+    flag = data_.draw(st.sampled_from(sorted(NUMERIC_FLAGS)))
+    prefix, extra = NUMERIC_FLAGS[flag]
+    value = data_.draw(
+        st.sampled_from(ALWAYS_BAD + [repr(v) for v in extra]) | st.text(max_size=8).filter(_not_a_number)
+    )
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *prefix, out, f"{flag}={value}")  # `=`: argparse would take `-inf` for a flag
+    refused(code, err, flag)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ({"threshold": 7}, "threshold"),
+        ({"threshold": "0.5"}, "threshold"),
+        ({"threshold": None}, "threshold"),
+        ({"largest_3d": "no"}, "largest_3d must be true or false"),
+        ({"hflip_tta": 1}, "hflip_tta must be true or false"),
+        ({"min_component_px": -5}, "min_component_px"),
+        ({"min_component_px": 2.5}, "min_component_px"),
+        ({"thresold": 0.5}, "unknown keys"),
+        ([0.5], "expected an object"),
+    ],
+)
+def test_a_postprocess_file_is_parsed_by_its_schema(capsys, dataset, segmenter, tmp_path, content, words):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(segmenter, model_dir / "model.h5")
+    (model_dir / "postprocess.json").write_text(json.dumps(content))
+    code, _, err = run(capsys, "predict", "--model", model_dir / "model.h5", "--out", tmp_path / "o", dataset)
+    refused(code, err, "postprocess.json", words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_valid_postprocess_settings_pass_the_schema():
+    assert postprocess.check(dict(postprocess.RAW)) == postprocess.RAW
+    for settings_ in postprocess.candidates():
+        assert postprocess.check(settings_) == settings_
+
+
+def test_a_split_without_training_validation_or_test_cases_is_refused_at_once(capsys, dataset, tmp_path):
+    one_case = tmp_path / "one"
+    shutil.copytree(sorted(dataset.iterdir())[0], one_case / "kaggle_3m" / sorted(os.listdir(dataset))[0])
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "unet", "--data", one_case, "--out", out, "--epochs", 1)
+    refused(code, err, "the split leaves no")
+    assert not out.exists()
+
+
+def test_diverged_weights_are_never_exported(tmp_path):
+    from lgg import train
+
+    model = models.build_unet((32, 32, 3), base_filters=2, depth=1)
+    train.check_finite(model, tmp_path)  # a healthy model passes
+    weights = model.get_weights()
+    weights[0][...] = np.nan
+    model.set_weights(weights)
+    with pytest.raises(RuntimeError, match="training diverged"):
+        train.check_finite(model, tmp_path)
+
+
+# ----------------------------------------------------------------------------- consistent output folders
+def test_a_second_predict_replaces_the_first_only_when_told_and_leaves_nothing_stale(
+    capsys, dataset, segmenter, tmp_path
+):
+    first, second = sorted(dataset.iterdir())
+    out = tmp_path / "out"
+    assert run(capsys, "predict", "--model", segmenter, "--out", out, first)[0] == 0
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", out, second)
+    refused(code, err, "--overwrite")
+    assert run(capsys, "predict", "--model", segmenter, "--out", out, second, "--overwrite")[0] == 0
+    assert not (out / first.name).exists()  # the earlier case's masks and overlays are gone
+    assert pd.read_csv(out / "cases.csv").case_id.tolist() == [second.name]
+
+
+def test_a_folder_that_another_process_writes_is_refused(capsys, dataset, segmenter, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from lgg import guards; import time\nwith guards.folder_lock({str(out)!r}):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=f"in use by process {holder.pid}"):
+            with guards.folder_lock(out):
+                pass
+        code, _, err = run(capsys, "predict", "--model", segmenter, "--out", out, sorted(dataset.iterdir())[0])
+        refused(code, err, "in use by process")
+    finally:
+        holder.kill()  # a killed holder: the kernel drops its lock
+        holder.wait()
+    with guards.folder_lock(out):
+        assert json.loads((out / guards.LOCK_FILE).read_text())["pid"] == os.getpid()
+    with guards.folder_lock(out):  # released on leaving
+        pass
+
+
+def test_a_killed_predict_is_visibly_partial(capsys, dataset, segmenter, tmp_path, monkeypatch):
+    from lgg import predict
+
+    calls = []
+    original = predict._predict_case
+
+    def dies_on_the_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "_predict_case", dies_on_the_second_case)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_paths(segmenter, [dataset], out)
+    manifest = json.loads((out / "predict.json").read_text())
+    assert manifest["status"] == "running" and len(manifest["cases"]) == 1  # KeyboardInterrupt: as a kill leaves it
+    assert len(pd.read_csv(out / "cases.csv")) == 1  # the table holds the case that was done
+    with guards.folder_lock(out):  # and the lock was released
+        pass
+
+
+# ----------------------------------------------------------------------------- inputs identified, not guessed
+def test_the_same_case_twice_is_refused_naming_both(capsys, dataset, segmenter, tmp_path):
+    case = sorted(dataset.iterdir())[0]
+    copy = tmp_path / "elsewhere" / case.name
+    shutil.copytree(case, copy)
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", case, copy)
+    refused(code, err, f"case {case.name} found twice", str(case), str(copy))
+
+
+def test_two_files_for_one_slice_number_are_refused(capsys, tmp_path):
+    case_dir = write_case(tmp_path / "kaggle_3m")
+    shutil.copy(case_dir / f"{case_dir.name}_2.tif", case_dir / f"{case_dir.name}_02.tif")
+    with pytest.raises(data.DatasetError, match="two files for slice 2"):
+        data.find_slices(tmp_path)
+
+
+def test_gaps_in_slice_numbers_are_reported_and_never_joined(capsys, tmp_path):
+    case_dir = write_case(tmp_path / "kaggle_3m", slices=5, tumor_slices=(2,))
+    for name in (f"{case_dir.name}_3.tif", f"{case_dir.name}_3_mask.tif"):
+        (case_dir / name).unlink()
+    data.find_slices(tmp_path)
+    assert "slice 3 missing" in capsys.readouterr().out
+    # two blobs on slices 2 and 4, with slice 3 missing: never one 3-D region
+    volume = np.zeros((4, 8, 8), bool)
+    volume[1, 2:4, 2:4] = True  # slice 2: 4 px
+    volume[2, 2:5, 2:5] = True  # slice 4: 9 px
+    kept = postprocess.largest_component_across_gaps(volume, [1, 2, 4, 5])
+    assert kept[2].sum() == 9 and kept[1].sum() == 0
+    assert postprocess.largest_component_3d(volume)[1].sum() == 4  # adjacent slices would have joined them
+
+
+def test_evaluate_names_missing_cases_and_keeps_the_run_summary(capsys, dataset, segmenter, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(segmenter, run_dir / "model.h5")
+    cases = sorted(os.listdir(dataset))
+    split = [{"case_id": cases[0], "split": "test"}, {"case_id": "TCGA_ZZ_9999_20000101", "split": "test"}]
+    pd.DataFrame(split).to_csv(run_dir / "split.csv", index=False)
+    (run_dir / "test_summary.json").write_text('{"case_dice_mean": 0.8}')
+    code, _, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, "--threshold", 0.5)
+    refused(code, err, "TCGA_ZZ_9999_20000101", "--out")
+    assert json.loads((run_dir / "test_summary.json").read_text()) == {"case_dice_mean": 0.8}
+    code, out, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, "--threshold", 0.5,
+                         "--out", tmp_path / "elsewhere")  # fmt: skip
+    assert code == 0 and "TCGA_ZZ_9999_20000101" in out, err
+
+
+def test_a_split_file_without_case_ids_is_refused(capsys, dataset, segmenter, tmp_path):
+    (tmp_path / "split.csv").write_text("patient,fold\nA,1\n")
+    code, _, err = run(capsys, "evaluate", "--model", segmenter, "--data", dataset, "--split-file",
+                       tmp_path / "split.csv", "--out", tmp_path / "o")  # fmt: skip
+    refused(code, err, "case_id")
+
+
+@pytest.mark.parametrize(
+    "case_id, words",
+    [
+        ("..", "case id"),
+        ("=HYPERLINK(1)", "case id"),
+        ("A" * 240, "240 characters"),
+        (os.fsdecode(b"CASE_\xff"), "case id"),
+    ],
+)
+def test_case_ids_unusable_as_file_names_are_refused(capsys, segmenter, tmp_path, case_id, words):
+    source = write_case(tmp_path / "src", "TCGA_XX_0001_20000101", slices=1) / "TCGA_XX_0001_20000101_1.tif"
+    case_dir = tmp_path / "in" / (case_id if case_id != ".." else "case")
+    case_dir.mkdir(parents=True)
+    slice_file = case_dir / f"{case_id}_1.tif"  # `.._1.tif` would write outside --out
+    shutil.copy(source, slice_file)
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", slice_file)
+    refused(code, err, words)
+    if case_id != "..":
+        code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", case_dir)
+        refused(code, err, words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_fifo_named_like_a_slice_is_refused_not_read(capsys, segmenter, tmp_path):
+    case_dir = write_case(tmp_path / "in", slices=1)
+    os.mkfifo(case_dir / f"{case_dir.name}_2.tif")
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", case_dir)
+    refused(code, err, "not a regular file")
+    fifo = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", case_dir / f"{case_dir.name}_2.tif")
+    refused(fifo[0], fifo[2], "not a regular file")
+
+
+def test_a_tree_without_masks_is_predicted(capsys, segmenter, tmp_path):
+    case_dir = write_case(tmp_path / "scans" / "kaggle_3m", slices=2)
+    for mask in case_dir.glob("*_mask.tif"):
+        mask.unlink()
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", tmp_path / "scans")
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "o" / "cases.csv").slices.tolist() == [2]
+
+
+def test_an_out_that_is_a_file_is_refused(capsys, dataset, segmenter, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", target, sorted(dataset.iterdir())[0])
+    refused(code, err, "is a file")
+    assert target.read_text() == "mine"
+
+
+def test_an_out_that_holds_the_model_is_refused(capsys, dataset, segmenter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    model = out / "model.h5"
+    shutil.copy(segmenter, model)
+    code, _, err = run(capsys, "predict", "--model", model, "--out", out, "--overwrite", sorted(dataset.iterdir())[0])
+    refused(code, err, "which the command reads")
+    assert model.is_file()

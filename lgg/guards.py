@@ -64,14 +64,6 @@ def non_negative(name, value, integer=False, maximum=None):
     return value
 
 
-def fraction(name, value):
-    """A share in [0, 1)."""
-    value = _number(name, value)
-    if not 0 <= value < 1:
-        raise ValueError(f"{name} must lie in [0, 1); received {value!r}")
-    return value
-
-
 def argparse_type(check, name, **options):
     """An `argparse` `type=` that parses a number and applies `check`; its message names the flag."""
     import argparse

@@ -4,7 +4,7 @@ PYTHON := .venv/bin/python
 DATA ?= data
 RUNS ?= runs
 
-.PHONY: setup demo train test test-fast lint results bench clean
+.PHONY: setup demo app train test test-fast lint results bench clean
 
 $(PYTHON):
 	python3 -m venv .venv
@@ -25,6 +25,10 @@ demo: setup
 	  $(PYTHON) -m lgg predict --out $(RUNS)/demo-predict --overwrite $$case; fi
 	$(PYTHON) -m lgg train unet --data $$( [ -d $(DATA)/kaggle_3m ] && echo $(DATA) || echo $(DATA)/demo ) \
 	  --out $(RUNS)/demo-unet --max-cases 24 --epochs 3 --image-size 128 --overwrite
+
+# The web page on http://127.0.0.1:7860: upload a NIfTI volume, a zipped case folder or slices (the shipped U-Net).
+app: setup
+	$(PYTHON) -m lgg app
 
 # The full U-Net training, as in the results table (an hour on a 2-core CPU).
 train: setup

@@ -1,4 +1,4 @@
-"""Command line: `python -m lgg train|evaluate|predict|download|demo-data ...` (see `--help`)."""
+"""Command line: `python -m lgg train|evaluate|predict|app|download|demo-data ...` (see `--help`)."""
 
 import argparse
 import os
@@ -157,8 +157,17 @@ def _parser():
         help="score a plain threshold instead of the run's postprocess.json",
     )
 
-    predict = commands.add_parser("predict", help="segment .tif slices, case folders or a kaggle_3m tree")
-    predict.add_argument("inputs", nargs="+", help=".tif slices, case folders or dataset folders")
+    predict = commands.add_parser(
+        "predict", help="segment .tif slices, case folders, a kaggle_3m tree or NIfTI volumes"
+    )
+    predict.add_argument(
+        "inputs",
+        nargs="*",
+        help=".tif slices, case folders, dataset folders, or 4-D NIfTI files (.nii/.nii.gz; last axis: "
+        "pre-contrast, FLAIR, post-contrast)",
+    )
+    for name, sequence in (("pre", "pre-contrast"), ("flair", "FLAIR"), ("post", "post-contrast")):
+        predict.add_argument(f"--{name}", default=None, help=f"a 3-D NIfTI of the {sequence} sequence (all three)")
     predict.add_argument("--model", default=None, help="model.h5 (default: the shipped models/unet/model.h5)")
     predict.add_argument("--out", required=True)
     predict.add_argument(
@@ -188,6 +197,13 @@ def _parser():
     )
     predict.add_argument("--overwrite", action="store_true", help="replace the earlier predictions in --out")
 
+    app = commands.add_parser("app", help="a web page on localhost to segment an uploaded scan (Gradio)")
+    app.add_argument("--model", default=None, help="model.h5 (default: the shipped models/unet/model.h5)")
+    app.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    app.add_argument(
+        "--port", type=_flag("--port", (guards.positive, {"integer": True, "maximum": 65535})), default=7860
+    )
+
     download = commands.add_parser("download", help="download the Kaggle dataset with kagglehub")
     download.add_argument("--dest", default="data")
 
@@ -203,7 +219,10 @@ def _parser():
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and not args.inputs and not (args.pre or args.flair or args.post):
+        parser.error("predict needs inputs (.tif slices, folders, 4-D NIfTI files) or --pre, --flair and --post")
     try:
         if args.command == "train":
             from lgg.train import train_run
@@ -241,7 +260,12 @@ def main(argv=None):
                 args.pixel_spacing_mm,
                 args.slice_thickness_mm,
                 args.overwrite,
+                sequences={"pre": args.pre, "flair": args.flair, "post": args.post},
             )
+        elif args.command == "app":
+            from lgg.app import serve
+
+            serve(args.model, args.host, args.port)
         elif args.command == "download":
             from lgg.datasets import download_kaggle
 

@@ -22,6 +22,7 @@ two-stage pipeline; threshold from the run's `two_stage.json`, else 0.5).
 
 import glob
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from lgg import data, guards, plots, postprocess
+from lgg import data, guards, plots, postprocess, volumes
 from lgg.evaluate import gate_masks, load_model, segment
 from lgg.files import atomic_path, save_csv, save_json
 from lgg.inference import model_task, predict_probabilities
@@ -38,6 +39,7 @@ TRUE_BGR, PREDICTED_BGR = (0, 255, 0), (0, 0, 255)
 # the model that ships with the repository (see its MODEL_CARD.md): what predict uses when given none
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "unet" / "model.h5"
 PREDICTED_SUFFIX = "_pred.tif"  # never the dataset's `_mask.tif`: a prediction cannot replace a manual mask
+PREDICTED_NIFTI_SUFFIX = "_pred.nii.gz"  # the mask of a NIfTI input, on the input's grid
 
 
 def overlay_image(image, predicted, truth=None):
@@ -57,12 +59,22 @@ def _write_png(path, image):
             raise OSError(f"could not write {path}")
 
 
-def _gather(inputs):
-    """Group input paths into `case_id -> [(slice_index, image_path, mask_path or None)]`.
+def _gather(inputs, sequences=None):
+    """Group input paths into `case_id -> [(slice_index, image_path, mask_path or None)]`, or
+    `case_id -> volumes.Volume` for a 4-D NIfTI file and for `sequences` (a dict of the three
+    3-D files by `volumes.SEQUENCES` name; the case is named after the FLAIR file).
 
     A case found twice (two inputs holding it) or a slice number given twice is refused with
     both paths named: nothing is merged or dropped silently."""
     cases, sources = {}, {}
+
+    def add_volume(volume):
+        if volume.case_id in sources:
+            raise data.DatasetError(
+                f"case {volume.case_id} found twice: in {sources[volume.case_id]} and in {volume.sources[0]}"
+            )
+        sources[volume.case_id] = volume.sources[0]
+        cases[volume.case_id] = volume
 
     def add(case_id, index, path, source):
         if case_id in sources and sources[case_id] != source:
@@ -87,6 +99,8 @@ def _gather(inputs):
                     add(case_dir.name, index, path, case_dir.resolve())
         elif item.exists() and not item.is_file():
             raise data.DatasetError(f"{item}: not a regular file or a folder")
+        elif volumes.is_nifti(item):
+            add_volume(volumes.load_4d(item))
         elif item.is_file():
             match = data.SLICE_FILE.match(item.name)
             if match is None or match["mask"]:
@@ -95,10 +109,13 @@ def _gather(inputs):
             add(match["case_id"], int(match["slice_index"]), item, item.resolve().parent)
         else:
             raise FileNotFoundError(f"input not found: {item}")
+    if sequences and any(path is not None for path in sequences.values()):
+        add_volume(volumes.load_sequences(**sequences))
     if not cases:
-        raise data.DatasetError(f"no slices found in {', '.join(map(str, inputs))}")
+        raise data.DatasetError(f"no slices found in {', '.join(map(str, inputs)) or 'no inputs'}")
     return {
-        case_id: [(index, *entries[index]) for index in sorted(entries)] for case_id, entries in sorted(cases.items())
+        case_id: entries if isinstance(entries, volumes.Volume) else [(i, *entries[i]) for i in sorted(entries)]
+        for case_id, entries in sorted(cases.items())
     }
 
 
@@ -119,35 +136,23 @@ def _holds_case_folders(folder):
     return any(sub.is_dir() and any(sub.glob(f"{glob.escape(sub.name)}_*.tif")) for sub in folder.iterdir())
 
 
-def predict_paths(
-    model_path,
-    inputs,
-    out_dir,
-    threshold=None,
-    classifier_path=None,
-    gate_threshold=None,
-    pixel_spacing_mm=None,
-    slice_thickness_mm=None,
-    overwrite=False,
-):
+@dataclass
+class Predictor:
+    """The loaded models and settings of a prediction; load once, predict many times (the web app)."""
+
+    model_path: Path
+    model: object
+    settings: dict  # post-processing
+    classifier: object = None
+    gate_threshold: float = None
+
+
+def load_predictor(model_path=None, threshold=None, classifier_path=None, gate_threshold=None):
     if model_path is None:
         model_path = SHIPPED_MODEL
         if not model_path.is_file():
             raise FileNotFoundError(f"no --model given and no shipped model at {model_path}; pass --model RUN/model.h5")
         print(f"Model: {model_path} (shipped; see MODEL_CARD.md beside it)")
-    out_dir = Path(out_dir)
-    cases = _gather(inputs)
-    # apart from the inputs, the folders holding their case folders (an output folder there would pass for
-    # a case the next time the data is read) and the model files (which --overwrite would delete)
-    case_folders = {path.parent for entries in cases.values() for _, path, _ in entries}
-    roots = {folder.parent for folder in case_folders if _holds_case_folders(folder.parent)}
-    guards.check_apart(out_dir, [*inputs, *case_folders, *roots])
-    guards.check_not_within(out_dir, [path for path in (model_path, classifier_path) if path is not None])
-    if pixel_spacing_mm is not None:
-        guards.positive("pixel_spacing_mm", pixel_spacing_mm)
-    if slice_thickness_mm is not None:
-        guards.positive("slice_thickness_mm", slice_thickness_mm)
-    guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")
     model = load_model(model_path)
     if model_task(model) != "segmentation":
         raise ValueError(f"{model_path} is a classifier ({model.output_shape}); predict needs a segmenter")
@@ -163,27 +168,78 @@ def predict_paths(
             raise ValueError(f"{classifier_path} outputs {classifier.output_shape}: --classifier needs a classifier")
         gate_threshold = guards.probability("gate threshold", _gate_threshold(model_path, gate_threshold))
         print(f"Two-stage: slices with classifier probability < {gate_threshold} get an empty mask")
-    for entries in cases.values():  # every slice's header, before earlier predictions are replaced
+    return Predictor(Path(model_path), model, settings, classifier, gate_threshold)
+
+
+def predict_paths(
+    model_path,
+    inputs,
+    out_dir,
+    threshold=None,
+    classifier_path=None,
+    gate_threshold=None,
+    pixel_spacing_mm=None,
+    slice_thickness_mm=None,
+    overwrite=False,
+    sequences=None,
+    predictor=None,
+    collect=None,
+):
+    """Predict every case in `inputs` (and the NIfTI `sequences`, a dict with keys `pre`, `flair`,
+    `post`) into `out_dir`. A `predictor` from `load_predictor` replaces the model arguments; a
+    `collect` list receives `(case_id, slice_indices, images, predicted masks, cases.csv row)` per case."""
+    out_dir = Path(out_dir)
+    cases = _gather(inputs, sequences)
+    volume_files = [path for case in cases.values() if isinstance(case, volumes.Volume) for path in case.sources]
+    slice_cases = {case_id: entries for case_id, entries in cases.items() if not isinstance(entries, volumes.Volume)}
+    # apart from the inputs, the folders holding their case folders (an output folder there would pass for
+    # a case the next time the data is read) and the model files (which --overwrite would delete)
+    case_folders = {path.parent for entries in slice_cases.values() for _, path, _ in entries}
+    roots = {folder.parent for folder in case_folders if _holds_case_folders(folder.parent)}
+    guards.check_apart(out_dir, [*inputs, *volume_files, *case_folders, *roots])
+    if predictor is None:
+        model_files = [SHIPPED_MODEL if model_path is None else model_path, classifier_path]
+    else:
+        model_files = [predictor.model_path]
+    guards.check_not_within(out_dir, [path for path in model_files if path is not None])
+    if pixel_spacing_mm is not None:
+        guards.positive("pixel_spacing_mm", pixel_spacing_mm)
+    if slice_thickness_mm is not None:
+        guards.positive("slice_thickness_mm", slice_thickness_mm)
+    guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")
+    if predictor is None:
+        predictor = load_predictor(model_path, threshold, classifier_path, gate_threshold)
+    for entries in slice_cases.values():  # every slice's header, before earlier predictions are replaced
         for _, path, _ in entries:
             data.check_header(path, [(data.NATIVE_SIZE, data.NATIVE_SIZE, 3)])
+    inputs = [str(item) for item in inputs] + [str(path) for path in volume_files if str(path) not in inputs]
     with guards.folder_lock(out_dir):
         guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")  # again, now locked
         guards.empty_folder(out_dir)  # ours (checked above): nothing stale stays beside the new results
         guards.mark_folder(out_dir, guards.PREDICT_MARKER)
-        manifest = {"status": "running", "model": str(model_path), "inputs": [str(i) for i in inputs], "cases": []}
+        manifest = {"status": "running", "model": str(predictor.model_path), "inputs": inputs, "cases": []}
         save_json(manifest, out_dir / "predict.json")
         rows = []
+        model, classifier, settings, gate = (predictor.model, predictor.classifier, predictor.settings,
+                                             predictor.gate_threshold)  # fmt: skip
         try:
             for number, (case_id, entries) in enumerate(cases.items(), 1):
-                rows.append(_predict_case(model, classifier, case_id, entries, settings, gate_threshold, out_dir,
-                                          pixel_spacing_mm, slice_thickness_mm))  # fmt: skip
+                if isinstance(entries, volumes.Volume):
+                    result = _predict_volume(model, classifier, entries, settings, gate, out_dir)
+                else:
+                    result = _predict_case(model, classifier, case_id, entries, settings, gate, out_dir,
+                                           pixel_spacing_mm, slice_thickness_mm)  # fmt: skip
+                rows.append(result[-1])
+                if collect is not None:
+                    collect.append((case_id, *result))
                 save_csv(pd.DataFrame(rows), out_dir / "cases.csv")  # case by case: a killed run keeps what it did
                 manifest["cases"].append(case_id)
                 save_json(manifest, out_dir / "predict.json")
                 row = rows[-1]
+                volume = f", {row['tumor_volume_ml']:.2f} ml" if "tumor_volume_ml" in row else ""
                 print(
                     f"[{number}/{len(cases)}] {case_id}: {row['tumor_slices']} of {row['slices']} slices with "
-                    f"tumor, {row['tumor_area_px_total']} px"
+                    f"tumor, {row['tumor_area_px_total']} px{volume}"
                 )
         except Exception as error:
             save_json({**manifest, "status": f"failed: {type(error).__name__}: {error}"}, out_dir / "predict.json")
@@ -192,46 +248,95 @@ def predict_paths(
     return out_dir
 
 
-def _predict_case(
-    model, classifier, case_id, entries, settings, gate_threshold, out_dir, pixel_spacing_mm, slice_thickness_mm
-):
-    """Predict one case, write its masks, overlays and montage; return its `cases.csv` row."""
-    images = np.stack([data.read_image(path) for _, path, _ in entries])
-    masks = [data.read_mask(mask) if mask else None for _, _, mask in entries]
-    slice_indices = [index for index, _, _ in entries]
+def _segment_case(model, classifier, case_id, images, slice_indices, settings, gate_threshold):
     data.report_gaps(case_id, slice_indices)
-    probabilities, predicted = segment(model, images, [case_id] * len(entries), settings, slice_indices)
+    probabilities, predicted = segment(model, images, [case_id] * len(images), settings, slice_indices)
     if classifier is not None:
         predicted = gate_masks(predicted, predict_probabilities(classifier, images), gate_threshold)
-    case_dir = out_dir / case_id
-    case_dir.mkdir(parents=True, exist_ok=True)
-    areas = predicted.reshape(len(entries), -1).sum(axis=1)
-    for (index, _, _), mask, image, truth, area in zip(entries, predicted, images, masks, areas):
-        with atomic_path(case_dir / f"{case_id}_{index}{PREDICTED_SUFFIX}") as temporary:
-            tifffile.imwrite(temporary, mask.astype(np.uint8) * 255)
+    return probabilities, predicted
+
+
+def _write_pictures(case_dir, case_id, images, truths, predicted, slice_indices, areas):
+    """An overlay PNG per slice with predicted tumor, and the montage of those slices."""
+    for index, mask, image, truth, area in zip(slice_indices, predicted, images, truths, areas):
         if area:
             _write_png(case_dir / f"{case_id}_{index}_overlay.png", overlay_image(image, mask, truth))
     tumor = np.flatnonzero(areas)
     if len(tumor):
         figure = plots.plot_overlays(
             images[tumor],
-            [masks[i] for i in tumor],
+            [truths[i] for i in tumor],
             predicted[tumor].astype(np.float32),
-            [f"{case_id} slice {entries[i][0]}, {areas[i]} px" for i in tumor],
+            [f"{case_id} slice {slice_indices[i]}, {areas[i]} px" for i in tumor],
             save_path=case_dir / f"{case_id}_montage.png",
         )
         plots.plt.close(figure)
-    row = {
+
+
+def _case_row(case_id, slice_indices, probabilities, predicted, areas):
+    tumor = np.flatnonzero(areas)
+    return {
         "case_id": case_id,
-        "slices": len(entries),
+        "slices": len(slice_indices),
         "tumor_slices": int(len(tumor)),
         "tumor_area_px_total": int(areas.sum()),
         "tumor_area_px_per_slice": " ".join(str(int(a)) for a in areas),
-        "largest_slice_index": int(entries[int(np.argmax(areas))][0]) if len(tumor) else None,
+        "largest_slice_index": int(slice_indices[int(np.argmax(areas))]) if len(tumor) else None,
         "mean_probability_in_mask": float(probabilities[predicted].mean()) if predicted.any() else 0.0,
     }
+
+
+def _predict_case(
+    model, classifier, case_id, entries, settings, gate_threshold, out_dir, pixel_spacing_mm, slice_thickness_mm
+):
+    """Predict one case of .tif slices and write its masks, overlays and montage; return the slice
+    numbers, images, masks and its `cases.csv` row."""
+    images = np.stack([data.read_image(path) for _, path, _ in entries])
+    truths = [data.read_mask(mask) if mask else None for _, _, mask in entries]
+    slice_indices = [index for index, _, _ in entries]
+    probabilities, predicted = _segment_case(model, classifier, case_id, images, slice_indices, settings,
+                                             gate_threshold)  # fmt: skip
+    case_dir = out_dir / case_id
+    case_dir.mkdir(parents=True, exist_ok=True)
+    areas = predicted.reshape(len(entries), -1).sum(axis=1)
+    for index, mask in zip(slice_indices, predicted):
+        with atomic_path(case_dir / f"{case_id}_{index}{PREDICTED_SUFFIX}") as temporary:
+            tifffile.imwrite(temporary, mask.astype(np.uint8) * 255)
+    _write_pictures(case_dir, case_id, images, truths, predicted, slice_indices, areas)
+    row = _case_row(case_id, slice_indices, probabilities, predicted, areas)
     if pixel_spacing_mm:
         row["tumor_area_mm2_total"] = float(areas.sum() * pixel_spacing_mm**2)
         if slice_thickness_mm:
             row["tumor_volume_ml"] = float(areas.sum() * pixel_spacing_mm**2 * slice_thickness_mm / 1000)
-    return row
+    return slice_indices, images, predicted, row
+
+
+def _predict_volume(model, classifier, volume, settings, gate_threshold, out_dir):
+    """Predict one NIfTI volume: the mask as `<case>_pred.nii.gz` on the scan's grid (its affine and
+    header), overlays and montage of the model's view (slices numbered 1.. from inferior to
+    superior), and a `cases.csv` row with the tumor volume in ml from the voxel size in the header.
+    Returns what `_predict_case` returns."""
+    case_id, images = volume.case_id, volume.images
+    slice_indices = list(range(1, len(images) + 1))
+    probabilities, predicted = _segment_case(model, classifier, case_id, images, slice_indices, settings,
+                                             gate_threshold)  # fmt: skip
+    case_dir = out_dir / case_id
+    case_dir.mkdir(parents=True, exist_ok=True)
+    mask = volumes.mask_to_volume(predicted, volume)
+    volumes.save_mask(mask, volume, case_dir / f"{case_id}{PREDICTED_NIFTI_SUFFIX}")
+    areas = predicted.reshape(len(images), -1).sum(axis=1)
+    _write_pictures(case_dir, case_id, images, [None] * len(images), predicted, slice_indices, areas)
+    voxels = int(mask.sum())
+    return (
+        slice_indices,
+        images,
+        predicted,
+        {
+            **_case_row(case_id, slice_indices, probabilities, predicted, areas),
+            "input": " ".join(str(path) for path in volume.sources),
+            "volume_shape": "x".join(str(n) for n in volume.shape),
+            "voxel_size_mm": "x".join(f"{z:.4g}" for z in volume.voxel_mm),
+            "tumor_voxels": voxels,
+            "tumor_volume_ml": voxels * volume.voxel_ml,
+        },
+    )

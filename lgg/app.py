@@ -1,0 +1,237 @@
+"""`python -m lgg app`: a web page (Gradio, on localhost) to segment a scan in the browser.
+
+Upload a 4-D NIfTI volume (pre-contrast, FLAIR, post-contrast on its last axis), three 3-D NIfTI
+files (one per sequence), a zip of a Kaggle case folder, or single `.tif` / `.png` slices (256 x
+256, three channels in the training order). The page shows each slice with the predicted outline
+(a slider runs through the volume), the montage of the tumor slices, the tumor volume, and the
+files to download: the mask (`_pred.nii.gz` on the scan's grid for NIfTI input) and a zip of
+everything `predict` writes. It runs the same code as `python -m lgg predict`, with the model that
+ships with the repository unless `--model` names another.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from lgg import data, predict, volumes
+
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+MAX_UNZIPPED_BYTES = 2 * 1024**3  # a Kaggle case is ~10 MB; refuse zip bombs
+KEEP_SECONDS = 3600  # earlier requests' folders are removed after an hour
+DISPLAY_SIZE = 512
+
+
+class UploadError(ValueError):
+    """An upload the app cannot use; its message is shown on the page."""
+
+
+def _unzip(archive, folder):
+    """Extract a zip into `folder`, refusing members that would land outside it and zip bombs."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = [info for info in bundle.infolist() if not info.is_dir()]
+            if sum(info.file_size for info in members) > MAX_UNZIPPED_BYTES:
+                raise UploadError(f"{archive.name}: unpacks to more than {MAX_UNZIPPED_BYTES // 1024**3} GB")
+            for info in members:
+                target = (folder / info.filename).resolve()
+                if not target.is_relative_to(folder.resolve()):
+                    raise UploadError(f"{archive.name}: member {info.filename!r} points outside the archive")
+                if "__MACOSX" in Path(info.filename).parts or Path(info.filename).name.startswith("."):
+                    continue  # macOS resource forks and hidden files are not slices
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with bundle.open(info) as source, open(target, "wb") as copy:
+                    shutil.copyfileobj(source, copy)
+    except zipfile.BadZipFile as error:
+        raise UploadError(f"{archive.name}: not a readable zip ({error})") from None
+    return folder
+
+
+def _png_as_tif(path, target):
+    """A .png slice in the training channel order, stored as the .tif `predict` reads."""
+    try:
+        image = np.asarray(Image.open(path).convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise UploadError(f"{path.name}: not a readable PNG ({error})") from None
+    if image.shape[:2] != (data.NATIVE_SIZE, data.NATIVE_SIZE):
+        raise UploadError(f"{path.name}: {image.shape[1]} x {image.shape[0]} pixels, expected 256 x 256")
+    import tifffile
+
+    tifffile.imwrite(target, image, photometric="rgb")
+
+
+def arrange(files, sequences, folder):
+    """Copy the uploads into `folder` in the layout `predict` reads; return (inputs, sequences)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs, slices = [], []
+    for number, path in enumerate(map(Path, files or []), 1):
+        name = path.name
+        if volumes.is_nifti(name):
+            target = folder / name
+            shutil.copyfile(path, target)
+            inputs.append(target)
+        elif name.lower().endswith(".zip"):
+            inputs.append(_unzip(path, folder / f"zip{number}"))
+        elif name.lower().endswith(SLICE_SUFFIXES):
+            slices.append(path)
+        else:
+            raise UploadError(
+                f"{name}: not a NIfTI volume (.nii, .nii.gz), a zip of a case folder, or a .tif / .png slice"
+            )
+    if slices:
+        case_dir = folder / "slices"
+        case_dir.mkdir()
+        for number, path in enumerate(slices, 1):
+            match = data.SLICE_FILE.match(path.with_suffix(".tif").name)
+            if match is None or match["mask"]:  # not a Kaggle name: number the slices in upload order
+                target = case_dir / f"upload_{number}.tif"
+            else:
+                target = case_dir / f"{match['case_id']}_{match['slice_index']}.tif"
+            if path.suffix.lower() == ".png":
+                _png_as_tif(path, target)
+            else:
+                shutil.copyfile(path, target)
+        inputs.extend(sorted(case_dir.iterdir()))
+    given = {name: path for name, path in sequences.items() if path is not None}
+    for name, path in given.items():
+        if not volumes.is_nifti(path):
+            raise UploadError(f"{Path(path).name}: the {name} sequence must be a .nii or .nii.gz file")
+        target = folder / f"{name}-{Path(path).name}"
+        shutil.copyfile(path, target)
+        given[name] = target
+    if not inputs and not given:
+        raise UploadError("upload a NIfTI volume, a zip of a case folder, or .tif / .png slices first")
+    return inputs, ({name: given.get(name) for name in volumes.SEQUENCES} if given else None)
+
+
+def _display(image, mask):
+    rgb = cv2.cvtColor(predict.overlay_image(image, mask), cv2.COLOR_BGR2RGB)
+    return cv2.resize(rgb, (DISPLAY_SIZE, DISPLAY_SIZE), interpolation=cv2.INTER_NEAREST)
+
+
+def _summary(rows, seconds):
+    lines = [f"**{len(rows)} case{'s' * (len(rows) != 1)}**, segmented in {seconds:.1f} s", ""]
+    for row in rows:
+        size = (
+            f"tumor volume **{row['tumor_volume_ml']:.2f} ml** ({row['tumor_voxels']} voxels of "
+            f"{row['voxel_size_mm']} mm)"
+            if "tumor_volume_ml" in row
+            else f"tumor area {row['tumor_area_px_total']} px (the .tif slices carry no voxel size)"
+        )
+        lines.append(f"- {row['case_id']}: tumor on {row['tumor_slices']} of {row['slices']} slices, {size}")
+    return "\n".join(lines)
+
+
+class Segmenter:
+    """Holds the loaded model; `run` turns one set of uploads into what the page shows."""
+
+    def __init__(self, model_path=None, work_dir=None):
+        self.predictor = predict.load_predictor(model_path)
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="lgg-app-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def _new_folder(self):
+        for old in self.work_dir.glob("request-*"):  # earlier requests' files, after an hour
+            if time.time() - old.stat().st_mtime > KEEP_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix="request-", dir=self.work_dir))
+
+    def run(self, files, pre=None, flair=None, post=None):
+        """-> (slice pictures with labels, summary markdown, montage path or None, files to download)."""
+        start = time.perf_counter()
+        folder = self._new_folder()
+        inputs, sequences = arrange(files, {"pre": pre, "flair": flair, "post": post}, folder / "in")
+        collected = []
+        out = predict.predict_paths(
+            None, inputs, folder / "out", sequences=sequences, predictor=self.predictor, collect=collected
+        )
+        seconds = time.perf_counter() - start
+        pictures = [
+            (_display(image, mask), f"{case_id}, slice {index}: {int(mask.sum())} px")
+            for case_id, indices, images, masks, _ in collected
+            for index, image, mask in zip(indices, images, masks)
+        ]
+        rows = [row for *_, row in collected]
+        montages = sorted(out.glob("*/*_montage.png"))
+        archive = shutil.make_archive(str(folder / "predictions"), "zip", out)
+        downloads = [*sorted(map(str, out.glob(f"*/*{predict.PREDICTED_NIFTI_SUFFIX}"))), archive]
+        return pictures, _summary(rows, seconds), str(montages[0]) if montages else None, downloads
+
+
+def _first_tumor_slice(pictures):
+    for number, (_, label) in enumerate(pictures, 1):
+        if not label.endswith(": 0 px"):
+            return number
+    return 1
+
+
+def build(segmenter):
+    import gradio as gr
+
+    def segment(files, pre, flair, post):
+        try:
+            pictures, summary, montage, downloads = segmenter.run(files, pre, flair, post)
+        except (data.DatasetError, ValueError, OSError, RuntimeError) as error:
+            message = re.sub(r"\S*/request-[^/\s]+/in/", "", str(error))  # the user's file names, not ours
+            raise gr.Error(message, print_exception=False) from None
+        first = _first_tumor_slice(pictures)
+        # a Gradio slider needs minimum < maximum; `show` keeps a single slice's slider at that slice
+        slider = gr.Slider(minimum=1, maximum=max(len(pictures), 2), step=1, value=first, interactive=len(pictures) > 1)
+        image, label = pictures[first - 1]
+        return pictures, slider, image, label, summary, montage, downloads
+
+    def show(pictures, number):
+        if not pictures:
+            return None, ""
+        image, label = pictures[min(int(number), len(pictures)) - 1]
+        return image, label
+
+    with gr.Blocks(title="LGG tumor segmentation", analytics_enabled=False) as page:
+        gr.Markdown(
+            "# Lower-grade glioma: FLAIR abnormality segmentation\n"
+            "Upload a 4-D NIfTI (pre-contrast, FLAIR, post-contrast on the last axis), a zip of a Kaggle case "
+            "folder, or `.tif` / `.png` slices; or give the three sequences as 3-D NIfTI files below. "
+            f"Model: `{segmenter.predictor.model_path.name}` from `{segmenter.predictor.model_path.parent}`. "
+            "A research tool, not a medical device."
+        )
+        pictures = gr.State([])
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Scan or slices", file_count="multiple", elem_id="upload")
+                with gr.Accordion("Three 3-D NIfTI files, one per sequence", open=False):
+                    pre = gr.File(label="pre-contrast", elem_id="pre")
+                    flair = gr.File(label="FLAIR", elem_id="flair")
+                    post = gr.File(label="post-contrast", elem_id="post")
+                button = gr.Button("Segment", variant="primary", elem_id="segment")
+                summary = gr.Markdown(elem_id="summary")
+                downloads = gr.File(label="Download: mask and all outputs", file_count="multiple", elem_id="downloads")
+            with gr.Column():
+                slider = gr.Slider(
+                    minimum=1, maximum=2, step=1, value=1, label="Slice", elem_id="slider", interactive=False
+                )
+                slice_label = gr.Markdown(elem_id="slice-label")
+                picture = gr.Image(label="Predicted outline (red) on FLAIR", elem_id="slice", type="numpy")
+                montage = gr.Image(label="Tumor slices", elem_id="montage", type="filepath")
+        button.click(
+            segment,
+            [upload, pre, flair, post],
+            [pictures, slider, picture, slice_label, summary, montage, downloads],
+        )
+        slider.change(show, [pictures, slider], [picture, slice_label])
+    return page
+
+
+def serve(model_path=None, host="127.0.0.1", port=7860):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    segmenter = Segmenter(model_path)
+    page = build(segmenter)
+    print(f"Serving on http://{host}:{port} (Ctrl+C stops it)", flush=True)
+    page.launch(server_name=host, server_port=port, share=False, show_error=False, quiet=True)

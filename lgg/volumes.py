@@ -1,0 +1,233 @@
+"""NIfTI volumes in and out: a scan shown to the model the way the Kaggle slices show it, and the
+predicted mask written back on the scan's own grid.
+
+What the training data looks like (measured over the 88 cases with `volume_intensity_report`):
+each case is a stack of axial slices, 256 x 256 pixels, anterior at the top and the patient's
+right on the image's left (the radiological view), three 8-bit channels in the order pre-contrast,
+FLAIR, post-contrast. Every channel of every case starts at 0, and its maximum is 255 or close to
+it (median 254, lowest 191): each sequence was scaled from its volume's minimum and maximum to
+0-255, which leaves the brain at about 100-200 under a tail of a few bright voxels. A volume here
+gets the same mapping (`to_uint8`: per sequence, minimum -> 0 and maximum -> 255, rounded), so a
+Kaggle case written as a NIfTI at any intensity scale comes back to its own .tif values.
+
+Geometry: the volume is turned to RAS+ (nibabel's `io_orientation`, voxel axes only, no
+resampling), each axial plane is padded to a square with the sequence's minimum and resized to
+256 x 256 (bilinear for the image; the mask goes back by nearest neighbour and the padding is cut
+off), and the mask is turned back to the file's own axis order and written with the file's affine
+and header, so it overlays exactly in ITK-SNAP or 3D Slicer. In-plane voxels that are not square
+are not resampled to square: the model then sees a stretched head (say so if you meet one).
+"""
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from lgg import data, guards
+
+SEQUENCES = ("pre", "flair", "post")  # the training order of the channels (data.CHANNELS)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+RAS = orientations.axcodes2ornt(("R", "A", "S"))
+
+
+class VolumeError(data.DatasetError):
+    """A volume that cannot be read or does not hold what the model needs."""
+
+
+def is_nifti(path):
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path):
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+@dataclass
+class Volume:
+    """A scan as the model's slices plus what it takes to write a mask back on the scan's grid."""
+
+    case_id: str
+    images: np.ndarray  # (Z, 256, 256, 3) uint8: axial slices, inferior to superior, as the Kaggle set shows them
+    reference: nib.Nifti1Image  # the file (FLAIR for three files) whose grid the mask is written on
+    sources: tuple  # the file(s) read
+
+    @property
+    def shape(self):
+        return self.reference.shape[:3]
+
+    @property
+    def voxel_mm(self):
+        return tuple(float(z) for z in self.reference.header.get_zooms()[:3])
+
+    @property
+    def voxel_ml(self):
+        return float(np.prod(self.voxel_mm)) / 1000.0
+
+
+def _load(path):
+    """The image and its voxels as float32, or a `VolumeError` naming the file and what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if not path.is_file():
+        raise VolumeError(f"{path}: not a regular file")
+    try:
+        image = nib.load(path)
+        voxels = np.asarray(image.dataobj, dtype=np.float32)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
+        reason = " ".join(str(error).split())  # nibabel's messages may span lines
+        raise VolumeError(f"{path}: not a readable NIfTI volume ({type(error).__name__}: {reason})") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeError(f"{path}: a {type(image).__name__}, not a NIfTI volume")
+    if voxels.ndim == 5 and voxels.shape[3] == 1:  # (X, Y, Z, 1, C): how some tools store channels
+        voxels = voxels[:, :, :, 0]
+    if not np.isfinite(voxels).all():
+        raise VolumeError(f"{path}: holds NaN or infinite values")
+    if voxels.ndim >= 3 and min(voxels.shape[:3]) < 1:
+        raise VolumeError(f"{path}: an empty volume of shape {voxels.shape}")
+    if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
+        raise VolumeError(f"{path}: its affine is not a valid voxel-to-world mapping")
+    return image, voxels
+
+
+def _need_three(path, what):
+    return VolumeError(
+        f"{path}: {what}; the model needs three co-registered sequences in the training order "
+        f"({', '.join(data.CHANNELS)}): a 4-D NIfTI with those three on its last axis, or three 3-D "
+        "files given as --pre, --flair and --post"
+    )
+
+
+def load_4d(path, case_id=None):
+    """A 4-D NIfTI whose last axis holds pre-contrast, FLAIR and post-contrast."""
+    image, voxels = _load(path)
+    if voxels.ndim == 3:
+        raise _need_three(path, f"a 3-D volume {voxels.shape} (one sequence)")
+    if voxels.ndim != 4 or voxels.shape[3] != len(SEQUENCES):
+        raise _need_three(path, f"shape {voxels.shape}, not (X, Y, Z, 3)")
+    return _volume(case_id or nifti_stem(path), voxels, _reference(image), (Path(path),))
+
+
+def load_sequences(pre=None, flair=None, post=None, case_id=None):
+    """Three co-registered 3-D NIfTI files, one per sequence (same shape and affine)."""
+    given = dict(zip(SEQUENCES, (pre, flair, post)))
+    missing = [name for name, path in given.items() if path is None]
+    if missing:
+        have = ", ".join(f"--{name} {path}" for name, path in given.items() if path is not None) or "nothing"
+        raise VolumeError(
+            f"given {have}; missing {', '.join('--' + name for name in missing)}: the model was trained on all "
+            f"three sequences ({', '.join(data.CHANNELS)}) and cannot segment from fewer"
+        )
+    loaded = {}
+    for name, path in given.items():
+        image, voxels = _load(path)
+        if voxels.ndim != 3:
+            raise VolumeError(f"--{name} {path}: shape {voxels.shape}, expected one 3-D sequence")
+        loaded[name] = (image, voxels)
+    flair_image, flair_voxels = loaded["flair"]
+    for name, (image, voxels) in loaded.items():
+        if voxels.shape != flair_voxels.shape or not np.allclose(image.affine, flair_image.affine, atol=1e-3):
+            raise VolumeError(
+                f"--{name} {given[name]} and --flair {given['flair']} are not on the same grid (shapes "
+                f"{voxels.shape} and {flair_voxels.shape}, affines differ by up to "
+                f"{np.abs(image.affine - flair_image.affine).max():.3g}): co-register them first"
+            )
+    voxels = np.stack([loaded[name][1] for name in SEQUENCES], axis=-1)
+    sources = tuple(Path(given[name]) for name in SEQUENCES)
+    return _volume(case_id or nifti_stem(flair), voxels, _reference(flair_image), sources)
+
+
+def _reference(image):
+    """An empty uint8 3-D image with the geometry (shape, affine, qform/sform, zooms) of `image`."""
+    header = image.header.copy()
+    header.set_data_shape(image.shape[:3])
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    header["cal_min"], header["cal_max"] = 0, 1
+    return type(image)(np.zeros(image.shape[:3], np.uint8), image.affine, header)
+
+
+def _volume(case_id, voxels, reference, sources):
+    guards.check_case_id(case_id, sources[0])
+    for channel, name in enumerate(data.CHANNELS):
+        if voxels[..., channel].min() == voxels[..., channel].max():
+            raise VolumeError(f"{sources[min(channel, len(sources) - 1)]}: the {name} sequence is constant")
+    images = to_slices(to_uint8(_to_ras(voxels, reference.affine)))
+    return Volume(case_id, images, reference, sources)
+
+
+def to_uint8(voxels):
+    """Per sequence, the volume's minimum -> 0 and maximum -> 255, rounded (the Kaggle mapping)."""
+    low = voxels.min(axis=(0, 1, 2), keepdims=True)
+    high = voxels.max(axis=(0, 1, 2), keepdims=True)
+    scaled = (voxels.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _orientation(affine):
+    return orientations.io_orientation(affine)
+
+
+def _to_ras(voxels, affine):
+    return orientations.apply_orientation(voxels, orientations.ornt_transform(_orientation(affine), RAS))
+
+
+def _from_ras(voxels, affine):
+    return orientations.apply_orientation(voxels, orientations.ornt_transform(RAS, _orientation(affine)))
+
+
+def to_slices(ras):
+    """RAS+ voxels `(X, Y, Z, 3)` uint8 -> Kaggle-style slices `(Z, 256, 256, 3)`: anterior at the
+    top, the patient's right on the left, each plane padded to a square and resized to 256."""
+    planes = np.ascontiguousarray(np.transpose(ras[::-1, ::-1], (2, 1, 0, 3)))  # (Z, rows = P..., cols = L...)
+    return np.stack([_square_resize(plane, data.NATIVE_SIZE, cv2.INTER_LINEAR) for plane in planes])
+
+
+def _square_resize(plane, size, interpolation):
+    rows, cols = plane.shape[:2]
+    side = max(rows, cols)
+    if (rows, cols) != (side, side):
+        padding = [(0, side - rows), (0, side - cols)] + [(0, 0)] * (plane.ndim - 2)
+        plane = np.pad(plane, padding)  # 0 is each sequence's minimum after to_uint8
+    if side == size:
+        return plane
+    return cv2.resize(plane, (size, size), interpolation=interpolation)
+
+
+def mask_to_volume(masks, volume):
+    """Masks `(Z, 256, 256)` of `volume.images` -> a uint8 0/1 array on the file's own grid."""
+    ras_shape = orientations.apply_orientation(np.empty(volume.shape, np.uint8), _ras_transform(volume)).shape
+    columns, rows, slices = ras_shape  # RAS: X runs along the image's columns, Y along its rows
+    side = max(rows, columns)
+    planes = []
+    for mask in np.asarray(masks, dtype=np.uint8):
+        if side != mask.shape[0]:
+            mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
+        planes.append(mask[:rows, :columns])
+    if len(planes) != slices:
+        raise ValueError(f"{len(planes)} masks for a volume of {slices} axial slices")
+    ras = np.transpose(np.stack(planes), (2, 1, 0))[::-1, ::-1]
+    return np.ascontiguousarray(_from_ras(ras, volume.reference.affine)).astype(np.uint8)
+
+
+def _ras_transform(volume):
+    return orientations.ornt_transform(_orientation(volume.reference.affine), RAS)
+
+
+def save_mask(mask, volume, path):
+    """Write the 0/1 mask with the scan's affine and header (data type uint8), atomically."""
+    from lgg.files import atomic_path
+
+    if tuple(mask.shape) != tuple(volume.shape):
+        raise ValueError(f"mask of shape {mask.shape} for a volume of shape {volume.shape}")
+    reference = volume.reference
+    image = type(reference)(mask.astype(np.uint8), reference.affine, reference.header.copy())
+    image.set_qform(*reference.get_qform(coded=True))
+    image.set_sform(*reference.get_sform(coded=True))
+    with atomic_path(path) as temporary:  # the temporary keeps the .nii.gz ending nibabel goes by
+        nib.save(image, temporary)

@@ -1,0 +1,150 @@
+"""NIfTI in and out (`lgg.volumes`, `predict` on volumes): a real case written as a NIfTI volume, at
+another intensity scale and in another axis order, must give the masks of its .tif slices, on the
+volume's own grid, with a volume in ml from the header's voxel size."""
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from nibabel import orientations
+from test_safety import run
+
+from lgg import data, predict, volumes
+
+CASE = "TCGA_CS_4941_19960909"  # a tumor case whose three channels span 0-255, as most cases' do
+SPACING = (0.94, 0.94, 3.0)
+
+
+def kaggle_volume(real_data, case_id=CASE):
+    images, _ = data.case_slice_files(real_data / case_id)
+    return np.stack([data.read_image(images[k]) for k in sorted(images)])
+
+
+def as_ras(slices):
+    """Kaggle slices (Z, rows, cols, 3) -> RAS+ voxels (X, Y, Z, 3): the inverse of `volumes.to_slices`."""
+    return np.transpose(slices, (2, 1, 0, 3))[::-1, ::-1]
+
+
+def reorient(voxels, affine, codes):
+    """The same volume stored in another axis order (e.g. ("P", "S", "L")), with the matching affine."""
+    transform = orientations.ornt_transform(volumes.RAS, orientations.axcodes2ornt(codes))
+    return orientations.apply_orientation(voxels, transform), affine @ orientations.inv_ornt_aff(
+        transform, voxels.shape[:3]
+    )
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return predict.load_predictor()
+
+
+@pytest.fixture(scope="module")
+def tif_prediction(real_data, predictor, tmp_path_factory):
+    out = predict.predict_paths(None, [real_data / CASE], tmp_path_factory.mktemp("tif") / "out", predictor=predictor)
+    files = sorted((out / CASE).glob(f"*{predict.PREDICTED_SUFFIX}"), key=lambda p: int(p.name.split("_")[-2]))
+    return np.stack([tifffile.imread(path) > 0 for path in files]), pd.read_csv(out / "cases.csv").iloc[0]
+
+
+def test_a_scaled_reoriented_4d_volume_gives_the_masks_of_its_tif_slices(
+    real_data, predictor, tif_prediction, tmp_path
+):
+    slices = kaggle_volume(real_data)
+    ras = as_ras(slices).astype(np.float32) * np.float32([3.7, 11.0, 0.25]) + np.float32([100, -40, 7])
+    voxels, affine = reorient(ras, np.diag([*SPACING, 1.0]), ("P", "S", "L"))
+    source = tmp_path / "in" / f"{CASE}.nii.gz"
+    source.parent.mkdir()
+    nib.save(nib.Nifti1Image(voxels, affine), source)
+
+    volume = volumes.load_4d(source)
+    np.testing.assert_array_equal(volume.images, slices)  # the Kaggle mapping recovers the 8-bit slices exactly
+
+    out = predict.predict_paths(None, [source], tmp_path / "out", predictor=predictor)
+    written = nib.load(out / CASE / f"{CASE}{predict.PREDICTED_NIFTI_SUFFIX}")
+    assert written.shape == voxels.shape[:3]
+    np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+    np.testing.assert_allclose(written.header.get_zooms(), np.sqrt((affine[:3, :3] ** 2).sum(axis=0)), rtol=1e-6)
+    mask = np.asarray(written.dataobj)
+    assert written.get_data_dtype() == np.uint8 and set(np.unique(mask)) <= {0, 1}
+
+    tif_masks, tif_row = tif_prediction
+    assert tif_masks.sum() > 1000  # a real tumor, not two empty masks agreeing
+    to_ras = orientations.ornt_transform(orientations.io_orientation(affine), volumes.RAS)
+    back = volumes.to_slices(np.repeat(orientations.apply_orientation(mask, to_ras)[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(back[..., 0] > 0, tif_masks)  # identical masks, voxel for voxel
+
+    row = pd.read_csv(out / "cases.csv").iloc[0]
+    assert row.tumor_voxels == mask.sum() == tif_row.tumor_area_px_total
+    assert row.tumor_volume_ml == pytest.approx(mask.sum() * np.prod(SPACING) / 1000, rel=1e-6)
+    assert (out / CASE / f"{CASE}_montage.png").is_file()
+
+
+def test_three_3d_sequences_give_the_same_as_the_4d_volume(real_data, predictor, tif_prediction, tmp_path):
+    ras = as_ras(kaggle_volume(real_data)).astype(np.float32)
+    affine = np.diag([*SPACING, 1.0])
+    paths = {}
+    (tmp_path / "in").mkdir()
+    for channel, name in enumerate(volumes.SEQUENCES):
+        paths[name] = tmp_path / "in" / f"{CASE}_{name}.nii.gz"
+        nib.save(nib.Nifti1Image(ras[..., channel] * (channel + 2), affine), paths[name])
+    out = predict.predict_paths(None, [], tmp_path / "out", sequences=paths, predictor=predictor)
+    row = pd.read_csv(out / "cases.csv").iloc[0]
+    assert row.case_id == f"{CASE}_flair"  # named after the FLAIR file
+    assert row.tumor_voxels == tif_prediction[1].tumor_area_px_total
+
+
+@pytest.mark.parametrize("shape", [(240, 240, 5), (200, 256, 4), (300, 180, 3)])
+def test_masks_go_back_to_any_grid(shape, tmp_path):
+    """A mask drawn on the volume's grid, carried to the model's 256 x 256 view and back, lands where it was."""
+    rng = np.random.default_rng(1)
+    voxels = rng.uniform(0, 500, (*shape, 3)).astype(np.float32)
+    truth = np.zeros(shape, np.uint8)
+    truth[shape[0] // 4 : shape[0] // 2, shape[1] // 3 : shape[1] // 2 + 10, 1:] = 1
+    for codes in (("R", "A", "S"), ("L", "P", "S"), ("A", "I", "R")):
+        stored, affine = reorient(voxels, np.diag([1.0, 1.2, 2.5, 1.0]), codes)
+        stored_truth, _ = reorient(truth, np.diag([1.0, 1.2, 2.5, 1.0]), codes)
+        nib.save(nib.Nifti1Image(stored, affine), tmp_path / "v.nii")
+        volume = volumes.load_4d(tmp_path / "v.nii")
+        assert volume.images.shape == (shape[2], 256, 256, 3)
+        # the truth as the model sees it: the same geometry as the image channels
+        view = volumes.to_slices(np.repeat(truth[..., None] * 255, 3, axis=-1))[..., 0] > 127
+        back = volumes.mask_to_volume(view, volume)
+        assert back.shape == stored_truth.shape
+        dice = 2 * (back & stored_truth).sum() / (back.sum() + stored_truth.sum())
+        assert dice > 0.97, (codes, dice)
+
+
+def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    affine = np.diag([*SPACING, 1.0])
+    one = np.random.default_rng(0).uniform(0, 100, (32, 32, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(one, affine), folder / "flair.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([one, one], axis=-1), affine), folder / "two.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([one] * 3, axis=-1), affine), folder / "good.nii.gz")
+    nib.save(nib.Nifti1Image(one, np.diag([1.0, 1.0, 1.5, 1.0])), folder / "moved.nii.gz")
+    nan = one.copy()
+    nan[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(np.stack([nan] * 3, axis=-1), affine), folder / "nan.nii.gz")
+    whole = (folder / "good.nii.gz").read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (folder / "short.nii.gz").write_bytes(gzip.compress(gzip.decompress(whole)[:400]))
+    (folder / "paper.nii").write_bytes(b"%PDF-1.4\n" + bytes(500))
+    cases = {
+        ("flair.nii.gz",): "one sequence",
+        ("two.nii.gz",): "not (X, Y, Z, 3)",
+        ("nan.nii.gz",): "NaN",
+        ("truncated.nii.gz",): "not a readable NIfTI",
+        ("short.nii.gz",): "not a readable NIfTI",
+        ("paper.nii",): "not a readable NIfTI",
+        ("--flair", "flair.nii.gz"): "missing --pre, --post",
+        ("--pre", "flair.nii.gz", "--flair", "flair.nii.gz", "--post", "moved.nii.gz"): "not on the same grid",
+    }
+    for args, message in cases.items():
+        code, _, error = run(capsys, "predict", *[folder / a if a.endswith((".nii", ".gz")) else a for a in args],
+                             "--out", tmp_path / "out")  # fmt: skip
+        assert code == 2 and len(error.strip().splitlines()) == 1, (args, error)
+        assert message in error and args[-1] in error, (args, error)  # what is wrong, and with which file
+        assert not (tmp_path / "out").exists()

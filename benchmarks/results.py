@@ -12,29 +12,30 @@ results table.
 import argparse
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from lgg.config import HEADLINE, RunConfig
 from lgg.files import atomic_path, save_json
+from lgg.train import monitor_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
-COMMON = {"epochs": 100, "batch_size": 16, "image_size": 128, "seed": 0, "patience": 10}
-# The U-Net results configuration (`make train` runs the same).
-UNET = {"tumor_fraction": 0.5, "max_minutes": 60, "schedule": "time-cosine", "snapshot_minutes": (15, 30, 45, 60)}
-# name -> (model kind, settings). Time limits: about eight hours of CPU for all ten (7 x 60 + 15 + 20 + 20 min,
-# plus evaluation); train one row at a time with --models.
+# name -> RunConfig (lgg.config: every setting not named is its default). `unet` is the README's headline
+# recipe (`make train` runs the same). Time limits: about eight hours of CPU for all ten (7 x 60 + 15 + 20 +
+# 20 min, plus evaluation); train one row at a time with --models.
 CONFIGS = {
-    "unet": ("unet", UNET),
-    "unet-seed1": ("unet", {**UNET, "seed": 1}),  # the same run with another seed: how much is luck
-    "unet-slice-dice": ("unet", {**UNET, "dice_loss": "slice"}),
-    "classifier": ("classifier", {"backbone": "light", "max_minutes": 15}),
-    "resnet50-unet": ("resnet50-unet", {"tumor_fraction": 0.5, "max_minutes": 20, "encoder_weights": "imagenet"}),
-    "unet-leaky-slice-split": ("unet", {"tumor_fraction": 0.5, "max_minutes": 20, "split": "random-slice-leaky"}),
+    "unet": HEADLINE,
+    "unet-seed1": replace(HEADLINE, seed=1),  # the same run with another seed: how much is luck
+    "unet-slice-dice": replace(HEADLINE, dice_loss="slice"),
+    "classifier": RunConfig(kind="classifier", backbone="light", max_minutes=15),
+    "resnet50-unet": RunConfig(kind="resnet50-unet", tumor_fraction=0.5, max_minutes=20, encoder_weights="imagenet"),
+    "unet-leaky-slice-split": RunConfig(tumor_fraction=0.5, max_minutes=20, split="random-slice-leaky"),
     # the other folds of the 5-fold cross-validation by patient (fold 1 of 5 is the `unet` row's split)
-    **{f"unet-fold{k}": ("unet", {**UNET, "split": f"patient-fold-{k}-of-5"}) for k in range(2, 6)},
+    **{f"unet-fold{k}": replace(HEADLINE, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
 }
 # the U-Net recipe over the 5 patient folds: every one of the 88 patients tested once, by a model that never saw it
 CROSS_VALIDATION = ("unet", "unet-fold2", "unet-fold3", "unet-fold4", "unet-fold5")
@@ -44,17 +45,16 @@ PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overla
 def train(name, data_dir):
     from lgg.train import train_run
 
-    kind, settings = CONFIGS[name]
-    settings = {**COMMON, **settings}
-    if settings.get("encoder_weights") == "imagenet":
+    config = CONFIGS[name]
+    if config.encoder_weights == "imagenet" and config.kind != "unet":
         from lgg.models import _resnet50_weights
 
         try:
             _resnet50_weights("imagenet")
         except RuntimeError as error:
             print(f"{error}\n-> training {name} with encoder_weights=None")
-            settings["encoder_weights"] = None
-    train_run(kind, data_dir, RUNS / f"results-{name}", overwrite=True, verbose=2, **settings)
+            config = replace(config, encoder_weights=None)
+    train_run(config, data_dir, RUNS / f"results-{name}", overwrite=True, verbose=2)
 
 
 def collect(name, data_dir):
@@ -67,7 +67,9 @@ def collect(name, data_dir):
     config = json.loads((run_dir / "config.json").read_text())
     history = pd.read_csv(run_dir / "history.csv")
     summary = json.loads((run_dir / "test_summary.json").read_text())
-    monitor = "val_dice_coefficient" if "val_dice_coefficient" in history else "val_auc"
+    # the score the checkpoint was chosen by (lgg.train.monitor_for): per-case validation Dice for segmenters
+    task = "classification" if config["kind"] == "classifier" else "segmentation"
+    monitor = monitor_for(task, case_validation="val_case_dice" in history)
     curve = run_dir / "snapshots" / "curve.csv"
     if (run_dir / "snapshots" / "snapshots.csv").exists() and not curve.exists():
         from lgg.evaluate import evaluate_snapshots

@@ -7,12 +7,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up INFO lines would bury a one-line refusal
 
-from lgg import guards  # noqa: E402
+from lgg import config, guards  # noqa: E402
 from lgg.data import DatasetError  # noqa: E402
-
-
-def _encoder_weights(value):
-    return None if value in (None, "none", "None") else value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +20,6 @@ class _Parser(argparse.ArgumentParser):
 
 # number flags, checked at the door: (check, options) per flag name
 _PROBABILITY = (guards.probability, {})
-_MINUTES = (guards.positive, {"maximum": 7 * 24 * 60})  # at most a week
 _MILLIMETRES = (guards.positive, {"maximum": 100.0})
 
 
@@ -38,96 +33,13 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a model; writes a run folder")
-    train.add_argument("kind", choices=["unet", "resnet50-unet", "classifier"])
+    config.add_arguments(train)  # one option per RunConfig setting, with its range and default
     train.add_argument("--data", default="data", help="kaggle_3m folder or a folder containing it")
     train.add_argument("--out", required=True, help="run folder to create")
     train.add_argument(
-        "--epochs",
-        type=_flag("--epochs", (guards.positive, {"integer": True, "maximum": 100_000})),
-        default=100,
-        help="upper bound; early stopping decides",
-    )
-    train.add_argument(
-        "--batch-size", type=_flag("--batch-size", (guards.positive, {"integer": True, "maximum": 4096})), default=16
-    )
-    train.add_argument(
-        "--image-size",
-        type=_flag("--image-size", (guards.positive, {"integer": True, "maximum": 1024})),
-        default=128,
-        help="side of the slices the model sees",
-    )
-    train.add_argument(
-        "--seed", type=_flag("--seed", (guards.non_negative, {"integer": True, "maximum": 2**32 - 1})), default=0
-    )
-    train.add_argument(
-        "--max-cases",
-        type=_flag("--max-cases", (guards.positive, {"integer": True, "maximum": 100_000})),
+        "--config",
         default=None,
-    )
-    train.add_argument(
-        "--encoder-weights",
-        default="imagenet",
-        type=_encoder_weights,
-        help="ResNet50 models: imagenet, none, or a weights file",
-    )
-    train.add_argument(
-        "--base-filters",
-        type=_flag("--base-filters", (guards.positive, {"integer": True, "maximum": 512})),
-        default=16,
-        help="U-Net filters at the first level",
-    )
-    train.add_argument("--attention", action="store_true", help="resnet50-unet: attention gates (Oktay 2018)")
-    train.add_argument("--backbone", choices=["light", "resnet50"], default="light", help="classifier backbone")
-    train.add_argument(
-        "--learning-rate", type=_flag("--learning-rate", (guards.positive, {"maximum": 1})), default=1e-3
-    )
-    train.add_argument(
-        "--patience", type=_flag("--patience", (guards.positive, {"integer": True, "maximum": 100_000})), default=10
-    )
-    train.add_argument(
-        "--tumor-fraction",
-        type=_flag("--tumor-fraction", _PROBABILITY),
-        default=None,
-        help="oversample tumor slices to this share",
-    )
-    train.add_argument(
-        "--max-minutes",
-        type=_flag("--max-minutes", _MINUTES),
-        default=None,
-        help="stop after this much training time",
-    )
-    train.add_argument(
-        "--split",
-        default="patient",
-        help="patient (default: hash of the patient id, about 70/10/20), patient-fold-K-of-N (fold K of an N-fold "
-        "cross-validation by patient; fold 1 of 5 is the default split), or random-slice-leaky (the original "
-        "notebooks' slice split: patients on both sides)",
-    )
-    train.add_argument(
-        "--schedule",
-        choices=["plateau", "time-cosine"],
-        default="plateau",
-        help="learning rate: halve on plateau, or cosine decay over --max-minutes",
-    )
-    train.add_argument(
-        "--snapshot-minutes",
-        type=_flag("--snapshot-minutes", (guards.non_negative, _MINUTES[1])),
-        nargs="*",
-        default=(),
-        help="keep the weights reached after these many minutes (e.g. 15 30 60; 0: after the first epoch)",
-    )
-    train.add_argument("--no-jit", dest="jit_compile", action="store_false", help="train without XLA")
-    train.add_argument(
-        "--dice-loss",
-        choices=["batch", "slice"],
-        default="batch",
-        help="Dice term of the loss: over the whole batch (the original notebooks) or per slice, averaged",
-    )
-    train.add_argument(
-        "--precision",
-        choices=["float32", "mixed_bfloat16"],
-        default="float32",
-        help="mixed_bfloat16: compute in bfloat16, weights and the exported model in float32",
+        help="a run's config.json: train with its settings (the options given here change them)",
     )
     train.add_argument("--overwrite", action="store_true", help="replace a finished or failed run folder of ours")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -225,10 +137,13 @@ def main(argv=None):
         parser.error("predict needs inputs (.tif slices, folders, 4-D NIfTI files) or --pre, --flair and --post")
     try:
         if args.command == "train":
+            base = config.RunConfig.from_file(args.config) if args.config else None
+            if base is None and args.kind is None:
+                parser.error("train needs a model kind (unet, resnet50-unet, classifier) or --config RUN/config.json")
+            settings = config.from_arguments(args, base)  # refused here, before TensorFlow is imported
             from lgg.train import train_run
 
-            options = {key: value for key, value in vars(args).items() if key not in ("command", "kind", "data", "out")}
-            run_dir = train_run(args.kind, args.data, args.out, **options)
+            run_dir = train_run(settings, args.data, args.out, overwrite=args.overwrite, resume=args.resume)
             print(f"Run folder: {run_dir} (model.h5, model.keras, history.csv, curves.png, test_summary.json)")
         elif args.command == "evaluate":
             from lgg.evaluate import evaluate_model_file

@@ -9,6 +9,8 @@ over the whole 3-D volume in `lgg.metrics`.
 import keras
 from keras import ops
 
+from lgg.config import DICE_LOSSES
+
 PACKAGE = "lgg"
 
 
@@ -40,9 +42,6 @@ def slice_dice_coefficient(y_true, y_pred, smooth=1.0):
     y_pred = ops.cast(ops.reshape(y_pred, (batch, -1)), "float32")
     intersection = ops.sum(y_true * y_pred, axis=1)
     return ops.mean((2.0 * intersection + smooth) / (ops.sum(y_true, axis=1) + ops.sum(y_pred, axis=1) + smooth))
-
-
-DICE_LOSSES = ("batch", "slice")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -6,6 +6,7 @@ and after evaluation `test_cases.csv`, `test_summary.json` and plots. While trai
 holds the last completed epoch's state for `--resume`; it is removed when training ends.
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -19,10 +20,9 @@ import numpy as np
 import pandas as pd
 
 from lgg import data, guards, losses, metrics, models, plots
+from lgg.config import MODEL_KINDS, PRECISIONS, RunConfig
 from lgg.evaluate import evaluate_run, evaluate_snapshots, tune_postprocessing
 from lgg.files import atomic_path, save_csv, save_json, save_model
-
-MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -429,7 +429,6 @@ def export_model(model, run_dir):
 
 
 # ----------------------------------------------------------------------------- whole runs
-PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 def build_model(
@@ -471,38 +470,6 @@ def _build_model(kind, image_size, encoder_weights, base_filters, backbone, atte
     raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")
 
 
-def check_settings(config):
-    """Refuse, with the setting named, what `train_run` cannot do well (the CLI's argparse types
-    check the same ranges at the door; this covers callers from Python)."""
-    if config["kind"] not in MODEL_KINDS:
-        raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {config['kind']!r}")
-    for name in ("epochs", "batch_size", "image_size", "base_filters", "patience"):
-        guards.positive(name, config[name], integer=True)
-    step = 16 if config["kind"] == "unet" else 32  # the size halves 4 (U-Net) or 5 (ResNet50) times
-    if config["image_size"] % step or config["image_size"] > 1024:
-        raise ValueError(
-            f"image_size of a {config['kind']} must be a multiple of {step}, at most 1024; "
-            f"received {config['image_size']!r}"
-        )
-    guards.non_negative("seed", config["seed"], integer=True)
-    guards.positive("learning_rate", config["learning_rate"], maximum=1)
-    if config["max_cases"] is not None:
-        guards.positive("max_cases", config["max_cases"], integer=True)
-    if config["max_minutes"] is not None:
-        guards.positive("max_minutes", config["max_minutes"])
-    if config["tumor_fraction"] is not None:
-        guards.probability("tumor_fraction", config["tumor_fraction"])
-    for minutes in config["snapshot_minutes"] or ():
-        guards.non_negative("snapshot_minutes", minutes)
-    if config["schedule"] == "time-cosine" and config["max_minutes"] is None:
-        raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")
-    if config["precision"] not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; received {config['precision']!r}")
-    if config["attention"] and config["kind"] != "resnet50-unet":
-        raise ValueError(f"attention gates are an option of resnet50-unet, not of {config['kind']}")
-    check_split_name(config["split"])
-
-
 def check_split_counts(slices):
     """Refuse a split that leaves a part without cases (e.g. too few cases for a patient split):
     training would have nothing to learn from or nothing to choose or report on."""
@@ -526,14 +493,10 @@ def check_finite(model, run_dir):
         )
 
 
-def task_of(kind):
-    return "classification" if kind == "classifier" else "segmentation"
-
-
 def split_table(slices, split_name="patient", seed=0, val_fraction=0.1, test_fraction=0.2):
     """`slices` with a `split` column: by patient (default), one cross-validation fold by patient
     (`"patient-fold-K-of-N"`, `lgg.data.patient_fold`), or the original leaky slice split."""
-    check_split_name(split_name)
+    RunConfig(split=split_name)  # refuses a name it does not know, before anything is written
     slices = slices.copy()
     if split_name == "patient":
         assignment = data.split_by_patient(slices["case_id"], val_fraction, test_fraction)
@@ -543,16 +506,6 @@ def split_table(slices, split_name="patient", seed=0, val_fraction=0.1, test_fra
     else:
         slices["split"] = data.random_slice_split(slices, random_state=seed)
     return slices
-
-
-def check_split_name(split_name):
-    """Refuse a split name `split_table` does not know, before anything is written."""
-    if split_name.startswith("patient-fold-"):
-        data.patient_fold([], split_name)  # raises ValueError for a malformed fold name
-    elif split_name not in ("patient", "random-slice-leaky"):
-        raise ValueError(
-            f"split must be 'patient', 'patient-fold-K-of-N' or 'random-slice-leaky'; received {split_name!r}"
-        )
 
 
 def split_counts(slices):
@@ -625,89 +578,57 @@ def validation_cases(slices, image_size):
     return images, masks, rows["case_id"].to_numpy()
 
 
-def train_run(
-    kind,
-    data_dir,
-    out_dir,
-    epochs=100,
-    batch_size=16,
-    image_size=128,
-    seed=0,
-    max_cases=None,
-    encoder_weights=None,
-    base_filters=16,
-    backbone="light",
-    attention=False,
-    learning_rate=1e-3,
-    patience=10,
-    tumor_fraction=None,
-    max_minutes=None,
-    split="patient",
-    schedule="plateau",
-    snapshot_minutes=(),
-    jit_compile=True,
-    precision="float32",
-    dice_loss="batch",
-    overwrite=False,
-    resume=False,
-    verbose=1,
-):
+def train_run(config, data_dir, out_dir, overwrite=False, resume=False, verbose=1, **settings):
     """Train one model end to end: data, split, fit, export, curves, post-processing chosen on
     the validation cases (segmenters), test evaluation.
 
-    Returns the run folder. This is what `python -m lgg train` runs; the notebooks call the
-    same steps one by one.
+    `config` is a `RunConfig` (or a model kind, with `settings` as its other fields). Returns the
+    run folder. This is what `python -m lgg train` runs; the notebooks call the same steps one by one.
     """
-    config = {key: value for key, value in locals().items()}
-    check_settings(config)
+    if isinstance(config, str):
+        config = RunConfig(kind=config, **settings)
+    elif settings:
+        config = dataclasses.replace(config, **settings)
+    if config.encoder_weights not in (None, "imagenet"):  # a weights file: never inside the folder --overwrite empties
+        guards.check_not_within(out_dir, [config.encoder_weights])
     inputs = [data_dir]
-    if encoder_weights not in (None, "imagenet"):  # a weights file: never inside the folder --overwrite empties
-        guards.check_not_within(out_dir, [encoder_weights])
     check_run_dir(out_dir, overwrite, resume, inputs)
-    slices = split_table(data.find_slices(data_dir, max_cases=max_cases), split, seed)  # before any file is written
-    check_split_counts(slices)
+    slices = split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
+    check_split_counts(slices)  # before any file is written
     with guards.folder_lock(out_dir):  # held before anything in the folder is removed
         prepare_run_dir(out_dir, overwrite, resume, inputs)
-        return _train_run(config, slices)
+        run = {"data_dir": str(data_dir), "out_dir": str(out_dir), "resume": resume, "verbose": verbose}
+        return _train_run(config, slices, run)
 
 
-def _train_run(config, slices):
+def _train_run(config, slices, run):
     """`train_run` once its settings, data and run folder are checked (the folder is locked)."""
-    kind, data_dir, run_dir, seed = config["kind"], config["data_dir"], Path(config["out_dir"]), config["seed"]
-    image_size, batch_size, precision = config["image_size"], config["batch_size"], config["precision"]
-    encoder_weights, base_filters, backbone = config["encoder_weights"], config["base_filters"], config["backbone"]
-    attention, learning_rate, jit_compile = config["attention"], config["learning_rate"], config["jit_compile"]
-    dice_loss, snapshot_minutes, resume = config["dice_loss"], config["snapshot_minutes"], config["resume"]
-    epochs, patience, max_minutes, verbose = (
-        config["epochs"],
-        config["patience"],
-        config["max_minutes"],
-        config["verbose"],
-    )
-    tumor_fraction, schedule = config["tumor_fraction"], config["schedule"]
+    c, run_dir, resume = config, Path(run["out_dir"]), run["resume"]
+    kind, seed, image_size, precision = c.kind, c.seed, c.image_size, c.precision
     keras.utils.set_random_seed(seed)
-    task = task_of(kind)
+    task = c.task
     write_split(slices, run_dir)
-    write_config(run_dir, config, slices)
+    write_config(run_dir, {**c.to_dict(), **run}, slices)
 
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
-    train_data, steps, val_data = make_datasets(slices, task, image_size, batch_size, seed, tumor_fraction, start_epoch)
-    model = build_model(kind, image_size, encoder_weights, base_filters, backbone, attention, precision)
-    model = compile_model(model, task, learning_rate, jit_compile=jit_compile, dice_loss=dice_loss)
+    train_data, steps, val_data = make_datasets(slices, task, image_size, c.batch_size, seed, c.tumor_fraction,
+                                                start_epoch)  # fmt: skip
+    model = build_model(kind, image_size, c.encoder_weights, c.base_filters, c.backbone, c.attention, precision)
+    model = compile_model(model, task, c.learning_rate, jit_compile=c.jit_compile, dice_loss=c.dice_loss)
     val_cases = validation_cases(slices, image_size) if task == "segmentation" else None
     history = fit(
-        model, train_data, val_data, run_dir, epochs, steps, task, patience, max_minutes, resume, verbose,
-        val_cases=val_cases, schedule=schedule, snapshot_minutes=snapshot_minutes,
+        model, train_data, val_data, run_dir, c.epochs, steps, task, c.patience, c.max_minutes, resume,
+        run["verbose"], val_cases=val_cases, schedule=c.schedule, snapshot_minutes=c.snapshot_minutes,
     )  # fmt: skip
     check_finite(model, run_dir)
     if precision != "float32":  # export and evaluate the float32 twin, compiled like the trained model
-        model = as_float32(model, kind, image_size, base_filters, backbone, attention)
-        model = compile_model(model, task, learning_rate, jit_compile=jit_compile, dice_loss=dice_loss)
+        model = as_float32(model, kind, image_size, c.base_filters, c.backbone, c.attention)
+        model = compile_model(model, task, c.learning_rate, jit_compile=c.jit_compile, dice_loss=c.dice_loss)
     export_model(model, run_dir)
     plots.plot_history(history, task, save_path=run_dir / "curves.png")
     settings = tune_postprocessing(model, slices, run_dir) if task == "segmentation" else None
     evaluate_run(model, slices, run_dir, split_name="test", postprocessing=settings)
-    if snapshot_minutes and task == "segmentation":
-        print(evaluate_snapshots(run_dir, data_dir).to_string(index=False))
+    if task == "segmentation" and (run_dir / "snapshots" / "snapshots.csv").is_file():  # a mark was reached
+        print(evaluate_snapshots(run_dir, run["data_dir"]).to_string(index=False))
     plt.close("all")
     return run_dir

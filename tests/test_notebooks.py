@@ -14,7 +14,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from lgg.config import RunConfig
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import results  # noqa: E402  (benchmarks/results.py: the results table's rows)
+
 DATA_DIR = ROOT / "data"
 NOTEBOOKS = {
     "U_Net": ROOT / "U_Net" / "U_Net.ipynb",
@@ -27,6 +32,8 @@ REQUIRED_PARAMETERS = {
     "ResNet50_plus_UNet": COMMON_PARAMETERS | {"encoder_weights"},
     "Classification": COMMON_PARAMETERS | {"encoder_weights", "backbone", "segmenter_path"},
 }
+KINDS = {"U_Net": "unet", "ResNet50_plus_UNet": "resnet50-unet", "Classification": "classifier"}
+RESULTS_ROWS = {"U_Net": "unet", "ResNet50_plus_UNet": "resnet50-unet", "Classification": "classifier"}
 MAX_CELL_LINES = 40  # a cell longer than a screen belongs in lgg/
 SMALL_RUN = {"max_cases": 6, "image_size": 64, "epochs": 2, "batch_size": 8, "overwrite": True}
 SEGMENTATION_METRICS = (
@@ -88,6 +95,8 @@ def test_committed_notebook_is_clean_and_parametrized(name):
     assert defined["data_dir"] == "../data"
     assert defined["out_dir"] == f"../runs/{name}"
     assert defined["max_cases"] is None and defined["epochs"] == 100
+    # one source for the settings: the defaults are the results table's row for this model, field for field
+    assert RunConfig.from_values(defined, kind=KINDS[name]) == results.CONFIGS[RESULTS_ROWS[name]]
 
 
 def write_untrained_segmenter(path):
@@ -118,6 +127,8 @@ def test_notebook_runs_on_real_cases(name, tmp_path, real_data):
     parameters = {**SMALL_RUN, "data_dir": str(DATA_DIR), "out_dir": str(run_dir)}
     if name != "U_Net":
         parameters["encoder_weights"] = None
+    else:
+        parameters["snapshot_minutes"] = [0]  # a snapshot after the first epoch, scored by the snapshot cell
     if name == "Classification":
         parameters["backbone"] = "light"
         parameters["segmenter_path"] = str(write_untrained_segmenter(tmp_path / "segmenter.h5"))
@@ -151,4 +162,9 @@ def test_notebook_runs_on_real_cases(name, tmp_path, real_data):
         assert_unit_interval(summary, SEGMENTATION_METRICS)
         assert summary["cases"] >= 1
     if name != "U_Net":
-        assert config["encoder_weights"] is None, "config.json must record the encoder weights actually used"
+        assert config["encoder_weights_used"] is None, "config.json must record the encoder weights actually used"
+    else:
+        assert (run_dir / "snapshots" / "curve.csv").is_file()
+    stored = RunConfig.from_file(run_dir / "config.json")  # what `train --config` reads to repeat this run
+    assert stored.kind == KINDS[name]
+    assert all(getattr(stored, key) == value for key, value in SMALL_RUN.items() if key != "overwrite")

@@ -1,0 +1,203 @@
+"""One source for every training setting: `RunConfig`.
+
+Each setting is declared once, with its default, its allowed values and its help text. The command
+line builds `train`'s options from it (`add_arguments`), `train_run` takes one, a run folder's
+`config.json` holds one (`train --config RUN/config.json` trains the same run again), the results
+table lists its rows as instances of it, and the notebooks' `parameters` cells are its fields.
+A `RunConfig` checks itself when made: a nonsense value is refused with the setting named.
+
+The defaults are plain (no time limit, learning rate halved on plateau, batches as they come);
+`HEADLINE` is the recipe of the README's headline row, which `make train`, the results table and the
+notebooks' `parameters` cells use: a U-Net at 128 px, half of each batch tumor slices, 60 minutes of
+training with the learning rate on a cosine over those minutes, weights kept after 15/30/45/60.
+"""
+
+import argparse
+import dataclasses
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lgg import data, guards
+
+MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
+BACKBONES = ("light", "resnet50")
+SCHEDULES = ("plateau", "time-cosine")
+PRECISIONS = ("float32", "mixed_bfloat16")
+DICE_LOSSES = ("batch", "slice")
+ENCODER_WEIGHTS = ("imagenet", None)  # or the path of a weights file
+MINUTES_MAX = 7 * 24 * 60  # a week
+
+
+def _count(maximum):
+    return guards.positive, {"integer": True, "maximum": maximum}
+
+
+def _setting(default, help, check=None, choices=None):
+    """A field of `RunConfig`: `check` is `(guards function, options)` for numbers, `choices` a tuple."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    kind: str = _setting("unet", "the model", choices=MODEL_KINDS)
+    split: str = _setting(
+        "patient",
+        "patient (hash of the patient id, about 70/10/20), patient-fold-K-of-N (fold K of an N-fold "
+        "cross-validation by patient; fold 1 of 5 is the default split), or random-slice-leaky (the original "
+        "notebooks' slice split: patients on both sides)",
+    )
+    image_size: int = _setting(128, "side of the slices the model sees (native: 256)", _count(1024))
+    batch_size: int = _setting(16, "slices per training step", _count(4096))
+    epochs: int = _setting(100, "upper bound; early stopping or the time limit decides", _count(100_000))
+    seed: int = _setting(0, "seeds weights, shuffling and augmentation", (guards.non_negative, {"integer": True,
+                         "maximum": 2**32 - 1}))  # fmt: skip
+    max_cases: int | None = _setting(None, "use only the first N cases (None: all)", _count(100_000))
+    base_filters: int = _setting(16, "U-Net filters at the first level, doubled at each level down", _count(512))
+    encoder_weights: str | None = _setting("imagenet", "ResNet50 models: imagenet, none, or a weights file")
+    attention: bool = _setting(False, "resnet50-unet: attention gates (Oktay 2018)")
+    backbone: str = _setting("light", "classifier backbone", choices=BACKBONES)
+    learning_rate: float = _setting(1e-3, "initial learning rate (Adam)", (guards.positive, {"maximum": 1}))
+    patience: int = _setting(10, "epochs without a better validation score before training stops", _count(100_000))
+    tumor_fraction: float | None = _setting(
+        None, "oversample tumor slices to this share of each batch (None: as they come)", (guards.probability, {})
+    )
+    max_minutes: float | None = _setting(
+        None, "stop after this much training time (None: no limit)", (guards.positive, {"maximum": MINUTES_MAX})
+    )
+    schedule: str = _setting(
+        "plateau", "learning rate: halve on plateau, or cosine decay over max_minutes", choices=SCHEDULES
+    )
+    snapshot_minutes: tuple = _setting(
+        (),
+        "keep the weights reached after these many minutes (0: after the first epoch)",
+        (guards.non_negative, {"maximum": MINUTES_MAX}),
+    )
+    jit_compile: bool = _setting(True, "train with XLA")
+    precision: str = _setting(
+        "float32", "mixed_bfloat16: compute in bfloat16, weights and export in float32", choices=PRECISIONS
+    )
+    dice_loss: str = _setting(
+        "batch", "Dice term of the loss: over the whole batch or per slice, averaged", choices=DICE_LOSSES
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "snapshot_minutes", tuple(self.snapshot_minutes or ()))
+        if self.encoder_weights in ("none", "None"):
+            object.__setattr__(self, "encoder_weights", None)
+        for setting in dataclasses.fields(self):
+            value, meta = getattr(self, setting.name), setting.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise ValueError(f"{setting.name} must be one of {meta['choices']}; received {value!r}")
+            if meta["check"] and value is not None:
+                check, options = meta["check"]
+                for item in value if isinstance(value, tuple) else (value,):
+                    check(setting.name, item, **options)
+            if setting.type is bool and not isinstance(value, bool):
+                raise ValueError(f"{setting.name} must be true or false; received {value!r}")
+        step = 16 if self.kind == "unet" else 32  # the size halves 4 (U-Net) or 5 (ResNet50) times
+        if self.image_size % step:
+            raise ValueError(f"image_size of a {self.kind} must be a multiple of {step}; received {self.image_size}")
+        if self.schedule == "time-cosine" and self.max_minutes is None:
+            raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")
+        if self.attention and self.kind != "resnet50-unet":
+            raise ValueError(f"attention gates are an option of resnet50-unet, not of {self.kind}")
+        if self.split.startswith("patient-fold-"):
+            data.patient_fold([], self.split)  # raises ValueError for a malformed fold name
+        elif self.split not in ("patient", "random-slice-leaky"):
+            raise ValueError(
+                f"split must be 'patient', 'patient-fold-K-of-N' or 'random-slice-leaky'; received {self.split!r}"
+            )
+
+    @property
+    def task(self):
+        return "classification" if self.kind == "classifier" else "segmentation"
+
+    def to_dict(self):
+        return {**dataclasses.asdict(self), "snapshot_minutes": list(self.snapshot_minutes)}
+
+    @classmethod
+    def from_values(cls, values, **fixed):
+        """The fields found in a mapping, e.g. a notebook's `globals()` after its `parameters` cell."""
+        names = {setting.name for setting in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in names} | fixed)
+
+    @classmethod
+    def from_file(cls, path, **changes):
+        """The settings of a run's `config.json` (other keys in it, such as versions, are the record of
+        that run and are left out), with `changes` on top."""
+        path = Path(path)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable config.json ({error})") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path}: not a run configuration (a JSON object is expected)")
+        names = {setting.name for setting in dataclasses.fields(cls)}
+        try:
+            return cls(**{key: value for key, value in stored.items() if key in names} | changes)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+# the recipe of the README's headline row (the `unet` row of benchmarks/results.py)
+HEADLINE = RunConfig(tumor_fraction=0.5, max_minutes=60, schedule="time-cosine", snapshot_minutes=(15, 30, 45, 60))
+
+
+def _argparse_type(setting):
+    check, options = setting.metadata["check"]
+    return guards.argparse_type(check, f"--{setting.name.replace('_', '-')}", **options)
+
+
+def add_arguments(parser):
+    """`train`'s options, one per `RunConfig` field, with its default, type, choices and help; the
+    defaults are left out of the parsed namespace when not given (`argparse.SUPPRESS`), so that
+    `--config FILE` can supply them."""
+    for setting in dataclasses.fields(RunConfig):
+        meta, flag = setting.metadata, f"--{setting.name.replace('_', '-')}"
+        options = {"default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {_shown(setting.default)})"}
+        if setting.name == "kind":
+            # optional with --config; None (not SUPPRESS: argparse would check that against the choices)
+            parser.add_argument("kind", choices=MODEL_KINDS, nargs="?", default=None, help=meta["help"])
+            continue
+        if setting.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            continue
+        if meta["choices"]:
+            options["choices"] = meta["choices"]
+        elif meta["check"]:
+            optional = isinstance(setting.type, types.UnionType) and type(None) in setting.type.__args__
+            options["type"] = _optional(_argparse_type(setting)) if optional else _argparse_type(setting)
+        if setting.type is tuple:
+            options["nargs"] = "*"
+        parser.add_argument(flag, **options)
+    parser.add_argument("--no-jit", dest="jit_compile", action="store_false", default=argparse.SUPPRESS,
+                        help="the same as --no-jit-compile")  # fmt: skip
+
+
+def _optional(convert):
+    """`none` for a setting whose value may be None (no limit, all cases, ...)."""
+
+    def parse(text):
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _shown(value):
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return "none" if value is None else value
+
+
+def from_arguments(namespace, base=None):
+    """A `RunConfig` from parsed `train` options: `base` (e.g. a `config.json`), then what was given."""
+    names = {setting.name for setting in dataclasses.fields(RunConfig)}
+    given = {key: value for key, value in vars(namespace).items() if key in names}
+    if given.get("kind") is None:
+        given.pop("kind", None)
+    if base is None:
+        return RunConfig(**given)
+    return dataclasses.replace(base, **given)

@@ -1,0 +1,112 @@
+"""One source for the settings (`lgg.config.RunConfig`): the CLI, config.json, the Makefile, the README and
+the results table all agree with it, and it refuses nonsense with the setting named."""
+
+import dataclasses
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lgg import config
+from lgg.__main__ import _parser
+from lgg.config import HEADLINE, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_train(words):
+    args = _parser().parse_args(["train", *map(str, words)])
+    base = RunConfig.from_file(args.config) if args.config else None
+    return config.from_arguments(args, base)
+
+
+def test_the_cli_defaults_are_the_runconfig_defaults():
+    assert parse_train(["unet", "--out", "x"]) == RunConfig()
+    assert parse_train(["classifier", "--out", "x"]) == RunConfig(kind="classifier")
+
+
+def test_every_setting_has_an_option_and_every_option_reaches_the_config():
+    changed = {
+        "split": "patient-fold-2-of-5",
+        "image_size": 96,
+        "batch_size": 4,
+        "epochs": 3,
+        "seed": 7,
+        "max_cases": 12,
+        "base_filters": 8,
+        "encoder_weights": "none",
+        "backbone": "resnet50",
+        "learning_rate": 0.01,
+        "patience": 2,
+        "tumor_fraction": 0.25,
+        "max_minutes": 5,
+        "schedule": "time-cosine",
+        "snapshot_minutes": (1, 2),
+        "precision": "mixed_bfloat16",
+        "dice_loss": "slice",
+    }
+    assert set(changed) | {"kind", "attention", "jit_compile"} == {f.name for f in dataclasses.fields(RunConfig)}
+    words = ["resnet50-unet", "--out", "x", "--attention", "--no-jit"]
+    for name, value in changed.items():
+        words += [f"--{name.replace('_', '-')}", *(value if isinstance(value, tuple) else [value])]
+    parsed = parse_train(words)
+    expected = {**changed, "encoder_weights": None, "snapshot_minutes": (1.0, 2.0)}
+    assert parsed == RunConfig(kind="resnet50-unet", attention=True, jit_compile=False, **expected)
+
+
+def test_a_runs_config_json_is_trained_again_with_train_config(tmp_path):
+    run = dataclasses.replace(HEADLINE, split="patient-fold-3-of-5", seed=2)
+    stored = {**run.to_dict(), "data_dir": "data", "out_dir": "runs/x", "environment": {"keras": "3"}}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert parse_train(["--config", tmp_path / "config.json", "--out", "y"]) == run
+    assert parse_train(["--config", tmp_path / "config.json", "--out", "y", "--seed", "5"]) == dataclasses.replace(
+        run, seed=5
+    )
+    (tmp_path / "bad.json").write_text(json.dumps({**stored, "image_size": 100}))
+    with pytest.raises(ValueError, match=r"bad.json: image_size of a unet must be a multiple of 16"):
+        RunConfig.from_file(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not a readable config.json"):
+        RunConfig.from_file(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"kind": "vgg"}, "kind must be one of"),
+        ({"image_size": 100}, "multiple of 16"),
+        ({"kind": "resnet50-unet", "image_size": 48}, "multiple of 32"),
+        ({"tumor_fraction": 1.0}, "tumor_fraction"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"seed": -1}, "seed"),
+        ({"snapshot_minutes": (15, -1)}, "snapshot_minutes"),
+        ({"schedule": "time-cosine"}, "needs max_minutes"),
+        ({"attention": True}, "attention gates"),
+        ({"jit_compile": "no"}, "jit_compile must be true or false"),
+        ({"split": "patient-fold-6-of-5"}, "fold"),
+        ({"precision": "float16"}, "precision must be one of"),
+    ],
+)
+def test_nonsense_is_refused_with_the_setting_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**settings)
+
+
+def joined_lines(text):
+    """Lines with shell continuations (`\\` at the end) joined."""
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def test_the_headline_command_of_the_makefile_and_readme_is_the_headline_config():
+    makefile = joined_lines((ROOT / "Makefile").read_text())
+    command = makefile[makefile.index("train: setup") + 1].replace("$(PYTHON)", "python")
+    words = shlex.split(command.replace("$(DATA)", "data").replace("$(RUNS)", "runs"))
+    assert parse_train(words[words.index("train") + 1 :]) == HEADLINE
+    readme = [line for line in joined_lines((ROOT / "README.md").read_text()) if "lgg train unet" in line]
+    headline = [line for line in readme if "--out runs/unet " in line]
+    assert headline, "the README shows the headline training command"
+    words = shlex.split(headline[0].split("#")[0])
+    assert parse_train(words[words.index("train") + 1 :]) == HEADLINE

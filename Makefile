@@ -4,7 +4,7 @@ PYTHON := .venv/bin/python
 DATA ?= data
 RUNS ?= runs
 
-.PHONY: setup demo app train test test-fast lint results bench clean
+.PHONY: setup demo app train test test-fast lint format results bench clean
 
 $(PYTHON):
 	python3 -m venv .venv
@@ -38,6 +38,10 @@ train: setup
 lint: setup
 	$(PYTHON) -m ruff check lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
 	$(PYTHON) -m ruff format --check lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
+
+format: setup  # rewrite the code in the project's style (what `make lint` checks)
+	$(PYTHON) -m ruff check --fix lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
+	$(PYTHON) -m ruff format lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
 
 test: lint
 	$(PYTHON) -m pytest -q --durations=15

@@ -46,14 +46,10 @@ def train(name, data_dir):
     from lgg.train import train_run
 
     config = CONFIGS[name]
-    if config.encoder_weights == "imagenet" and config.kind != "unet":
-        from lgg.models import _resnet50_weights
+    if config.kind == "resnet50-unet" or config.backbone == "resnet50":
+        from lgg.models import available_encoder_weights
 
-        try:
-            _resnet50_weights("imagenet")
-        except RuntimeError as error:
-            print(f"{error}\n-> training {name} with encoder_weights=None")
-            config = replace(config, encoder_weights=None)
+        config = replace(config, encoder_weights=available_encoder_weights(config.encoder_weights))
     train_run(config, data_dir, RUNS / f"results-{name}", overwrite=True, verbose=2)
 
 

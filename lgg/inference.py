@@ -20,22 +20,18 @@ def model_task(model):
     )
 
 
-def predict_probabilities(model, images, batch_size=32, hflip_tta=False):
+def predict_probabilities(model, images, batch_size=32):
     """Tumor probability per pixel (segmenter, `(N, H, W)`) or per slice (classifier, `(N,)`).
 
     `images` are uint8 slices `(N, H, W, 3)`; they are resized to the model's input size and a
     segmenter's probabilities are resized back to `H x W`, so scores are computed at the
-    resolution of the true masks. With `hflip_tta`, the mean of the prediction and the
-    mirrored prediction of the mirrored slices (test-time augmentation, twice the time).
+    resolution of the true masks. Flip test-time augmentation: `predict_with_mirror`.
     """
     task = model_task(model)
     size = model.input_shape[1]
     images = np.asarray(images)
     batch = np.stack([resize_image(image, size) for image in images]).astype(np.float32)
     probabilities = model.predict(batch, batch_size=batch_size, verbose=0)
-    if hflip_tta:
-        mirrored = model.predict(batch[:, :, ::-1], batch_size=batch_size, verbose=0)
-        probabilities = (probabilities + (mirrored[:, :, ::-1] if task == "segmentation" else mirrored)) / 2
     if task == "classification":
         return probabilities[:, 0]
     return resize_probabilities(probabilities[..., 0], images.shape[1])

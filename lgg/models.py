@@ -104,6 +104,17 @@ def build_unet(input_shape=(256, 256, 3), base_filters=16, depth=4, name="unet")
     return keras.Model(inputs, _segmentation_head(x), name=name)
 
 
+def available_encoder_weights(encoder_weights):
+    """`encoder_weights` if they can be had on this machine, else None, with the reason printed: the
+    fallback of the notebooks and the results table (the command line refuses instead)."""
+    try:
+        _resnet50_weights(encoder_weights)
+    except RuntimeError as error:  # "imagenet" offline, without the cached weights file
+        print(f"{error}\n-> falling back to encoder_weights=None (random initialization)")
+        return None
+    return encoder_weights
+
+
 def _resnet50_weights(encoder_weights):
     """Resolve `encoder_weights` to what `keras.applications.ResNet50` accepts, or fail clearly."""
     if encoder_weights is None:

@@ -78,7 +78,6 @@ QUICK = {
 }
 
 BUSY_SHARE = 0.1  # warn when other processes used more than this share of all cores during the benchmark
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # The original notebooks' ImageDataGenerator settings (the same for images and masks).
 ORIGINAL_AUGMENTATION = {
     "rotation_range": 0.2,
@@ -171,20 +170,9 @@ def training_dataset(task, images, masks, slices, batch_size):
 
 # ----------------------------------------------------------------------------- 1. machine
 def machine_facts():
-    model_name, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model_name is None:
-                model_name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
     return {
-        "cpu_model": model_name,
+        **train.cpu(),
         "cores": os.cpu_count(),
-        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
         "memory_total_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
         "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),

@@ -96,6 +96,11 @@ class RunConfig:
                     check(setting.name, item, **options)
             if setting.type is bool and not isinstance(value, bool):
                 raise ValueError(f"{setting.name} must be true or false; received {value!r}")
+        if self.encoder_weights not in ENCODER_WEIGHTS and not Path(str(self.encoder_weights)).is_file():
+            raise ValueError(
+                "encoder_weights must be imagenet, none, or an existing weights file; "
+                f"received {self.encoder_weights!r}"
+            )
         step = 16 if self.kind == "unet" else 32  # the size halves 4 (U-Net) or 5 (ResNet50) times
         if self.image_size % step:
             raise ValueError(f"image_size of a {self.kind} must be a multiple of {step}; received {self.image_size}")

@@ -75,6 +75,24 @@ def check_run_dir(run_dir, overwrite=False, resume=False, inputs=()):
             )
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides a CPU's speed here (issue 17)
+
+
+def cpu():
+    """The CPU's model name and whether it has the SIMD / matrix extensions that change training speed."""
+    model_name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model_name is None:
+                model_name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    return {"cpu_model": model_name, "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS}}
+
+
 def environment():
     """Library versions and machine facts, written into every run's config."""
     import sklearn
@@ -90,6 +108,7 @@ def environment():
         "machine": platform.machine(),
         "processor": platform.processor() or platform.uname().machine,
         "cpu_count": os.cpu_count(),
+        **cpu(),
     }
 
 

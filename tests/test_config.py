@@ -88,6 +88,7 @@ def test_a_runs_config_json_is_trained_again_with_train_config(tmp_path):
         ({"jit_compile": "no"}, "jit_compile must be true or false"),
         ({"split": "patient-fold-6-of-5"}, "fold"),
         ({"precision": "float16"}, "precision must be one of"),
+        ({"kind": "resnet50-unet", "encoder_weights": "/nowhere/resnet50.h5"}, "an existing weights file"),
     ],
 )
 def test_nonsense_is_refused_with_the_setting_named(settings, message):

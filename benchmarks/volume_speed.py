@@ -6,6 +6,7 @@ Prints the median and range of the rounds, split into reading the volume, and th
 (segmentation with flip TTA and post-processing, writing the mask, overlays and montage)."""
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -34,7 +35,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="volume-speed-"))
     source = work / "in" / f"{case_dir.name}.nii.gz"
     source.parent.mkdir()
-    nib.save(nib.Nifti1Image(np.transpose(stack, (2, 1, 0, 3))[::-1, ::-1].astype(np.float32), np.eye(4)), source)
+    nib.save(nib.Nifti1Image(volumes.planes_to_ras(stack).astype(np.float32), np.eye(4)), source)
     predictor = predict.load_predictor()
     predict.predict_paths(None, [source], work / "warm", predictor=predictor)  # first call builds the graph
     reads, totals = [], []
@@ -45,6 +46,7 @@ def main():
         start = time.perf_counter()
         predict.predict_paths(None, [source], work / f"out{round_}", predictor=predictor)
         totals.append(time.perf_counter() - start)
+    shutil.rmtree(work)
     print(
         f"{case_dir.name} ({args.slices} slices) through predict, model loaded: "
         f"median {statistics.median(totals):.2f} s "

@@ -1,6 +1,7 @@
 """Command line: `python -m lgg train|evaluate|predict|app|download|demo-data ...` (see `--help`)."""
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ def _parser():
 
     train = commands.add_parser("train", help="train a model; writes a run folder")
     config.add_arguments(train)  # one option per RunConfig setting, with its range and default
-    train.add_argument("--data", default="data", help="kaggle_3m folder or a folder containing it")
+    train.add_argument(
+        "--data", default=None, help="kaggle_3m folder or a folder containing it (default: data, or --config's)"
+    )
     train.add_argument("--out", required=True, help="run folder to create")
     train.add_argument(
         "--config",
@@ -130,6 +133,25 @@ def _parser():
     return parser
 
 
+def _train_settings(parser, args):
+    """`train`'s RunConfig and data folder: from `--config` (its data folder unless `--data` is given),
+    or with `--resume` from the run's own config.json (options that would change it are refused),
+    then the options given."""
+    stored = Path(args.out) / "config.json"
+    source = args.config or (stored if args.resume and stored.is_file() else None)
+    base = config.RunConfig.from_file(source) if source else None
+    if base is None and args.kind is None:
+        parser.error("train needs a model kind (unet, resnet50-unet, classifier) or --config RUN/config.json")
+    settings = config.from_arguments(args, base)
+    if args.resume and source == stored:
+        changed = [name for name, value in vars(settings).items() if value != getattr(base, name)]
+        if changed:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
+            parser.error(f"--resume continues {args.out} with its own settings ({stored}); {flags} would change them")
+    recorded = json.loads(Path(source).read_text()).get("data_dir") if source else None
+    return settings, args.data or recorded or "data"
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
@@ -137,13 +159,10 @@ def main(argv=None):
         parser.error("predict needs inputs (.tif slices, folders, 4-D NIfTI files) or --pre, --flair and --post")
     try:
         if args.command == "train":
-            base = config.RunConfig.from_file(args.config) if args.config else None
-            if base is None and args.kind is None:
-                parser.error("train needs a model kind (unet, resnet50-unet, classifier) or --config RUN/config.json")
-            settings = config.from_arguments(args, base)  # refused here, before TensorFlow is imported
+            settings, data_dir = _train_settings(parser, args)  # refused here, before TensorFlow is imported
             from lgg.train import train_run
 
-            run_dir = train_run(settings, args.data, args.out, overwrite=args.overwrite, resume=args.resume)
+            run_dir = train_run(settings, data_dir, args.out, overwrite=args.overwrite, resume=args.resume)
             print(f"Run folder: {run_dir} (model.h5, model.keras, history.csv, curves.png, test_summary.json)")
         elif args.command == "evaluate":
             from lgg.evaluate import evaluate_model_file

@@ -9,6 +9,7 @@ everything `predict` writes. It runs the same code as `python -m lgg predict`, w
 ships with the repository unless `--model` names another.
 """
 
+import atexit
 import os
 import re
 import shutil
@@ -67,17 +68,26 @@ def _png_as_tif(path, target):
     tifffile.imwrite(target, image, photometric="rgb")
 
 
-def arrange(files, sequences, folder):
-    """Copy the uploads into `folder` in the layout `predict` reads; return (inputs, sequences)."""
+def _copy(source, target, names):
+    """Copy an upload, refusing two uploads that would land on one name; `names` maps copy -> upload name."""
+    if target.exists():
+        raise UploadError(f"{source.name} and {names.get(target.name, target.name)}: two uploads of the same name")
+    shutil.copyfile(source, target)
+    names[target.name] = source.name
+    return target
+
+
+def arrange(files, sequences, folder, names=None):
+    """Copy the uploads into `folder` in the layout `predict` reads; return (inputs, sequences).
+    `names` (a dict) receives the upload name of every renamed copy, for messages."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    names = {} if names is None else names
     inputs, slices = [], []
     for number, path in enumerate(map(Path, files or []), 1):
         name = path.name
         if volumes.is_nifti(name):
-            target = folder / name
-            shutil.copyfile(path, target)
-            inputs.append(target)
+            inputs.append(_copy(path, folder / name, names))
         elif name.lower().endswith(".zip"):
             inputs.append(_unzip(path, folder / f"zip{number}"))
         elif name.lower().endswith(SLICE_SUFFIXES):
@@ -91,22 +101,30 @@ def arrange(files, sequences, folder):
         case_dir.mkdir()
         for number, path in enumerate(slices, 1):
             match = data.SLICE_FILE.match(path.with_suffix(".tif").name)
-            if match is None or match["mask"]:  # not a Kaggle name: number the slices in upload order
+            if match is None:  # not a Kaggle name: number the slices in upload order
                 target = case_dir / f"upload_{number}.tif"
+            elif match["mask"]:  # a manual mask beside its slice: drawn in green on the outlines
+                target = case_dir / f"{match['case_id']}_{match['slice_index']}_mask.tif"
             else:
                 target = case_dir / f"{match['case_id']}_{match['slice_index']}.tif"
+            if target.exists():
+                raise UploadError(f"{path.name} and {names.get(target.name)}: two uploads for one slice")
             if path.suffix.lower() == ".png":
                 _png_as_tif(path, target)
+                names[target.name] = path.name
             else:
-                shutil.copyfile(path, target)
-        inputs.extend(sorted(case_dir.iterdir()))
+                _copy(path, target, names)
+        slice_files = sorted(path for path in case_dir.iterdir() if not path.name.endswith("_mask.tif"))
+        if not slice_files:
+            raise UploadError("only masks were uploaded: add the slices they belong to")
+        inputs.extend(slice_files)
     given = {name: path for name, path in sequences.items() if path is not None}
     for name, path in given.items():
         if not volumes.is_nifti(path):
             raise UploadError(f"{Path(path).name}: the {name} sequence must be a .nii or .nii.gz file")
-        target = folder / f"{name}-{Path(path).name}"
-        shutil.copyfile(path, target)
-        given[name] = target
+        sequence_dir = folder / name
+        sequence_dir.mkdir(exist_ok=True)
+        given[name] = _copy(Path(path), sequence_dir / Path(path).name, names)
     if not inputs and not given:
         raise UploadError("upload a NIfTI volume, a zip of a case folder, or .tif / .png slices first")
     return inputs, ({name: given.get(name) for name in volumes.SEQUENCES} if given else None)
@@ -133,22 +151,36 @@ def _summary(rows, seconds):
 class Segmenter:
     """Holds the loaded model; `run` turns one set of uploads into what the page shows."""
 
-    def __init__(self, model_path=None, work_dir=None):
+    def __init__(self, model_path=None):
         self.predictor = predict.load_predictor(model_path)
-        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="lgg-app-"))
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = Path(tempfile.mkdtemp(prefix="lgg-app-"))  # ours alone; removed when the app stops
+        atexit.register(shutil.rmtree, self.work_dir, ignore_errors=True)
+        self.requests = {}  # folder -> time made: only these are ever removed
+        self.names = {}  # copy name -> upload name, for messages
 
     def _new_folder(self):
-        for old in self.work_dir.glob("request-*"):  # earlier requests' files, after an hour
-            if time.time() - old.stat().st_mtime > KEEP_SECONDS:
+        for old, made in list(self.requests.items()):  # earlier requests' scans, after an hour
+            if time.time() - made > KEEP_SECONDS:
                 shutil.rmtree(old, ignore_errors=True)
-        return Path(tempfile.mkdtemp(prefix="request-", dir=self.work_dir))
+                del self.requests[old]
+        folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.work_dir))
+        self.requests[folder] = time.time()
+        return folder
+
+    def message(self, error):
+        """An error as the page shows it: the upload names, not the app's temporary paths."""
+        text = re.sub(r"\S*/request-[^/\s]+/(in|out)/", "", str(error))
+        for copy, upload in self.names.items():
+            text = text.replace(copy, upload)
+        return text
 
     def run(self, files, pre=None, flair=None, post=None):
         """-> (slice pictures with labels, summary markdown, montage path or None, files to download)."""
         start = time.perf_counter()
         folder = self._new_folder()
-        inputs, sequences = arrange(files, {"pre": pre, "flair": flair, "post": post}, folder / "in")
+        self.names = {}
+        sequences = {"pre": pre, "flair": flair, "post": post}
+        inputs, sequences = arrange(files, sequences, folder / "in", self.names)
         collected = []
         out = predict.predict_paths(
             None, inputs, folder / "out", sequences=sequences, predictor=self.predictor, collect=collected
@@ -179,9 +211,8 @@ def build(segmenter):
     def segment(files, pre, flair, post):
         try:
             pictures, summary, montage, downloads = segmenter.run(files, pre, flair, post)
-        except (data.DatasetError, ValueError, OSError, RuntimeError) as error:
-            message = re.sub(r"\S*/request-[^/\s]+/in/", "", str(error))  # the user's file names, not ours
-            raise gr.Error(message, print_exception=False) from None
+        except (data.DatasetError, ValueError, OSError, RuntimeError, NotImplementedError) as error:
+            raise gr.Error(segmenter.message(error), print_exception=False) from None
         first = _first_tumor_slice(pictures)
         # a Gradio slider needs minimum < maximum; `show` keeps a single slice's slider at that slice
         slider = gr.Slider(minimum=1, maximum=max(len(pictures), 2), step=1, value=first, interactive=len(pictures) > 1)
@@ -194,7 +225,8 @@ def build(segmenter):
         image, label = pictures[min(int(number), len(pictures)) - 1]
         return image, label
 
-    with gr.Blocks(title="LGG tumor segmentation", analytics_enabled=False) as page:
+    # Gradio's own copies of uploads and results are removed after an hour too (checked every hour)
+    with gr.Blocks(title="LGG tumor segmentation", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(
             "# Lower-grade glioma: FLAIR abnormality segmentation\n"
             "Upload a 4-D NIfTI (pre-contrast, FLAIR, post-contrast on the last axis), a zip of a Kaggle case "
@@ -234,4 +266,4 @@ def serve(model_path=None, host="127.0.0.1", port=7860):
     segmenter = Segmenter(model_path)
     page = build(segmenter)
     print(f"Serving on http://{host}:{port} (Ctrl+C stops it)", flush=True)
-    page.launch(server_name=host, server_port=port, share=False, show_error=False, quiet=True)
+    page.launch(server_name=host, server_port=port, share=False, show_error=False, quiet=True, max_file_size="1gb")

@@ -83,20 +83,32 @@ class RunConfig:
     )
 
     def __post_init__(self):
-        object.__setattr__(self, "snapshot_minutes", tuple(self.snapshot_minutes or ()))
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.snapshot_minutes, (list, tuple)) and self.snapshot_minutes is not None:
+            raise ValueError(f"snapshot_minutes must be a list of minutes; received {self.snapshot_minutes!r}")
+        put("snapshot_minutes", tuple(self.snapshot_minutes or ()))
         if self.encoder_weights in ("none", "None"):
-            object.__setattr__(self, "encoder_weights", None)
+            put("encoder_weights", None)
         for setting in dataclasses.fields(self):
-            value, meta = getattr(self, setting.name), setting.metadata
-            if meta["choices"] and value not in meta["choices"]:
-                raise ValueError(f"{setting.name} must be one of {meta['choices']}; received {value!r}")
-            if meta["check"] and value is not None:
-                check, options = meta["check"]
-                for item in value if isinstance(value, tuple) else (value,):
-                    check(setting.name, item, **options)
+            name, value, meta = setting.name, getattr(self, setting.name), setting.metadata
+            optional = isinstance(setting.type, types.UnionType) and type(None) in setting.type.__args__
+            if value is None and optional:
+                continue
             if setting.type is bool and not isinstance(value, bool):
-                raise ValueError(f"{setting.name} must be true or false; received {value!r}")
-        if self.encoder_weights not in ENCODER_WEIGHTS and not Path(str(self.encoder_weights)).is_file():
+                raise ValueError(f"{name} must be true or false; received {value!r}")
+            if meta["choices"] and (not isinstance(value, str) or value not in meta["choices"]):
+                raise ValueError(f"{name} must be one of {meta['choices']}; received {value!r}")
+            if meta["check"]:  # the checks return the value as int or float: 128.0 from a JSON file becomes 128
+                check, options = meta["check"]
+                checked = tuple(check(name, item, **options) for item in (value if setting.type is tuple else [value]))
+                put(name, checked if setting.type is tuple else checked[0])
+            elif str in getattr(setting.type, "__args__", (setting.type,)) and not isinstance(value, str):
+                raise ValueError(f"{name} must be text; received {value!r}")
+        if self.kind != "resnet50-unet" and not (self.kind == "classifier" and self.backbone == "resnet50"):
+            put("encoder_weights", None)  # only ResNet50 encoders take weights: recorded as such
+        if self.encoder_weights not in ENCODER_WEIGHTS and not Path(self.encoder_weights).is_file():
             raise ValueError(
                 "encoder_weights must be imagenet, none, or an existing weights file; "
                 f"received {self.encoder_weights!r}"

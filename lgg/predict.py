@@ -196,7 +196,10 @@ def predict_paths(
     # a case the next time the data is read) and the model files (which --overwrite would delete)
     case_folders = {path.parent for entries in slice_cases.values() for _, path, _ in entries}
     roots = {folder.parent for folder in case_folders if _holds_case_folders(folder.parent)}
-    guards.check_apart(out_dir, [*inputs, *volume_files, *case_folders, *roots])
+    slice_inputs = [item for item in inputs if not volumes.is_nifti(item)]
+    guards.check_apart(out_dir, [*slice_inputs, *case_folders, *roots])
+    # a NIfTI file's folder is never read as data: --out may lie beside it, only not hold it or be it
+    guards.check_not_within(out_dir, volume_files)
     if predictor is None:
         model_files = [SHIPPED_MODEL if model_path is None else model_path, classifier_path]
     else:
@@ -212,7 +215,8 @@ def predict_paths(
     for entries in slice_cases.values():  # every slice's header, before earlier predictions are replaced
         for _, path, _ in entries:
             data.check_header(path, [(data.NATIVE_SIZE, data.NATIVE_SIZE, 3)])
-    inputs = [str(item) for item in inputs] + [str(path) for path in volume_files if str(path) not in inputs]
+    inputs = [str(item) for item in inputs]
+    inputs += [str(path) for path in volume_files if str(path) not in inputs]
     with guards.folder_lock(out_dir):
         guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")  # again, now locked
         guards.empty_folder(out_dir)  # ours (checked above): nothing stale stays beside the new results

@@ -18,6 +18,7 @@ and header, so it overlays exactly in ITK-SNAP or 3D Slicer. In-plane voxels tha
 are not resampled to square: the model then sees a stretched head (say so if you meet one).
 """
 
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from lgg import data, guards
 SEQUENCES = ("pre", "flair", "post")  # the training order of the channels (data.CHANNELS)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 RAS = orientations.axcodes2ornt(("R", "A", "S"))
+MAX_VOXELS = 2**28  # 268 M values (1 GB as float32): far above any MRI scan, far below what breaks a laptop
 
 
 class VolumeError(data.DatasetError):
@@ -62,11 +64,19 @@ class Volume:
 
     @property
     def voxel_mm(self):
-        return tuple(float(z) for z in self.reference.header.get_zooms()[:3])
+        """Voxel edges in mm, from the affine (what viewers place the voxels by) and the header's units."""
+        edges = np.sqrt((self.reference.affine[:3, :3] ** 2).sum(axis=0))
+        return tuple(float(edge) * _mm_per_unit(self.reference) for edge in edges)
 
     @property
     def voxel_ml(self):
-        return float(np.prod(self.voxel_mm)) / 1000.0
+        """One voxel's volume in ml: |det| of the affine's 3x3 part (skewed grids included), in the header's units."""
+        return abs(float(np.linalg.det(self.reference.affine[:3, :3]))) * _mm_per_unit(self.reference) ** 3 / 1000.0
+
+
+def _mm_per_unit(image):
+    unit = image.header.get_xyzt_units()[0]
+    return {"meter": 1000.0, "micron": 0.001}.get(unit, 1.0)  # "mm", or "unknown" (taken as mm, as viewers do)
 
 
 def _load(path):
@@ -78,12 +88,19 @@ def _load(path):
         raise VolumeError(f"{path}: not a regular file")
     try:
         image = nib.load(path)
-        voxels = np.asarray(image.dataobj, dtype=np.float32)
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
-        reason = " ".join(str(error).split())  # nibabel's messages may span lines
-        raise VolumeError(f"{path}: not a readable NIfTI volume ({type(error).__name__}: {reason})") from None
+        raise _unreadable(path, error) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{path}: a {type(image).__name__}, not a NIfTI volume")
+    if int(np.prod(image.shape, dtype=np.int64)) > MAX_VOXELS:
+        raise VolumeError(f"{path}: shape {image.shape} holds more than {MAX_VOXELS:,} values, far more than a scan")
+    dtype = image.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":  # RGB24, complex, ...: not intensities
+        raise VolumeError(f"{path}: voxels of type {dtype}; expected real numbers (integers or floats)")
+    try:
+        voxels = np.asarray(image.dataobj, dtype=np.float32)
+    except (OSError, EOFError, ValueError, TypeError, zlib.error) as error:
+        raise _unreadable(path, error) from None
     if voxels.ndim == 5 and voxels.shape[3] == 1:  # (X, Y, Z, 1, C): how some tools store channels
         voxels = voxels[:, :, :, 0]
     if not np.isfinite(voxels).all():
@@ -93,6 +110,17 @@ def _load(path):
     if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
         raise VolumeError(f"{path}: its affine is not a valid voxel-to-world mapping")
     return image, voxels
+
+
+def _unreadable(path, error):
+    reason = " ".join(str(error).split())  # nibabel's messages may span lines
+    return VolumeError(f"{path}: not a readable NIfTI volume ({type(error).__name__}: {reason})")
+
+
+def case_id_of(path):
+    """A case id from a file name: characters a case id cannot hold (spaces, brackets, ...) become `_`."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", nifti_stem(path)).lstrip("._-")[:100]
+    return stem.replace("..", "_") or "volume"
 
 
 def _need_three(path, what):
@@ -110,7 +138,7 @@ def load_4d(path, case_id=None):
         raise _need_three(path, f"a 3-D volume {voxels.shape} (one sequence)")
     if voxels.ndim != 4 or voxels.shape[3] != len(SEQUENCES):
         raise _need_three(path, f"shape {voxels.shape}, not (X, Y, Z, 3)")
-    return _volume(case_id or nifti_stem(path), voxels, _reference(image), (Path(path),))
+    return _volume(case_id or case_id_of(path), voxels, _reference(image), (Path(path),))
 
 
 def load_sequences(pre=None, flair=None, post=None, case_id=None):
@@ -139,7 +167,7 @@ def load_sequences(pre=None, flair=None, post=None, case_id=None):
             )
     voxels = np.stack([loaded[name][1] for name in SEQUENCES], axis=-1)
     sources = tuple(Path(given[name]) for name in SEQUENCES)
-    return _volume(case_id or nifti_stem(flair), voxels, _reference(flair_image), sources)
+    return _volume(case_id or case_id_of(flair), voxels, _reference(flair_image), sources)
 
 
 def _reference(image):
@@ -149,6 +177,7 @@ def _reference(image):
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     header["cal_min"], header["cal_max"] = 0, 1
+    header.set_intent("none")  # a mask, whatever the input was (e.g. a "vector" of three sequences)
     return type(image)(np.zeros(image.shape[:3], np.uint8), image.affine, header)
 
 
@@ -163,10 +192,12 @@ def _volume(case_id, voxels, reference, sources):
 
 def to_uint8(voxels):
     """Per sequence, the volume's minimum -> 0 and maximum -> 255, rounded (the Kaggle mapping)."""
-    low = voxels.min(axis=(0, 1, 2), keepdims=True)
-    high = voxels.max(axis=(0, 1, 2), keepdims=True)
-    scaled = (voxels.astype(np.float64) - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    out = np.empty(voxels.shape, np.uint8)
+    for channel in range(voxels.shape[-1]):  # one sequence at a time, in float64: exact, and memory stays small
+        sequence = voxels[..., channel].astype(np.float64)
+        low, high = sequence.min(), sequence.max()
+        out[..., channel] = np.clip(np.rint((sequence - low) * (255.0 / (high - low))), 0, 255)
+    return out
 
 
 def _orientation(affine):
@@ -181,42 +212,47 @@ def _from_ras(voxels, affine):
     return orientations.apply_orientation(voxels, orientations.ornt_transform(RAS, _orientation(affine)))
 
 
+def ras_to_planes(ras):
+    """RAS+ voxels `(X, Y, ...)` -> axial planes `(Z, rows, cols, ...)` as the Kaggle slices show them:
+    rows run anterior to posterior, columns the patient's right to left."""
+    return np.ascontiguousarray(np.moveaxis(ras[::-1, ::-1], (0, 1, 2), (2, 1, 0)))
+
+
+def planes_to_ras(planes):
+    """The inverse of `ras_to_planes`."""
+    return np.ascontiguousarray(np.moveaxis(planes, (2, 1, 0), (0, 1, 2))[::-1, ::-1])
+
+
+def _padding(rows, cols):
+    """Centred padding of a plane to a square: ((top, bottom), (left, right))."""
+    side = max(rows, cols)
+    return tuple(((side - n) // 2, side - n - (side - n) // 2) for n in (rows, cols))
+
+
 def to_slices(ras):
     """RAS+ voxels `(X, Y, Z, 3)` uint8 -> Kaggle-style slices `(Z, 256, 256, 3)`: anterior at the
-    top, the patient's right on the left, each plane padded to a square and resized to 256."""
-    planes = np.ascontiguousarray(np.transpose(ras[::-1, ::-1], (2, 1, 0, 3)))  # (Z, rows = P..., cols = L...)
-    return np.stack([_square_resize(plane, data.NATIVE_SIZE, cv2.INTER_LINEAR) for plane in planes])
-
-
-def _square_resize(plane, size, interpolation):
-    rows, cols = plane.shape[:2]
-    side = max(rows, cols)
-    if (rows, cols) != (side, side):
-        padding = [(0, side - rows), (0, side - cols)] + [(0, 0)] * (plane.ndim - 2)
-        plane = np.pad(plane, padding)  # 0 is each sequence's minimum after to_uint8
-    if side == size:
-        return plane
-    return cv2.resize(plane, (size, size), interpolation=interpolation)
+    top, the patient's right on the left, each plane padded (centred) to a square and resized to 256."""
+    planes = ras_to_planes(ras)
+    (top, bottom), (left, right) = _padding(*planes.shape[1:3])
+    planes = np.pad(planes, [(0, 0), (top, bottom), (left, right), (0, 0)])  # 0: each sequence's minimum
+    if planes.shape[1] == data.NATIVE_SIZE:
+        return planes
+    size = (data.NATIVE_SIZE, data.NATIVE_SIZE)
+    return np.stack([cv2.resize(plane, size, interpolation=cv2.INTER_LINEAR) for plane in planes])
 
 
 def mask_to_volume(masks, volume):
     """Masks `(Z, 256, 256)` of `volume.images` -> a uint8 0/1 array on the file's own grid."""
-    ras_shape = orientations.apply_orientation(np.empty(volume.shape, np.uint8), _ras_transform(volume)).shape
-    columns, rows, slices = ras_shape  # RAS: X runs along the image's columns, Y along its rows
+    columns, rows, slices = _to_ras(np.empty(volume.shape, np.uint8), volume.reference.affine).shape
+    masks = np.asarray(masks, dtype=np.uint8)
+    if len(masks) != slices:
+        raise ValueError(f"{len(masks)} masks for a volume of {slices} axial slices")
+    (top, _), (left, _) = _padding(rows, columns)
     side = max(rows, columns)
-    planes = []
-    for mask in np.asarray(masks, dtype=np.uint8):
-        if side != mask.shape[0]:
-            mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
-        planes.append(mask[:rows, :columns])
-    if len(planes) != slices:
-        raise ValueError(f"{len(planes)} masks for a volume of {slices} axial slices")
-    ras = np.transpose(np.stack(planes), (2, 1, 0))[::-1, ::-1]
-    return np.ascontiguousarray(_from_ras(ras, volume.reference.affine)).astype(np.uint8)
-
-
-def _ras_transform(volume):
-    return orientations.ornt_transform(_orientation(volume.reference.affine), RAS)
+    if side != masks.shape[1]:  # pixel-centre aligned nearest neighbour, as the bilinear resize going in
+        masks = np.stack([cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST_EXACT) for mask in masks])
+    planes = masks[:, top : top + rows, left : left + columns]
+    return _from_ras(planes_to_ras(planes), volume.reference.affine).astype(np.uint8)
 
 
 def save_mask(mask, volume, path):

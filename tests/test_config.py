@@ -111,3 +111,50 @@ def test_the_headline_command_of_the_makefile_and_readme_is_the_headline_config(
     assert headline, "the README shows the headline training command"
     words = shlex.split(headline[0].split("#")[0])
     assert parse_train(words[words.index("train") + 1 :]) == HEADLINE
+
+
+def test_values_from_a_file_are_converted_or_refused_never_passed_through(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"kind": "unet", "image_size": 128.0, "epochs": 3.0, "learning_rate": 1}))
+    loaded = RunConfig.from_file(path)
+    assert (loaded.image_size, loaded.epochs, loaded.learning_rate) == (128, 3, 1.0)
+    assert type(loaded.image_size) is int and type(loaded.learning_rate) is float
+    for bad, message in [
+        ({"split": 5}, "split must be text"),
+        ({"snapshot_minutes": 15}, "snapshot_minutes must be a list"),
+        ({"kind": None}, "kind must be one of"),
+        ({"image_size": "128"}, "image_size must be an integer"),
+        ({"jit_compile": "true"}, "jit_compile must be true or false"),
+        ({"schedule": ["plateau"]}, "schedule must be one of"),
+    ]:
+        path.write_text(json.dumps({"kind": "unet", **bad}))
+        with pytest.raises(ValueError, match=message):
+            RunConfig.from_file(path)
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="a JSON object is expected"):
+        RunConfig.from_file(path)
+
+
+def test_encoder_weights_are_recorded_only_where_an_encoder_takes_them():
+    assert RunConfig(kind="unet").encoder_weights is None
+    assert RunConfig(kind="classifier", backbone="light").encoder_weights is None
+    assert RunConfig(kind="classifier", backbone="resnet50").encoder_weights == "imagenet"
+    assert RunConfig(kind="resnet50-unet", encoder_weights="none").encoder_weights is None
+
+
+def test_resume_keeps_the_runs_own_settings_and_config_brings_its_data_folder(tmp_path):
+    from lgg.__main__ import _train_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = dataclasses.replace(HEADLINE, max_cases=12)
+    (run / "config.json").write_text(json.dumps({**stored.to_dict(), "data_dir": "elsewhere/data"}))
+    parser = _parser()
+    settings, data_dir = _train_settings(parser, parser.parse_args(["train", "--out", str(run), "--resume"]))
+    assert settings == stored and data_dir == "elsewhere/data"
+    with pytest.raises(SystemExit):  # a changed setting would make the resumed run another run
+        _train_settings(parser, parser.parse_args(["train", "unet", "--out", str(run), "--resume", "--epochs", "3"]))
+    args = parser.parse_args(["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "new")])
+    assert _train_settings(parser, args) == (stored, "elsewhere/data")
+    args = parser.parse_args(["train", "--config", str(run / "config.json"), "--out", "x", "--data", "mine"])
+    assert _train_settings(parser, args)[1] == "mine"

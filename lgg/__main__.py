@@ -149,6 +149,8 @@ def _train_settings(parser, args):
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
             parser.error(f"--resume continues {args.out} with its own settings ({stored}); {flags} would change them")
     recorded = json.loads(Path(source).read_text()).get("data_dir") if source else None
+    if recorded is not None and not isinstance(recorded, str):
+        parser.error(f"{source}: data_dir must be a folder name; received {recorded!r}")
     return settings, args.data or recorded or "data"
 
 

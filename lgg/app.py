@@ -13,6 +13,8 @@ import atexit
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import zipfile
@@ -34,38 +36,62 @@ class UploadError(ValueError):
     """An upload the app cannot use; its message is shown on the page."""
 
 
-def _unzip(archive, folder):
-    """Extract a zip into `folder`, refusing members that would land outside it and zip bombs."""
+def _unzip(archive, folder, budget):
+    """Extract a zip into `folder`, refusing members that would land outside it and more than `budget[0]`
+    bytes in all (the request's remaining allowance, decreased here). Returns what `predict` reads:
+    the folder, or for a zip of loose slices a folder per case, plus any NIfTI volumes inside."""
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = [info for info in bundle.infolist() if not info.is_dir()]
-            if sum(info.file_size for info in members) > MAX_UNZIPPED_BYTES:
-                raise UploadError(f"{archive.name}: unpacks to more than {MAX_UNZIPPED_BYTES // 1024**3} GB")
+            size = sum(info.file_size for info in members)
+            if size > budget[0]:
+                allowed = f"{MAX_UNZIPPED_BYTES // 1024**3} GB"
+                raise UploadError(f"{archive.name}: unpacks to more than the {allowed} allowed per request")
+            budget[0] -= size
             for info in members:
-                target = (folder / info.filename).resolve()
+                name = info.filename.replace("\\", "/")  # zips made on Windows
+                if "__MACOSX" in Path(name).parts or Path(name).name.startswith("."):
+                    continue  # macOS resource forks and hidden files are not slices
+                target = (folder / name).resolve()
                 if not target.is_relative_to(folder.resolve()):
                     raise UploadError(f"{archive.name}: member {info.filename!r} points outside the archive")
-                if "__MACOSX" in Path(info.filename).parts or Path(info.filename).name.startswith("."):
-                    continue  # macOS resource forks and hidden files are not slices
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with bundle.open(info) as source, open(target, "wb") as copy:
                     shutil.copyfileobj(source, copy)
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, NotImplementedError) as error:  # NotImplementedError: an unsupported compression
         raise UploadError(f"{archive.name}: not a readable zip ({error})") from None
-    return folder
+    volumes_inside = sorted(path for path in folder.rglob("*") if volumes.is_nifti(path))
+    for path in sorted(folder.rglob("*")):  # slices zipped without their case folder: put each in one
+        match = data.SLICE_FILE.match(path.name) if path.is_file() else None
+        if match and path.parent.name != match["case_id"]:
+            case_dir = folder / match["case_id"]
+            case_dir.mkdir(exist_ok=True)
+            if (case_dir / path.name).exists():
+                raise UploadError(f"{archive.name}: {path.name} twice")
+            path.rename(case_dir / path.name)
+    has_slices = any(folder.rglob("*.tif")) or any(folder.rglob("*.tiff"))
+    return ([folder] if has_slices else []) + volumes_inside
 
 
 def _png_as_tif(path, target):
-    """A .png slice in the training channel order, stored as the .tif `predict` reads."""
+    """A .png slice in the training channel order, stored as the .tif `predict` reads: 8-bit RGB only,
+    as the .tif slices are (a grey or 16-bit PNG is not the three sequences)."""
     try:
-        image = np.asarray(Image.open(path).convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise UploadError(f"{path.name}: not a readable PNG ({error})") from None
-    if image.shape[:2] != (data.NATIVE_SIZE, data.NATIVE_SIZE):
-        raise UploadError(f"{path.name}: {image.shape[1]} x {image.shape[0]} pixels, expected 256 x 256")
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+            if mode != "RGB":
+                expected = "8-bit RGB (pre-contrast, FLAIR, post-contrast)"
+                raise UploadError(f"{path.name}: a PNG of mode {mode}; expected {expected}")
+            if size != (data.NATIVE_SIZE, data.NATIVE_SIZE):
+                raise UploadError(f"{path.name}: {size[0]} x {size[1]} pixels, expected 256 x 256")
+            pixels = np.asarray(image)
+    except UploadError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UploadError(f"{path.name}: not a readable PNG ({type(error).__name__})") from None
     import tifffile
 
-    tifffile.imwrite(target, image, photometric="rgb")
+    tifffile.imwrite(target, pixels, photometric="rgb")
 
 
 def _copy(source, target, names):
@@ -79,17 +105,18 @@ def _copy(source, target, names):
 
 def arrange(files, sequences, folder, names=None):
     """Copy the uploads into `folder` in the layout `predict` reads; return (inputs, sequences).
-    `names` (a dict) receives the upload name of every renamed copy, for messages."""
+    `names` (a dict) receives, for each copy whose path differs from its upload's name, the upload's name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = {} if names is None else names
-    inputs, slices = [], []
+    inputs, slices, budget = [], [], [MAX_UNZIPPED_BYTES]
     for number, path in enumerate(map(Path, files or []), 1):
         name = path.name
         if volumes.is_nifti(name):
             inputs.append(_copy(path, folder / name, names))
         elif name.lower().endswith(".zip"):
-            inputs.append(_unzip(path, folder / f"zip{number}"))
+            names[f"zip{number}"] = name
+            inputs.extend(_unzip(path, folder / f"zip{number}", budget))
         elif name.lower().endswith(SLICE_SUFFIXES):
             slices.append(path)
         else:
@@ -107,13 +134,14 @@ def arrange(files, sequences, folder, names=None):
                 target = case_dir / f"{match['case_id']}_{match['slice_index']}_mask.tif"
             else:
                 target = case_dir / f"{match['case_id']}_{match['slice_index']}.tif"
-            if target.exists():
-                raise UploadError(f"{path.name} and {names.get(target.name)}: two uploads for one slice")
+            key = f"slices/{target.name}"
+            if key in names:
+                raise UploadError(f"{path.name} and {names[key]}: two uploads for one slice")
+            names[key] = path.name
             if path.suffix.lower() == ".png":
                 _png_as_tif(path, target)
-                names[target.name] = path.name
             else:
-                _copy(path, target, names)
+                shutil.copyfile(path, target)
         slice_files = sorted(path for path in case_dir.iterdir() if not path.name.endswith("_mask.tif"))
         if not slice_files:
             raise UploadError("only masks were uploaded: add the slices they belong to")
@@ -130,9 +158,13 @@ def arrange(files, sequences, folder, names=None):
     return inputs, ({name: given.get(name) for name in volumes.SEQUENCES} if given else None)
 
 
-def _display(image, mask):
-    rgb = cv2.cvtColor(predict.overlay_image(image, mask), cv2.COLOR_BGR2RGB)
-    return cv2.resize(rgb, (DISPLAY_SIZE, DISPLAY_SIZE), interpolation=cv2.INTER_NEAREST)
+def _overlay(image, mask):
+    """The slice with its predicted outline, RGB at the slice's own size (enlarged only when shown)."""
+    return cv2.cvtColor(predict.overlay_image(image, mask), cv2.COLOR_BGR2RGB)
+
+
+def enlarge(picture):
+    return cv2.resize(picture, (DISPLAY_SIZE, DISPLAY_SIZE), interpolation=cv2.INTER_NEAREST)
 
 
 def _summary(rows, seconds):
@@ -169,10 +201,11 @@ class Segmenter:
 
     def message(self, error):
         """An error as the page shows it: the upload names, not the app's temporary paths."""
-        text = re.sub(r"\S*/request-[^/\s]+/(in|out)/", "", str(error))
-        for copy, upload in self.names.items():
-            text = text.replace(copy, upload)
-        return text
+        text = str(error)
+        for copy, upload in self.names.items():  # the renamed copies (slices/upload_3.tif, zip1/...) by their upload
+            if copy.startswith(("slices/", "zip")):
+                text = re.sub(rf"\S*/request-[^/\s]+/in/{re.escape(copy)}\b", upload, text)
+        return re.sub(r"\S*/request-[^/\s]+/(in|out)/((pre|flair|post)/)?", "", text)
 
     def run(self, files, pre=None, flair=None, post=None):
         """-> (slice pictures with labels, summary markdown, montage path or None, files to download)."""
@@ -180,14 +213,17 @@ class Segmenter:
         folder = self._new_folder()
         self.names = {}
         sequences = {"pre": pre, "flair": flair, "post": post}
-        inputs, sequences = arrange(files, sequences, folder / "in", self.names)
-        collected = []
-        out = predict.predict_paths(
-            None, inputs, folder / "out", sequences=sequences, predictor=self.predictor, collect=collected
-        )
+        try:
+            inputs, sequences = arrange(files, sequences, folder / "in", self.names)
+            collected = []
+            out = predict.predict_paths(
+                None, inputs, folder / "out", sequences=sequences, predictor=self.predictor, collect=collected
+            )
+        finally:  # the uploads' copies are not needed past this point (the results stay for their download)
+            shutil.rmtree(folder / "in", ignore_errors=True)
         seconds = time.perf_counter() - start
         pictures = [
-            (_display(image, mask), f"{case_id}, slice {index}: {int(mask.sum())} px")
+            (_overlay(image, mask), f"{case_id}, slice {index}: {int(mask.sum())} px")
             for case_id, indices, images, masks, _ in collected
             for index, image, mask in zip(indices, images, masks)
         ]
@@ -213,17 +249,23 @@ def build(segmenter):
             pictures, summary, montage, downloads = segmenter.run(files, pre, flair, post)
         except (data.DatasetError, ValueError, OSError, RuntimeError, NotImplementedError) as error:
             raise gr.Error(segmenter.message(error), print_exception=False) from None
+        except Exception as error:  # a case nobody foresaw: still a message on the page, and the app serves on
+            message = f"could not segment this upload ({type(error).__name__}: {segmenter.message(error)})"
+            raise gr.Error(message, print_exception=True) from None
         first = _first_tumor_slice(pictures)
         # a Gradio slider needs minimum < maximum; `show` keeps a single slice's slider at that slice
         slider = gr.Slider(minimum=1, maximum=max(len(pictures), 2), step=1, value=first, interactive=len(pictures) > 1)
         image, label = pictures[first - 1]
-        return pictures, slider, image, label, summary, montage, downloads
+        return pictures, slider, enlarge(image), label, summary, montage, downloads
 
     def show(pictures, number):
         if not pictures:
             return None, ""
         image, label = pictures[min(int(number), len(pictures)) - 1]
-        return image, label
+        return enlarge(image), label
+
+    def clear():  # an earlier result never stays on the page beside a new upload's error
+        return [], gr.Slider(minimum=1, maximum=2, value=1, interactive=False), None, "", "", None, None
 
     # Gradio's own copies of uploads and results are removed after an hour too (checked every hour)
     with gr.Blocks(title="LGG tumor segmentation", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
@@ -252,11 +294,8 @@ def build(segmenter):
                 slice_label = gr.Markdown(elem_id="slice-label")
                 picture = gr.Image(label="Predicted outline (red) on FLAIR", elem_id="slice", type="numpy")
                 montage = gr.Image(label="Tumor slices", elem_id="montage", type="filepath")
-        button.click(
-            segment,
-            [upload, pre, flair, post],
-            [pictures, slider, picture, slice_label, summary, montage, downloads],
-        )
+        shown = [pictures, slider, picture, slice_label, summary, montage, downloads]
+        button.click(clear, None, shown).then(segment, [upload, pre, flair, post], shown)
         slider.change(show, [pictures, slider], [picture, slice_label])
     return page
 
@@ -265,5 +304,15 @@ def serve(model_path=None, host="127.0.0.1", port=7860):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     segmenter = Segmenter(model_path)
     page = build(segmenter)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` too removes the app's temporary files (atexit)
+    page.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        show_error=False,
+        quiet=True,
+        max_file_size="1gb",
+        prevent_thread_lock=True,
+    )
     print(f"Serving on http://{host}:{port} (Ctrl+C stops it)", flush=True)
-    page.launch(server_name=host, server_port=port, share=False, show_error=False, quiet=True, max_file_size="1gb")
+    page.block_thread()

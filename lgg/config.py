@@ -28,6 +28,9 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 DICE_LOSSES = ("batch", "slice")
 ENCODER_WEIGHTS = ("imagenet", None)  # or the path of a weights file
 MINUTES_MAX = 7 * 24 * 60  # a week
+# what a run's config.json holds beside the settings: the record of that run
+RECORD_KEYS = {"data_dir", "out_dir", "resume", "verbose", "overwrite", "environment", "split_counts", "notebook",
+               "encoder_weights_used", "encoder_weights_requested", "freeze_encoder", "loss"}  # fmt: skip
 
 
 def _count(maximum):
@@ -152,6 +155,9 @@ class RunConfig:
         if not isinstance(stored, dict):
             raise ValueError(f"{path}: not a run configuration (a JSON object is expected)")
         names = {setting.name for setting in dataclasses.fields(cls)}
+        unknown = sorted(set(stored) - names - RECORD_KEYS)
+        if unknown:  # a misspelt setting would otherwise be dropped without a word
+            print(f"{path}: ignoring {', '.join(unknown)} (not settings of lgg.config.RunConfig)")
         try:
             return cls(**{key: value for key, value in stored.items() if key in names} | changes)
         except ValueError as error:

@@ -200,6 +200,9 @@ def predict_paths(
     guards.check_apart(out_dir, [*slice_inputs, *case_folders, *roots])
     # a NIfTI file's folder is never read as data: --out may lie beside it, only not hold it or be it
     guards.check_not_within(out_dir, volume_files)
+    for folder in Path(out_dir).resolve().parents:  # nor inside a dataset, where it would pass for a case
+        if folder.is_dir() and _holds_case_folders(folder):
+            raise FileExistsError(f"--out {out_dir} lies inside the dataset folder {folder}: choose a folder apart")
     if predictor is None:
         model_files = [SHIPPED_MODEL if model_path is None else model_path, classifier_path]
     else:
@@ -331,16 +334,15 @@ def _predict_volume(model, classifier, volume, settings, gate_threshold, out_dir
     areas = predicted.reshape(len(images), -1).sum(axis=1)
     _write_pictures(case_dir, case_id, images, [None] * len(images), predicted, slice_indices, areas)
     voxels = int(mask.sum())
-    return (
-        slice_indices,
-        images,
-        predicted,
-        {
-            **_case_row(case_id, slice_indices, probabilities, predicted, areas),
-            "input": " ".join(str(path) for path in volume.sources),
-            "volume_shape": "x".join(str(n) for n in volume.shape),
-            "voxel_size_mm": "x".join(f"{z:.4g}" for z in volume.voxel_mm),
-            "tumor_voxels": voxels,
-            "tumor_volume_ml": voxels * volume.voxel_ml,
-        },
-    )
+    for warning in volume.warnings:
+        print(f"Warning, {case_id}: {warning}")
+    row = {
+        **_case_row(case_id, slice_indices, probabilities, predicted, areas),
+        "input": " ".join(str(path) for path in volume.sources),
+        "volume_shape": "x".join(str(n) for n in volume.shape),
+        "voxel_size_mm": "x".join(f"{z:.4g}" for z in volume.voxel_mm),
+        "tumor_voxels": voxels,
+        "tumor_volume_ml": voxels * volume.voxel_ml,
+        "warnings": "; ".join(volume.warnings),
+    }
+    return slice_indices, images, predicted, row

@@ -18,6 +18,7 @@ and header, so it overlays exactly in ITK-SNAP or 3D Slicer. In-plane voxels tha
 are not resampled to square: the model then sees a stretched head (say so if you meet one).
 """
 
+import dataclasses
 import re
 import zlib
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ SEQUENCES = ("pre", "flair", "post")  # the training order of the channels (data
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 RAS = orientations.axcodes2ornt(("R", "A", "S"))
 MAX_VOXELS = 2**28  # 268 M values (1 GB as float32): far above any MRI scan, far below what breaks a laptop
+MAX_SLICES = 1024  # axial slices: each becomes a 256 x 256 x 3 slice for the model
+MIN_PLANE = 32  # voxels along each in-plane axis: fewer is not an axial image of a head
 
 
 class VolumeError(data.DatasetError):
@@ -57,6 +60,7 @@ class Volume:
     images: np.ndarray  # (Z, 256, 256, 3) uint8: axial slices, inferior to superior, as the Kaggle set shows them
     reference: nib.Nifti1Image  # the file (FLAIR for three files) whose grid the mask is written on
     sources: tuple  # the file(s) read
+    warnings: list = dataclasses.field(default_factory=list)  # geometry_warnings: what to doubt
 
     @property
     def shape(self):
@@ -88,18 +92,20 @@ def _load(path):
         raise VolumeError(f"{path}: not a regular file")
     try:
         image = nib.load(path)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
+        shape, dtype = image.shape, image.get_data_dtype()
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError,
+            OverflowError, zlib.error) as error:  # fmt: skip
         raise _unreadable(path, error) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{path}: a {type(image).__name__}, not a NIfTI volume")
-    if int(np.prod(image.shape, dtype=np.int64)) > MAX_VOXELS:
-        raise VolumeError(f"{path}: shape {image.shape} holds more than {MAX_VOXELS:,} values, far more than a scan")
-    dtype = image.get_data_dtype()
+    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise VolumeError(f"{path}: shape {shape} holds more than {MAX_VOXELS:,} values, far more than a scan")
     if dtype.fields is not None or dtype.kind not in "biuf":  # RGB24, complex, ...: not intensities
         raise VolumeError(f"{path}: voxels of type {dtype}; expected real numbers (integers or floats)")
     try:
         voxels = np.asarray(image.dataobj, dtype=np.float32)
-    except (OSError, EOFError, ValueError, TypeError, zlib.error) as error:
+    except (nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, TypeError, OverflowError,
+            zlib.error) as error:  # fmt: skip
         raise _unreadable(path, error) from None
     if voxels.ndim == 5 and voxels.shape[3] == 1:  # (X, Y, Z, 1, C): how some tools store channels
         voxels = voxels[:, :, :, 0]
@@ -165,6 +171,12 @@ def load_sequences(pre=None, flair=None, post=None, case_id=None):
                 f"{voxels.shape} and {flair_voxels.shape}, affines differ by up to "
                 f"{np.abs(image.affine - flair_image.affine).max():.3g}): co-register them first"
             )
+    for first, second in (("pre", "flair"), ("pre", "post"), ("flair", "post")):
+        if np.array_equal(loaded[first][1], loaded[second][1]):
+            raise VolumeError(
+                f"--{first} {given[first]} and --{second} {given[second]} hold the same image: "
+                "each sequence must be its own file"
+            )
     voxels = np.stack([loaded[name][1] for name in SEQUENCES], axis=-1)
     sources = tuple(Path(given[name]) for name in SEQUENCES)
     return _volume(case_id or case_id_of(flair), voxels, _reference(flair_image), sources)
@@ -183,11 +195,30 @@ def _reference(image):
 
 def _volume(case_id, voxels, reference, sources):
     guards.check_case_id(case_id, sources[0])
+    columns, rows, slices = _to_ras(np.empty(voxels.shape[:3], np.uint8), reference.affine).shape
+    if slices > MAX_SLICES or min(rows, columns) < MIN_PLANE:
+        raise VolumeError(
+            f"{sources[0]}: axial planes of {columns} x {rows} voxels, {slices} of them; expected planes of at least "
+            f"{MIN_PLANE} x {MIN_PLANE} and at most {MAX_SLICES} slices (an axial MRI volume of a head)"
+        )
     for channel, name in enumerate(data.CHANNELS):
         if voxels[..., channel].min() == voxels[..., channel].max():
             raise VolumeError(f"{sources[min(channel, len(sources) - 1)]}: the {name} sequence is constant")
     images = to_slices(to_uint8(_to_ras(voxels, reference.affine)))
-    return Volume(case_id, images, reference, sources)
+    return Volume(case_id, images, reference, sources, geometry_warnings(reference))
+
+
+def geometry_warnings(image):
+    """What about a volume's geometry makes its masks or volume less trustworthy, in words (may be empty)."""
+    found = []
+    if image.header["qform_code"] == 0 and image.header["sform_code"] == 0:
+        found.append("no qform or sform in the header: voxel size and position are guesses (1 mm assumed)")
+    edges = np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0))
+    in_plane = sorted(edges[list(np.argsort(np.abs(image.affine[2, :3]))[:2])])  # the two axes least along S
+    if in_plane[1] > 1.1 * in_plane[0]:
+        size = f"{in_plane[0]:.3g} x {in_plane[1]:.3g} mm"
+        found.append(f"in-plane voxels of {size} are not square: the model sees a stretched head")
+    return found
 
 
 def to_uint8(voxels):

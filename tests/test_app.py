@@ -167,6 +167,17 @@ def test_uploads_are_arranged_or_refused_by_name(real_data, tmp_path):
     np.testing.assert_array_equal(tifffile.imread(inputs[0]), images[11])  # channels kept in training order
     with pytest.raises(app.UploadError, match="small.png: 256 x 100 pixels"):
         app.arrange([slices / "small.png"], {}, tmp_path / "in2")
+    Image.fromarray(images[11][..., 1]).save(slices / "grey.png")  # FLAIR alone: not the three sequences
+    with pytest.raises(app.UploadError, match="grey.png: a PNG of mode L; expected 8-bit RGB"):
+        app.arrange([slices / "grey.png"], {}, tmp_path / "in2b")
+    # a zip of loose slices (no case folder), with Windows separators, holding a NIfTI too: all found
+    with zipfile.ZipFile(tmp_path / "loose.zip", "w") as bundle:
+        for name in (f"{CASE}_12.tif", f"{CASE}_12_mask.tif"):
+            bundle.write(real_data / CASE / name, f"export\\{name}")
+        bundle.writestr("scan.nii.gz", b"x")
+    inputs, _ = app.arrange([tmp_path / "loose.zip"], {}, tmp_path / "in2c")
+    assert [path.name for path in inputs] == ["zip1", "scan.nii.gz"]
+    assert (tmp_path / "in2c" / "zip1" / CASE / f"{CASE}_12.tif").is_file()
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as bundle:
         bundle.writestr("../../outside.tif", b"x")
     with pytest.raises(app.UploadError, match="points outside the archive"):

@@ -3,6 +3,7 @@ another intensity scale and in another axis order, must give the masks of its .t
 volume's own grid, with a volume in ml from the header's voxel size."""
 
 import gzip
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -123,7 +124,7 @@ def test_masks_go_back_to_any_grid(shape, tmp_path):
 
 
 def test_the_volume_in_ml_follows_the_affine_and_the_units(tmp_path):
-    voxels = np.random.default_rng(0).uniform(0, 9, (8, 8, 4, 3)).astype(np.float32)
+    voxels = np.random.default_rng(0).uniform(0, 9, (32, 32, 4, 3)).astype(np.float32)
     affine = np.diag([0.5, 0.5, 3.0, 1.0])
     image = nib.Nifti1Image(voxels, affine)
     image.header.set_zooms((1.0, 1.0, 1.0, 1.0))  # pixdim left at 1 by a tool; the sform is what viewers use
@@ -134,6 +135,27 @@ def test_the_volume_in_ml_follows_the_affine_and_the_units(tmp_path):
     nib.save(image, tmp_path / "metres.nii")
     volume = volumes.load_4d(tmp_path / "metres.nii")
     assert volume.voxel_ml == pytest.approx(0.75 / 1000) and volume.voxel_mm == pytest.approx((0.5, 0.5, 3.0))
+
+
+def test_doubtful_geometry_is_said_in_the_results(tmp_path):
+    voxels = np.random.default_rng(0).uniform(0, 9, (40, 40, 4, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(voxels, np.diag([0.5, 2.0, 3.0, 1.0])), tmp_path / "stretched.nii")
+    assert "not square" in " ".join(volumes.load_4d(tmp_path / "stretched.nii").warnings)
+    bare = nib.Nifti1Image(voxels, None)  # no qform, no sform: nibabel assumes 1 mm voxels
+    nib.save(bare, tmp_path / "bare.nii")
+    assert "no qform or sform" in " ".join(volumes.load_4d(tmp_path / "bare.nii").warnings)
+    nib.save(nib.Nifti1Image(voxels, np.diag([0.9, 0.9, 3.0, 1.0])), tmp_path / "fine.nii")
+    assert volumes.load_4d(tmp_path / "fine.nii").warnings == []
+
+
+def test_predictions_never_land_inside_a_dataset(real_data, predictor, tmp_path):
+    dataset = tmp_path / "kaggle_3m"
+    shutil.copytree(real_data / CASE, dataset / CASE)
+    source = tmp_path / f"{CASE}.nii.gz"
+    nib.save(nib.Nifti1Image(as_ras(kaggle_volume(real_data)).astype(np.float32), np.eye(4)), source)
+    with pytest.raises(FileExistsError, match="inside the dataset folder"):
+        predict.predict_paths(None, [source], dataset / "preds", predictor=predictor)
+    assert sorted(path.name for path in dataset.iterdir()) == [CASE]
 
 
 def test_file_names_become_usable_case_ids(tmp_path):
@@ -148,6 +170,7 @@ def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
     affine = np.diag([*SPACING, 1.0])
     one = np.random.default_rng(0).uniform(0, 100, (32, 32, 4)).astype(np.float32)
     nib.save(nib.Nifti1Image(one, affine), folder / "flair.nii.gz")
+    nib.save(nib.Nifti1Image(one * 2, affine), folder / "pre.nii.gz")
     nib.save(nib.Nifti1Image(np.stack([one, one], axis=-1), affine), folder / "two.nii.gz")
     nib.save(nib.Nifti1Image(np.stack([one] * 3, axis=-1), affine), folder / "good.nii.gz")
     nib.save(nib.Nifti1Image(one, np.diag([1.0, 1.0, 1.5, 1.0])), folder / "moved.nii.gz")
@@ -160,6 +183,7 @@ def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
     (folder / "paper.nii").write_bytes(b"%PDF-1.4\n" + bytes(500))
     rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     nib.save(nib.Nifti1Image(rgb, affine), folder / "rgb.nii")
+    nib.save(nib.Nifti1Image(np.ones((1, 1, 1000, 3), np.float32) * np.arange(3), affine), folder / "needle.nii.gz")
     huge = nib.Nifti1Header()
     huge.set_data_shape((4000, 4000, 4000, 3))  # a header that claims 192 G values, and no data behind it
     (folder / "huge.nii").write_bytes(huge.binaryblock + bytes(4 + 1000))
@@ -172,8 +196,10 @@ def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
         ("paper.nii",): "not a readable NIfTI",
         ("rgb.nii",): "expected real numbers",
         ("huge.nii",): "far more than a scan",
+        ("needle.nii.gz",): "expected planes of at least 32 x 32",
+        ("--pre", "flair.nii.gz", "--flair", "flair.nii.gz", "--post", "flair.nii.gz"): "hold the same image",
         ("--flair", "flair.nii.gz"): "missing --pre, --post",
-        ("--pre", "flair.nii.gz", "--flair", "flair.nii.gz", "--post", "moved.nii.gz"): "not on the same grid",
+        ("--pre", "pre.nii.gz", "--flair", "flair.nii.gz", "--post", "moved.nii.gz"): "not on the same grid",
     }
     for args, message in cases.items():
         code, _, error = run(capsys, "predict", *[folder / a if a.endswith((".nii", ".gz")) else a for a in args],

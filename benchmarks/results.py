@@ -7,6 +7,7 @@ results table.
     python benchmarks/results.py --collect-only       # rebuild results/ and the README table from runs/
                                                       # (rows without a run folder: from results/*.json)
     python benchmarks/results.py --ship unet-fold2    # that run's model -> models/unet/ with its model card
+    python benchmarks/results.py --refresh-card       # the shipped card's pooled figures, after more folds
 """
 
 import argparse
@@ -228,12 +229,13 @@ def cross_validation_text(pooled):
         for f in pooled["per_fold"]
     )
     zero = pooled["cases_at_dice_0"]
+    missed = f"{len(zero)} case{'s' * (len(zero) != 1)} at Dice 0" + (f" ({', '.join(zero)})" if zero else "")
     lines = [
         f"**Cross-validation by patient, the U-Net recipe of the first row** ({len(pooled['folds'])} of 5 folds run: "
         f"{pooled['cases']} of the 88 patients, each scored once by the fold model that never saw it; "
         f"`results/unet-cross-validation.json`, one row per case in `results/unet-cross-validation.csv`): "
         f"mean per-case Dice **{pooled['case_dice_mean']:.3f}** (95 % interval {low:.3f}–{high:.3f}), median "
-        f"{pooled['case_dice_median']:.3f}; {len(zero)} cases at Dice 0{' (' + ', '.join(zero) + ')' if zero else ''}; "
+        f"{pooled['case_dice_median']:.3f}; {missed}; "
         f"tumor-slice Dice {pooled['tumor_slice_dice_mean']:.3f}; false-positive rate on tumor-free slices "
         f"{pooled['tumor_free_false_positive_rate']:.3f}. Per fold: {folds}.",
     ]
@@ -593,10 +595,7 @@ def ship(name, data_dir, target="unet"):
         "training_minutes": result["training_minutes"],
         "environment": result["environment"],
         "test": {k: shipped_test[k] for k in ("cases", "case_dice_mean", "case_dice_median", "postprocessing")},
-        "cross_validation": {
-            k: pooled[k]
-            for k in ("folds", "cases", "case_dice_mean", "case_dice_median", "case_dice_mean_ci95", "cases_at_dice_0")
-        },  # fmt: skip
+        "cross_validation": {key: pooled[key] for key in CARD_POOLED_KEYS},
     }
     save_json(card, staging / "card.json")
     (staging / "MODEL_CARD.md").write_text(model_card(card))
@@ -610,6 +609,22 @@ def ship(name, data_dir, target="unet"):
         staging.rename(folder)
     print(f"Shipped {name} as models/{target}/model.h5 ({card['megabytes']} MB, sha256 {sha256})")
     return card
+
+
+CARD_POOLED_KEYS = ("folds", "cases", "case_dice_mean", "case_dice_median", "case_dice_mean_ci95", "cases_at_dice_0")
+
+
+def refresh_card(target="unet"):
+    """Bring the shipped model's card up to date with the pooled cross-validation of its recipe (more
+    folds run since it shipped). The model file and its measured test figure are left as they are."""
+    folder = MODELS / target
+    card = json.loads((folder / "card.json").read_text())
+    pooled = json.loads((RESULTS / "unet-cross-validation.json").read_text())
+    card["cross_validation"] = {key: pooled[key] for key in CARD_POOLED_KEYS}
+    with atomic_path(folder / "MODEL_CARD.md") as temporary:
+        temporary.write_text(model_card(card))
+    save_json(card, folder / "card.json")
+    print(f"models/{target}/MODEL_CARD.md: its recipe's pooled figure is now over {pooled['cases']} patients")
 
 
 def model_card(card):
@@ -670,9 +685,15 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(CONFIGS), help=f"comma-separated, of {list(CONFIGS)}")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--ship", default=None, help="copy this run's model into models/unet/ with its model card")
+    parser.add_argument(
+        "--refresh-card", action="store_true", help="update the shipped model's card with the pooled figures"
+    )
     args = parser.parse_args(argv)
     if args.ship:
         ship(args.ship, args.data)
+        return
+    if args.refresh_card:
+        refresh_card()
         return
     if not args.collect_only:
         for name in args.models.split(","):

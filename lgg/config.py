@@ -25,7 +25,7 @@ MODEL_KINDS = ("unet", "resnet50-unet", "classifier")
 BACKBONES = ("light", "resnet50")
 SCHEDULES = ("plateau", "time-cosine")
 PRECISIONS = ("float32", "mixed_bfloat16")
-DICE_LOSSES = ("batch", "slice")
+DICE_LOSSES = ("batch", "slice", "tversky")
 ENCODER_WEIGHTS = ("imagenet", None)  # or the path of a weights file
 MINUTES_MAX = 7 * 24 * 60  # a week
 # what a run's config.json holds beside the settings: the record of that run
@@ -82,7 +82,10 @@ class RunConfig:
         "float32", "mixed_bfloat16: compute in bfloat16, weights and export in float32", choices=PRECISIONS
     )
     dice_loss: str = _setting(
-        "batch", "Dice term of the loss: over the whole batch or per slice, averaged", choices=DICE_LOSSES
+        "batch",
+        "overlap term of the loss: Dice over the whole batch, Dice per slice averaged, or Tversky over the whole "
+        "batch (misses weighted 0.7, false alarms 0.3)",
+        choices=DICE_LOSSES,
     )
 
     def __post_init__(self):

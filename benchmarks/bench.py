@@ -156,11 +156,10 @@ def training_targets(task, masks, slices):
 
 def training_dataset(task, images, masks, slices, batch_size):
     targets, fraction = training_targets(task, masks, slices)
-    dataset, _ = data.make_dataset(
+    dataset, _ = data.training_dataset(
         images,
         targets,
         batch_size,
-        training=True,
         seed=SEED,
         tumor_fraction=fraction,
         has_tumor=slices.has_tumor.to_numpy(),
@@ -403,7 +402,7 @@ def benchmark_original_generator(slices, steps, batch_size, size):
 def side_by_side(arrays, steps, batch_size, size, rounds):
     """The U-Net's training rate in four setups, timed in turn, round after round.
 
-    Setups: ours (`make_dataset`, XLA, float32), the original notebooks' (`ImageDataGenerator`
+    Setups: ours (`training_dataset`, XLA, float32), the original notebooks' (`ImageDataGenerator`
     reading the .tif files, no XLA), ours without XLA, and ours in `mixed_bfloat16`. Each round
     times every setup once for `steps` steps, so a slow spell of the machine hits all of them; the
     ratios are taken within each round and reported as median, min and max over the rounds.
@@ -419,7 +418,7 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
         ),
         "ours_without_xla": (compiled("unet", size, jit_compile=False), lambda: dataset.repeat()),
         "ours_mixed_bfloat16": (
-            train.compile_model(train.build_model("unet", size, precision="mixed_bfloat16"), "segmentation"),
+            train.compile_model(models.build_model("unet", size, precision="mixed_bfloat16"), "segmentation"),
             lambda: dataset.repeat(),
         ),
     }
@@ -530,7 +529,7 @@ def print_table(results):
             )
         case = results["inference_case"]
         log(
-            f"(e2e: fit through lgg.data.make_dataset; fixed: one in-memory batch; pipe: input pipeline alone; "
+            f"(e2e: fit through lgg.data.training_dataset; fixed: one in-memory batch; pipe: input pipeline alone; "
             f"wait: data-wait share;\n GFLOP/s and %peak from the e2e rate; inference: {case['case_id']}, "
             f"{case['slices']} slices at 256x256)"
         )

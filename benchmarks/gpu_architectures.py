@@ -33,9 +33,9 @@ MODELS = ("unet", "resnet50-unet", "resnet50-attention-unet")
 def prepare(data_dir, out, image_size=128):
     """Decode the patient split into one compressed `.npz`: images and masks at `image_size` for
     training, and the native 256x256 masks of the val/test cases for scoring."""
-    from lgg import data, train
+    from lgg import data
 
-    slices = train.split_table(data.find_slices(data_dir))
+    slices = data.split_table(data.find_slices(data_dir))
     arrays = {"image_size": np.array(image_size)}
     for split in SPLITS:
         rows = slices[slices.split == split]
@@ -119,7 +119,7 @@ def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor
     import keras
     import pandas as pd
 
-    from lgg import metrics, models, postprocess, train
+    from lgg import callbacks, metrics, models, postprocess, train
 
     keras.utils.set_random_seed(seed)
     size = int(arrays["image_size"])
@@ -128,18 +128,18 @@ def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor
     else:
         model = models.build_resnet50_unet((size, size, 3), encoder_weights=None, attention="attention" in kind)
     model = train.compile_model(model, "segmentation", learning_rate, jit_compile=False)
-    timer = train.ElapsedTime(minutes)
+    timer = callbacks.ElapsedTime(minutes)
     best = Path(out) / f".{kind}.weights.h5"
     val_cases = (arrays["val_images"], arrays["val_masks"], arrays["val_case_ids"])
-    callbacks = [
+    fit_callbacks = [
         timer,
-        train.CaseDiceValidation(*val_cases, batch_size=64),
-        train.TimeCosineSchedule(timer, learning_rate),
-        train.BestWeightsCheckpoint(best, "val_case_dice"),
+        callbacks.CaseDiceValidation(*val_cases, batch_size=64),
+        callbacks.TimeCosineSchedule(timer, learning_rate),
+        callbacks.BestWeightsCheckpoint(best, "val_case_dice"),
     ]
     started = time.perf_counter()
     history = model.fit(
-        _batches(arrays, batch_size, tumor_fraction, seed), epochs=10_000, callbacks=callbacks, verbose=2
+        _batches(arrays, batch_size, tumor_fraction, seed), epochs=10_000, callbacks=fit_callbacks, verbose=2
     )
     seconds = time.perf_counter() - started
     model.load_weights(best)

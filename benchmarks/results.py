@@ -39,8 +39,10 @@ CONFIGS = {
     **{f"unet-fold{k}": replace(HEADLINE, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
     # a candidate recipe, compared with the headline case by case on the same folds: Tversky (misses weigh more)
     "unet-tversky": replace(HEADLINE, dice_loss="tversky"),
-    **{f"unet-tversky-fold{k}": replace(HEADLINE, dice_loss="tversky", split=f"patient-fold-{k}-of-5")
-       for k in range(2, 6)},  # fmt: skip
+    **{
+        f"unet-tversky-fold{k}": replace(HEADLINE, dice_loss="tversky", split=f"patient-fold-{k}-of-5")
+        for k in range(2, 6)
+    },
 }
 # the U-Net recipe over the 5 patient folds: every one of the 88 patients tested once, by a model that never saw it
 CROSS_VALIDATION = ("unet", "unet-fold2", "unet-fold3", "unet-fold4", "unet-fold5")

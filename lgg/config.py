@@ -126,12 +126,7 @@ class RunConfig:
             raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")
         if self.attention and self.kind != "resnet50-unet":
             raise ValueError(f"attention gates are an option of resnet50-unet, not of {self.kind}")
-        if self.split.startswith("patient-fold-"):
-            data.patient_fold([], self.split)  # raises ValueError for a malformed fold name
-        elif self.split not in ("patient", "random-slice-leaky"):
-            raise ValueError(
-                f"split must be 'patient', 'patient-fold-K-of-N' or 'random-slice-leaky'; received {self.split!r}"
-            )
+        data.check_split_name(self.split)
 
     @property
     def task(self):

@@ -275,6 +275,49 @@ def random_slice_split(slices, random_state=0):
     return split
 
 
+def check_split_name(name):
+    """Refuse a split name other than `patient`, `patient-fold-K-of-N` or `random-slice-leaky`."""
+    if name.startswith("patient-fold-"):
+        patient_fold([], name)  # raises ValueError for a malformed fold name
+    elif name not in ("patient", "random-slice-leaky"):
+        raise ValueError(f"split must be 'patient', 'patient-fold-K-of-N' or 'random-slice-leaky'; received {name!r}")
+
+
+def split_table(slices, split_name="patient", seed=0, val_fraction=0.1, test_fraction=0.2):
+    """`slices` with a `split` column: by patient (default), one cross-validation fold by patient
+    (`"patient-fold-K-of-N"`, `patient_fold`), or the original leaky slice split."""
+    check_split_name(split_name)  # before anything is written
+    slices = slices.copy()
+    if split_name == "patient":
+        assignment = split_by_patient(slices["case_id"], val_fraction, test_fraction)
+        slices["split"] = slices["case_id"].map(assignment)
+    elif split_name.startswith("patient-fold-"):
+        slices["split"] = slices["case_id"].map(patient_fold(slices["case_id"], split_name, val_fraction))
+    else:
+        slices["split"] = random_slice_split(slices, random_state=seed)
+    return slices
+
+
+def split_counts(slices):
+    """Cases, slices and tumor slices per split."""
+    return slices.groupby("split").agg(
+        cases=("case_id", "nunique"), slices=("case_id", "size"), tumor_slices=("has_tumor", "sum")
+    )
+
+
+def check_split_counts(slices):
+    """Refuse a split that leaves a part without cases (e.g. too few cases for a patient split):
+    training would have nothing to learn from or nothing to choose or report on."""
+    counts = slices.groupby("split")["case_id"].nunique()
+    empty = [name for name in SPLITS if counts.get(name, 0) == 0]
+    if empty:
+        found = ", ".join(f"{name} {counts.get(name, 0)}" for name in SPLITS)
+        raise ValueError(
+            f"the split leaves no {' and no '.join(empty)} cases ({found} cases of {slices['case_id'].nunique()}); "
+            "use more cases (--max-cases), at least about 10 for a patient split"
+        )
+
+
 def resize_image(image, size):
     if image.shape[0] == size:
         return image
@@ -364,36 +407,58 @@ def augment_batch(images, masks, seed, augmentation=None):
     return warped[..., :3], tf.round(warped[..., 3:])
 
 
-def make_dataset(
-    images,
-    targets,
-    batch_size=16,
-    training=False,
-    seed=0,
-    augment=True,
-    tumor_fraction=None,
-    has_tumor=None,
-    start_epoch=0,
-):
-    """A `tf.data` pipeline over slices already decoded in memory.
+def _gather(images, targets, index, static_batch):
+    """The slices at `index` as float32 tensors, read from the numpy arrays themselves: no copy of
+    the data set is made inside TensorFlow (a captured constant, and tf.data's graph rewrites of it,
+    cost 2-3 extra copies: 4.2 GB peak building the 256x256 pipeline, 1.5 GB without)."""
+    import tensorflow as tf
 
-    Training: an endless stream of epochs (pass `steps_per_epoch` to `fit`), each one shuffled,
-    optionally oversampling tumor slices to `tumor_fraction`, and augmented per sample (same
-    transform for a slice and its mask), then prefetched. Every batch is full (the last one of
-    an epoch is topped up with the epoch's first slices), so batch shapes are static. Every random draw is keyed by
+    batch_images, batch_targets = tf.numpy_function(
+        lambda rows: (images[rows], targets[rows]), [index], (tf.uint8, tf.as_dtype(targets.dtype)), stateful=False
+    )
+    batch_images.set_shape((static_batch,) + images.shape[1:])
+    batch_targets.set_shape((static_batch,) + targets.shape[1:])
+    return tf.cast(batch_images, tf.float32), tf.cast(batch_targets, tf.float32)
+
+
+def evaluation_dataset(images, targets, batch_size=16):
+    """A `tf.data` pipeline over slices decoded in memory, for validation: in order, no
+    augmentation, one pass, the last batch as short as it comes.
+
+    Args:
+        images: uint8 array `(N, S, S, 3)`.
+        targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
+        batch_size: int. Defaults to `16`.
+    """
+    import tensorflow as tf
+
+    images, targets = np.asarray(images), np.asarray(targets)
+    dataset = tf.data.Dataset.range(len(images)).batch(batch_size)
+    gather = lambda index: _gather(images, targets, index, None)  # noqa: E731
+    return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def training_dataset(
+    images, targets, batch_size=16, seed=0, augment=True, tumor_fraction=None, has_tumor=None, start_epoch=0
+):
+    """A `tf.data` pipeline of training batches over slices decoded in memory.
+
+    An endless stream of epochs (pass `steps_per_epoch` to `fit`), each one shuffled, optionally
+    oversampling tumor slices to `tumor_fraction`, and augmented per sample (same transform for a
+    slice and its mask), then prefetched. Every batch is full (the last one of an epoch is topped up
+    with the epoch's first slices), so batch shapes are static. Every random draw is keyed by
     `(seed, epoch, batch)`, so epoch `e` is the same whether a run gets there uninterrupted or
-    resumes at `start_epoch=e`. Evaluation: in order, no augmentation, one pass.
+    resumes at `start_epoch=e`.
 
     Args:
         images: uint8 array `(N, S, S, 3)`.
         targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
         batch_size: int. Defaults to `16`, as the original notebooks.
-        training: bool. Shuffle and augment. Defaults to `False`.
         seed: int. Seeds shuffling, oversampling and augmentation. Defaults to `0`.
-        augment: bool. Apply `augment_batch` when training. Defaults to `True`.
-        tumor_fraction: float or None. When training, draw tumor slices with this probability
-            (needs `has_tumor`); each epoch then has as many slices as the data, drawn with
-            replacement. Defaults to `None` (each slice once per epoch).
+        augment: bool. Apply `augment_batch`. Defaults to `True`.
+        tumor_fraction: float or None. Draw tumor slices with this probability (needs
+            `has_tumor`); each epoch then has as many slices as the data, drawn with replacement.
+            Defaults to `None` (each slice once per epoch).
         has_tumor: bool array `(N,)`. Which slices show tumor; for `tumor_fraction`.
         start_epoch: int. First epoch of the stream (to resume a run). Defaults to `0`.
 
@@ -402,28 +467,9 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    images = np.asarray(images)
-    targets = np.asarray(targets)
+    images, targets = np.asarray(images), np.asarray(targets)
     segmentation = targets.ndim == 4
     steps = int(np.ceil(len(images) / batch_size))
-
-    def gather(index, static_batch):
-        """The slices at `index`, read from the numpy arrays themselves: no copy of the data
-        set is made inside TensorFlow (a captured constant, and tf.data's graph rewrites of it,
-        cost 2-3 extra copies: 4.2 GB peak building the 256x256 pipeline, 1.5 GB without)."""
-        batch_images, batch_targets = tf.numpy_function(
-            lambda rows: (images[rows], targets[rows]), [index], (tf.uint8, tf.as_dtype(targets.dtype)), stateful=False
-        )
-        batch_images.set_shape((static_batch,) + images.shape[1:])
-        batch_targets.set_shape((static_batch,) + targets.shape[1:])
-        return tf.cast(batch_images, tf.float32), tf.cast(batch_targets, tf.float32)
-
-    if not training:
-        dataset = tf.data.Dataset.range(len(images)).batch(batch_size)
-        return dataset.map(lambda index: gather(index, None), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-            tf.data.AUTOTUNE
-        ), steps
-
     if tumor_fraction is not None:
         if has_tumor is None or not 0 < tumor_fraction < 1:
             raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
@@ -452,7 +498,7 @@ def make_dataset(
         return batches.enumerate().map(lambda step, index: (epoch, step, index))
 
     def load(epoch, step, index):
-        batch_images, batch_targets = gather(index, batch_size)
+        batch_images, batch_targets = _gather(images, targets, index, batch_size)
         if not augment:
             return batch_images, batch_targets
         batch_seed = tf.cast(tf.stack([seed, epoch * steps + step]), tf.int32)

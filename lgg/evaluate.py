@@ -1,6 +1,12 @@
-"""Evaluate a trained model on held-out cases: per-case CSV, summary JSON, plots."""
+"""Evaluate a trained model on held-out cases.
+
+Scoring writes nothing: `score` predicts, post-processes and scores one split and returns an
+`Evaluation` (arrays, per-case or per-slice table, summary). `save_tables` and `save_plots` write
+it into a run folder; `evaluate_run` does all three, as `train` and `evaluate` run it.
+"""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -46,59 +52,108 @@ def tune_postprocessing(model, slices, run_dir):
     return chosen
 
 
-def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5, postprocessing=None):
-    """Evaluate `model` on the `split_name` rows of `slices` at native resolution; write the
-    per-case CSV (segmentation) or per-slice CSV (classification), the summary JSON and plots.
+@dataclass
+class Evaluation:
+    """What `score` returns: the scored rows, the arrays at native resolution, and the tables.
+
+    `table` is one row per case (segmenters: `test_cases.csv`) or per slice (classifiers:
+    `test_slices.csv`); `steps` is what each post-processing step did on these cases (segmenters
+    with a chosen post-processing), else None; `summary` is what `<split>_summary.json` holds.
+    """
+
+    split: str
+    task: str
+    rows: pd.DataFrame
+    images: np.ndarray
+    masks: np.ndarray
+    probabilities: np.ndarray
+    predicted: np.ndarray | None
+    table: pd.DataFrame
+    summary: dict
+    steps: pd.DataFrame | None = None
+
+
+def score(model, slices, split_name="test", threshold=0.5, postprocessing=None):
+    """Predict, post-process and score the `split_name` rows of `slices` at native resolution;
+    write nothing. Returns an `Evaluation`.
 
     Segmenters: `postprocessing` (settings like `postprocess.RAW`, chosen on validation cases)
     replaces the plain `threshold`; the summary then also holds the raw figures (threshold 0.5)
-    under `"raw"`, and `<split>_postprocessing.csv` the effect of each step on this split.
+    under `"raw"`, and `steps` the effect of each step on these cases.
     """
-    run_dir = Path(run_dir)
     rows = slices[slices["split"] == split_name] if "split" in slices else slices
     if rows.empty:
         raise ValueError(f"no slices in split {split_name!r}")
     images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
     task = model_task(model)
-    if task == "segmentation":
-        settings = dict(postprocessing) if postprocessing else {**postprocess.RAW, "threshold": threshold}
-        if postprocessing:
-            plain, tta = predict_with_mirror(model, images)
-        else:
-            plain, tta = predict_probabilities(model, images), None
-        probabilities = tta if settings["hflip_tta"] else plain
-        predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings, rows["slice_index"])
-        per_case, summary = metrics.segmentation_report(rows, masks, probabilities, predicted=predicted)
-        summary["case_dice_mean_ci95"] = list(metrics.mean_confidence_interval(per_case["case_dice"]))
-        summary["threshold"] = settings["threshold"]
-        summary["postprocessing"] = settings
-        if postprocessing:
-            _, raw = metrics.segmentation_report(rows, masks, plain, 0.5)
-            summary["raw"] = {key: raw[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS}
-            steps = postprocess.ablation(rows, masks, plain, tta, settings)
-            save_csv(steps, run_dir / f"{split_name}_postprocessing.csv")
-            print(steps.to_string(index=False))
-        save_csv(per_case, run_dir / f"{split_name}_cases.csv")
-        plots.plot_case_dice(per_case, save_path=run_dir / f"{split_name}_case_dice.png")
-        overlays = run_dir / f"{split_name}_overlays.png"
-        plots.plot_case_overlays(rows, images, masks, predicted.astype(np.float32), per_case, save_path=overlays)
-        print(per_case[["case_id", "case_dice", "case_jaccard", "tumor_slices"]].to_string(index=False))
-    else:
+    if task != "segmentation":
         probabilities = predict_probabilities(model, images)
         labels = rows["has_tumor"].values
         summary = metrics.classification_report(labels, probabilities, threshold)
-        save_csv(
-            rows[["case_id", "slice_index", "has_tumor"]].assign(probability=probabilities),
-            run_dir / f"{split_name}_slices.csv",
-        )
-        plots.plot_classification(
-            labels, probabilities, threshold, save_path=run_dir / f"{split_name}_roc_confusion.png"
-        )
-    plots.plt.close("all")  # figures are in the run folder; do not pile them up in long sessions
+        table = rows[["case_id", "slice_index", "has_tumor"]].assign(probability=probabilities)
+        summary = {"model": model.name, "split": split_name, **summary}
+        return Evaluation(split_name, task, rows, images, masks, probabilities, None, table, summary)
+    settings = dict(postprocessing) if postprocessing else {**postprocess.RAW, "threshold": threshold}
+    if postprocessing:
+        plain, tta = predict_with_mirror(model, images)
+    else:
+        plain, tta = predict_probabilities(model, images), None
+    probabilities = tta if settings["hflip_tta"] else plain
+    predicted = postprocess.masks_from_probabilities(probabilities, rows["case_id"], settings, rows["slice_index"])
+    per_case, summary = metrics.segmentation_report(rows, masks, probabilities, predicted=predicted)
+    summary["case_dice_mean_ci95"] = list(metrics.mean_confidence_interval(per_case["case_dice"]))
+    summary["threshold"] = settings["threshold"]
+    summary["postprocessing"] = settings
+    steps = None
+    if postprocessing:
+        _, raw = metrics.segmentation_report(rows, masks, plain, 0.5)
+        summary["raw"] = {key: raw[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS}
+        steps = postprocess.ablation(rows, masks, plain, tta, settings)
     summary = {"model": model.name, "split": split_name, **summary}
-    save_json(summary, run_dir / f"{split_name}_summary.json")
-    print(json.dumps(summary, indent=2))
-    return summary
+    return Evaluation(split_name, task, rows, images, masks, probabilities, predicted, per_case, summary, steps)
+
+
+def save_tables(evaluation, run_dir):
+    """Write an `Evaluation`'s tables: `<split>_cases.csv` (segmenters) or `<split>_slices.csv`
+    (classifiers), `<split>_postprocessing.csv` when it has `steps`, and `<split>_summary.json`."""
+    run_dir, split = Path(run_dir), evaluation.split
+    if evaluation.task == "segmentation":
+        save_csv(evaluation.table, run_dir / f"{split}_cases.csv")
+        if evaluation.steps is not None:
+            save_csv(evaluation.steps, run_dir / f"{split}_postprocessing.csv")
+    else:
+        save_csv(evaluation.table, run_dir / f"{split}_slices.csv")
+    save_json(evaluation.summary, run_dir / f"{split}_summary.json")
+
+
+def save_plots(evaluation, run_dir):
+    """Draw an `Evaluation`'s plots into the run folder and close them: `<split>_case_dice.png` and
+    `<split>_overlays.png` (segmenters) or `<split>_roc_confusion.png` (classifiers)."""
+    run_dir, split, e = Path(run_dir), evaluation.split, evaluation
+    if e.task == "segmentation":
+        plots.plot_case_dice(e.table, save_path=run_dir / f"{split}_case_dice.png")
+        overlays = run_dir / f"{split}_overlays.png"
+        plots.plot_case_overlays(e.rows, e.images, e.masks, e.predicted.astype(np.float32), e.table, save_path=overlays)
+    else:
+        labels = e.rows["has_tumor"].values
+        plots.plot_classification(
+            labels, e.probabilities, e.summary["threshold"], save_path=run_dir / f"{split}_roc_confusion.png"
+        )
+    plots.plt.close("all")  # the figures are in the run folder; do not pile them up in long sessions
+
+
+def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5, postprocessing=None):
+    """`score`, then `save_tables` and `save_plots` into `run_dir`, printing the tables: what
+    `train` and `evaluate` run. Returns the summary."""
+    evaluation = score(model, slices, split_name, threshold, postprocessing)
+    if evaluation.steps is not None:
+        print(evaluation.steps.to_string(index=False))
+    if evaluation.task == "segmentation":
+        print(evaluation.table[["case_id", "case_dice", "case_jaccard", "tumor_slices"]].to_string(index=False))
+    save_tables(evaluation, run_dir)
+    save_plots(evaluation, run_dir)
+    print(json.dumps(evaluation.summary, indent=2))
+    return evaluation.summary
 
 
 def load_model(path):

@@ -11,6 +11,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from lgg.config import MODEL_KINDS, PRECISIONS
+
 # Skip connections of the ResNet50 encoder, shallow to deep, and the bridge (He et al. 2016).
 RESNET50_SKIP_LAYERS = ("conv1_relu", "conv2_block3_out", "conv3_block4_out")
 RESNET50_BRIDGE_LAYER = "conv4_block6_out"
@@ -240,3 +242,43 @@ def build_classifier(
     x = layers.Dropout(0.3, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="tumor")(x)
     return keras.Model(inputs, outputs, name=name or f"classifier_{backbone}")
+
+
+# ----------------------------------------------------------------------------- the registry: a model by its kind
+def build_model(
+    kind, image_size, encoder_weights=None, base_filters=16, backbone="light", attention=False, precision="float32"
+):
+    """One of the three models; `precision="mixed_bfloat16"` computes in bfloat16 with float32
+    weights and a float32 output layer (Keras mixed precision)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; received {precision!r}")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        return _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def as_float32(model, kind, image_size, base_filters=16, backbone="light", attention=False):
+    """The same model built in float32 with the trained weights (mixed precision keeps its
+    weights in float32, so nothing is rounded): what is exported and evaluated, so a saved model
+    behaves the same wherever it is loaded."""
+    if model.dtype_policy.name == "float32":
+        return model
+    copy = build_model(kind, image_size, None, base_filters, backbone, attention)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention):
+    input_shape = (image_size, image_size, 3)
+    if attention and kind != "resnet50-unet":
+        raise ValueError(f"attention gates are an option of resnet50-unet, not of {kind}")
+    if kind == "unet":
+        return build_unet(input_shape, base_filters=base_filters)
+    if kind == "resnet50-unet":
+        return build_resnet50_unet(input_shape, encoder_weights=encoder_weights, attention=attention)
+    if kind == "classifier":
+        return build_classifier(input_shape, backbone=backbone, encoder_weights=encoder_weights)
+    raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")

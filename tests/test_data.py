@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from conftest import write_case
 
-from lgg import data, train
+from lgg import data
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_patient_folds_test_every_case_once(real_slices):
     case_ids = real_slices.case_id.unique()
     folds = [data.patient_fold(case_ids, f"patient-fold-{k}-of-5") for k in range(1, 6)]
     assert folds[0] == data.split_by_patient(case_ids)  # fold 1 of 5 is the default split
-    table = train.split_table(real_slices, "patient-fold-2-of-5")  # what `train --split` uses
+    table = data.split_table(real_slices, "patient-fold-2-of-5")  # what `train --split` uses
     assert table.split.equals(real_slices.case_id.map(folds[1]))
     tested = [case for fold in folds for case, name in fold.items() if name == "test"]
     assert sorted(tested) == sorted(case_ids)  # every case tested exactly once over the folds
@@ -81,7 +81,7 @@ def test_patient_folds_test_every_case_once(real_slices):
 )
 def test_malformed_fold_names_are_refused(name):
     with pytest.raises(ValueError, match=f"received '{name}'"):
-        train.split_table(pd.DataFrame({"case_id": ["TCGA_AA_0001_20000101"]}), name)
+        data.split_table(pd.DataFrame({"case_id": ["TCGA_AA_0001_20000101"]}), name)
 
 
 def test_tiny_subsets_still_get_validation_and_test_cases():

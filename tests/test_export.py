@@ -87,15 +87,15 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path):
 
 
 def test_mixed_precision_model_becomes_float32_with_the_same_weights():
-    mixed = train.build_model("unet", 32, base_filters=4, precision="mixed_bfloat16")
+    mixed = models.build_model("unet", 32, base_filters=4, precision="mixed_bfloat16")
     assert mixed.get_layer("enc1_conv1").compute_dtype == "bfloat16"
     assert mixed.get_layer("mask").compute_dtype == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"  # the global policy is left as it was
-    plain = train.as_float32(mixed, "unet", 32, base_filters=4)
+    plain = models.as_float32(mixed, "unet", 32, base_filters=4)
     assert {layer.dtype_policy.name for layer in plain.layers} == {"float32"}
     for kept, original in zip(plain.get_weights(), mixed.get_weights()):
         np.testing.assert_array_equal(kept, original)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=0.05)
     with pytest.raises(ValueError, match="precision"):
-        train.build_model("unet", 32, precision="float16")
+        models.build_model("unet", 32, precision="float16")

@@ -56,3 +56,23 @@ def test_loss_and_metrics_are_registered_for_loading():
     assert keras.saving.get_registered_object("lgg>dice_coefficient") is losses.dice_coefficient
     config = keras.saving.serialize_keras_object(losses.BCEDiceLoss(bce_weight=0.3))
     assert keras.saving.deserialize_keras_object(config).bce_weight == pytest.approx(0.3)
+
+
+def test_tversky_weighs_a_miss_more_than_a_false_alarm():
+    truth = A[None, ..., None]  # 3 tumor pixels
+    missed = truth.copy()
+    missed[0, 0, 0] = 0  # one tumor pixel missed: TP 2, FN 1
+    extra = truth.copy()
+    extra[0, 2, 2] = 1  # one false alarm: TP 3, FP 1
+    tversky = lambda guess: float(losses.tversky_index(truth, guess))  # noqa: E731
+    assert tversky(missed) == pytest.approx((2 + 1) / (2 + 0.7 * 1 + 1))
+    assert tversky(extra) == pytest.approx((3 + 1) / (3 + 0.3 * 1 + 1))
+    assert tversky(missed) < tversky(extra)  # while the Dice scores the two alike
+    assert float(losses.dice_coefficient(truth, missed)) < float(losses.dice_coefficient(truth, extra)) + 0.1
+    # with alpha = beta = 0.5 it is the Dice, (TP + s) / (TP + (FP + FN) / 2 + s) = (2TP + 2s) / (|A| + |B| + 2s)
+    half = float(losses.tversky_index(truth, missed, alpha=0.5, beta=0.5))
+    assert half == pytest.approx((2 * 2 + 2) / (3 + 2 + 2))
+    loss = losses.BCEDiceLoss(bce_weight=0.0, dice="tversky")
+    assert float(loss(truth, missed)) == pytest.approx(1 - tversky(missed), rel=1e-5)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert restored.dice == "tversky"

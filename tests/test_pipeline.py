@@ -17,7 +17,7 @@ def arrays(real_data):
 
 def test_segmentation_batches(arrays):
     slices, images, masks = arrays
-    dataset, steps = data.make_dataset(images, masks, batch_size=8, training=True, seed=1, augment=False)
+    dataset, steps = data.training_dataset(images, masks, batch_size=8, seed=1, augment=False)
     assert steps == int(np.ceil(len(images) / 8))
     batches = list(dataset.take(2 * steps))
     first_epoch = np.concatenate([x.numpy() for x, _ in batches[:steps]])
@@ -41,7 +41,7 @@ def test_augmentation_moves_image_and_mask_together():
     masks = np.zeros((16, 64, 64, 1), np.uint8)
     masks[:, 20:40, 10:30] = 1
     images = np.repeat(masks * 255, 3, axis=-1)
-    dataset, _ = data.make_dataset(images, masks, batch_size=16, training=True, seed=3)
+    dataset, _ = data.training_dataset(images, masks, batch_size=16, seed=3)
     x, y = next(iter(dataset))
     x, y = x.numpy(), y.numpy()
     assert not np.array_equal(y, masks.astype(np.float32))  # something moved
@@ -52,8 +52,8 @@ def test_augmentation_moves_image_and_mask_together():
 def test_oversampling_reaches_the_requested_tumor_share(arrays):
     slices, images, masks = arrays
     has_tumor = slices.has_tumor.to_numpy()
-    dataset, steps = data.make_dataset(
-        images, masks, batch_size=16, training=True, tumor_fraction=0.5, has_tumor=has_tumor, augment=False
+    dataset, steps = data.training_dataset(
+        images, masks, batch_size=16, tumor_fraction=0.5, has_tumor=has_tumor, augment=False
     )
     drawn = np.concatenate([(y.numpy().reshape(len(y), -1).max(axis=1) > 0) for _, y in dataset.take(8 * steps)])
     assert has_tumor.mean() < 0.45
@@ -62,7 +62,7 @@ def test_oversampling_reaches_the_requested_tumor_share(arrays):
 
 def test_evaluation_pipeline_keeps_order(arrays):
     _, images, masks = arrays
-    dataset, _ = data.make_dataset(images, masks, batch_size=7)
+    dataset = data.evaluation_dataset(images, masks, batch_size=7)
     np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in dataset]), images.astype(np.float32))
 
 
@@ -70,7 +70,7 @@ def test_pipeline_is_far_faster_than_a_training_step(arrays):
     # a 16-filter U-Net trains at about 12 slices/s at 128x128 on a 2-core CPU; the pipeline must
     # stay several times faster even on a loaded machine (unloaded it gives over 1000 slices/s)
     _, images, masks = arrays
-    dataset, steps = data.make_dataset(images, masks, batch_size=16, training=True)
+    dataset, steps = data.training_dataset(images, masks, batch_size=16)
     list(dataset.take(2))
     start = time.perf_counter()
     count = sum(len(x) for x, _ in dataset.take(3 * steps))
@@ -83,10 +83,10 @@ def test_a_resumed_stream_repeats_the_same_epochs(arrays, tumor_fraction):
     # what makes a resumed run equal an uninterrupted one: epoch e's batches (order, oversampling,
     # augmentation) depend only on (seed, e), not on how many epochs this process has seen
     slices, images, masks = arrays
-    options = {"batch_size": 16, "training": True, "seed": 5, "tumor_fraction": tumor_fraction}
+    options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction}
     options["has_tumor"] = slices.has_tumor.to_numpy()
-    full, steps = data.make_dataset(images, masks, **options)
-    resumed, _ = data.make_dataset(images, masks, start_epoch=2, **options)
+    full, steps = data.training_dataset(images, masks, **options)
+    resumed, _ = data.training_dataset(images, masks, start_epoch=2, **options)
     expected = list(full.skip(2 * steps).take(steps))
     for (x, y), (x_expected, y_expected) in zip(resumed.take(steps), expected):
         np.testing.assert_array_equal(x.numpy(), x_expected.numpy())

@@ -34,7 +34,7 @@ def small_arrays(real_data):
 def test_divergence_stops_with_the_epoch_and_keeps_the_best_model(small_arrays, tmp_path, capsys):
     images, masks = small_arrays
     model = train.compile_model(models.build_unet((32, 32, 3), base_filters=4, depth=2), "segmentation")
-    val_data, _ = data.make_dataset(images, masks, batch_size=4)
+    val_data = data.evaluation_dataset(images, masks, batch_size=4)
     history = train.fit(model, TurnsNaN(images, masks, model), val_data, tmp_path, epochs=5, verbose=0)
     assert "loss became nan in epoch 2" in capsys.readouterr().out
     assert len(history) == 2  # stopped in the second epoch, not run to 5
@@ -45,7 +45,7 @@ def test_divergence_stops_with_the_epoch_and_keeps_the_best_model(small_arrays, 
 def test_same_seed_gives_the_same_epochs(real_data, tmp_path):
     def run(folder):
         keras.utils.set_random_seed(7)
-        slices = train.split_table(data.find_slices(real_data, max_cases=4))
+        slices = data.split_table(data.find_slices(real_data, max_cases=4))
         train_data, steps, val_data = train.make_datasets(slices, "segmentation", 32, 8, seed=7)
         model = train.compile_model(models.build_unet((32, 32, 3), base_filters=4, depth=2), "segmentation")
         return train.fit(model, train_data, val_data, tmp_path / folder, epochs=2, steps_per_epoch=steps, verbose=0)

@@ -10,7 +10,13 @@ from lgg import data, train
 
 def start(config, data_dir, out_dir, overwrite):
     """Seed everything from `config.seed`, make (or, with `overwrite`, empty) the run folder, which must
-    lie apart from the data, and find the dataset (or say how to get it); returns the run folder."""
+    lie apart from the data, and find the dataset (or say how to get it); returns the run folder.
+    The notebooks' code cells read every setting from `config`, so `config.json` records what ran."""
+    if config.precision != "float32":  # refused before anything is written: the notebooks build in float32
+        raise ValueError(
+            f"the notebooks train in float32; precision {config.precision!r} is an option of "
+            f"`python -m lgg train {config.kind} --precision {config.precision}`, which exports the float32 twin"
+        )
     keras.utils.set_random_seed(config.seed)  # seeds Python, NumPy and the backend in one place
     run_dir = train.prepare_run_dir(out_dir, overwrite=overwrite, inputs=[data_dir])
     print(f"Run folder: {Path(run_dir).resolve()}")

@@ -101,6 +101,34 @@ def test_committed_notebook_is_clean_and_parametrized(name):
     assert RunConfig.from_values(defined, kind=KINDS[name]) == results.CONFIGS[RESULTS_ROWS[name]]
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_code_cells_read_every_setting_from_config(name):
+    """After the setup cell builds `config`, a setting is read as `config.<field>`: a bare `epochs` or a
+    literal `split="patient"` would train one thing while `config.json` records another."""
+    import dataclasses
+    import io
+    import tokenize
+
+    fields = {setting.name for setting in dataclasses.fields(RunConfig)}
+    cells = code_cells(nbformat.read(NOTEBOOKS[name], as_version=4))
+    setup = next(index for index, cell in enumerate(cells) if "RunConfig.from_values" in cell.source)
+    for index, cell in enumerate(cells[setup + 1 :], start=setup + 1):
+        tokens = list(tokenize.generate_tokens(io.StringIO(cell.source).readline))
+        for before, token, after in zip(tokens, tokens[1:], tokens[2:]):
+            if token.type == tokenize.NAME and token.string in fields and before.string != "." and after.string != "=":
+                raise AssertionError(f"{name}: code cell {index} reads {token.string!r}, not config.{token.string}")
+        assert 'split="' not in cell.source, f"{name}: code cell {index} fixes the split"
+
+
+def test_notebooks_refuse_a_precision_they_do_not_build(tmp_path):
+    from lgg import notebook
+
+    config = RunConfig(precision="mixed_bfloat16")
+    with pytest.raises(ValueError, match="notebooks train in float32"):
+        notebook.start(config, tmp_path / "data", tmp_path / "run", overwrite=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def write_untrained_segmenter(path):
     """A tiny untrained U-Net `.h5` (in a subprocess, so TensorFlow stays out of the test process)."""
     script = (

@@ -308,6 +308,17 @@ def evaluate_snapshots(run_dir, data_dir):
     return curve
 
 
+def cases_trained_on(model_path, case_ids, parts=("train",)):
+    """The cases among `case_ids` that the run of `model_path` put in `parts` of its split (the
+    `split.csv` beside the model), sorted: scores on them would flatter the model. A model without
+    a `split.csv` (trained elsewhere) cannot be checked: None, not an empty list."""
+    split_file = Path(model_path).parent / "split.csv"
+    if not split_file.is_file():
+        return None
+    split = pd.read_csv(split_file)
+    return sorted(set(split.loc[split["split"].isin(parts), "case_id"]) & set(case_ids))
+
+
 GATE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -334,12 +345,9 @@ def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
     slices = slices_with_split(data_dir, segmenter_path.parent / "split.csv")
     refuse_missing_cases(slices, segmenter_path.parent / "split.csv", ["val", "test"], data_dir, out_dir,
                          segmenter_path.parent)  # fmt: skip
-    classifier_split = classifier_path.parent / "split.csv"
-    if classifier_split.is_file():
-        trained_on = set(pd.read_csv(classifier_split).query("split == 'train'")["case_id"])
-        leaked = sorted(trained_on & set(slices.loc[slices["split"].isin(["val", "test"]), "case_id"]))
-        if leaked:
-            raise ValueError(f"{classifier_path} was trained on {len(leaked)} of the segmenter's val/test cases")
+    leaked = cases_trained_on(classifier_path, slices.loc[slices["split"].isin(["val", "test"]), "case_id"])
+    if leaked:
+        raise ValueError(f"{classifier_path} was trained on {len(leaked)} of the segmenter's val/test cases: {leaked}")
     settings = postprocess.load(segmenter_path)
     summary = {"segmenter": str(segmenter_path), "classifier": str(classifier_path), "postprocessing": settings}
     out_dir = Path(out_dir) if out_dir else segmenter_path.parent

@@ -68,3 +68,13 @@ def test_classifier_scores_per_slice(slices, tmp_path):
 def test_score_refuses_an_empty_split(slices, segmenter):
     with pytest.raises(ValueError, match="no slices in split 'val'"):
         evaluate.score(segmenter, slices, "val")
+
+
+def test_cases_trained_on_reads_the_split_beside_the_model(tmp_path):
+    pd.DataFrame(
+        {"case_id": ["A", "A", "B", "C", "D"], "slice_index": [1, 2, 1, 1, 1], "split": ["train"] * 3 + ["val", "test"]}
+    ).to_csv(tmp_path / "split.csv", index=False)
+    model = tmp_path / "model.h5"
+    assert evaluate.cases_trained_on(model, ["D", "C", "B", "X"]) == ["B"]
+    assert evaluate.cases_trained_on(model, ["D", "C", "B"], parts=("train", "val")) == ["B", "C"]
+    assert evaluate.cases_trained_on(tmp_path / "elsewhere" / "model.h5", ["B"]) is None  # unknown, not "none seen"

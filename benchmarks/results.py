@@ -46,6 +46,10 @@ CONFIGS = {
 }
 # the U-Net recipe over the 5 patient folds: every one of the 88 patients tested once, by a model that never saw it
 CROSS_VALIDATION = ("unet", "unet-fold2", "unet-fold3", "unet-fold4", "unet-fold5")
+# candidate recipes: prefix -> what changes. Each fold row `<prefix>[-foldK]` is compared case by case with the
+# headline's row of the same fold (`unet[-foldK]`); they are not rows of the results table and not trained by default.
+CANDIDATES = {"unet-tversky": "Tversky overlap term (misses weighted 0.7, false alarms 0.3) instead of the batch Dice"}
+TABLE_ROWS = [name for name in CONFIGS if not name.startswith(tuple(CANDIDATES))]
 PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
 
 
@@ -224,6 +228,88 @@ def cross_validation(results):
     return pooled
 
 
+def recipe_comparison(results, prefix):
+    """A candidate recipe against the headline, paired: for every fold both have run, each test case's
+    Dice under the candidate minus under the headline (the same patients, the same fold split); the
+    mean difference with its 95 % bootstrap interval, cases better / worse, Wilcoxon p, both pooled
+    means, and both curves of the Dice after N minutes over those cases.
+    -> `results/<prefix>-vs-unet.json`, or None before any fold pair exists."""
+    from lgg import metrics
+
+    by_name = {r["name"]: r for r in results}
+    pairs = []
+    for name in CONFIGS:
+        if name.startswith(prefix) and name in by_name:
+            baseline = "unet" + name[len(prefix) :]
+            if baseline in by_name:
+                pairs.append((by_name[name], by_name[baseline]))
+    if not pairs:
+        return None
+    candidate = pd.concat([pd.read_csv(RESULTS / c["name"] / "test.csv") for c, _ in pairs], ignore_index=True)
+    headline = pd.concat([pd.read_csv(RESULTS / b["name"] / "test.csv") for _, b in pairs], ignore_index=True)
+    comparison = {
+        "candidate": prefix,
+        "change": CANDIDATES[prefix],
+        "folds": [[c["name"], b["name"], c["split"]] for c, b in pairs],
+        "candidate_case_dice_mean": float(candidate.case_dice.mean()),
+        "headline_case_dice_mean": float(headline.case_dice.mean()),
+        "paired": metrics.paired_comparison(candidate, headline),
+        "per_fold": [
+            {
+                "split": c["split"],
+                "cases": c["test"]["cases"],
+                "candidate": c["test"]["case_dice_mean"],
+                "headline": b["test"]["case_dice_mean"],
+                "candidate_epochs": c["epochs_run"],
+                "headline_epochs": b["epochs_run"],
+                "candidate_cpu": c["environment"].get("cpu_model"),
+                "headline_cpu": b["environment"].get("cpu_model"),
+            }
+            for c, b in pairs
+        ],
+    }
+    for key, rows in (
+        ("candidate_after_minutes", [c for c, _ in pairs]),
+        ("headline_after_minutes", [b for _, b in pairs]),
+    ):
+        if all(r.get("after_minutes") for r in rows):
+            curve = pd.concat(pd.DataFrame(r["after_minutes"]).assign(cases=r["test"]["cases"]) for r in rows)
+            comparison[key] = {
+                float(minutes): float((group.case_dice_mean * group.cases).sum() / group.cases.sum())
+                for minutes, group in curve.groupby("minutes")
+                if group.cases.sum() == len(candidate)
+            }
+    save_json(comparison, RESULTS / f"{prefix}-vs-unet.json")
+    return comparison
+
+
+def recipe_comparison_text(comparison):
+    p = comparison["paired"]
+    low, high = p["mean_difference_ci95"]
+    folds = ", ".join(
+        f"{f['split']}: {f['candidate']:.3f} vs {f['headline']:.3f} ({f['cases']} cases; "
+        f"{f['candidate_epochs']} vs {f['headline_epochs']} epochs)"
+        for f in comparison["per_fold"]
+    )
+    text = (
+        f"**Candidate recipe `{comparison['candidate']}`** ({comparison['change']}), paired with the headline "
+        f"recipe on the same {p['cases']} patients ({len(comparison['folds'])} of 5 folds; "
+        f"`results/{comparison['candidate']}-vs-unet.json`): mean per-case Dice "
+        f"{comparison['candidate_case_dice_mean']:.3f} vs {comparison['headline_case_dice_mean']:.3f}, "
+        f"difference {p['mean_difference']:+.3f} (95 % interval {low:+.3f} to {high:+.3f}), "
+        f"{p['better']} cases better / {p['worse']} worse, Wilcoxon p {_p_value(p['wilcoxon_p'])}. Per fold: {folds}."
+    )
+    if comparison.get("candidate_after_minutes") and comparison.get("headline_after_minutes"):
+        marks = sorted(set(comparison["candidate_after_minutes"]) & set(comparison["headline_after_minutes"]))
+        points = ", ".join(
+            f"{comparison['candidate_after_minutes'][m]:.3f} vs {comparison['headline_after_minutes'][m]:.3f} "
+            f"after {m:g} min"
+            for m in marks
+        )
+        text += f" After N minutes, candidate vs headline: {points}."
+    return text
+
+
 def _test_counts(result):
     return next(row for row in result["split_counts"] if row["split"] == "test")
 
@@ -307,6 +393,7 @@ def _p_value(p):
 
 
 def readme_table(results):
+    results = [r for r in results if r["name"] in TABLE_ROWS]  # candidate recipes: in their comparison below
     segmenters = [r for r in results if r["model"] != "classifier"]
     classifiers = [r for r in results if r["model"] == "classifier"]
     lines = [
@@ -370,6 +457,9 @@ def readme_table(results):
     pooled_file = RESULTS / "unet-cross-validation.json"
     if pooled_file.exists():
         lines += ["", cross_validation_text(json.loads(pooled_file.read_text()))]
+    for prefix in CANDIDATES:
+        if (RESULTS / f"{prefix}-vs-unet.json").exists():
+            lines += ["", recipe_comparison_text(json.loads((RESULTS / f"{prefix}-vs-unet.json").read_text()))]
     ceiling_file = RESULTS / "resolution_ceiling.json"
     if ceiling_file.exists():
         ceiling = json.loads(ceiling_file.read_text())
@@ -688,7 +778,11 @@ Use it: `python -m lgg predict --out OUT data/kaggle_3m/<case>` (the shipped mod
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT / "data"))
-    parser.add_argument("--models", default=",".join(CONFIGS), help=f"comma-separated, of {list(CONFIGS)}")
+    parser.add_argument(
+        "--models",
+        default=",".join(TABLE_ROWS),
+        help=f"comma-separated, of {list(CONFIGS)} (default: the table's rows; candidate recipes only when named)",
+    )
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--ship", default=None, help="copy this run's model into models/unet/ with its model card")
     parser.add_argument(
@@ -709,6 +803,8 @@ def main(argv=None):
         resolution_ceiling(args.data)
     two_stage(args.data, again=not args.collect_only)
     cross_validation(results)
+    for prefix in CANDIDATES:
+        recipe_comparison(results, prefix)
     write_readme(results)
     print(readme_table(results))
 

@@ -51,60 +51,6 @@ def prepare(data_dir, out, image_size=128):
     print(f"wrote {out}: {Path(out).stat().st_size / 1e6:.1f} MB", {s: len(arrays[f"{s}_images"]) for s in SPLITS})
 
 
-def _augment(images, masks, rng, rotation_degrees=10.0, shift_fraction=0.05, zoom_fraction=0.05):
-    """The training augmentation of `lgg.data.AUGMENTATION` in numpy/OpenCV: one random affine
-    (rotation, zoom, shift, horizontal flip) per slice, the same for its mask."""
-    import cv2
-
-    size = images.shape[1]
-    out_images, out_masks = np.empty_like(images), np.empty_like(masks)
-    for index in range(len(images)):
-        angle = rng.uniform(-rotation_degrees, rotation_degrees)
-        zoom = 1 + rng.uniform(-zoom_fraction, zoom_fraction)
-        matrix = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, zoom)
-        matrix[:, 2] += rng.uniform(-shift_fraction, shift_fraction, 2) * size
-        image, mask = images[index], masks[index, ..., 0]
-        if rng.random() < 0.5:
-            image, mask = image[:, ::-1], mask[:, ::-1]
-        out_images[index] = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR)
-        out_masks[index, ..., 0] = cv2.warpAffine(
-            np.ascontiguousarray(mask), matrix, (size, size), flags=cv2.INTER_NEAREST
-        )
-    return out_images, out_masks
-
-
-def _batches(arrays, batch_size, tumor_fraction, seed):
-    import keras
-
-    class Batches(keras.utils.PyDataset):
-        """Epochs of `len(train)` slices, tumor slices drawn with probability `tumor_fraction`."""
-
-        def __init__(self):
-            super().__init__(workers=8, use_multiprocessing=False)
-            self.images, self.masks = arrays["train_images"], arrays["train_masks"]
-            has_tumor = arrays["train_has_tumor"].astype(bool)
-            self.pools = np.flatnonzero(has_tumor), np.flatnonzero(~has_tumor)
-            self.epoch = 0
-            self.on_epoch_end()
-
-        def on_epoch_end(self):
-            rng = np.random.default_rng([seed, self.epoch])
-            tumor = rng.random(len(self.images)) < tumor_fraction
-            self.order = np.where(tumor, rng.choice(self.pools[0], len(tumor)), rng.choice(self.pools[1], len(tumor)))
-            self.epoch += 1
-
-        def __len__(self):
-            return int(np.ceil(len(self.order) / batch_size))
-
-        def __getitem__(self, index):
-            picks = self.order[index * batch_size : (index + 1) * batch_size]
-            rng = np.random.default_rng([seed, self.epoch, index])
-            images, masks = _augment(self.images[picks], self.masks[picks], rng)
-            return images.astype(np.float32), masks.astype(np.float32)
-
-    return Batches()
-
-
 def _probabilities(model, images, native_size=256):
     """Plain and flip-TTA probabilities, resized to the native size as `lgg.inference` does."""
     from lgg.inference import resize_probabilities
@@ -120,6 +66,7 @@ def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor
     import pandas as pd
 
     from lgg import callbacks, metrics, models, postprocess, train
+    from lgg.batches import TrainingBatches
 
     keras.utils.set_random_seed(seed)
     size = int(arrays["image_size"])
@@ -138,8 +85,12 @@ def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor
         callbacks.BestWeightsCheckpoint(best, "val_case_dice"),
     ]
     started = time.perf_counter()
+    # the package's backend-neutral training batches: the same draws and augmentation as `python -m lgg train`
+    # on any backend other than TensorFlow
+    draws = {"seed": seed, "tumor_fraction": tumor_fraction, "has_tumor": arrays["train_has_tumor"]}
+    batches = TrainingBatches(arrays["train_images"], arrays["train_masks"], batch_size, workers=8, **draws)
     history = model.fit(
-        _batches(arrays, batch_size, tumor_fraction, seed), epochs=10_000, callbacks=fit_callbacks, verbose=2
+        batches, epochs=10_000, steps_per_epoch=batches.steps, callbacks=fit_callbacks, shuffle=False, verbose=2
     )
     seconds = time.perf_counter() - started
     model.load_weights(best)

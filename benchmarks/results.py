@@ -4,6 +4,7 @@ results table.
 
     python benchmarks/results.py                      # train all, then collect
     python benchmarks/results.py --models unet        # train one
+    python benchmarks/results.py --models unet-fold3 --train-only   # one job of several (see README, Where to train)
     python benchmarks/results.py --collect-only       # rebuild results/ and the README table from runs/
                                                       # (rows without a run folder: from results/*.json)
     python benchmarks/results.py --ship unet-fold2    # that run's model -> models/unet/ with its model card
@@ -784,6 +785,11 @@ def main(argv=None):
         help=f"comma-separated, of {list(CONFIGS)} (default: the table's rows; candidate recipes only when named)",
     )
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train the --models and stop: what parallel jobs run (one per fold), before one --collect-only",
+    )
     parser.add_argument("--ship", default=None, help="copy this run's model into models/unet/ with its model card")
     parser.add_argument(
         "--refresh-card", action="store_true", help="update the shipped model's card with the pooled figures"
@@ -795,9 +801,17 @@ def main(argv=None):
     if args.refresh_card:
         refresh_card()
         return
+    if args.collect_only and args.train_only:
+        parser.error("--collect-only and --train-only contradict each other: give one")
+    names = args.models.split(",")
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {list(CONFIGS)}")
     if not args.collect_only:
-        for name in args.models.split(","):
+        for name in names:
             train(name, args.data)
+        if args.train_only:
+            return
     results = [result for result in (collect(name, args.data) for name in CONFIGS) if result is not None]
     if (RUNS / "results-unet" / "split.csv").exists():
         resolution_ceiling(args.data)

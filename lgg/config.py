@@ -77,7 +77,7 @@ class RunConfig:
         "keep the weights reached after these many minutes (0: after the first epoch)",
         (guards.non_negative, {"maximum": MINUTES_MAX}),
     )
-    jit_compile: bool = _setting(True, "train with XLA")
+    jit_compile: bool = _setting(True, "train with XLA (TensorFlow and JAX backends; on PyTorch the step runs eagerly)")
     precision: str = _setting(
         "float32", "mixed_bfloat16: compute in bfloat16, weights and export in float32", choices=PRECISIONS
     )

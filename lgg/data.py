@@ -368,15 +368,22 @@ def _random_affine(batch_size, size, seed, rotation_degrees, shift_fraction, zoo
     flip = tf.ones([batch_size])
     if horizontal_flip:
         flip = tf.where(tf.random.stateless_uniform([batch_size], seeds[3]) < 0.5, -1.0, 1.0)
-    center = (size - 1) / 2.0
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    # input = R/zoom * F * (output - center) + center + shift, F flipping x.
+    zeros = tf.zeros([batch_size])
+    return tf.stack([*affine_components(cos, sin, flip, shift[:, 0], shift[:, 1], size), zeros, zeros], axis=1)
+
+
+def affine_components(cos, sin, flip, shift_x, shift_y, size):
+    """The output -> input pixel map `(a0, a1, a2, b0, b1, b2)` of a rotation and zoom (`cos`, `sin`
+    already divided by the zoom), a horizontal flip (`flip` -1 or 1) and a shift, about the centre
+    of a `size` x `size` image: input = R/zoom * F * (output - center) + center + shift. Arithmetic
+    only, so the TensorFlow pipeline (tensors) and `lgg.batches` (NumPy arrays) share it."""
+    center = (size - 1) / 2.0
     a0, a1 = cos * flip, -sin
     b0, b1 = sin * flip, cos
-    a2 = center - a0 * center - a1 * center + shift[:, 0]
-    b2 = center - b0 * center - b1 * center + shift[:, 1]
-    zeros = tf.zeros([batch_size])
-    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    a2 = center - a0 * center - a1 * center + shift_x
+    b2 = center - b0 * center - b1 * center + shift_y
+    return a0, a1, a2, b0, b1, b2
 
 
 def augment_batch(images, masks, seed, augmentation=None):
@@ -419,6 +426,17 @@ def _gather(images, targets, index, static_batch):
     batch_images.set_shape((static_batch,) + images.shape[1:])
     batch_targets.set_shape((static_batch,) + targets.shape[1:])
     return tf.cast(batch_images, tf.float32), tf.cast(batch_targets, tf.float32)
+
+
+def tumor_pools(tumor_fraction, has_tumor):
+    """The indices of the tumor slices and of the tumor-free ones, for drawing `tumor_fraction` of
+    each batch from the first; refuses a fraction outside (0, 1) or slices of one kind only."""
+    if has_tumor is None or not 0 < tumor_fraction < 1:
+        raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
+    has_tumor = np.asarray(has_tumor, bool)
+    if has_tumor.all() or not has_tumor.any():
+        raise ValueError("tumor_fraction needs slices both with and without tumor")
+    return np.flatnonzero(has_tumor), np.flatnonzero(~has_tumor)
 
 
 def evaluation_dataset(images, targets, batch_size=16):
@@ -471,12 +489,7 @@ def training_dataset(
     segmentation = targets.ndim == 4
     steps = int(np.ceil(len(images) / batch_size))
     if tumor_fraction is not None:
-        if has_tumor is None or not 0 < tumor_fraction < 1:
-            raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
-        has_tumor = np.asarray(has_tumor, bool)
-        if has_tumor.all() or not has_tumor.any():
-            raise ValueError("tumor_fraction needs slices both with and without tumor")
-        pools = [tf.constant(np.flatnonzero(has_tumor)), tf.constant(np.flatnonzero(~has_tumor))]
+        pools = [tf.constant(pool) for pool in tumor_pools(tumor_fraction, has_tumor)]
     count = steps * batch_size  # every batch full: static shapes, so XLA compiles the step once
 
     def epoch_indices(epoch):

@@ -102,14 +102,22 @@ def cpu():
 
 def environment():
     """Library versions and machine facts, written into every run's config."""
+    import importlib.metadata
+
     import sklearn
-    import tensorflow as tf
+
+    def version(package):  # None where the package is not installed (TensorFlow on a PyTorch machine)
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     return {
         "python": platform.python_version(),
         "keras": keras.__version__,
         "keras_backend": keras.backend.backend(),
-        "tensorflow": tf.__version__,
+        "tensorflow": version("tensorflow"),
+        "torch": version("torch"),
         "numpy": np.__version__,
         "scikit_learn": sklearn.__version__,
         "machine": platform.machine(),
@@ -127,7 +135,10 @@ def compile_model(
 
     `jit_compile=True` compiles the training step with XLA, which Keras leaves off on CPU-only
     machines by default; on our 2-core CPU it trains the U-Net about 1.1x faster (`make bench`).
+    XLA is TensorFlow's and JAX's: on the PyTorch backend the step runs eagerly (Keras would
+    otherwise hand it to `torch.compile`, which needs a C++ compiler and minutes to compile).
     """
+    jit_compile = bool(jit_compile) and keras.backend.backend() in ("tensorflow", "jax")
     optimizer = keras.optimizers.Adam(learning_rate)
     if task == "segmentation":
         model.compile(
@@ -232,7 +243,7 @@ def fit(
         initial_epoch=initial_epoch,
         steps_per_epoch=steps_per_epoch,
         callbacks=[*callbacks, resume_checkpoint],
-        shuffle=False,  # the tf.data pipeline shuffles
+        shuffle=False,  # the pipeline shuffles
         verbose=verbose,
     )
     if best_path.exists():
@@ -285,13 +296,21 @@ def write_config(run_dir, config, slices=None):
     save_json(config, Path(run_dir) / "config.json")
 
 
-def make_datasets(slices, task, image_size=128, batch_size=16, seed=0, tumor_fraction=None, start_epoch=0):
-    """Decode the train and val slices into memory and wrap them in `tf.data` pipelines.
+def make_datasets(
+    slices, task, image_size=128, batch_size=16, seed=0, tumor_fraction=None, start_epoch=0, pipeline="auto"
+):
+    """Decode the train and val slices into memory and wrap them in batch pipelines.
 
     Returns `(train_data, steps_per_epoch, val_data)`; training data is an endless stream of
     shuffled, augmented epochs from `start_epoch` on (pass `steps_per_epoch` to `fit`) and, with
-    `tumor_fraction`, oversamples tumor slices.
+    `tumor_fraction`, oversamples tumor slices. `pipeline`: `"tf.data"` (`lgg.data`), `"numpy"`
+    (`lgg.batches`, a `keras.utils.PyDataset`: any Keras backend, no TensorFlow needed) or `"auto"`,
+    `tf.data` when TensorFlow is the Keras backend and NumPy otherwise.
     """
+    if pipeline == "auto":
+        pipeline = "tf.data" if keras.backend.backend() == "tensorflow" else "numpy"
+    if pipeline not in ("tf.data", "numpy"):
+        raise ValueError(f"pipeline must be 'auto', 'tf.data' or 'numpy'; received {pipeline!r}")
     train_rows, val_rows = slices[slices.split == "train"], slices[slices.split == "val"]
     started = time.perf_counter()
     train_images, train_masks = data.load_arrays(train_rows, image_size)
@@ -305,17 +324,14 @@ def make_datasets(slices, task, image_size=128, batch_size=16, seed=0, tumor_fra
     else:
         train_targets = train_rows["has_tumor"].to_numpy(np.float32)
         val_targets = val_rows["has_tumor"].to_numpy(np.float32)
-    train_data, steps = data.training_dataset(
-        train_images,
-        train_targets,
-        batch_size,
-        seed=seed,
-        tumor_fraction=tumor_fraction,
-        has_tumor=train_rows["has_tumor"].to_numpy(),
-        start_epoch=start_epoch,
-    )
-    val_data = data.evaluation_dataset(val_images, val_targets, batch_size)
-    return train_data, steps, val_data
+    draws = {"seed": seed, "tumor_fraction": tumor_fraction, "has_tumor": train_rows["has_tumor"].to_numpy()}
+    if pipeline == "numpy":
+        from lgg import batches
+
+        train_data = batches.TrainingBatches(train_images, train_targets, batch_size, start_epoch=start_epoch, **draws)
+        return train_data, train_data.steps, batches.EvaluationBatches(val_images, val_targets, batch_size)
+    train_data, steps = data.training_dataset(train_images, train_targets, batch_size, start_epoch=start_epoch, **draws)
+    return train_data, steps, data.evaluation_dataset(val_images, val_targets, batch_size)
 
 
 def validation_cases(slices, image_size):

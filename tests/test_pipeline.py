@@ -93,3 +93,69 @@ def test_a_resumed_stream_repeats_the_same_epochs(arrays, tumor_fraction):
         np.testing.assert_array_equal(y.numpy(), y_expected.numpy())
     first = next(iter(full))[0].numpy()
     assert not np.array_equal(first, expected[0][0].numpy())  # epochs differ
+
+
+def test_numpy_and_tf_pipelines_warp_alike(arrays):
+    # the two pipelines share the pixel map (lgg.data.affine_components); OpenCV's bilinear warp must
+    # match TensorFlow's ImageProjectiveTransformV3 for the same map, up to OpenCV's 1/32-pixel grid
+    import tensorflow as tf
+
+    from lgg import batches
+
+    _, images, masks = arrays
+    stacked = np.concatenate([images[:8], masks[:8] * 255], axis=-1).astype(np.float32)
+    transforms = batches.random_affine(np.random.default_rng(0), 8, 128, 10.0, 0.05, 0.05, True)
+    ours = batches.warp(stacked, transforms)
+    flat = np.concatenate([transforms.reshape(8, 6), np.zeros((8, 2))], axis=1).astype(np.float32)
+    theirs = tf.raw_ops.ImageProjectiveTransformV3(
+        images=stacked, transforms=flat, output_shape=[128, 128], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT",
+    ).numpy()  # fmt: skip
+    assert not np.allclose(ours, stacked, atol=1)  # the transforms moved the slices
+    difference = np.abs(ours - theirs)
+    assert difference.mean() < 0.5 and np.percentile(difference, 99.9) < 12, (difference.mean(), difference.max())
+
+
+@pytest.mark.parametrize("tumor_fraction", [None, 0.5])
+def test_numpy_batches_are_keyed_by_seed_epoch_and_batch(arrays, tumor_fraction):
+    from lgg import batches
+
+    slices, images, masks = arrays
+    options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction, "has_tumor": slices.has_tumor.to_numpy()}
+    full = batches.TrainingBatches(images, masks, **options)
+    resumed = batches.TrainingBatches(images, masks, start_epoch=2, **options)
+    steps = full.steps
+    assert full.num_batches is None and steps == int(np.ceil(len(images) / 16))
+    for step in (0, steps - 1):  # epoch 2 of the uninterrupted stream == epoch 0 of the resumed one
+        for expected, actual in zip(full[2 * steps + step], resumed[step]):
+            np.testing.assert_array_equal(actual, expected)
+    x, y = full[0]
+    assert x.shape == (16, 128, 128, 3) and x.dtype == np.float32 and set(np.unique(y)) <= {0.0, 1.0}
+    assert not np.array_equal(full[0][0], full[steps][0])  # epochs differ
+    if tumor_fraction is None:  # each slice once per epoch, the last batch topped up
+        order = full.epoch_indices(0)
+        assert sorted(order[: len(images)]) == list(range(len(images)))
+    else:
+        drawn = np.concatenate([slices.has_tumor.to_numpy()[full.epoch_indices(epoch)] for epoch in range(8)])
+        assert drawn.mean() == pytest.approx(0.5, abs=0.08)
+
+
+def test_numpy_augmentation_moves_image_and_mask_together():
+    from lgg import batches
+
+    masks = np.zeros((16, 64, 64, 1), np.uint8)
+    masks[:, 20:40, 10:30] = 1
+    images = np.repeat(masks * 255, 3, axis=-1)
+    x, y = batches.TrainingBatches(images, masks, batch_size=16, seed=3)[0]
+    assert not np.array_equal(y, masks.astype(np.float32))
+    assert np.mean(np.round(x[..., :1] / 255.0) != y) < 0.002
+
+
+def test_evaluation_batches_keep_order(arrays):
+    from lgg import batches
+
+    _, images, masks = arrays
+    dataset = batches.EvaluationBatches(images, masks, batch_size=7)
+    np.testing.assert_array_equal(
+        np.concatenate([dataset[i][0] for i in range(len(dataset))]), images.astype(np.float32)
+    )

@@ -1,0 +1,128 @@
+"""Training and evaluation batches on any Keras backend: `keras.utils.PyDataset` over the slices in memory.
+
+With TensorFlow as the Keras backend, `lgg.train.make_datasets` uses the `tf.data` pipelines of
+`lgg.data`; with PyTorch or JAX (no TensorFlow needed) it uses these. Both do the same thing:
+every batch full, tumor slices drawn with probability `tumor_fraction`, the same random affine
+augmentation (`lgg.data.AUGMENTATION`, the same pixel map `lgg.data.affine_components`) applied to a
+slice and its mask alike, and every draw keyed by `(seed, epoch)` and `(seed, epoch, batch)`, so a
+resumed run sees the same batches as one never interrupted. The draws are NumPy's, not TensorFlow's:
+the two pipelines give batches alike in distribution, not equal number for number.
+"""
+
+import cv2
+import keras
+import numpy as np
+
+from lgg.data import AUGMENTATION, affine_components, tumor_pools
+
+
+def random_affine(rng, batch_size, size, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
+    """`(batch_size, 2, 3)` output -> input pixel maps drawn from `rng`, as `lgg.data._random_affine` draws them."""
+    angle = rng.uniform(-1.0, 1.0, batch_size) * (rotation_degrees * np.pi / 180)
+    zoom = 1.0 + rng.uniform(-1.0, 1.0, batch_size) * zoom_fraction
+    shift = rng.uniform(-1.0, 1.0, (batch_size, 2)) * (shift_fraction * size)
+    flip = np.where(rng.uniform(size=batch_size) < 0.5, -1.0, 1.0) if horizontal_flip else np.ones(batch_size)
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    return np.stack(affine_components(cos, sin, flip, shift[:, 0], shift[:, 1], size), axis=1).reshape(-1, 2, 3)
+
+
+def warp(images, transforms):
+    """Apply one `(2, 3)` output -> input pixel map per sample: bilinear, zero outside the image
+    (what `ImageProjectiveTransformV3` does in the `tf.data` pipeline). float32 `(B, S, S, C)`."""
+    size = images.shape[1]
+    out = np.empty(images.shape, np.float32)
+    for index, matrix in enumerate(transforms):
+        warped = cv2.warpAffine(
+            np.ascontiguousarray(images[index], np.float32),
+            matrix.astype(np.float64),
+            (size, size),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+        out[index] = warped.reshape(out.shape[1:])
+    return out
+
+
+def augment_batch(images, masks, rng, augmentation=None):
+    """`lgg.data.augment_batch` in NumPy and OpenCV: one random affine transform per sample, the
+    same for the slice and its mask (`masks` None for a classifier's batch)."""
+    params = {**AUGMENTATION, **(augmentation or {})}
+    transforms = random_affine(rng, len(images), images.shape[1], **params)
+    if masks is None:
+        return warp(images, transforms)
+    warped = warp(np.concatenate([images, masks], axis=-1), transforms)
+    return warped[..., :3], np.round(warped[..., 3:])
+
+
+class TrainingBatches(keras.utils.PyDataset):
+    """`lgg.data.training_dataset` on any backend: an endless stream of shuffled (or tumor-enriched),
+    augmented batches; pass `steps_per_epoch` to `fit`. Batch `i` is batch `i % steps` of epoch
+    `start_epoch + i // steps`, whatever the order the workers fetch them in.
+
+    Args:
+        images: uint8 array `(N, S, S, 3)`.
+        targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
+        batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch: as `training_dataset`.
+        workers: threads preparing batches (OpenCV releases the GIL). Defaults to `2`.
+    """
+
+    def __init__(
+        self,
+        images,
+        targets,
+        batch_size=16,
+        seed=0,
+        augment=True,
+        tumor_fraction=None,
+        has_tumor=None,
+        start_epoch=0,
+        workers=2,
+    ):
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.images, self.targets = np.asarray(images), np.asarray(targets)
+        self.batch_size, self.seed, self.augment, self.start_epoch = batch_size, seed, augment, start_epoch
+        self.tumor_fraction = tumor_fraction
+        self.pools = tumor_pools(tumor_fraction, has_tumor) if tumor_fraction is not None else None
+        self.steps = int(np.ceil(len(self.images) / batch_size))
+
+    @property
+    def num_batches(self):
+        return None  # endless: `fit(steps_per_epoch=...)` cuts it into epochs
+
+    def epoch_indices(self, epoch):
+        """The slice indices of one epoch, `steps * batch_size` of them, from draws keyed by (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        count = self.steps * self.batch_size
+        if self.pools is None:  # a permutation, its first few repeated to fill the last batch
+            order = rng.permutation(len(self.images))
+            return np.concatenate([order, order[: count - len(order)]])
+        tumor = rng.uniform(size=count) < self.tumor_fraction
+        picks = [pool[rng.integers(0, len(pool), count)] for pool in self.pools]
+        return np.where(tumor, picks[0], picks[1])
+
+    def __getitem__(self, index):
+        epoch, step = self.start_epoch + index // self.steps, index % self.steps
+        rows = self.epoch_indices(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        images, targets = self.images[rows].astype(np.float32), self.targets[rows].astype(np.float32)
+        if not self.augment:
+            return images, targets
+        rng = np.random.default_rng([self.seed, epoch, step])
+        if targets.ndim == 4:
+            return augment_batch(images, targets, rng)
+        return augment_batch(images, None, rng), targets
+
+
+class EvaluationBatches(keras.utils.PyDataset):
+    """`lgg.data.evaluation_dataset` on any backend: the slices in order, one pass, no augmentation."""
+
+    def __init__(self, images, targets, batch_size=16):
+        super().__init__()
+        self.images, self.targets, self.batch_size = np.asarray(images), np.asarray(targets), batch_size
+
+    def __len__(self):
+        return int(np.ceil(len(self.images) / self.batch_size))
+
+    def __getitem__(self, index):
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.images[rows].astype(np.float32), self.targets[rows].astype(np.float32)

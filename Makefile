@@ -6,13 +6,16 @@ RUNS ?= runs
 
 .PHONY: setup demo app train test test-fast lint format results bench clean
 
-$(PYTHON):
+# the environment is (re)installed when requirements.txt or pyproject.toml is newer than its stamp
+INSTALLED := .venv/.lgg-installed
+$(INSTALLED): requirements.txt pyproject.toml
 	python3 -m venv .venv
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	$(PYTHON) -m pip install --quiet --no-deps --editable .
+	touch $(INSTALLED)
 
-setup: $(PYTHON)
+setup: $(INSTALLED)
 
 # Real data in data/ if present (restored from ../shared/lgg on team machines), else the SYNTHETIC demo set.
 demo: setup

@@ -110,7 +110,7 @@ def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor
     predicted = postprocess.masks_from_probabilities(source, rows["case_id"], chosen)
     per_case, summary = metrics.segmentation_report(rows, truth, source, predicted=predicted)
     _, raw = metrics.segmentation_report(rows, truth, plain, 0.5)
-    trained_slices = int(history.shape[0]) * len(arrays["train_images"])
+    trained_slices = int(history.shape[0]) * batches.steps * batch_size  # every batch full
     return {
         "model": kind,
         "parameters": int(model.count_params()),

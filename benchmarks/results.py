@@ -265,6 +265,8 @@ def recipe_comparison(results, prefix):
                 "headline_epochs": b["epochs_run"],
                 "candidate_cpu": c["environment"].get("cpu_model"),
                 "headline_cpu": b["environment"].get("cpu_model"),
+                # a time-limited recipe's epochs depend on the CPU: a pair is fair only on the same kind
+                "same_cpu": _same_cpu(c, b),
             }
             for c, b in pairs
         ],
@@ -284,12 +286,21 @@ def recipe_comparison(results, prefix):
     return comparison
 
 
+def _same_cpu(candidate, headline):
+    """True or False when both runs recorded their CPU (model name and flags), None when one did not."""
+    a, b = candidate["environment"], headline["environment"]
+    if not (a.get("cpu_model") and b.get("cpu_model")):
+        return None
+    return a["cpu_model"] == b["cpu_model"] and a.get("cpu_flags") == b.get("cpu_flags")
+
+
 def recipe_comparison_text(comparison):
     p = comparison["paired"]
     low, high = p["mean_difference_ci95"]
+    machine = {True: "same CPU", False: "**different CPUs**", None: "CPU of one run not recorded"}
     folds = ", ".join(
         f"{f['split']}: {f['candidate']:.3f} vs {f['headline']:.3f} ({f['cases']} cases; "
-        f"{f['candidate_epochs']} vs {f['headline_epochs']} epochs)"
+        f"{f['candidate_epochs']} vs {f['headline_epochs']} epochs; {machine[f.get('same_cpu')]})"
         for f in comparison["per_fold"]
     )
     text = (

@@ -106,17 +106,19 @@ def environment():
 
     import sklearn
 
-    def version(package):  # None where the package is not installed (TensorFlow on a PyTorch machine)
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    def version(*distributions):  # the first installed; None where none is (TensorFlow on a PyTorch machine)
+        for distribution in distributions:
+            try:
+                return importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None
 
     return {
         "python": platform.python_version(),
         "keras": keras.__version__,
         "keras_backend": keras.backend.backend(),
-        "tensorflow": version("tensorflow"),
+        "tensorflow": version("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly"),
         "torch": version("torch"),
         "numpy": np.__version__,
         "scikit_learn": sklearn.__version__,

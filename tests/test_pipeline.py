@@ -159,3 +159,28 @@ def test_evaluation_batches_keep_order(arrays):
     np.testing.assert_array_equal(
         np.concatenate([dataset[i][0] for i in range(len(dataset))]), images.astype(np.float32)
     )
+
+
+def test_fit_walks_the_numpy_stream_across_epochs(arrays):
+    # TrainingBatches is endless and keyed by its index: under fit(steps_per_epoch=...) Keras must keep one
+    # iterator across epochs (indices 0, 1, 2, ... never restarting), or every epoch would replay the first
+    import keras
+
+    from lgg import batches, models, train
+
+    class Recording(batches.TrainingBatches):
+        def __getitem__(self, index):
+            seen.append(index)
+            return super().__getitem__(index)
+
+    seen = []
+    _, images, masks = arrays
+    small, small_masks = images[:24, ::4, ::4], masks[:24, ::4, ::4]  # 32x32
+    stream = Recording(small, small_masks, batch_size=8, seed=1, workers=2)
+    model = train.compile_model(models.build_unet((32, 32, 3), base_filters=4, depth=2), "segmentation")
+    keras.utils.set_random_seed(0)
+    model.fit(stream, steps_per_epoch=stream.steps, epochs=3, verbose=0,
+              validation_data=batches.EvaluationBatches(small, small_masks, batch_size=8))  # fmt: skip
+    assert stream.steps == 3
+    # Keras peeks at the first batches for their shapes and workers fetch ahead: the distinct indices count
+    assert sorted(set(seen))[: 3 * stream.steps] == list(range(3 * stream.steps))

@@ -1,7 +1,7 @@
 """Training and evaluation batches on any Keras backend: `keras.utils.PyDataset` over the slices in memory.
 
 With TensorFlow as the Keras backend, `lgg.train.make_datasets` uses the `tf.data` pipelines of
-`lgg.data`; with PyTorch or JAX (no TensorFlow needed) it uses these. Both do the same thing:
+`lgg.data`; with PyTorch (tested, with TensorFlow absent) or JAX (untested) it uses these. Both do the same thing:
 every batch full, tumor slices drawn with probability `tumor_fraction`, the same random affine
 augmentation (`lgg.data.AUGMENTATION`, the same pixel map `lgg.data.affine_components`) applied to a
 slice and its mask alike, and every draw keyed by `(seed, epoch)` and `(seed, epoch, batch)`, so a

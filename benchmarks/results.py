@@ -312,12 +312,10 @@ def recipe_comparison_text(comparison):
         f"{p['better']} cases better / {p['worse']} worse, Wilcoxon p {_p_value(p['wilcoxon_p'])}. Per fold: {folds}."
     )
     if comparison.get("candidate_after_minutes") and comparison.get("headline_after_minutes"):
-        marks = sorted(set(comparison["candidate_after_minutes"]) & set(comparison["headline_after_minutes"]))
-        points = ", ".join(
-            f"{comparison['candidate_after_minutes'][m]:.3f} vs {comparison['headline_after_minutes'][m]:.3f} "
-            f"after {m:g} min"
-            for m in marks
-        )
+        # JSON keys are text: "15.0" -> 15.0
+        ours, theirs = ({float(m): v for m, v in comparison[f"{who}_after_minutes"].items()}
+                        for who in ("candidate", "headline"))  # fmt: skip
+        points = ", ".join(f"{ours[m]:.3f} vs {theirs[m]:.3f} after {m:g} min" for m in sorted(set(ours) & set(theirs)))
         text += f" After N minutes, candidate vs headline: {points}."
     return text
 

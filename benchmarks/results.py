@@ -208,20 +208,8 @@ def cross_validation(results):
             for r in folds
         ],
     }
-    curves = [
-        pd.DataFrame(r["after_minutes"]).assign(cases=r["test"]["cases"]) for r in folds if r.get("after_minutes")
-    ]
-    if len(curves) == len(folds):
-        curve = pd.concat(curves)
-        pooled["after_minutes"] = [
-            {
-                "minutes": float(minutes),
-                "case_dice_mean": float((group.case_dice_mean * group.cases).sum() / group.cases.sum()),
-                "cases": int(group.cases.sum()),
-            }
-            for minutes, group in curve.groupby("minutes")
-            if group.cases.sum() == len(cases)  # only marks that every fold reached
-        ]
+    if all(r.get("after_minutes") for r in folds):
+        pooled["after_minutes"] = pooled_curve(folds)
     save_json(pooled, RESULTS / "unet-cross-validation.json")
     from lgg.files import save_csv
 
@@ -276,12 +264,7 @@ def recipe_comparison(results, prefix):
         ("headline_after_minutes", [b for _, b in pairs]),
     ):
         if all(r.get("after_minutes") for r in rows):
-            curve = pd.concat(pd.DataFrame(r["after_minutes"]).assign(cases=r["test"]["cases"]) for r in rows)
-            comparison[key] = {
-                float(minutes): float((group.case_dice_mean * group.cases).sum() / group.cases.sum())
-                for minutes, group in curve.groupby("minutes")
-                if group.cases.sum() == len(candidate)
-            }
+            comparison[key] = pooled_curve(rows)
     save_json(comparison, RESULTS / f"{prefix}-vs-unet.json")
     return comparison
 
@@ -312,12 +295,27 @@ def recipe_comparison_text(comparison):
         f"{p['better']} cases better / {p['worse']} worse, Wilcoxon p {_p_value(p['wilcoxon_p'])}. Per fold: {folds}."
     )
     if comparison.get("candidate_after_minutes") and comparison.get("headline_after_minutes"):
-        # JSON keys are text: "15.0" -> 15.0
-        ours, theirs = ({float(m): v for m, v in comparison[f"{who}_after_minutes"].items()}
+        ours, theirs = ({p["minutes"]: p["case_dice_mean"] for p in comparison[f"{who}_after_minutes"]}
                         for who in ("candidate", "headline"))  # fmt: skip
         points = ", ".join(f"{ours[m]:.3f} vs {theirs[m]:.3f} after {m:g} min" for m in sorted(set(ours) & set(theirs)))
         text += f" After N minutes, candidate vs headline: {points}."
     return text
+
+
+def pooled_curve(folds):
+    """The Dice after N minutes over the folds' cases together (each fold's snapshot figure weighted by its
+    test cases), at the marks every fold reached."""
+    curve = pd.concat(pd.DataFrame(r["after_minutes"]).assign(cases=r["test"]["cases"]) for r in folds)
+    total = sum(r["test"]["cases"] for r in folds)
+    return [
+        {
+            "minutes": float(minutes),
+            "case_dice_mean": float((group.case_dice_mean * group.cases).sum() / group.cases.sum()),
+            "cases": int(group.cases.sum()),
+        }
+        for minutes, group in curve.groupby("minutes")
+        if group.cases.sum() == total
+    ]
 
 
 def _test_counts(result):

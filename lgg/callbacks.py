@@ -36,6 +36,41 @@ class ElapsedTime(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StepTimer(keras.callbacks.Callback):
+    """Steady-state training throughput of the real `fit`: adds `train_slices_per_s` to each epoch's logs.
+
+    It times the interval between the ends of consecutive training steps, so each interval holds one
+    whole step of the loop (drawing the batch, the step, Keras' bookkeeping) and nothing else: the
+    first step of an epoch (which starts the input pipeline, and in the first epoch compiles the
+    step) and the validation after the last step are left out, as are `skip` more intervals at the
+    start of each epoch (batches prefetched while the step compiled arrive without waiting). The one
+    definition of training throughput used by `train` (history.csv) and `benchmarks/bench.py`.
+    """
+
+    def __init__(self, batch_size, skip=0):
+        super().__init__()
+        self.batch_size, self.skip = batch_size, skip
+        self.ends = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.ends = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+    def step_seconds(self):
+        """Seconds of each steady-state step of the current (or last) epoch."""
+        return np.diff(self.ends)[self.skip :]
+
+    def slices_per_s(self):
+        seconds = self.step_seconds()
+        return self.batch_size * len(seconds) / seconds.sum() if len(seconds) else float("nan")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["train_slices_per_s"] = self.slices_per_s()
+
+
 class BestWeightsCheckpoint(keras.callbacks.Callback):
     """Save the weights of the best epoch so far (by `monitor`, higher is better), atomically."""
 

@@ -23,6 +23,7 @@ from lgg.callbacks import (
     CaseDiceValidation,
     ElapsedTime,
     ResumeCheckpoint,
+    StepTimer,
     StopOnNaN,
     TimeCosineSchedule,
     TimeSnapshots,
@@ -182,6 +183,7 @@ def fit(
     val_cases=None,
     schedule="plateau",
     snapshot_minutes=(),
+    batch_size=None,
 ):
     """Fit with the standard callbacks and return the history as a DataFrame.
 
@@ -199,6 +201,8 @@ def fit(
             `"time-cosine"` (needs `max_minutes`) decays it along a cosine over the time budget.
         snapshot_minutes: e.g. `(15, 30, 60)`: keep the weights reached after so many minutes
             (`TimeSnapshots`).
+        batch_size: when given, each epoch's steady-state training rate is logged as
+            `train_slices_per_s` (`StepTimer`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +211,7 @@ def fit(
     history_path = run_dir / "history.csv"
     timer = ElapsedTime(max_minutes)
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=False)
-    callbacks = [timer]
+    callbacks = [timer] + ([StepTimer(batch_size)] if batch_size else [])
     if val_cases is not None:
         callbacks.append(CaseDiceValidation(*val_cases))
     if snapshot_minutes:
@@ -384,6 +388,7 @@ def _train_run(config, slices, run):
     history = fit(
         model, train_data, val_data, run_dir, c.epochs, steps, task, c.patience, c.max_minutes, resume,
         run["verbose"], val_cases=val_cases, schedule=c.schedule, snapshot_minutes=c.snapshot_minutes,
+        batch_size=c.batch_size,
     )  # fmt: skip
     check_finite(model, run_dir)
     if precision != "float32":  # export and evaluate the float32 twin, compiled like the trained model

@@ -7,19 +7,28 @@ Measures, in this order:
 
 1. machine facts (CPU model, cores, SIMD flags, library versions);
 2. the float32 (and bfloat16) matrix-multiply peak of TensorFlow on this machine, in GFLOP/s;
-3. per model (U-Net, ResNet50 U-Net, light classifier): end-to-end training throughput through the
-   real `lgg.data` pipeline, the pure training-step rate on one fixed in-memory batch, the input
-   pipeline alone, the analytic FLOPs per slice and the achieved fraction of the matmul peak, and
-   the inference time for one whole case at native 256x256;
+3. per model (U-Net, ResNet50 U-Net, light classifier): training throughput through the real
+   `lgg.data` pipeline, the same on one fixed in-memory batch, the input pipeline alone (slices/s
+   and CPU seconds per slice), the analytic FLOPs per slice and the achieved fraction of the matmul
+   peak, and the inference time for one whole case at native 256x256;
 4. the original notebooks' input pipeline (`ImageDataGenerator.flow_from_dataframe` reading the
    .tif files from disk, augmenting with SciPy) on its own;
 5. side by side, interleaved over several rounds so that the machine's slow spells hit all of them:
-   the U-Net trained our way, the original notebooks' way (that generator, no XLA), ours without
-   XLA, and ours under the `mixed_bfloat16` policy; the ratios with their spread over the rounds;
-6. peak memory while training the U-Net at 256x256 on all cases (in a fresh subprocess, so that the
+   the U-Net trained the original notebooks' way (that generator, float32, no XLA), ours with and
+   without XLA in float32, and ours under the `mixed_bfloat16` policy (no XLA); the ratios with
+   their spread over the rounds;
+6. the real loop: `python -m lgg train unet` for a few epochs on the same cases, with the settings
+   `train` chooses on this machine, and its steady-state rate from `history.csv`;
+7. peak memory while training the U-Net at 256x256 on all cases (in a fresh process, so that the
    models measured before do not count).
 
-Throughputs are slices per second (one slice = one 2-D image of the batch). Training FLOPs are
+One definition of training throughput for every figure: the steady-state steps of a real
+`model.fit` (`lgg.callbacks.StepTimer`, the interval between the ends of consecutive steps), with
+the first steps of each fit (starting the pipeline, compiling) and its teardown after the last
+step left out. (A whole `fit` of 12 steps, as timed before, also counted 0 to 10 s of teardown
+after its last step, which put every setup near the same 18.6 slices/s on two different machines.)
+Throughputs are slices per second (one slice = one 2-D image of the batch), given as the rate over
+all timed steps and the 10th-90th percentile of the single steps' rates. Training FLOPs are
 counted analytically (convolutions, transposed convolutions and dense layers; normalization,
 pooling and activations are left out) and taken as 3x the forward FLOPs.
 """
@@ -43,20 +52,24 @@ import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from lgg import data, inference, models, train  # noqa: E402
+from lgg.callbacks import StepTimer  # noqa: E402
 from lgg.files import save_json  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 IMAGE_SIZE = 128
 BATCH_SIZE = 16
 CASES = 20
-# Timed training steps (after the warm-up) per measurement: the ResNet50 U-Net is about 3x slower per step than
-# the U-Net; mixed_bfloat16 gets as many steps as float32 (4 steps once read 1.38x where whole epochs gave 1.04x).
-STEPS = {"unet": 12, "resnet50_unet": 4, "classifier_light": 12, "original_pipeline": 12, "side_by_side": 12}
-# The side-by-side comparison (section 5) repeats its four timings this many times, interleaved: single timings of
-# 12 steps moved the ours/original ratio between 1.5x and 2.0x from one run to the next on this machine.
+# Timed steady-state training steps per measurement: the ResNet50 U-Net is about 3x slower per step than the U-Net.
+STEPS = {"unet": 16, "resnet50_unet": 4, "classifier_light": 16, "original_pipeline": 24, "side_by_side": 16}
+# Section 3 times each model through the pipeline and on a fixed batch in turn, this many times: the pipeline's
+# cost is the difference of the two, which single timings (10-40 % apart on a shared machine) cannot show.
+PIPELINE_ROUNDS = 3
+# The side-by-side comparison (section 5) repeats its timings this many times, interleaved, so that a slow spell
+# of the machine hits every setup and shows in the spread of the ratios.
 ROUNDS = 5
 WARMUP_STEPS = 2  # the first fit on a model: traces and compiles the training step
-RETRACE_STEPS = 1  # a fit on a dataset of another element shape: retraces once
+SKIP_STEPS = StepTimer(1).skip  # steps left out after each fit's first one, as in `train`
+REAL_LOOP_EPOCHS = 3  # section 6: the rate is the median of the epochs' steady-state rates
 TUMOR_FRACTION = 0.5
 SEED = 0
 
@@ -69,14 +82,17 @@ MEMORY_STEPS = 3
 
 QUICK = {
     "steps": 2,
-    "cases": 3,
+    "cases": 6,
     "image_size": 32,
     "matmul_repeats": 3,
     "inference_repeats": 1,
     "rounds": 2,
+    "pipeline_rounds": 1,
     "memory_check": False,
+    "real_loop_epochs": 2,
 }
 
+DEFAULT_OUT = "results/benchmark.json"
 BUSY_SHARE = 0.1  # warn when other processes used more than this share of all cores during the benchmark
 # The original notebooks' ImageDataGenerator settings (the same for images and masks).
 ORIGINAL_AUGMENTATION = {
@@ -90,18 +106,25 @@ ORIGINAL_AUGMENTATION = {
 }
 ORIGINAL_SEED = 1
 
+
+FUSED_BATCHNORM = {"on": True}  # --stock-batchnorm: Keras' own layer instead, to measure what the fused one gives
+
+
+def built_as_train_builds(kind, **settings):
+    """A model as `train` builds it: with TensorFlow's fused batch normalization (`FusedBatchNormalization`)."""
+    return lambda size, precision="float32": models.build_model(
+        kind,
+        size,
+        precision=precision,
+        fused_batchnorm=FUSED_BATCHNORM["on"] and keras.backend.backend() == "tensorflow",
+        **settings,
+    )
+
+
 MODELS = {
-    "unet": ("U-Net (base 16)", "segmentation", lambda size: models.build_unet((size, size, 3), base_filters=16)),
-    "resnet50_unet": (
-        "ResNet50 U-Net",
-        "segmentation",
-        lambda size: models.build_resnet50_unet((size, size, 3), encoder_weights=None),
-    ),
-    "classifier_light": (
-        "Classifier (light)",
-        "classification",
-        lambda size: models.build_classifier((size, size, 3), backbone="light"),
-    ),
+    "unet": ("U-Net (base 16)", "segmentation", built_as_train_builds("unet", base_filters=16)),
+    "resnet50_unet": ("ResNet50 U-Net", "segmentation", built_as_train_builds("resnet50-unet")),
+    "classifier_light": ("Classifier (light)", "classification", built_as_train_builds("classifier", backbone="light")),
 }
 
 
@@ -114,28 +137,43 @@ def rate(slices, seconds):
     return slices / seconds if seconds > 0 else float("nan")
 
 
-def timed_fit(model, dataset, steps):
-    """Seconds for one `model.fit` of `steps` steps (the first call on a model also compiles)."""
-    start = time.perf_counter()
+def warm_up(model, dataset, steps=WARMUP_STEPS):
+    """The first fit on a model (or on a dataset of another element shape): traces and compiles the step."""
     model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # the datasets shuffle
-    elapsed = time.perf_counter() - start
+    gc.collect()
+
+
+def timed_fit(model, dataset, steps, batch_size):
+    """Steady-state training rate of one `model.fit` (`StepTimer`): `steps` timed steps after the fit's
+    first step and `SKIP_STEPS` more; the fit's start and its teardown after the last step are left out."""
+    timer = StepTimer(batch_size)
+    start = time.perf_counter()
+    model.fit(dataset, steps_per_epoch=1 + SKIP_STEPS + steps, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+    wall = time.perf_counter() - start
     gc.collect()  # drop the finished fit's iterator (and its prefetch thread) before the next timing
-    return elapsed
+    seconds = timer.step_seconds()
+    return {
+        "slices_per_s": timer.slices_per_s(),
+        "step_rates": (batch_size / seconds).tolist(),
+        "steps": len(seconds),
+        "fit_wall_s": wall,  # with the first steps and the teardown: not a throughput
+    }
 
 
 def time_batches(batches, steps):
-    """Seconds to draw `steps` batches from an input pipeline alone (the first, which starts its
-    shuffle buffers and threads, is drawn outside the timing)."""
+    """Wall and CPU seconds (all threads of this process) to draw `steps` batches from an input pipeline
+    alone (the first, which starts its shuffle buffers and threads, is drawn outside the timing)."""
     next(batches)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         next(batches)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def compiled(key, size, jit_compile=True):
+def compiled(key, size, jit_compile=None, precision="float32"):
+    """A model built and compiled as `train` does (`jit_compile=None`: XLA as `train` decides on this machine)."""
     _, task, build = MODELS[key]
-    return train.compile_model(build(size), task, jit_compile=jit_compile)
+    return train.compile_model(build(size, precision), task, jit_compile=jit_compile)
 
 
 def release(model):
@@ -266,27 +304,41 @@ def count_flops(model):
 
 
 # ----------------------------------------------------------------------------- 3a/3b. training
-def measure_training(model, dataset, steps, batch_size, fixed_batch=True):
-    """End-to-end `fit` throughput on `dataset`, and optionally on one fixed batch and the pipeline alone."""
-    result = {"steps": steps, "batch_size": batch_size}
-    result["first_fit_s"] = timed_fit(model, dataset.repeat(), WARMUP_STEPS)  # traces and compiles
-    seconds = timed_fit(model, dataset.repeat(), steps)
-    result["pipeline_fit_s"] = seconds
-    result["slices_per_s"] = rate(steps * batch_size, seconds)
-    if not fixed_batch:
-        return result
+def measure_training(model, dataset, steps, batch_size, rounds=PIPELINE_ROUNDS):
+    """Steady-state training rate through the input pipeline and on one fixed in-memory batch, timed in
+    turn for `rounds` rounds, and the pipeline alone.
 
-    batch = next(iter(dataset))
-    fixed = tf.data.Dataset.from_tensors(batch).repeat()
-    timed_fit(model, fixed, RETRACE_STEPS)  # its static batch size retraces the step once
-    fixed_seconds = timed_fit(model, fixed, steps)
-    result["fixed_batch_fit_s"] = fixed_seconds
-    result["fixed_batch_slices_per_s"] = rate(steps * batch_size, fixed_seconds)
-    result["data_wait_share"] = max(0.0, 1.0 - fixed_seconds / seconds)
-
-    pipeline_seconds = time_batches(iter(dataset.repeat()), steps)
-    result["pipeline_only_s"] = pipeline_seconds
-    result["pipeline_only_slices_per_s"] = rate(steps * batch_size, pipeline_seconds)
+    `slices_per_s` is the median over the rounds through the pipeline; `step_rate_p10/p90` spread the
+    single steps of all rounds. `pipeline_cost_share` is what the pipeline costs the training loop, the
+    median over rounds of 1 - (rate through the pipeline / rate on a fixed batch): the loop waiting for
+    a batch plus the cores the pipeline's threads take from the step (negative: within the noise).
+    `pipeline_cores_at_training_rate` says how much of that can be the cores: the pipeline's CPU
+    seconds per slice (measured alone) times the training rate.
+    """
+    start = time.perf_counter()
+    warm_up(model, dataset.repeat())
+    fixed = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
+    warm_up(model, fixed, 1)  # its static batch size retraces the step once
+    result = {"batch_size": batch_size, "rounds": rounds, "warm_up_s": time.perf_counter() - start}
+    through, on_fixed = [], []
+    for _ in range(rounds):
+        through.append(timed_fit(model, dataset.repeat(), steps, batch_size))
+        on_fixed.append(timed_fit(model, fixed, steps, batch_size)["slices_per_s"])
+    rates = [timing["slices_per_s"] for timing in through]
+    step_rates = [rate for timing in through for rate in timing["step_rates"]]
+    result.update(
+        steps=steps,
+        slices_per_s=float(np.median(rates)),
+        rounds_slices_per_s=rates,
+        step_rate_p10=float(np.percentile(step_rates, 10)),
+        step_rate_p90=float(np.percentile(step_rates, 90)),
+        fixed_batch_slices_per_s=float(np.median(on_fixed)),
+        pipeline_cost_share=float(np.median([1 - a / b for a, b in zip(rates, on_fixed)])),
+    )
+    seconds, cpu_seconds = time_batches(iter(dataset.repeat()), steps)
+    result["pipeline_only_slices_per_s"] = rate(steps * batch_size, seconds)
+    result["pipeline_cpu_s_per_slice"] = cpu_seconds / (steps * batch_size)
+    result["pipeline_cores_at_training_rate"] = result["pipeline_cpu_s_per_slice"] * result["slices_per_s"]
     return result
 
 
@@ -318,7 +370,7 @@ def measure_inference(model, case_images, repeats=INFERENCE_REPEATS):
     }
 
 
-def benchmark_model(key, arrays, case_images, steps, batch_size, size, inference_repeats):
+def benchmark_model(key, arrays, case_images, steps, batch_size, size, inference_repeats, rounds):
     label, task, _ = MODELS[key]
     images, masks, slices = arrays
     log(f"  {label}: building and compiling")
@@ -326,8 +378,8 @@ def benchmark_model(key, arrays, case_images, steps, batch_size, size, inference
     result = {"label": label, "task": task, "image_size": size}
     result["flops"] = count_flops(model)
     dataset = training_dataset(task, images, masks, slices, batch_size)
-    log(f"  {label}: training {WARMUP_STEPS} warm-up + {steps} timed steps")
-    result["training"] = measure_training(model, dataset, steps, batch_size)
+    log(f"  {label}: training, {rounds} rounds of {steps} steady-state steps through the pipeline and on one batch")
+    result["training"] = measure_training(model, dataset, steps, batch_size, rounds)
     log(f"  {label}: inference on one case of {len(case_images)} slices")
     result["inference"] = measure_inference(model, case_images, inference_repeats)
     release(model)
@@ -393,43 +445,47 @@ def benchmark_original_generator(slices, steps, batch_size, size):
     _, source = image_data_generator_class()
     result = {"image_data_generator": source, "augmentation": ORIGINAL_AUGMENTATION, "steps": steps}
     result["tif_reading"] = check_tif_reading(slices)
-    seconds = time_batches(original_generator(slices, size, batch_size), steps)
+    seconds, cpu_seconds = time_batches(original_generator(slices, size, batch_size), steps)
     result["pipeline_only_slices_per_s"] = rate(steps * batch_size, seconds)
+    result["pipeline_cpu_s_per_slice"] = cpu_seconds / (steps * batch_size)
     return result
 
 
 # ----------------------------------------------------------------------------- 5. side by side
 def side_by_side(arrays, steps, batch_size, size, rounds):
-    """The U-Net's training rate in four setups, timed in turn, round after round.
+    """The U-Net's steady-state training rate in four setups, timed in turn, round after round.
 
-    Setups: ours (`training_dataset`, XLA, float32), the original notebooks' (`ImageDataGenerator`
-    reading the .tif files, no XLA), ours without XLA, and ours in `mixed_bfloat16`. Each round
-    times every setup once for `steps` steps, so a slow spell of the machine hits all of them; the
-    ratios are taken within each round and reported as median, min and max over the rounds.
+    Setups: the original notebooks' (`ImageDataGenerator` reading the .tif files, Keras' own
+    BatchNormalization, float32, no XLA), ours (`lgg.data.training_dataset`, the U-Net as `train`
+    builds it: TensorFlow's fused batch normalization) in float32 with XLA and without, and ours under
+    `mixed_bfloat16` without XLA (XLA's CPU code has no bfloat16 kernels of its own). Each round
+    times every setup once, so a slow spell of the machine hits all of them; the ratios are taken
+    within each round and reported as median, min and max over the rounds. `ours` is the float32
+    setup `train` picks on this machine (`lgg.train.xla_by_default`).
     """
     images, masks, slices = arrays
     dataset = training_dataset("segmentation", images, masks, slices, batch_size)
     setups = {
-        "ours": (compiled("unet", size), lambda: dataset.repeat()),
-        "original": (
-            compiled("unet", size, jit_compile=False),
+        "original": (  # the original notebooks' U-Net had Keras' own BatchNormalization
+            train.compile_model(models.build_model("unet", size), "segmentation", jit_compile=False),
             # a fresh generator per fit: a finished fit's prefetch thread must not share one with the next
             lambda: original_generator(slices, size, batch_size),
         ),
-        "ours_without_xla": (compiled("unet", size, jit_compile=False), lambda: dataset.repeat()),
-        "ours_mixed_bfloat16": (
-            train.compile_model(models.build_model("unet", size, precision="mixed_bfloat16"), "segmentation"),
+        "xla": (compiled("unet", size, jit_compile=True), lambda: dataset.repeat()),
+        "no_xla": (compiled("unet", size, jit_compile=False), lambda: dataset.repeat()),
+        "mixed_bfloat16": (
+            compiled("unet", size, jit_compile=False, precision="mixed_bfloat16"),
             lambda: dataset.repeat(),
         ),
     }
     for model, batches in setups.values():
-        timed_fit(model, batches(), WARMUP_STEPS)  # traces and compiles
-    seconds = {name: [] for name in setups}
+        warm_up(model, batches())
+    rates = {name: [] for name in setups}
     for round_index in range(rounds):
         for name, (model, batches) in setups.items():
-            seconds[name].append(timed_fit(model, batches(), steps))
-        log(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{n} {s[-1]:.1f} s" for n, s in seconds.items()))
-    rates = {name: [rate(steps * batch_size, s) for s in values] for name, values in seconds.items()}
+            rates[name].append(timed_fit(model, batches(), steps, batch_size)["slices_per_s"])
+        log(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
+    ours = "xla" if train.resolve_jit_compile(None) else "no_xla"
 
     def spread(values):
         return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
@@ -443,14 +499,44 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
         "rounds": rounds,
         "steps": steps,
         "batch_size": batch_size,
+        "ours": ours,
         "slices_per_s": {name: {**spread(values), "all": values} for name, values in rates.items()},
-        "ours_over_original": ratio("ours", "original"),
-        "xla_over_no_xla": ratio("ours", "ours_without_xla"),
-        "mixed_bfloat16_over_float32": ratio("ours_mixed_bfloat16", "ours"),
+        "ours_over_original": ratio(ours, "original"),
+        "mixed_bfloat16_over_original": ratio("mixed_bfloat16", "original"),
+        "xla_over_no_xla": ratio("xla", "no_xla"),
+        "mixed_bfloat16_over_float32_no_xla": ratio("mixed_bfloat16", "no_xla"),
     }
 
 
-# ----------------------------------------------------------------------------- 6. memory
+# ----------------------------------------------------------------------------- 6. the real loop
+def real_loop(data_dir, cases, size, batch_size, epochs):
+    """`python -m lgg train unet` on the first `cases` cases for `epochs` epochs with the headline's
+    sampling (tumor fraction 0.5) and the settings `train` picks on this machine; its steady-state
+    training rate per epoch from `history.csv` (`StepTimer`), and their median."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "run"
+        command = [sys.executable, "-m", "lgg", "train", "unet", "--data", str(data_dir), "--out", str(out)]
+        command += ["--max-cases", str(cases), "--image-size", str(size), "--batch-size", str(batch_size)]
+        command += ["--epochs", str(epochs), "--tumor-fraction", str(TUMOR_FRACTION), "--patience", str(epochs)]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        history = pd.read_csv(out / "history.csv")
+        config = json.loads((out / "config.json").read_text())
+    rates = history.train_slices_per_s.dropna()
+    return {
+        "command": "python " + " ".join(command[1:]).replace(str(out), "RUN"),
+        "epochs": len(history),
+        "jit_compile_used": config.get("jit_compile_used"),
+        "precision": config["precision"],
+        "train_slices_per_s_by_epoch": history.train_slices_per_s.tolist(),
+        "slices_per_s": float(rates.median()) if len(rates) else float("nan"),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+# ----------------------------------------------------------------------------- 7. memory
 def memory_worker(data_dir, batch_size, steps, out_path):
     """Runs in a fresh process: load all cases at 256x256, train the U-Net a few steps, record memory."""
     process = psutil.Process()
@@ -471,11 +557,14 @@ def memory_worker(data_dir, batch_size, steps, out_path):
     )
     log(f"  loaded {len(slices)} slices at {MEMORY_IMAGE_SIZE}x{MEMORY_IMAGE_SIZE} in {result['load_s']:.1f} s")
     model = compiled("unet", MEMORY_IMAGE_SIZE)
+    result["jit_compile"] = train.resolve_jit_compile(None)
     dataset = training_dataset("segmentation", images, masks, slices, batch_size)
-    result["fit_s"] = timed_fit(model, dataset.repeat(), steps)
+    start = time.perf_counter()
+    warm_up(model, dataset.repeat(), steps)
+    result["fit_s"] = time.perf_counter() - start
     result["rss_after_training_mb"] = rss_mb()
     result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    try:  # the peak of this process's own address space (ru_maxrss can carry a parent's peak across exec)
+    try:  # the peak of this process's own address space
         status = Path("/proc/self/status").read_text().splitlines()
         result["vm_hwm_mb"] = int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
     except (OSError, StopIteration):
@@ -484,12 +573,18 @@ def memory_worker(data_dir, batch_size, steps, out_path):
 
 
 def benchmark_memory(data_dir, batch_size, steps=MEMORY_STEPS):
-    """Run `memory_worker` in a subprocess, so its peak memory is that of this training alone."""
+    """Run `memory_worker` in a fresh process, so its peak memory is that of this training alone.
+
+    Not a direct child: Linux carries the peak resident memory of the process that execs into the new
+    program's `ru_maxrss`, so a child started from this process (gigabytes by now) would report this
+    process's peak. A shell forks the worker from its own small process instead (`cmd; exit $?`
+    makes it fork rather than exec)."""
     with tempfile.TemporaryDirectory() as folder:
         out_path = Path(folder) / "memory.json"
         command = [sys.executable, __file__, "--memory-worker", str(out_path), "--data", str(data_dir)]
         command += ["--batch-size", str(batch_size), "--steps", str(steps)]
-        subprocess.run(command, check=True)
+        command += [] if FUSED_BATCHNORM["on"] else ["--stock-batchnorm"]
+        subprocess.run(["/bin/sh", "-c", '"$@"; exit $?', "sh", *command], check=True)
         return json.loads(out_path.read_text())
 
 
@@ -513,24 +608,27 @@ def print_table(results):
     if results.get("models"):
         log("")
         header = (
-            f"{'model':<20}{'params':>9}{'fwd GF':>8}{'train GF':>9}{'e2e sl/s':>10}{'fixed sl/s':>11}"
-            f"{'pipe sl/s':>10}{'wait':>6}{'GFLOP/s':>9}{'%peak':>7}{'infer s/case':>13}"
+            f"{'model':<20}{'params':>9}{'train GF':>9}{'sl/s (p10-p90)':>18}{'fixed sl/s':>11}"
+            f"{'pipe sl/s':>10}{'pipe cost':>10}{'pipe cores':>11}{'GFLOP/s':>9}{'%peak':>7}{'infer s/case':>13}"
         )
         log(header)
         log("-" * len(header))
         for result in results["models"].values():
             flops, training, infer = result["flops"], result["training"], result["inference"]
+            spread = f"{training['slices_per_s']:.1f} ({training['step_rate_p10']:.0f}-{training['step_rate_p90']:.0f})"
             log(
-                f"{result['label']:<20}{flops['parameters'] / 1e6:>8.2f}M{flops['forward_gflop_per_slice']:>8.2f}"
-                f"{flops['training_gflop_per_slice']:>9.2f}{training['slices_per_s']:>10.1f}"
-                f"{training['fixed_batch_slices_per_s']:>11.1f}{training['pipeline_only_slices_per_s']:>10.1f}"
-                f"{training['data_wait_share']:>6.0%}{training['achieved_gflops']:>9.1f}"
+                f"{result['label']:<20}{flops['parameters'] / 1e6:>8.2f}M{flops['training_gflop_per_slice']:>9.2f}"
+                f"{spread:>18}{training['fixed_batch_slices_per_s']:>11.1f}"
+                f"{training['pipeline_only_slices_per_s']:>10.0f}{training['pipeline_cost_share']:>10.0%}"
+                f"{training['pipeline_cores_at_training_rate']:>11.2f}{training['achieved_gflops']:>9.1f}"
                 f"{training['fraction_of_matmul_peak']:>7.0%}{infer['seconds_per_case']:>13.2f}"
             )
         case = results["inference_case"]
         log(
-            f"(e2e: fit through lgg.data.training_dataset; fixed: one in-memory batch; pipe: input pipeline alone; "
-            f"wait: data-wait share;\n GFLOP/s and %peak from the e2e rate; inference: {case['case_id']}, "
+            f"(sl/s: steady-state training steps through lgg.data.training_dataset, XLA "
+            f"{'on' if results['settings']['jit_compile'] else 'off'} as `train` picks here; fixed: one in-memory "
+            f"batch; pipe: input pipeline alone;\n pipe cost: 1 - sl/s / fixed; pipe cores: the pipeline's CPU "
+            f"at the training rate; GFLOP/s and %peak from sl/s; inference: {case['case_id']}, "
             f"{case['slices']} slices at 256x256)"
         )
 
@@ -544,12 +642,20 @@ def print_table(results):
         rates = both["slices_per_s"]
         log(
             f"Side by side, U-Net training slices/s, median (min-max) of {both['rounds']} interleaved rounds of "
-            f"{both['steps']} steps:\n  "
+            f"{both['steps']} steady-state steps (ours = {both['ours']}):\n  "
             + ", ".join(f"{name} {r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})" for name, r in rates.items())
         )
-        for key in ("ours_over_original", "xla_over_no_xla", "mixed_bfloat16_over_float32"):
+        for key in ("ours_over_original", "mixed_bfloat16_over_original", "xla_over_no_xla",
+                    "mixed_bfloat16_over_float32_no_xla"):  # fmt: skip
             r = both[key]
             log(f"  {key}: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
+    agreement = results.get("agreement")
+    if agreement:
+        log(
+            "U-Net, ours, three timings of the same code: "
+            + ", ".join(f"{name} {value:.1f}" for name, value in agreement["slices_per_s"].items())
+            + f" slices/s; largest / smallest {agreement['largest_over_smallest']:.2f}"
+        )
     memory = results.get("memory")
     if memory:
         log(
@@ -570,7 +676,7 @@ def print_table(results):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
-    parser.add_argument("--out", default="results/benchmark.json", help="JSON to write (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON to write (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
     parser.add_argument("--steps", type=int, help=f"timed training steps for every model (default: {STEPS})")
     parser.add_argument("--image-size", type=int, help=f"training image size (default: {IMAGE_SIZE})")
@@ -583,12 +689,20 @@ def parse_args(argv=None):
         default=None,
         help="measure peak memory at 256x256 on all cases (default: on, off with --quick)",
     )
+    parser.add_argument(
+        "--stock-batchnorm",
+        action="store_true",
+        help="build our models with Keras' own BatchNormalization (train uses TensorFlow's fused kernel)",
+    )
     parser.add_argument("--memory-worker", metavar="JSON", help=argparse.SUPPRESS)  # internal: the subprocess
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    FUSED_BATCHNORM["on"] = not args.stock_batchnorm
+    if args.quick and Path(args.out) == Path(DEFAULT_OUT):
+        raise SystemExit(f"--quick is a smoke run: give --out (the default, {DEFAULT_OUT}, is what the README shows)")
     if args.memory_worker:
         memory_worker(args.data, args.batch_size, args.steps or MEMORY_STEPS, args.memory_worker)
         return
@@ -603,7 +717,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     started, other_load = time.perf_counter(), OtherLoad()
 
-    def save():
+    def save():  # once, at the end: a benchmark that fails half way leaves the previous file as it was
         results["total_s"] = time.perf_counter() - started
         results["machine"]["load_average_at_end"] = [round(load, 2) for load in os.getloadavg()]
         results["machine"]["other_processes_cpu_share"] = other_load.share()
@@ -634,27 +748,41 @@ def main(argv=None):
         "side_by_side_rounds": rounds,
         "tumor_fraction": TUMOR_FRACTION,
         "memory_check": memory_check,
+        "jit_compile": train.resolve_jit_compile(None),
+        "fused_batchnorm": FUSED_BATCHNORM["on"],
+        "timing": f"steady-state steps (lgg.callbacks.StepTimer), {SKIP_STEPS} + 1 left out at the start of each fit",
     }
     results["inference_case"] = {"case_id": case_id, "slices": len(case_images), "image_size": data.NATIVE_SIZE}
     results["models"] = {}
     inference_repeats = quick.get("inference_repeats", INFERENCE_REPEATS)
     arrays = (images, masks, slices)
     for key in MODELS:
-        result = benchmark_model(key, arrays, case_images, steps[key], batch_size, size, inference_repeats)
+        pipeline_rounds = quick.get("pipeline_rounds", PIPELINE_ROUNDS)
+        result = benchmark_model(key, arrays, case_images, steps[key], batch_size, size, inference_repeats,
+                                 pipeline_rounds)  # fmt: skip
         add_efficiency(result, peak)
         results["models"][key] = result
-        save()
 
     log("4. Original notebooks' input pipeline (ImageDataGenerator) alone")
     results["original_pipeline"] = benchmark_original_generator(slices, steps["original_pipeline"], batch_size, size)
-    save()
 
-    log(f"5. Side by side, {rounds} interleaved rounds: ours, original, ours without XLA, ours in mixed_bfloat16")
+    log(f"5. Side by side, {rounds} interleaved rounds: original, ours with XLA, without, in mixed_bfloat16")
     results["side_by_side"] = side_by_side(arrays, steps["side_by_side"], batch_size, size, rounds)
-    save()
+
+    epochs = quick.get("real_loop_epochs", REAL_LOOP_EPOCHS)
+    log(f"6. The real loop: python -m lgg train unet, {epochs} epochs on the same {cases} cases")
+    results["real_loop"] = real_loop(args.data, cases, size, batch_size, epochs)
+    both = results["side_by_side"]
+    timings = {
+        "single timing": results["models"]["unet"]["training"]["slices_per_s"],
+        "side-by-side median": both["slices_per_s"][both["ours"]]["median"],
+        "real loop": results["real_loop"]["slices_per_s"],
+    }
+    spread = max(timings.values()) / min(timings.values())
+    results["agreement"] = {"slices_per_s": timings, "largest_over_smallest": spread}
 
     if memory_check:
-        log(f"6. Memory: U-Net at {MEMORY_IMAGE_SIZE}x{MEMORY_IMAGE_SIZE} on all cases (subprocess)")
+        log(f"7. Memory: U-Net at {MEMORY_IMAGE_SIZE}x{MEMORY_IMAGE_SIZE} on all cases (a fresh process)")
         del arrays, images, masks  # free this process's copies before the subprocess loads all cases
         gc.collect()
         results["memory"] = benchmark_memory(args.data, batch_size)

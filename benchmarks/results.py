@@ -57,7 +57,8 @@ CROSS_VALIDATION = ("unet", "unet-fold2", "unet-fold3", "unet-fold4", "unet-fold
 # headline's row of the same fold (`unet[-foldK]`); they are not rows of the results table and not trained by default.
 CANDIDATES = {
     "unet-tversky": "Tversky overlap term (misses weighted 0.7, false alarms 0.3) instead of the batch Dice",
-    "unet-bf16": "mixed_bfloat16 without XLA instead of float32 with XLA (for CPUs with bfloat16 instructions)",
+    "unet-bf16": "mixed_bfloat16 computed by oneDNN without XLA instead of float32 (for CPUs with bfloat16 "
+    "instructions)",
 }
 TABLE_ROWS = [name for name in CONFIGS if not name.startswith(tuple(CANDIDATES))]
 PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
@@ -101,12 +102,17 @@ def collect(name, data_dir):
         "seed": config["seed"],
         "image_size": config["image_size"],
         "precision": config.get("precision", "float32"),
+        # XLA: recorded since it became the machine's choice; runs before that compiled with it (the default then)
+        "jit_compile": config.get("jit_compile_used", config.get("jit_compile", True)),
         "dice_loss": config.get("dice_loss", "batch") if config["kind"] != "classifier" else None,
         "encoder_weights": config.get("encoder_weights") if config["kind"] != "unet" else None,
         "backbone": config.get("backbone") if config["kind"] == "classifier" else None,
         "epochs_run": int(len(history)),
         "best_epoch": int(history[monitor].idxmax()) + 1,
         "training_minutes": round(float(history["elapsed_s"].iloc[-1]) / 60, 1),
+        "train_slices_per_s": (
+            float(history["train_slices_per_s"].median()) if "train_slices_per_s" in history else None
+        ),
         "time_limit_minutes": config.get("max_minutes"),
         "environment": config["environment"],
         "test": summary,
@@ -262,6 +268,10 @@ def recipe_comparison(results, prefix):
                 "headline_epochs": b["epochs_run"],
                 "candidate_cpu": c["environment"].get("cpu_model"),
                 "headline_cpu": b["environment"].get("cpu_model"),
+                "candidate_xla": c.get("jit_compile", True),
+                "headline_xla": b.get("jit_compile", True),
+                "candidate_precision": c.get("precision", "float32"),
+                "headline_precision": b.get("precision", "float32"),
                 # a time-limited recipe's epochs depend on the CPU: a pair is fair only on the same kind
                 "same_cpu": _same_cpu(c, b),
             }
@@ -286,13 +296,23 @@ def _same_cpu(candidate, headline):
     return a["cpu_model"] == b["cpu_model"] and a.get("cpu_flags") == b.get("cpu_flags")
 
 
+def _compute(fold):
+    """How the pair computed, where it differs: the compiler and precision change the epochs a time limit allows."""
+
+    def how(who):
+        xla = "XLA" if fold.get(f"{who}_xla", True) else "no XLA"
+        return f"{fold.get(f'{who}_precision', 'float32')}, {xla}"
+
+    return "" if how("candidate") == how("headline") else f"; {how('candidate')} vs {how('headline')}"
+
+
 def recipe_comparison_text(comparison):
     p = comparison["paired"]
     low, high = p["mean_difference_ci95"]
     machine = {True: "same CPU", False: "**different CPUs**", None: "CPU of one run not recorded"}
     folds = ", ".join(
         f"{f['split']}: {f['candidate']:.3f} vs {f['headline']:.3f} ({f['cases']} cases; "
-        f"{f['candidate_epochs']} vs {f['headline_epochs']} epochs; {machine[f.get('same_cpu')]})"
+        f"{f['candidate_epochs']} vs {f['headline_epochs']} epochs; {machine[f.get('same_cpu')]}{_compute(f)})"
         for f in comparison["per_fold"]
     )
     text = (
@@ -564,17 +584,26 @@ def two_stage_table(two_stage):
 
 
 def benchmark_table(bench):
-    """The README's speed section, from `results/benchmark.json` (written by `make bench`)."""
+    """The README's speed section, from `results/benchmark.json` (written by `make bench`); None for a
+    smoke run (`--quick`) or a file of the benchmark before it timed steady-state steps."""
     machine, settings = bench["machine"], bench["settings"]
+    if settings.get("quick") or "timing" not in settings:
+        return None
     peak = bench["matmul"]["float32"]["gflops"]
+    flags = ", ".join(flag for flag, present in machine["cpu_flags"].items() if present) or "none of those checked"
+    xla = "on" if settings["jit_compile"] else "off"
     lines = [
         f"Produced by `make bench` (`benchmarks/bench.py`) on {machine['cpu_model']}, {machine['cores']} cores, "
-        f"AVX-512: {'yes' if machine['cpu_flags']['avx512f'] else 'no'}; training at {settings['image_size']}², "
-        f"batch {settings['batch_size']}, {settings['cases']} real cases; measured float32 matrix-multiply peak "
-        f"{peak:.0f} GFLOP/s. Numbers from `results/benchmark.json`.",
+        f"CPU flags: {flags}; training at {settings['image_size']}², batch {settings['batch_size']}, "
+        f"{settings['cases']} real cases; measured matrix-multiply peak {peak:.0f} GFLOP/s in float32, "
+        f"{bench['matmul']['bfloat16']['gflops']:.0f} in bfloat16. Numbers from `results/benchmark.json`. Every "
+        "training rate is the steady-state steps of a real `fit` (`lgg.callbacks.StepTimer`; the first steps "
+        "and the teardown of each fit left out), of the models as `train` builds them (TensorFlow's fused batch "
+        "normalization, `lgg.models.FusedBatchNormalization`).",
         "",
-        "| model | parameters | training GFLOP / slice | training slices/s (real pipeline) | waiting for data | "
-        "achieved GFLOP/s (share of matmul peak) | one case at 256² (slices) |",
+        f"| model | parameters | training GFLOP / slice | training slices/s, float32, XLA {xla} (10th-90th "
+        "percentile of steps) | cost of the input pipeline | achieved GFLOP/s (share of float32 matmul peak) | "
+        "one case at 256² (slices) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     case = bench["inference_case"]
@@ -582,7 +611,8 @@ def benchmark_table(bench):
         training, flops = model["training"], model["flops"]
         lines.append(
             f"| {model['label']} | {flops['parameters'] / 1e6:.2f} M | {flops['training_gflop_per_slice']:.2f} | "
-            f"{training['slices_per_s']:.1f} | {100 * training['data_wait_share']:.0f} % | "
+            f"{training['slices_per_s']:.1f} ({training['step_rate_p10']:.1f}–{training['step_rate_p90']:.1f}) | "
+            f"{100 * training['pipeline_cost_share']:.0f} % | "
             f"{training['achieved_gflops']:.1f} ({100 * training['fraction_of_matmul_peak']:.0f} %) | "
             f"{model['inference']['seconds_per_case']:.2f} s ({case['slices']}) |"
         )
@@ -590,29 +620,42 @@ def benchmark_table(bench):
     if both:
         rates = both["slices_per_s"]
 
-        def median_range(r, unit=""):
+        def median_range(r, unit="x"):
             return f"{r['median']:.2f}{unit} (rounds: {r['min']:.2f}–{r['max']:.2f})"
 
         lines += [
             "",
-            f"Side by side, the same U-Net timed in turn for {both['rounds']} rounds of {both['steps']} steps "
-            "(medians; ratios taken within each round, so a slow spell of the machine hits every setup): ours "
-            f"{rates['ours']['median']:.1f} slices/s; the original notebooks' setup "
-            "(`ImageDataGenerator.flow_from_dataframe` reading the .tif files every epoch, no XLA) "
-            f"{rates['original']['median']:.1f}, **ours {median_range(both['ours_over_original'], 'x')}**; "
-            f"ours without XLA {rates['ours_without_xla']['median']:.1f} (XLA "
-            f"{median_range(both['xla_over_no_xla'], 'x')}); ours in `mixed_bfloat16` "
-            f"{rates['ours_mixed_bfloat16']['median']:.1f} ({median_range(both['mixed_bfloat16_over_float32'], 'x')} "
-            "float32; the whole-run check is under the table). The original generator alone gives "
+            f"Side by side, the same U-Net timed in turn for {both['rounds']} rounds of {both['steps']} steady-state "
+            "steps (medians; ratios taken within each round, so a slow spell of the machine hits every setup): the "
+            "original notebooks' setup (`ImageDataGenerator.flow_from_dataframe` reading the .tif files every "
+            f"epoch, float32, no XLA) {rates['original']['median']:.1f} slices/s; ours in float32 with XLA "
+            f"{rates['xla']['median']:.1f}, without {rates['no_xla']['median']:.1f} (XLA "
+            f"{median_range(both['xla_over_no_xla'])}); ours in `mixed_bfloat16` without XLA "
+            f"{rates['mixed_bfloat16']['median']:.1f} ({median_range(both['mixed_bfloat16_over_float32_no_xla'])} "
+            f"float32 without XLA). **Ours (float32, XLA {'on' if both['ours'] == 'xla' else 'off'} as `train` "
+            f"picks here) {median_range(both['ours_over_original'])} the original; in `mixed_bfloat16` "
+            f"{median_range(both['mixed_bfloat16_over_original'])}.** The original generator alone gives "
             f"{bench['original_pipeline']['pipeline_only_slices_per_s']:.0f} slices/s, ours "
             f"{bench['models']['unet']['training']['pipeline_only_slices_per_s']:.0f}.",
+        ]
+    agreement = bench.get("agreement")
+    if agreement:
+        real = bench["real_loop"]
+        lines += [
+            "",
+            "The same code timed three ways: "
+            + ", ".join(f"{name} {value:.1f}" for name, value in agreement["slices_per_s"].items())
+            + f" slices/s (the real loop: `python {real['command'].removeprefix('python ')}`, the median of its "
+            f"{real['epochs']} epochs' rates in its `history.csv`); largest / smallest "
+            f"{agreement['largest_over_smallest']:.2f}.",
         ]
     memory = bench.get("memory")
     if memory:
         lines += [
             "",
-            f"Peak resident memory training the U-Net at {memory['image_size']}² with all "
-            f"{memory['cases']} cases ({memory['slices']} slices) in memory: {memory['ru_maxrss_mb'] / 1024:.1f} GB.",
+            f"Peak resident memory training the U-Net at {memory['image_size']}² with all {memory['cases']} cases "
+            f"({memory['slices']} slices) in memory, in a fresh process: {memory['ru_maxrss_mb'] / 1024:.2f} GB by "
+            f"`ru_maxrss`" + (f", {memory['vm_hwm_mb'] / 1024:.2f} GB by `VmHWM`." if "vm_hwm_mb" in memory else "."),
         ]
     return "\n".join(lines)
 
@@ -635,8 +678,11 @@ def write_readme(results):
             text, "two-stage", two_stage_table(json.loads((RESULTS / "two_stage.json").read_text()))
         )
     if (RESULTS / "benchmark.json").exists():
-        bench = json.loads((RESULTS / "benchmark.json").read_text())
-        text = _replace_between(text, "benchmark", benchmark_table(bench))
+        table = benchmark_table(json.loads((RESULTS / "benchmark.json").read_text()))
+        if table is None:
+            print("results/benchmark.json is a smoke run or an older format: the README's speed section is kept")
+        else:
+            text = _replace_between(text, "benchmark", table)
     with atomic_path(README) as temporary:
         temporary.write_text(text)
 

@@ -47,7 +47,7 @@ class StepTimer(keras.callbacks.Callback):
     definition of training throughput used by `train` (history.csv) and `benchmarks/bench.py`.
     """
 
-    def __init__(self, batch_size, skip=0):
+    def __init__(self, batch_size, skip=2):
         super().__init__()
         self.batch_size, self.skip = batch_size, skip
         self.ends = []

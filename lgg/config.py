@@ -30,7 +30,8 @@ ENCODER_WEIGHTS = ("imagenet", None)  # or the path of a weights file
 MINUTES_MAX = 7 * 24 * 60  # a week
 # what a run's config.json holds beside the settings: the record of that run
 RECORD_KEYS = {"data_dir", "out_dir", "resume", "verbose", "overwrite", "environment", "split_counts", "notebook",
-               "encoder_weights_used", "encoder_weights_requested", "freeze_encoder", "loss"}  # fmt: skip
+               "encoder_weights_used", "encoder_weights_requested", "freeze_encoder", "loss",
+               "jit_compile_used"}  # fmt: skip
 
 
 def _count(maximum):
@@ -77,7 +78,11 @@ class RunConfig:
         "keep the weights reached after these many minutes (0: after the first epoch)",
         (guards.non_negative, {"maximum": MINUTES_MAX}),
     )
-    jit_compile: bool = _setting(True, "train with XLA (TensorFlow and JAX backends; on PyTorch the step runs eagerly)")
+    jit_compile: bool | None = _setting(
+        None,
+        "train with XLA (TensorFlow and JAX backends; on PyTorch the step runs eagerly); none: on unless the CPU "
+        "has AVX-512, where oneDNN's own kernels train faster (make bench)",
+    )
     precision: str = _setting(
         "float32", "mixed_bfloat16: compute in bfloat16, weights and export in float32", choices=PRECISIONS
     )
@@ -102,7 +107,7 @@ class RunConfig:
             optional = isinstance(setting.type, types.UnionType) and type(None) in setting.type.__args__
             if value is None and optional:
                 continue
-            if setting.type is bool and not isinstance(value, bool):
+            if setting.type in (bool, bool | None) and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false; received {value!r}")
             if meta["choices"] and (not isinstance(value, str) or value not in meta["choices"]):
                 raise ValueError(f"{name} must be one of {meta['choices']}; received {value!r}")
@@ -182,7 +187,7 @@ def add_arguments(parser):
             # optional with --config; None (not SUPPRESS: argparse would check that against the choices)
             parser.add_argument("kind", choices=MODEL_KINDS, nargs="?", default=None, help=meta["help"])
             continue
-        if setting.type is bool:
+        if setting.type in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
             continue
         if meta["choices"]:

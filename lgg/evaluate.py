@@ -171,7 +171,7 @@ def load_model(path):
         ) from None
 
 
-# Two copies of one float32 model differ only by rounding: the model in memory predicts through XLA, a
+# Two copies of one float32 model differ only by rounding: the model in memory may predict through XLA, a
 # reloaded one through plain kernels, and CPUs (AVX2 or AVX-512 oneDNN kernels, thread order) and GPUs
 # (TF32 matmuls) round differently: 1.1e-5 and 1.6e-5 were seen on two CPUs. A model that loaded wrongly
 # or only in part is off by 0.1 to 1 (the old .h5 axis bug: 0.99; one layer left at its initial weights:

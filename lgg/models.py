@@ -37,10 +37,62 @@ def _standardize(inputs, name="preprocess"):
     )(x)
 
 
+class FusedBatchNormalization(layers.BatchNormalization):
+    """`BatchNormalization` computed by TensorFlow's fused kernel (`FusedBatchNormV3`, oneDNN on CPUs).
+
+    The same variables and the same result up to rounding as the stock layer; the moving variance
+    is updated with the unbiased batch variance (n / (n - 1): 1.001 at the U-Net's coarsest level).
+    Keras 3's own layer computes the moments and the normalization as separate operations, in
+    float32 under mixed precision: on a 2-core Xeon (AVX-512, AMX) that was half the U-Net's
+    training step in bfloat16. Only `train` on the TensorFlow backend builds with it
+    (`build_model(..., fused_batchnorm=True)`); `exportable` swaps in the stock layer with the same
+    weights, so no saved model ever needs this class. Elsewhere (other backends, masks, other axes)
+    it is the stock layer.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.autocast = False  # scale, offset and statistics go to the kernel in float32
+
+    def call(self, inputs, training=None, mask=None):
+        fused = (
+            keras.backend.backend() == "tensorflow"
+            and mask is None
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and self.center
+            and self.scale
+            and not self.renorm
+        )
+        if not fused:
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        statistics = {"mean": self.moving_mean, "variance": self.moving_variance, "epsilon": self.epsilon}
+        if training and self.trainable:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, self.gamma, self.beta, **statistics, is_training=True, exponential_avg_factor=1 - self.momentum
+            )
+            self.moving_mean.assign(mean)  # the kernel returns the updated moving averages
+            self.moving_variance.assign(variance)
+        else:
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                inputs, self.gamma, self.beta, **statistics, is_training=False
+            )
+        return tf.cast(outputs, self.compute_dtype)
+
+
+# Keras' weights files (`.weights.h5`: snapshots, best epoch, resume state) name each layer's entry after its class:
+# under the stock name, weights saved from a fused model load into the stock one the run exports, and back.
+FusedBatchNormalization.__name__ = "BatchNormalization"
+
+_BATCHNORM = {"layer": layers.BatchNormalization}  # what `_conv_block` builds; `build_model` may switch it
+
+
 def _conv_block(x, filters, name):
     for index in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}")(x)
-        x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        x = _BATCHNORM["layer"](name=f"{name}_bn{index}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{index}")(x)
     return x
 
@@ -246,29 +298,47 @@ def build_classifier(
 
 # ----------------------------------------------------------------------------- the registry: a model by its kind
 def build_model(
-    kind, image_size, encoder_weights=None, base_filters=16, backbone="light", attention=False, precision="float32"
+    kind,
+    image_size,
+    encoder_weights=None,
+    base_filters=16,
+    backbone="light",
+    attention=False,
+    precision="float32",
+    fused_batchnorm=False,
 ):
     """One of the three models; `precision="mixed_bfloat16"` computes in bfloat16 with float32
-    weights and a float32 output layer (Keras mixed precision)."""
+    weights and a float32 output layer (Keras mixed precision); `fused_batchnorm=True` builds our
+    blocks' batch normalization as `FusedBatchNormalization` (for training on TensorFlow)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; received {precision!r}")
-    previous = keras.mixed_precision.global_policy()
+    previous, previous_norm = keras.mixed_precision.global_policy(), _BATCHNORM["layer"]
     keras.mixed_precision.set_global_policy(precision)
+    _BATCHNORM["layer"] = FusedBatchNormalization if fused_batchnorm else layers.BatchNormalization
     try:
         return _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+        _BATCHNORM["layer"] = previous_norm
 
 
-def as_float32(model, kind, image_size, base_filters=16, backbone="light", attention=False):
-    """The same model built in float32 with the trained weights (mixed precision keeps its
-    weights in float32, so nothing is rounded): what is exported and evaluated, so a saved model
-    behaves the same wherever it is loaded."""
-    if model.dtype_policy.name == "float32":
+def exportable(model, kind, image_size, base_filters=16, backbone="light", attention=False):
+    """The model as it is exported and evaluated: float32 and stock layers only, with the trained
+    weights (mixed precision keeps its weights in float32, and `FusedBatchNormalization` holds the
+    stock layer's variables, so nothing is rounded). A model that is both already is returned as is."""
+    fused = any(isinstance(layer, FusedBatchNormalization) for layer in _all_layers(model))
+    if model.dtype_policy.name == "float32" and not fused:
         return model
     copy = build_model(kind, image_size, None, base_filters, backbone, attention)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
 
 
 def _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention):
@@ -282,3 +352,27 @@ def _build_model(kind, image_size, encoder_weights, base_filters, backbone, atte
     if kind == "classifier":
         return build_classifier(input_shape, backbone=backbone, encoder_weights=encoder_weights)
     raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")
+
+
+def average_models(members, name="ensemble"):
+    """One model that averages the output probabilities of `members` (the nnU-Net way of ensembling).
+
+    It keeps the contract of a single model: one input (raw slices, the members' shape), one output
+    of the same shape, every member inside with its own preprocessing, stock layers only, so the
+    `.h5` loads with `keras.models.load_model(path, compile=False)` anywhere.
+    """
+    members = list(members)
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two models; received {len(members)}")
+    for index, member in enumerate(members[1:], start=2):
+        if member.input_shape != members[0].input_shape or member.output_shape != members[0].output_shape:
+            raise ValueError(
+                f"model {index} takes {member.input_shape} -> {member.output_shape}, model 1 takes "
+                f"{members[0].input_shape} -> {members[0].output_shape}: an ensemble needs one shape"
+            )
+    inputs = keras.Input(shape=members[0].input_shape[1:], name="slice")
+    outputs = [
+        keras.Model(member.input, member.output, name=f"member{index}")(inputs)
+        for index, member in enumerate(members, start=1)
+    ]
+    return keras.Model(inputs, layers.Average(name="mean_probability")(outputs), name=name)

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lgg import data, metrics
+from lgg import data, metrics, train
 
-# The run scored its test cases with the model in memory (XLA); these commands reload model.h5 (plain kernels),
-# whose probabilities differ by ~1e-5, so a pixel at the threshold can flip: a case Dice moves by ~1e-4 at most.
-# A scoring error moves it by far more.
+# The run scored its test cases with the model in memory (XLA where `train` uses it); these commands reload
+# model.h5 (plain kernels), whose probabilities differ by ~1e-5, so a pixel at the threshold can flip: a case Dice
+# moves by ~1e-4 at most. A scoring error moves it by far more.
 SAME_SCORE = 1e-3
 
 
@@ -91,7 +91,9 @@ def test_train_writes_the_whole_run_folder(run_dir):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["seed"] == 0 and config["environment"]["keras"]
     history = pd.read_csv(run_dir / "history.csv")
-    assert {"loss", "val_dice_coefficient", "val_case_dice", "elapsed_s"} <= set(history.columns)
+    assert {"loss", "val_dice_coefficient", "val_case_dice", "elapsed_s", "train_slices_per_s"} <= set(history.columns)
+    assert np.isfinite(history.train_slices_per_s).all() and (history.train_slices_per_s > 0).all()
+    assert config["jit_compile"] is None and config["jit_compile_used"] == train.resolve_jit_compile(None)
     summary = json.loads((run_dir / "test_summary.json").read_text())
     assert summary["postprocessing"] == json.loads((run_dir / "postprocess.json").read_text())
     assert set(summary["raw"]) == set(metrics.SEGMENTATION_SUMMARY_KEYS)

@@ -8,8 +8,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+import tensorflow as tf
 
-from lgg import config
+from lgg import config, train
 from lgg.__main__ import _parser
 from lgg.config import HEADLINE, RunConfig
 
@@ -158,3 +159,19 @@ def test_resume_keeps_the_runs_own_settings_and_config_brings_its_data_folder(tm
     assert _train_settings(parser, args) == (stored, "elsewhere/data")
     args = parser.parse_args(["train", "--config", str(run / "config.json"), "--out", "x", "--data", "mine"])
     assert _train_settings(parser, args)[1] == "mine"
+
+
+def test_xla_is_chosen_by_the_machine_unless_told():
+    assert RunConfig().jit_compile is None  # decided when training starts, recorded as jit_compile_used
+    assert parse_train(["unet", "--out", "x", "--jit-compile"]).jit_compile is True
+    assert parse_train(["unet", "--out", "x", "--no-jit-compile"]).jit_compile is False
+    assert train.resolve_jit_compile(True) and not train.resolve_jit_compile(False)  # told: as told
+
+
+@pytest.mark.parametrize(("avx512f", "xla"), [(True, False), (False, True)])
+def test_xla_is_off_by_default_on_cpus_with_avx512(monkeypatch, avx512f, xla):
+    flags = {flag: avx512f for flag in train.CPU_FLAGS}
+    monkeypatch.setattr(train, "cpu", lambda: {"cpu_model": "test", "cpu_flags": flags})
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # no GPU
+    assert train.xla_by_default() is xla
+    assert train.resolve_jit_compile(None) is xla

@@ -17,7 +17,10 @@ SAME_MODEL = evaluate.SAME_MODEL_ATOL  # the notebooks' export check uses the sa
 def trained_unet(real_data, tmp_path_factory):
     slices = data.find_slices(real_data, max_cases=2)
     images, masks = data.load_arrays(slices[slices.has_tumor].head(16), 64)
-    model = train.compile_model(models.build_unet((64, 64, 3), base_filters=4, depth=3), "segmentation")
+    # XLA, as training uses it on CPUs without AVX-512 (elsewhere the default is off): the model in memory
+    # predicts through XLA, the reloaded one through plain kernels, and they must agree
+    unet = models.build_unet((64, 64, 3), base_filters=4, depth=3)
+    model = train.compile_model(unet, "segmentation", jit_compile=True)
     model.fit(images.astype("float32"), masks.astype("float32"), batch_size=8, epochs=1, verbose=0)
     run_dir = tmp_path_factory.mktemp("export")
     train.export_model(model, run_dir)
@@ -91,7 +94,7 @@ def test_mixed_precision_model_becomes_float32_with_the_same_weights():
     assert mixed.get_layer("enc1_conv1").compute_dtype == "bfloat16"
     assert mixed.get_layer("mask").compute_dtype == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"  # the global policy is left as it was
-    plain = models.as_float32(mixed, "unet", 32, base_filters=4)
+    plain = models.exportable(mixed, "unet", 32, base_filters=4)
     assert {layer.dtype_policy.name for layer in plain.layers} == {"float32"}
     for kept, original in zip(plain.get_weights(), mixed.get_weights()):
         np.testing.assert_array_equal(kept, original)
@@ -99,3 +102,25 @@ def test_mixed_precision_model_becomes_float32_with_the_same_weights():
     np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=0.05)
     with pytest.raises(ValueError, match="precision"):
         models.build_model("unet", 32, precision="float16")
+
+
+def test_an_ensemble_is_one_model_that_averages_its_members_and_loads_anywhere(trained_unet, tmp_path):
+    trained, images, run_dir = trained_unet
+    other = models.build_unet((64, 64, 3), base_filters=4, depth=3)  # untrained: its probabilities differ
+    ensemble = models.average_models([evaluate.load_model(run_dir / "model.h5"), other])
+    expected = (trained.predict(images, verbose=0) + other.predict(images, verbose=0)) / 2
+    assert ensemble.input_shape == trained.input_shape and ensemble.output_shape == trained.output_shape
+    np.testing.assert_allclose(ensemble.predict(images, verbose=0), expected, atol=SAME_MODEL)
+    train.export_model(ensemble, tmp_path)
+    np.save(tmp_path / "x.npy", images)
+    script = textwrap.dedent(f"""
+        import numpy as np, keras
+        model = keras.models.load_model({str(tmp_path / "model.h5")!r}, compile=False)
+        np.save({str(tmp_path / "y.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=SAME_MODEL)
+    with pytest.raises(ValueError, match="one shape"):
+        models.average_models([trained, models.build_unet((32, 32, 3), base_filters=4, depth=3)])
+    with pytest.raises(ValueError, match="at least two"):
+        models.average_models([trained])

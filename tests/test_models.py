@@ -111,3 +111,39 @@ def test_attention_gates_weight_every_skip_and_survive_h5(tmp_path):
     np.testing.assert_allclose(
         reloaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=evaluate.SAME_MODEL_ATOL
     )
+
+
+def test_fused_batchnorm_computes_what_the_stock_layer_computes():
+    """Same variables, same outputs (inference and training) and the same moving averages, up to rounding and
+    the unbiased batch variance in the moving variance (n / (n - 1) = 1.0002 here)."""
+    x = np.random.default_rng(0).normal(3.0, 2.0, (4, 8, 8, 16)).astype("float32")
+    stock, fused = keras.layers.BatchNormalization(momentum=0.9), models.FusedBatchNormalization(momentum=0.9)
+    stock.build(x.shape), fused.build(x.shape)
+    weights = [np.linspace(0.5, 1.5, 16), np.linspace(-1, 1, 16), np.full(16, 0.5), np.full(16, 2.0)]
+    stock.set_weights(weights), fused.set_weights(weights)
+    np.testing.assert_allclose(fused(x, training=False), stock(x, training=False), atol=1e-5)
+    np.testing.assert_allclose(fused(x, training=True), stock(x, training=True), atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), stock.moving_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), stock.moving_variance.numpy(), rtol=1e-3)
+    assert not np.allclose(fused.moving_mean.numpy(), weights[2])  # the training call did update them
+    bfloat16 = models.FusedBatchNormalization(dtype="mixed_bfloat16")
+    assert keras.backend.standardize_dtype(bfloat16(x.astype("bfloat16"), training=True).dtype) == "bfloat16"
+    assert bfloat16.moving_mean.dtype == "float32"
+
+
+def test_a_fused_model_exports_as_stock_layers_with_the_same_weights(tmp_path):
+    fused = models.build_model("unet", 32, base_filters=4, precision="mixed_bfloat16", fused_batchnorm=True)
+    assert any(isinstance(layer, models.FusedBatchNormalization) for layer in fused.layers)
+    assert type(models.build_model("unet", 32, base_filters=4).get_layer("enc1_bn1")) is keras.layers.BatchNormalization
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    fused(x, training=True)  # move the moving averages off their initial values
+    plain = models.exportable(fused, "unet", 32, base_filters=4)
+    assert not any(isinstance(layer, models.FusedBatchNormalization) for layer in plain.layers)
+    assert plain.dtype_policy.name == "float32"
+    np.testing.assert_allclose(plain.predict(x, verbose=0), fused.predict(x, verbose=0), atol=0.02)  # bfloat16
+    # weights saved while training (snapshots, resume state) load into the exported model
+    fused.save_weights(tmp_path / "fused.weights.h5")
+    copy = models.build_model("unet", 32, base_filters=4)
+    copy.load_weights(tmp_path / "fused.weights.h5")
+    for a, b in zip(copy.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)

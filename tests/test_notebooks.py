@@ -177,8 +177,10 @@ def test_notebook_runs_on_real_cases(name, tmp_path, real_data):
 
     history = (run_dir / "history.csv").read_text().splitlines()
     assert 2 <= len(history) <= 1 + SMALL_RUN["epochs"], "history.csv should hold a header and one row per epoch"
+    assert "train_slices_per_s" in history[0].split(","), "the steady-state training rate of each epoch"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["image_size"] == SMALL_RUN["image_size"] and config["max_cases"] == SMALL_RUN["max_cases"]
+    assert isinstance(config["jit_compile_used"], bool), "what XLA setting the machine chose is recorded"
     summary = json.loads((run_dir / "test_summary.json").read_text())
     if name == "Classification":
         assert 0 < summary["tumor_slices"] < summary["slices"], "6 cases hold tumor and tumor-free test slices"

@@ -54,3 +54,33 @@ def test_same_seed_gives_the_same_epochs(real_data, tmp_path):
     columns = ["loss", "dice_coefficient", "val_loss", "val_dice_coefficient"]
     # CPU kernels may sum in different orders; README states this tolerance
     pd.testing.assert_frame_equal(first[columns], second[columns], atol=1e-4, rtol=1e-3)
+
+
+def test_step_timer_times_the_steps_of_an_epoch_and_nothing_else(monkeypatch):
+    """StepTimer's rate: the intervals between the ends of an epoch's steps, the first step and `skip` more left
+    out, from a clock that ticks known times (so the figure is exact, whatever the machine's speed)."""
+    from lgg import callbacks
+
+    ticks = iter([10.0, 13.0, 14.0, 15.0, 15.5, 16.0])  # the ends of 6 steps: intervals 3, 1, 1, 0.5, 0.5
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(ticks))
+    timer, logs = callbacks.StepTimer(batch_size=4), {}
+    timer.on_epoch_begin(0)
+    for step in range(6):
+        timer.on_train_batch_end(step)
+    timer.on_epoch_end(0, logs)
+    assert timer.skip == 2 and list(timer.step_seconds()) == [1.0, 0.5, 0.5]
+    assert logs["train_slices_per_s"] == pytest.approx(4 * 3 / 2.0)
+    timer.on_epoch_begin(1)  # a new epoch starts from its own first step
+    assert len(timer.step_seconds()) == 0 and np.isnan(timer.slices_per_s())
+
+
+def test_step_timer_reaches_the_logs_of_a_real_fit(small_arrays):
+    from lgg.callbacks import StepTimer
+
+    images, masks = (np.concatenate([array] * 3).astype("float32") for array in small_arrays)  # 24 real slices
+    model = train.compile_model(models.build_unet((32, 32, 3), base_filters=4), "segmentation", jit_compile=False)
+    timer = StepTimer(batch_size=4, skip=0)
+    history = model.fit(images, masks, batch_size=4, epochs=2, verbose=0, callbacks=[timer])
+    assert len(timer.ends) == 6 and len(timer.step_seconds()) == 5  # 6 steps of the last epoch, 5 intervals
+    rates = history.history["train_slices_per_s"]
+    assert len(rates) == 2 and all(np.isfinite(rates)) and rates[-1] == pytest.approx(timer.slices_per_s())

@@ -1,0 +1,143 @@
+"""Average the probabilities of U-Nets trained on the same patient split, and measure what that adds,
+patient by patient, against the first (the headline recipe's) model of each fold.
+
+    python benchmarks/ensemble.py --data data --name unet+tversky \\
+        --fold runs/results-unet-fold4 runs/results-unet-tversky-fold4 \\
+        --fold runs/results-unet-fold5 runs/results-unet-tversky-fold5
+
+Each `--fold` names run folders (from `train` or `benchmarks/results.py`) with the same `split.csv`,
+so that no model saw the test patients. Per fold, the averaged model (`lgg.models.average_models`:
+one input, one output, a single `.h5`) chooses its post-processing on that fold's validation cases,
+exactly as a training run does, and is scored on its test cases. Written: `runs/ensemble-<name>/`
+(one folder per fold: `model.h5`, the post-processing, the per-case table; built in
+`runs/.partial-ensemble-<name>/` and renamed when every fold is done) and
+`results/ensemble-<name>.json` (pooled per-case Dice of the ensemble and of each member, and the
+paired comparison with the first member). Nothing that exists is overwritten.
+
+Why same-split ensembles: averaging the 5 cross-validation fold models (nnU-Net's way) cannot be
+scored on these 88 patients, since each of them trained 4 of the 5 models; two models trained on the
+same fold can, on that fold's test patients.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_split(run):
+    table = pd.read_csv(run / "split.csv")[["case_id", "split"]].drop_duplicates("case_id")
+    return table.sort_values("case_id").reset_index(drop=True)
+
+
+def check_fold(runs):
+    """Every run folder complete and on the same split as the first, or a clear error."""
+    for run in runs:
+        for name in ("model.h5", "split.csv", "test_cases.csv"):
+            if not (run / name).is_file():
+                raise SystemExit(f"{run} is not a finished run folder: it has no {name}")
+    first = read_split(runs[0])
+    for run in runs[1:]:
+        if not read_split(run).equals(first):
+            raise SystemExit(f"{run} was trained on another split than {runs[0]} (their split.csv differ)")
+
+
+def check_cases(folds, data_dir):
+    """Every validation and test case of every fold in `data_dir` (a partial score could not be paired with the
+    members' tables), and no test patient in two folds (each is scored once)."""
+    from lgg import data
+
+    present = set(data.find_slices(data_dir).case_id)
+    tested = []
+    for runs in folds:
+        split = read_split(runs[0])
+        missing = sorted(set(split.query("split in ('val', 'test')").case_id) - present)
+        if missing:
+            raise SystemExit(f"{len(missing)} validation / test cases of {runs[0]} are missing in {data_dir}: "
+                             f"{missing[:4]}")  # fmt: skip
+        tested += list(split.query("split == 'test'").case_id)
+    twice = sorted({case for case in tested if tested.count(case) > 1})
+    if twice:
+        raise SystemExit(f"these test cases are in more than one --fold: {twice[:5]}; give each fold once")
+
+
+def ensemble_fold(runs, data_dir, out_dir):
+    from lgg import evaluate, models
+    from lgg.files import save_model
+
+    slices = evaluate.slices_with_split(data_dir, runs[0] / "split.csv")
+    ensemble = models.average_models([evaluate.load_model(run / "model.h5") for run in runs])
+    out_dir.mkdir(parents=True)
+    settings = evaluate.tune_postprocessing(ensemble, slices, out_dir)
+    evaluation = evaluate.score(ensemble, slices, "test", postprocessing=settings)
+    evaluate.save_tables(evaluation, out_dir)
+    save_model(ensemble, out_dir / "model.h5")
+    return evaluation.table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fold", action="append", nargs="+", required=True, metavar="RUN",
+                        help="run folders trained on one split; the first is the baseline")  # fmt: skip
+    parser.add_argument("--name", required=True, help="names runs/ensemble-NAME and results/ensemble-NAME.json")
+    parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
+    args = parser.parse_args(argv)
+
+    folds = [[Path(run) for run in runs] for runs in args.fold]
+    sizes = {len(runs) for runs in folds}
+    if min(sizes) < 2 or len(sizes) > 1:
+        raise SystemExit(f"each --fold needs the same number (two or more) of run folders; received {sorted(sizes)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", args.name):
+        raise SystemExit(f"--name may hold letters, digits and _ . + - only; received {args.name!r}")
+    for runs in folds:
+        check_fold(runs)
+    check_cases(folds, args.data)
+    out_root, result_path = ROOT / "runs" / f"ensemble-{args.name}", ROOT / "results" / f"ensemble-{args.name}.json"
+    for path in (out_root, result_path):
+        if path.exists():
+            raise SystemExit(f"{path} exists: choose another --name (nothing was changed)")
+
+    from lgg import metrics
+    from lgg.files import save_json
+
+    ensemble, members = [], [[] for _ in folds[0]]
+    staging = out_root.with_name(f".partial-{out_root.name}")  # renamed to runs/ensemble-NAME once all folds are in
+    if staging.exists():
+        raise SystemExit(f"{staging} exists (left by an interrupted run of this script): remove it first")
+    for index, runs in enumerate(folds, start=1):
+        print(f"Fold {index}: averaging {', '.join(str(run) for run in runs)}", flush=True)
+        ensemble.append(ensemble_fold(runs, args.data, staging / f"fold-{index}"))
+        for member, run in zip(members, runs):
+            member.append(pd.read_csv(run / "test_cases.csv"))
+    ensemble, members = pd.concat(ensemble, ignore_index=True), [pd.concat(m, ignore_index=True) for m in members]
+    result = {
+        "name": args.name,
+        "folds": [[str(run) for run in runs] for runs in folds],
+        "cases": int(len(ensemble)),
+        "how": "mean per-case Dice at native 256x256 on each fold's test patients, pooled over the folds; each "
+        "model (and the ensemble) with the post-processing chosen on its fold's validation cases",
+        "ensemble_case_dice_mean": float(ensemble.case_dice.mean()),
+        "ensemble_case_dice_median": float(ensemble.case_dice.median()),
+        "member_case_dice_mean": [float(m.case_dice.mean()) for m in members],
+        "ensemble_vs_first_member": metrics.paired_comparison(ensemble, members[0]),
+        "ensemble_vs_each_member": [metrics.paired_comparison(ensemble, m) for m in members],
+    }
+    staging.rename(out_root)
+    save_json(result, result_path)
+    paired = result["ensemble_vs_first_member"]
+    low, high = paired["mean_difference_ci95"]
+    print(
+        f"{result['cases']} patients: ensemble {result['ensemble_case_dice_mean']:.3f}, members "
+        + ", ".join(f"{value:.3f}" for value in result["member_case_dice_mean"])
+        + f"; ensemble - first member {paired['mean_difference']:+.3f} ({low:+.3f} to {high:+.3f}), "
+        f"{paired['better']} better / {paired['worse']} worse, Wilcoxon p {paired['wilcoxon_p']:.2g}. "
+        f"Wrote {result_path}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""`make bench` (benchmarks/bench.py) runs end to end on real cases and its figures hang together.
+
+The smoke run (`--quick`: 3 cases at 32x32, 2 steps) says nothing about speed; it checks that every section
+runs, that every rate is a steady-state rate of real steps, and that the README's speed section renders.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import results  # noqa: E402  (benchmarks/results.py: writes the README's speed section)
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_renders(real_data, tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--data", str(real_data)]
+    completed = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    bench = json.loads(out.read_text())
+    for key, model in bench["models"].items():
+        training = model["training"]
+        assert training["steps"] == bench["settings"]["steps"][key] and training["slices_per_s"] > 0, key
+    both = bench["side_by_side"]
+    assert set(both["slices_per_s"]) == {"original", "xla", "no_xla", "mixed_bfloat16"}
+    assert all(len(r["all"]) == bench["settings"]["side_by_side_rounds"] for r in both["slices_per_s"].values())
+    real = bench["real_loop"]
+    assert real["epochs"] == 2 and len(real["train_slices_per_s_by_epoch"]) == 2 and real["slices_per_s"] > 0
+    assert real["jit_compile_used"] == bench["settings"]["jit_compile"]
+    assert set(bench["agreement"]["slices_per_s"]) == {"single timing", "side-by-side median", "real loop"}
+    assert "memory" not in bench  # --quick leaves it out
+    text = results.benchmark_table(bench)
+    assert "steady-state" in text and "The same code timed three ways" in text
+
+
+def test_a_smoke_run_may_not_replace_the_committed_benchmark():
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick"]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode != 0 and "give --out" in completed.stderr
+
+
+def test_the_readme_keeps_its_speed_section_for_a_smoke_run():
+    bench = json.loads((ROOT / "results" / "benchmark.json").read_text())
+    assert results.benchmark_table({**bench, "settings": {**bench["settings"], "quick": True}}) is None

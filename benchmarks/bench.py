@@ -121,6 +121,12 @@ def built_as_train_builds(kind, **settings):
     )
 
 
+# how `lgg.models.exportable` rebuilds each model (float32, Keras' own layers): what `predict` loads
+EXPORTED = {
+    "unet": ("unet", {"base_filters": 16}),
+    "resnet50_unet": ("resnet50-unet", {}),
+    "classifier_light": ("classifier", {"backbone": "light"}),
+}
 MODELS = {
     "unet": ("U-Net (base 16)", "segmentation", built_as_train_builds("unet", base_filters=16)),
     "resnet50_unet": ("ResNet50 U-Net", "segmentation", built_as_train_builds("resnet50-unet")),
@@ -380,8 +386,10 @@ def benchmark_model(key, arrays, case_images, steps, batch_size, size, inference
     dataset = training_dataset(task, images, masks, slices, batch_size)
     log(f"  {label}: training, {rounds} rounds of {steps} steady-state steps through the pipeline and on one batch")
     result["training"] = measure_training(model, dataset, steps, batch_size, rounds)
-    log(f"  {label}: inference on one case of {len(case_images)} slices")
-    result["inference"] = measure_inference(model, case_images, inference_repeats)
+    log(f"  {label}: inference on one case of {len(case_images)} slices, with the model as it is exported")
+    kind, settings = EXPORTED[key]
+    result["inference"] = measure_inference(models.exportable(model, kind, size, **settings), case_images,
+                                            inference_repeats)  # fmt: skip
     release(model)
     return result
 

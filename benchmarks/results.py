@@ -603,7 +603,7 @@ def benchmark_table(bench):
         "",
         f"| model | parameters | training GFLOP / slice | training slices/s, float32, XLA {xla} (10th-90th "
         "percentile of steps) | cost of the input pipeline | achieved GFLOP/s (share of float32 matmul peak) | "
-        "one case at 256² (slices) |",
+        "predicting one case at 256², the exported model (slices) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     case = bench["inference_case"]

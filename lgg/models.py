@@ -6,6 +6,7 @@ pre-contrast, FLAIR, post-contrast) and loads in a process that never imports th
 """
 
 import os
+import threading
 from pathlib import Path
 
 import keras
@@ -37,6 +38,7 @@ def _standardize(inputs, name="preprocess"):
     )(x)
 
 
+@keras.saving.register_keras_serializable(package="lgg", name="FusedBatchNormalization")
 class FusedBatchNormalization(layers.BatchNormalization):
     """`BatchNormalization` computed by TensorFlow's fused kernel (`FusedBatchNormV3`, oneDNN on CPUs).
 
@@ -52,7 +54,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.autocast = False  # scale, offset and statistics go to the kernel in float32
+        self.autocast = False  # inputs reach the kernel in the dtype the layer before computed (bfloat16 or float32)
 
     def call(self, inputs, training=None, mask=None):
         fused = (
@@ -63,6 +65,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
             and self.center
             and self.scale
             and not self.renorm
+            and not self.synchronized
+            and keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
         )
         if not fused:
             return super().call(inputs, training=training, mask=mask)
@@ -83,16 +87,21 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
 
 # Keras' weights files (`.weights.h5`: snapshots, best epoch, resume state) name each layer's entry after its class:
-# under the stock name, weights saved from a fused model load into the stock one the run exports, and back.
+# under the stock name, weights saved from a fused model load into the stock one the run exports, and back. (A whole
+# saved model names it by its registered name, lgg>FusedBatchNormalization, and loads where lgg.models is imported.)
 FusedBatchNormalization.__name__ = "BatchNormalization"
 
-_BATCHNORM = {"layer": layers.BatchNormalization}  # what `_conv_block` builds; `build_model` may switch it
+_BATCHNORM = threading.local()  # what `_conv_block` builds in this thread; `build_model` may switch it
+
+
+def _batchnorm_layer():
+    return getattr(_BATCHNORM, "layer", layers.BatchNormalization)
 
 
 def _conv_block(x, filters, name):
     for index in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}")(x)
-        x = _BATCHNORM["layer"](name=f"{name}_bn{index}")(x)
+        x = _batchnorm_layer()(name=f"{name}_bn{index}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{index}")(x)
     return x
 
@@ -312,14 +321,14 @@ def build_model(
     blocks' batch normalization as `FusedBatchNormalization` (for training on TensorFlow)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; received {precision!r}")
-    previous, previous_norm = keras.mixed_precision.global_policy(), _BATCHNORM["layer"]
-    keras.mixed_precision.set_global_policy(precision)
-    _BATCHNORM["layer"] = FusedBatchNormalization if fused_batchnorm else layers.BatchNormalization
+    previous, previous_norm = keras.mixed_precision.global_policy(), _batchnorm_layer()
+    keras.mixed_precision.set_global_policy(precision)  # per thread, as the switch of batch normalization
+    _BATCHNORM.layer = FusedBatchNormalization if fused_batchnorm else layers.BatchNormalization
     try:
         return _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-        _BATCHNORM["layer"] = previous_norm
+        _BATCHNORM.layer = previous_norm
 
 
 def exportable(model, kind, image_size, base_filters=16, backbone="light", attention=False):

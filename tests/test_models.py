@@ -147,3 +147,21 @@ def test_a_fused_model_exports_as_stock_layers_with_the_same_weights(tmp_path):
     copy.load_weights(tmp_path / "fused.weights.h5")
     for a, b in zip(copy.get_weights(), plain.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_fused_training_step_matches_the_stock_one(jit_compile):
+    """One Adam step of a small U-Net, fused against stock batch normalization from the same weights, with and
+    without XLA (on by default on CPUs without AVX-512): the same weights after it, up to rounding."""
+    from lgg import train
+
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    y = (rng.uniform(size=(4, 32, 32, 1)) > 0.7).astype("float32")
+    stock = models.build_model("unet", 32, base_filters=4)
+    fused = models.build_model("unet", 32, base_filters=4, fused_batchnorm=True)
+    fused.set_weights(stock.get_weights())
+    for model in (stock, fused):
+        train.compile_model(model, "segmentation", jit_compile=jit_compile).train_on_batch(x, y)
+    for a, b, weight in zip(stock.get_weights(), fused.get_weights(), stock.weights):
+        np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-4, err_msg=weight.path)

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lgg import data, models, train  # noqa: E402
+from lgg import data, guards, models, train  # noqa: E402
 from lgg.files import save_json  # noqa: E402
 
 SIZE, BATCH, TRAIN_CASES, CHECK_CASES = 128, 16, 20, 10
@@ -84,8 +84,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
     parser.add_argument("--out", default="results/batchnorm_lag.json", help="JSON to write (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    steps = guards.argparse_type(guards.positive, "--steps", integer=True, maximum=100_000)
+    seed = guards.argparse_type(guards.non_negative, "--seed", integer=True, maximum=2**31 - 1)
+    parser.add_argument("--steps", type=steps, default=200, help="training steps (default: %(default)s)")
+    parser.add_argument("--seed", type=seed, default=0, help="default: %(default)s")
     args = parser.parse_args(argv)
     slices = data.find_slices(args.data, max_cases=TRAIN_CASES + CHECK_CASES)
     cases = list(dict.fromkeys(slices.case_id))

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from lgg import data, inference, models, train  # noqa: E402
+from lgg import data, guards, inference, models, train  # noqa: E402
 from lgg.callbacks import StepTimer  # noqa: E402
 from lgg.files import save_json  # noqa: E402
 
@@ -686,11 +686,27 @@ def parse_args(argv=None):
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON to write (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
-    parser.add_argument("--steps", type=int, help=f"timed training steps for every model (default: {STEPS})")
-    parser.add_argument("--image-size", type=int, help=f"training image size (default: {IMAGE_SIZE})")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default: %(default)s")
-    parser.add_argument("--cases", type=int, help=f"cases to train on (default: {CASES})")
-    parser.add_argument("--rounds", type=int, help=f"interleaved rounds of the side-by-side timing (default: {ROUNDS})")
+
+    def count(flag, maximum=100_000):  # a whole number > 0, refused at the door with the flag named
+        return guards.argparse_type(guards.positive, flag, integer=True, maximum=maximum)
+
+    def image_size(text):  # every model halves it 5 times (the ResNet50 U-Net)
+        size = count("--image-size", 1024)(text)
+        if size % 32:
+            raise argparse.ArgumentTypeError(f"must be a multiple of 32; received {size}")
+        return size
+
+    parser.add_argument(
+        "--steps", type=count("--steps"), help=f"timed training steps for every model (default: {STEPS})"
+    )
+    parser.add_argument("--image-size", type=image_size, help=f"training image size (default: {IMAGE_SIZE})")
+    parser.add_argument(
+        "--batch-size", type=count("--batch-size", 4096), default=BATCH_SIZE, help="default: %(default)s"
+    )
+    parser.add_argument("--cases", type=count("--cases"), help=f"cases to train on (default: {CASES})")
+    parser.add_argument(
+        "--rounds", type=count("--rounds"), help=f"interleaved rounds of the side-by-side timing (default: {ROUNDS})"
+    )
     parser.add_argument(
         "--memory-check",
         action=argparse.BooleanOptionalAction,

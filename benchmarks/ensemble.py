@@ -21,6 +21,7 @@ same fold can, on that fold's test patients.
 
 import argparse
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,8 +36,12 @@ def read_split(run):
 
 
 def check_fold(runs):
-    """Every run folder complete and on the same split as the first, or a clear error."""
+    """Every run folder a finished segmenter run, each once, on the same split as the first, or a clear error."""
+    if len({run.resolve() for run in runs}) < len(runs):
+        raise SystemExit(f"a --fold names the same run twice ({', '.join(map(str, runs))}): average different models")
     for run in runs:
+        if (run / "test_slices.csv").is_file():
+            raise SystemExit(f"{run} is a classifier's run: only segmenters are averaged here")
         for name in ("model.h5", "split.csv", "test_cases.csv"):
             if not (run / name).is_file():
                 raise SystemExit(f"{run} is not a finished run folder: it has no {name}")
@@ -108,11 +113,15 @@ def main(argv=None):
     staging = out_root.with_name(f".partial-{out_root.name}")  # renamed to runs/ensemble-NAME once all folds are in
     if staging.exists():
         raise SystemExit(f"{staging} exists (left by an interrupted run of this script): remove it first")
-    for index, runs in enumerate(folds, start=1):
-        print(f"Fold {index}: averaging {', '.join(str(run) for run in runs)}", flush=True)
-        ensemble.append(ensemble_fold(runs, args.data, staging / f"fold-{index}"))
-        for member, run in zip(members, runs):
-            member.append(pd.read_csv(run / "test_cases.csv"))
+    try:
+        for index, runs in enumerate(folds, start=1):
+            print(f"Fold {index}: averaging {', '.join(str(run) for run in runs)}", flush=True)
+            ensemble.append(ensemble_fold(runs, args.data, staging / f"fold-{index}"))
+            for member, run in zip(members, runs):
+                member.append(pd.read_csv(run / "test_cases.csv"))
+    except BaseException:  # nothing half-done stays behind: the staging folder is this run's own
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     ensemble, members = pd.concat(ensemble, ignore_index=True), [pd.concat(m, ignore_index=True) for m in members]
     result = {
         "name": args.name,

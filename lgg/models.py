@@ -335,19 +335,12 @@ def exportable(model, kind, image_size, base_filters=16, backbone="light", atten
     """The model as it is exported and evaluated: float32 and stock layers only, with the trained
     weights (mixed precision keeps its weights in float32, and `FusedBatchNormalization` holds the
     stock layer's variables, so nothing is rounded). A model that is both already is returned as is."""
-    fused = any(isinstance(layer, FusedBatchNormalization) for layer in _all_layers(model))
+    fused = any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)  # build_model's are flat
     if model.dtype_policy.name == "float32" and not fused:
         return model
     copy = build_model(kind, image_size, None, base_filters, backbone, attention)
     copy.set_weights(model.get_weights())
     return copy
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
 
 
 def _build_model(kind, image_size, encoder_weights, base_filters, backbone, attention):

@@ -136,10 +136,11 @@ def xla_by_default():
     """Whether training compiles its step with XLA when not told: yes, unless TensorFlow runs on a CPU
     with AVX-512 and no GPU is visible.
 
-    Measured side by side (`make bench`, steady-state steps of the U-Net at 128 px, batch 16): XLA
-    trained 1.99x faster on a 2-core AMD EPYC with AVX2 only, 1.00x on a 2-core AMD EPYC with
-    AVX-512, and 0.66x on a 2-core Intel Xeon with AVX-512 and AMX, where TensorFlow's oneDNN
-    kernels use the wide vector and matrix units that XLA's CPU code does not.
+    Measured side by side with `make bench` (U-Net at 128 px, batch 16): on a 2-core Intel Xeon
+    with AVX-512 and AMX, XLA trained at 0.52x the speed of TensorFlow's oneDNN kernels, which use
+    the wide vector and matrix units that XLA's CPU code does not; on a 2-core AMD EPYC with AVX2
+    only, the benchmark's earlier timing of whole `fit` calls gave XLA 1.99x. Other CPUs: not
+    measured (`--jit-compile` / `--no-jit-compile` decide there).
     """
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf

@@ -48,3 +48,27 @@ def test_a_smoke_run_may_not_replace_the_committed_benchmark():
 def test_the_readme_keeps_its_speed_section_for_a_smoke_run():
     bench = json.loads((ROOT / "results" / "benchmark.json").read_text())
     assert results.benchmark_table({**bench, "settings": {**bench["settings"], "quick": True}}) is None
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--rounds", "-1"], ["--image-size", "100"], ["--cases", "x"]])
+def test_the_benchmark_refuses_nonsense_settings(args, tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), *args, "--out", str(tmp_path / "b.json")]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert completed.returncode != 0 and args[0] in completed.stderr and not (tmp_path / "b.json").exists()
+
+
+def test_an_ensemble_refuses_a_run_twice_a_classifier_and_another_split(tmp_path):
+    def run(name, split="train", kind_file="test_cases.csv"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.h5").write_bytes(b"")
+        (folder / "split.csv").write_text(f"case_id,split\nTCGA_A,{split}\nTCGA_B,test\n")
+        (folder / kind_file).write_text("case_id\n")
+        return str(folder)
+
+    a, other, classifier = run("a"), run("c", split="val"), run("d", kind_file="test_slices.csv")
+    for runs, message in (([a, a], "same run twice"), ([a, classifier], "classifier"), ([a, other], "another split")):
+        command = [sys.executable, str(ROOT / "benchmarks" / "ensemble.py"), "--name", "x", "--fold", *runs]
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+        assert completed.returncode != 0 and message in completed.stderr, completed.stderr
+    assert not (ROOT / "runs" / "ensemble-x").exists() and not (ROOT / "results" / "ensemble-x.json").exists()

@@ -63,7 +63,12 @@ class RunConfig:
     attention: bool = _setting(False, "resnet50-unet: attention gates (Oktay 2018)")
     backbone: str = _setting("light", "classifier backbone", choices=BACKBONES)
     learning_rate: float = _setting(1e-3, "initial learning rate (Adam)", (guards.positive, {"maximum": 1}))
-    patience: int = _setting(10, "epochs without a better validation score before training stops", _count(100_000))
+    patience: int | None = _setting(
+        None,
+        "epochs without a better validation score before training stops (none: 10 with the plateau schedule; no "
+        "early stopping with time-cosine, which runs to max_minutes and keeps the best validation epoch)",
+        _count(100_000),
+    )
     tumor_fraction: float | None = _setting(
         None, "oversample tumor slices to this share of each batch (None: as they come)", (guards.probability, {})
     )

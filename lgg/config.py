@@ -54,7 +54,11 @@ class RunConfig:
     )
     image_size: int = _setting(128, "side of the slices the model sees (native: 256)", _count(1024))
     batch_size: int = _setting(16, "slices per training step", _count(4096))
-    epochs: int = _setting(100, "upper bound; early stopping or the time limit decides", _count(100_000))
+    epochs: int | None = _setting(
+        None,
+        "upper bound; early stopping or the time limit decides (none: 100, or no bound when max_minutes is set)",
+        _count(100_000),
+    )
     seed: int = _setting(0, "seeds weights, shuffling and augmentation", (guards.non_negative, {"integer": True,
                          "maximum": 2**32 - 1}))  # fmt: skip
     max_cases: int | None = _setting(None, "use only the first N cases (None: all)", _count(100_000))

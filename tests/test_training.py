@@ -105,3 +105,17 @@ def test_early_stopping_follows_the_schedule_unless_a_patience_is_given(
     assert train.early_stopping_patience(schedule, patience) == {(None, "time-cosine"): None}.get(
         (patience, schedule), patience or 10
     )
+
+
+def test_a_time_budget_is_not_cut_short_by_the_default_epoch_count(small_arrays, tmp_path, monkeypatch):
+    # fit without `epochs`: 100 epochs, or (with max_minutes) no bound, so the time limit ends the run
+    images, masks = small_arrays
+    seen = []
+    monkeypatch.setattr(keras.Model, "fit", lambda self, *args, **kwargs: seen.append(kwargs["epochs"]))
+    monkeypatch.setattr(train.pd, "read_csv", lambda path: pd.DataFrame())
+    model = train.compile_model(models.build_unet((32, 32, 3), base_filters=4, depth=2), "segmentation")
+    dataset = data.evaluation_dataset(images, masks, batch_size=4)
+    train.fit(model, dataset, dataset, tmp_path / "a", verbose=0)
+    train.fit(model, dataset, dataset, tmp_path / "b", max_minutes=60, schedule="time-cosine", verbose=0)
+    train.fit(model, dataset, dataset, tmp_path / "c", epochs=3, max_minutes=60, verbose=0)
+    assert seen == [100, 100_000, 3]

@@ -3,6 +3,7 @@ an atomic best-weights checkpoint, per-case validation Dice, a cosine learning r
 budget, weights kept after N minutes, a NaN stop that says where, and a resume state that a kill
 cannot corrupt."""
 
+import contextlib
 import json
 import shutil
 import time
@@ -17,18 +18,26 @@ from lgg.files import atomic_path, save_csv, save_json
 
 
 class ElapsedTime(keras.callbacks.Callback):
-    """Adds `elapsed_s` (training time so far) to each epoch's logs and stops after `max_minutes`."""
+    """Adds `elapsed_s` (training time so far) to each epoch's logs and stops after `max_minutes`.
 
-    def __init__(self, max_minutes=None, already_elapsed_s=0.0):
+    `agree`: makes the workers of a multi-worker run agree on one elapsed time (`lgg.distribute`),
+    so that they set the same learning rate and stop after the same epoch."""
+
+    def __init__(self, max_minutes=None, already_elapsed_s=0.0, agree=None):
         super().__init__()
         self.max_minutes = max_minutes
         self.already_elapsed_s = already_elapsed_s
+        self.agree = agree
 
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter() - self.already_elapsed_s
 
-    def on_epoch_end(self, epoch, logs=None):
+    def elapsed_s(self):
         elapsed = time.perf_counter() - self.start
+        return self.agree(elapsed) if self.agree else elapsed
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = self.elapsed_s()
         if logs is not None:
             logs["elapsed_s"] = elapsed
         if self.max_minutes is not None and elapsed >= 60 * self.max_minutes:
@@ -118,7 +127,7 @@ class TimeCosineSchedule(keras.callbacks.Callback):
         self.timer, self.initial, self.floor = timer, initial_learning_rate, floor
 
     def on_epoch_begin(self, epoch, logs=None):
-        used = min(1.0, (time.perf_counter() - self.timer.start) / (60 * self.timer.max_minutes))
+        used = min(1.0, self.timer.elapsed_s() / (60 * self.timer.max_minutes))
         self.rate = self.initial * (self.floor + (1 - self.floor) * (1 + np.cos(np.pi * used)) / 2)
         self.model.optimizer.learning_rate.assign(self.rate)
 
@@ -231,14 +240,16 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             return None
         state = json.loads(state_path.read_text())
         folder = self.directory / state["folder"]
-        model.load_weights(folder / "model.weights.h5")
-        model.optimizer.build(model.trainable_variables)
-        with np.load(folder / "optimizer.npz") as saved:
-            values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
-        if len(values) != len(model.optimizer.variables):
-            raise ValueError(f"{folder}: optimizer state of another model ({len(values)} variables)")
-        for variable, value in zip(model.optimizer.variables, values):
-            variable.assign(value)
+        strategy = getattr(model, "_distribute_strategy", None)  # a model built under tf.distribute (lgg.distribute)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            model.load_weights(folder / "model.weights.h5")
+            model.optimizer.build(model.trainable_variables)
+            with np.load(folder / "optimizer.npz") as saved:
+                values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
+            if len(values) != len(model.optimizer.variables):
+                raise ValueError(f"{folder}: optimizer state of another model ({len(values)} variables)")
+            for variable, value in zip(model.optimizer.variables, values):
+                variable.assign(value)
         self.restored = state
         return state
 

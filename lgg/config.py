@@ -26,6 +26,7 @@ BACKBONES = ("light", "resnet50")
 SCHEDULES = ("plateau", "time-cosine")
 PRECISIONS = ("float32", "mixed_bfloat16")
 DICE_LOSSES = ("batch", "slice", "tversky")
+DISTRIBUTE = ("mirrored", "multi-worker")  # lgg.distribute
 ENCODER_WEIGHTS = ("imagenet", None)  # or the path of a weights file
 MINUTES_MAX = 7 * 24 * 60  # a week
 # what a run's config.json holds beside the settings: the record of that run
@@ -100,6 +101,12 @@ class RunConfig:
         "overlap term of the loss: Dice over the whole batch, Dice per slice averaged, or Tversky over the whole "
         "batch (misses weighted 0.7, false alarms 0.3)",
         choices=DICE_LOSSES,
+    )
+    distribute: str | None = _setting(
+        None,
+        "data-parallel training through tf.distribute: mirrored (this machine's GPUs) or multi-worker (every "
+        "worker runs the same command with its own TF_CONFIG); batch_size stays the global batch (lgg.distribute)",
+        choices=DISTRIBUTE,
     )
 
     def __post_init__(self):
@@ -199,10 +206,13 @@ def add_arguments(parser):
         if setting.type in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
             continue
+        optional = isinstance(setting.type, types.UnionType) and type(None) in setting.type.__args__
         if meta["choices"]:
-            options["choices"] = meta["choices"]
+            options["choices"] = (*meta["choices"], None) if optional else meta["choices"]
+            if optional:
+                options["type"] = _optional(str)
+                options["metavar"] = "{" + ",".join(meta["choices"]) + ",none}"
         elif meta["check"]:
-            optional = isinstance(setting.type, types.UnionType) and type(None) in setting.type.__args__
             options["type"] = _optional(_argparse_type(setting)) if optional else _argparse_type(setting)
         if setting.type is tuple:
             options["nargs"] = "*"

@@ -93,7 +93,11 @@ class BCEDiceLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
-        bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+        # one value per slice, whose batch mean is the loss: the slice's cross-entropy plus the overlap term
+        # (a batch figure, the same for every slice). Keras reduces it and, under tf.distribute, divides it
+        # by the replicas before their gradients are summed; a scalar it would pass through unscaled.
+        pixel_bce = keras.losses.binary_crossentropy(y_true, y_pred)
+        bce = ops.mean(pixel_bce, axis=tuple(range(1, len(pixel_bce.shape))))
         overlap = {"batch": dice_coefficient, "slice": slice_dice_coefficient, "tversky": tversky_index}[self.dice]
         dice = overlap(y_true, y_pred, self.smooth)
         return self.bce_weight * bce + self.dice_weight * (1.0 - dice)

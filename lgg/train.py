@@ -30,6 +30,7 @@ from lgg.callbacks import (
     TimeSnapshots,
 )
 from lgg.config import RunConfig
+from lgg.distribute import Distribution, synchronize_batchnorm
 from lgg.evaluate import evaluate_run, evaluate_snapshots, tune_postprocessing
 from lgg.files import save_csv, save_json, save_model
 
@@ -210,6 +211,8 @@ def fit(
     schedule="plateau",
     snapshot_minutes=(),
     batch_size=None,
+    agree=None,
+    validation_batch_size=32,
 ):
     """Fit with the standard callbacks and return the history as a DataFrame.
 
@@ -232,17 +235,20 @@ def fit(
             (`TimeSnapshots`).
         batch_size: when given, each epoch's steady-state training rate is logged as
             `train_slices_per_s` (`StepTimer`).
+        validation_batch_size: the batch size of `val_cases`' predictions.
+        agree: how the workers of a multi-worker run agree on the elapsed time
+            (`lgg.distribute.Distribution.agree`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     monitor = monitor_for(task, val_cases is not None)
     best_path = run_dir / "best.weights.h5"
     history_path = run_dir / "history.csv"
-    timer = ElapsedTime(max_minutes)
+    timer = ElapsedTime(max_minutes, agree=agree)
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=False)
     callbacks = [timer] + ([StepTimer(batch_size)] if batch_size else [])
     if val_cases is not None:
-        callbacks.append(CaseDiceValidation(*val_cases))
+        callbacks.append(CaseDiceValidation(*val_cases, batch_size=validation_batch_size))
     if snapshot_minutes:
         callbacks.append(TimeSnapshots(run_dir / "snapshots", snapshot_minutes))
     if schedule == "time-cosine":
@@ -257,7 +263,8 @@ def fit(
     callbacks.append(BestWeightsCheckpoint(best_path, monitor))
     patience = early_stopping_patience(schedule, patience)
     if patience is not None:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor, mode="max", patience=patience, restore_best_weights=True))
+        stopping = keras.callbacks.EarlyStopping(monitor, mode="max", patience=patience, restore_best_weights=True)
+        callbacks.append(stopping)
     callbacks += [csv_logger, StopOnNaN()]
     if epochs is None:  # a time budget is not cut short by an epoch count (bfloat16 ran 100 epochs in 47 minutes)
         epochs = 100 if max_minutes is None else 100_000
@@ -351,7 +358,15 @@ def write_config(run_dir, config, slices=None):
 
 
 def make_datasets(
-    slices, task, image_size=128, batch_size=16, seed=0, tumor_fraction=None, start_epoch=0, pipeline="auto"
+    slices,
+    task,
+    image_size=128,
+    batch_size=16,
+    seed=0,
+    tumor_fraction=None,
+    start_epoch=0,
+    pipeline="auto",
+    val_batch_size=None,
 ):
     """Decode the train and val slices into memory and wrap them in batch pipelines.
 
@@ -359,8 +374,10 @@ def make_datasets(
     shuffled, augmented epochs from `start_epoch` on (pass `steps_per_epoch` to `fit`) and, with
     `tumor_fraction`, oversamples tumor slices. `pipeline`: `"tf.data"` (`lgg.data`), `"numpy"`
     (`lgg.batches`, a `keras.utils.PyDataset`: any Keras backend, no TensorFlow needed) or `"auto"`,
-    `tf.data` when TensorFlow is the Keras backend and NumPy otherwise.
+    `tf.data` when TensorFlow is the Keras backend and NumPy otherwise. `val_batch_size`: the
+    validation batches' size (None: `batch_size`).
     """
+    val_batch_size = val_batch_size or batch_size
     if pipeline == "auto":
         pipeline = "tf.data" if keras.backend.backend() == "tensorflow" else "numpy"
     if pipeline not in ("tf.data", "numpy"):
@@ -383,9 +400,9 @@ def make_datasets(
         from lgg import batches
 
         train_data = batches.TrainingBatches(train_images, train_targets, batch_size, start_epoch=start_epoch, **draws)
-        return train_data, train_data.steps, batches.EvaluationBatches(val_images, val_targets, batch_size)
+        return train_data, train_data.steps, batches.EvaluationBatches(val_images, val_targets, val_batch_size)
     train_data, steps = data.training_dataset(train_images, train_targets, batch_size, start_epoch=start_epoch, **draws)
-    return train_data, steps, data.evaluation_dataset(val_images, val_targets, batch_size)
+    return train_data, steps, data.evaluation_dataset(val_images, val_targets, val_batch_size)
 
 
 def validation_cases(slices, image_size):
@@ -408,18 +425,28 @@ def train_run(config, data_dir, out_dir, overwrite=False, resume=False, verbose=
         config = dataclasses.replace(config, **settings)
     if config.encoder_weights not in (None, "imagenet"):  # a weights file: never inside the folder --overwrite empties
         guards.check_not_within(out_dir, [config.encoder_weights])
+    distribution = Distribution(config.distribute)  # first: a multi-worker strategy is made before any TF op
+    distribution.check_batch(config.batch_size)
     inputs = [data_dir]
+    run = {"data_dir": str(data_dir), "out_dir": str(out_dir), "resume": resume, "verbose": verbose}
+    if not distribution.is_chief:  # another worker of a multi-worker run: the chief alone writes the run folder
+        slices = data.split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
+        with distribution.run_folder(out_dir) as own:
+            _train_run(config, slices, {**run, "out_dir": str(own)}, distribution)
+        return Path(out_dir)
     check_run_dir(out_dir, overwrite, resume, inputs)
     slices = data.split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
     data.check_split_counts(slices)  # before any file is written
     with guards.folder_lock(out_dir):  # held before anything in the folder is removed
         prepare_run_dir(out_dir, overwrite, resume, inputs)
-        run = {"data_dir": str(data_dir), "out_dir": str(out_dir), "resume": resume, "verbose": verbose}
-        return _train_run(config, slices, run)
+        return _train_run(config, slices, run, distribution)
 
 
-def _train_run(config, slices, run):
-    """`train_run` once its settings, data and run folder are checked (the folder is locked)."""
+def _train_run(config, slices, run, distribution=None):
+    """`train_run` once its settings, data and run folder are checked (the folder is locked). Under a
+    `Distribution`, the model is built and trained on its strategy; a worker other than the chief
+    returns after training, the chief exports and evaluates a copy outside the strategy."""
+    distribution = distribution or Distribution()
     c, run_dir, resume = config, Path(run["out_dir"]), run["resume"]
     kind, seed, image_size, precision = c.kind, c.seed, c.image_size, c.precision
     keras.utils.set_random_seed(seed)
@@ -432,18 +459,26 @@ def _train_run(config, slices, run):
     write_config(run_dir, {**c.to_dict(), **run, "jit_compile_used": jit_compile}, slices)
 
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
+    val_batch_size = distribution.evaluation_batch_size(int((slices.split == "val").sum()), c.batch_size)
     train_data, steps, val_data = make_datasets(slices, task, image_size, c.batch_size, seed, c.tumor_fraction,
-                                                start_epoch)  # fmt: skip
+                                                start_epoch, val_batch_size=val_batch_size)  # fmt: skip
     fused = keras.backend.backend() == "tensorflow"  # TensorFlow's fused batch normalization (models.py)
-    model = models.build_model(kind, image_size, c.encoder_weights, c.base_filters, c.backbone, c.attention, precision,
-                               fused_batchnorm=fused)  # fmt: skip
-    model = compile_model(model, task, c.learning_rate, jit_compile=jit_compile, dice_loss=c.dice_loss)
+    with distribution.scope():
+        model = models.build_model(kind, image_size, c.encoder_weights, c.base_filters, c.backbone, c.attention,
+                                   precision, fused_batchnorm=fused)  # fmt: skip
+        if distribution.strategy is not None:
+            synchronize_batchnorm(model)
+        model = compile_model(model, task, c.learning_rate, jit_compile=jit_compile, dice_loss=c.dice_loss)
     val_cases = validation_cases(slices, image_size) if task == "segmentation" else None
-    history = fit(
-        model, train_data, val_data, run_dir, c.epochs, steps, task, c.patience, c.max_minutes, resume,
-        run["verbose"], val_cases=val_cases, schedule=c.schedule, snapshot_minutes=c.snapshot_minutes,
-        batch_size=c.batch_size,
-    )  # fmt: skip
+    with distribution.training():
+        history = fit(
+            model, train_data, val_data, run_dir, c.epochs, steps, task, c.patience, c.max_minutes, resume,
+            run["verbose"], val_cases=val_cases, schedule=c.schedule, snapshot_minutes=c.snapshot_minutes,
+            batch_size=c.batch_size, agree=distribution.agree,
+            validation_batch_size=val_batch_size if distribution.strategy is not None else 32,
+        )  # fmt: skip
+    if not distribution.is_chief:
+        return run_dir
     check_finite(model, run_dir)
     exported = models.exportable(model, kind, image_size, c.base_filters, c.backbone, c.attention)
     if exported is not model:  # export and evaluate the float32, stock-layer twin, compiled like the trained model

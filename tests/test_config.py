@@ -47,6 +47,7 @@ def test_every_setting_has_an_option_and_every_option_reaches_the_config():
         "snapshot_minutes": (1, 2),
         "precision": "mixed_bfloat16",
         "dice_loss": "slice",
+        "distribute": "mirrored",
     }
     assert set(changed) | {"kind", "attention", "jit_compile"} == {f.name for f in dataclasses.fields(RunConfig)}
     words = ["resnet50-unet", "--out", "x", "--attention", "--no-jit"]
@@ -55,6 +56,14 @@ def test_every_setting_has_an_option_and_every_option_reaches_the_config():
     parsed = parse_train(words)
     expected = {**changed, "encoder_weights": None, "snapshot_minutes": (1.0, 2.0)}
     assert parsed == RunConfig(kind="resnet50-unet", attention=True, jit_compile=False, **expected)
+
+
+def test_an_optional_choice_takes_none_and_refuses_what_is_not_a_choice(capsys):
+    assert parse_train(["unet", "--out", "x", "--distribute", "none"]).distribute is None
+    assert parse_train(["unet", "--out", "x", "--distribute", "multi-worker"]).distribute == "multi-worker"
+    with pytest.raises(SystemExit):
+        parse_train(["unet", "--out", "x", "--distribute", "horovod"])
+    assert "invalid choice: 'horovod'" in capsys.readouterr().err
 
 
 def test_a_runs_config_json_is_trained_again_with_train_config(tmp_path):

@@ -165,7 +165,8 @@ def main(argv=None):
             from lgg.train import train_run
 
             run_dir = train_run(settings, data_dir, args.out, overwrite=args.overwrite, resume=args.resume)
-            print(f"Run folder: {run_dir} (model.h5, model.keras, history.csv, curves.png, test_summary.json)")
+            if run_dir is not None:  # None: a worker of a multi-worker run other than the chief
+                print(f"Run folder: {run_dir} (model.h5, model.keras, history.csv, curves.png, test_summary.json)")
         elif args.command == "evaluate":
             from lgg.evaluate import evaluate_model_file
 

@@ -32,7 +32,7 @@ MINUTES_MAX = 7 * 24 * 60  # a week
 # what a run's config.json holds beside the settings: the record of that run
 RECORD_KEYS = {"data_dir", "out_dir", "resume", "verbose", "overwrite", "environment", "split_counts", "notebook",
                "encoder_weights_used", "encoder_weights_requested", "freeze_encoder", "loss",
-               "jit_compile_used"}  # fmt: skip
+               "jit_compile_used", "replicas"}  # fmt: skip
 
 
 def _count(maximum):

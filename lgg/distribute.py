@@ -17,13 +17,15 @@ process computes with the same settings:
 - The time budget is the chief's: its elapsed time is sent to every worker (an all-reduce) at every
   epoch boundary, so every worker sets the same learning rate and stops after the same epoch.
 
-What does change: the "batch" Dice term of the loss is computed per replica (the mean of N Dice terms
-over `batch_size / N` slices each; Keras averages losses that way); the "slice" Dice term and the
-cross-entropy are the same sums.
+What does change: the "batch" and "tversky" overlap terms of the loss (and the logged batch Dice and
+Jaccard) are computed per replica (the mean of N terms over `batch_size / N` slices each; Keras averages
+losses that way); the "slice" Dice term and the cross-entropy are the same sums. XLA is off with more than
+one replica (`Distribution.check`).
 
-Only the chief (worker 0) writes the run folder; the other workers write theirs into a temporary
-folder that is removed when they finish. `--resume` continues from the chief's run folder, which the
-other workers must then see (a shared file system). Evaluation and export run on the chief alone,
+Only the chief (the chief task, else worker 0) writes the run folder; the other workers write theirs
+into a temporary folder that is removed when they finish. `--resume` continues from the chief's run
+folder, which the other workers must then see (a shared file system; `lgg.train.fit` checks that every
+worker resumes at the chief's epoch). Evaluation and export run on the chief alone,
 after training, on a copy of the model outside the strategy.
 
 Keras 3 (3.15) does not run `fit` under `MultiWorkerMirroredStrategy` as released
@@ -48,35 +50,53 @@ PATCHED_KERAS = ("3.15",)  # the Keras versions whose TensorFlow trainer the mul
 
 
 class Distribution:
-    """Where one run trains: its strategy (None: this process's default), whether this process is the chief."""
+    """Where one run trains: its strategy (None: this process's default), whether this process is the chief.
+
+    Made in two steps, so that a run's settings and folder are checked before the cluster is joined:
+    `Distribution(name)` reads the cluster description (no TensorFlow op), `start()` makes the strategy
+    (a multi-worker one waits there for every worker).
+    """
 
     def __init__(self, name=None):
         if name not in (None, *DISTRIBUTE):
             raise ValueError(f"distribute must be one of {DISTRIBUTE} or None; received {name!r}")
-        self.name, self.strategy, self.task = name, None, ("worker", 0)
+        self.name, self.strategy, self.task, self.cluster = name, None, ("worker", 0), {}
         if name is None:
             return
         if keras.backend.backend() != "tensorflow":
             raise ValueError(f"--distribute {name} runs on tf.distribute: it needs KERAS_BACKEND=tensorflow")
-        import tensorflow as tf
-
         if name == "mirrored":
-            self.strategy = tf.distribute.MirroredStrategy()
             return
         if "TF_CONFIG" not in os.environ:
             raise ValueError(
                 "--distribute multi-worker needs TF_CONFIG in the environment of every worker, e.g. "
                 '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
             )
+        description = os.environ["TF_CONFIG"]
         try:
-            config = json.loads(os.environ["TF_CONFIG"])
-            task = config["task"]
+            config = json.loads(description)
+            self.cluster, task = dict(config["cluster"]), config["task"]
             self.task = (task["type"], int(task["index"]))
         except (ValueError, KeyError, TypeError) as error:
-            description = os.environ["TF_CONFIG"]
             raise ValueError(f"TF_CONFIG is not a TensorFlow cluster description ({error!r}): {description}") from None
+        if self.task[0] not in ("chief", "worker") or set(self.cluster) - {"chief", "worker"}:
+            raise ValueError(
+                f"TF_CONFIG: --distribute multi-worker trains with chief and worker tasks only (no evaluator or "
+                f"parameter server); received task {self.task[0]!r} in a cluster of {sorted(self.cluster)}"
+            )
         _check_patchable()
-        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    def start(self):
+        """Make the strategy (a multi-worker one connects to the cluster and waits for every worker)."""
+        if self.name is None or self.strategy is not None:
+            return self
+        import tensorflow as tf
+
+        if self.name == "mirrored":
+            self.strategy = tf.distribute.MirroredStrategy()
+        else:
+            self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        return self
 
     @property
     def replicas(self):
@@ -84,31 +104,45 @@ class Distribution:
 
     @property
     def is_chief(self):
-        """TensorFlow's rule: the task of type chief, or worker 0 where the cluster names no chief."""
+        """TensorFlow's rule (`multi_worker_util.is_chief`): the chief task where the cluster has one,
+        else worker 0."""
         task_type, index = self.task
-        return task_type == "chief" or (task_type == "worker" and index == 0)
+        if "chief" in self.cluster:
+            return task_type == "chief"
+        return task_type == "worker" and index == 0
 
     @property
     def multi_worker(self):
         return self.name == "multi-worker"
 
-    def check_batch(self, batch_size):
+    def check(self, batch_size, jit_compile):
+        """Refuse what cannot run on the started strategy; return the compiler setting to train with:
+        XLA off with more than one replica (Keras 3.15's `fit` under MirroredStrategy with XLA reads a
+        variable of replica 1 from device 0, "Trying to access resource ... located in device CPU:1")."""
         if batch_size % self.replicas:
             raise ValueError(
                 f"batch_size {batch_size} is the global batch: it must divide among the {self.replicas} replicas "
                 f"of --distribute {self.name}"
             )
+        if self.replicas == 1:
+            return jit_compile
+        if jit_compile:
+            raise ValueError(
+                f"--jit-compile with --distribute {self.name} ({self.replicas} replicas): XLA fails under "
+                "tf.distribute in Keras 3.15 (a replica's variable read from another device); leave it unset"
+            )
+        return False
 
     def evaluation_batch_size(self, count, batch_size):
         """A batch size for evaluating `count` slices under which every replica gets slices in every batch:
         a multiple of the replicas, the last batch at least one slice per replica (Keras' distributed
-        evaluation fails on a replica's empty share of a short last batch). The largest up to `batch_size`,
-        else the smallest above it."""
+        evaluation fails on a replica's empty share of a short last batch, `empty_share`). The largest up to
+        `batch_size`, else the smallest above it."""
         replicas = self.replicas
         if replicas == 1:
             return batch_size
         sizes = range(replicas, count + replicas, replicas)  # the last may hold all the slices in one batch
-        fits = [size for size in sizes if count % size == 0 or count % size >= replicas]
+        fits = [size for size in sizes if not empty_share(count % size, replicas)]
         if fits:
             return max([size for size in fits if size <= batch_size] or [min(fits)])
         raise ValueError(
@@ -126,25 +160,28 @@ class Distribution:
 
     def agree(self, value):
         """The chief's `value` (a float) on every worker (an all-reduce: tf.distribute reduces by sum or
-        mean only, so the others add zero); `value` itself in one process."""
+        mean only, so every replica but the chief's first adds zero); `value` itself in one process."""
         if not self.multi_worker:
             return value
         import tensorflow as tf
 
-        share = float(value) if self.is_chief else 0.0
-        local = self.strategy.experimental_distribute_values_from_function(lambda context: tf.constant(share))
+        def share(context):  # global replica 0 is the chief's first: every other replica adds zero
+            return tf.constant(float(value) if context.replica_id_in_sync_group == 0 else 0.0)
+
+        local = self.strategy.experimental_distribute_values_from_function(share)
         return float(self.strategy.reduce("SUM", local, axis=None))
 
     @contextlib.contextmanager
-    def run_folder(self, out_dir):
+    def run_folder(self, out_dir, resume=False):
         """The folder this process writes: `out_dir` on the chief, a temporary one elsewhere (removed after);
-        a resumed worker starts from the chief's resume state and history."""
+        a resumed worker starts from the chief's resume state and history (`lgg.train.fit` then checks that
+        every worker resumes at the chief's epoch)."""
         if self.is_chief:
             yield Path(out_dir)
             return
         folder = Path(tempfile.mkdtemp(prefix=f"lgg-worker{self.task[1]}-"))
         try:
-            for name in ("resume", "history.csv"):
+            for name in ("resume", "history.csv") if resume else ():
                 source = Path(out_dir) / name
                 if source.is_dir():
                     shutil.copytree(source, folder / name)
@@ -153,6 +190,14 @@ class Distribution:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def empty_share(remainder, replicas):
+    """Whether a last batch of `remainder` slices leaves a replica nothing: tf.distribute gives each replica
+    in turn ceil(remainder / replicas) slices until none are left (5 over 4 replicas: 2, 2, 1, 0)."""
+    if remainder == 0:
+        return False
+    return -(-remainder // replicas) * (replicas - 1) >= remainder
 
 
 def synchronize_batchnorm(model):

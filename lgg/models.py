@@ -338,7 +338,8 @@ def exportable(model, kind, image_size, base_filters=16, backbone="light", atten
     fused = any(  # build_model's are flat; a synchronized layer (lgg.distribute) is not for export either
         isinstance(layer, FusedBatchNormalization) or getattr(layer, "synchronized", False) for layer in model.layers
     )
-    if model.dtype_policy.name == "float32" and not fused:
+    distributed = getattr(model, "_distribute_strategy", None) is not None  # built under tf.distribute
+    if model.dtype_policy.name == "float32" and not fused and not distributed:
         return model
     copy = build_model(kind, image_size, None, base_filters, backbone, attention)
     copy.set_weights(model.get_weights())

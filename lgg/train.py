@@ -283,6 +283,12 @@ def fit(
         csv_logger.append = True  # continue history.csv
     elif resume:
         print(f"Nothing to resume in {run_dir}: training from the start")
+    chiefs = agree(initial_epoch) if agree is not None else initial_epoch  # every worker of a multi-worker run
+    if chiefs != initial_epoch:
+        raise RuntimeError(
+            f"this worker would resume at epoch {initial_epoch + 1}, the chief at {int(chiefs) + 1}: "
+            "--resume needs the chief's run folder on a file system every worker sees"
+        )
     model.fit(
         train_data,
         validation_data=val_data,
@@ -301,7 +307,7 @@ def fit(
 def early_stopping_patience(schedule, patience):
     """The patience of EarlyStopping, or None for none. Not given: 10 epochs with the plateau
     schedule; no early stopping with time-cosine, which ends at its time budget (its learning rate
-    reaches zero there) and keeps the best validation epoch anyway. A patience counted in epochs
+    down to 1 % there) and keeps the best validation epoch anyway. A patience counted in epochs
     under a time budget stops a fast run early, in the high-learning-rate part of the cosine: the
     bfloat16 U-Net (2-3x the epochs per minute) stopped at 38.6 of its 60 minutes."""
     if patience is not None:
@@ -417,7 +423,8 @@ def train_run(config, data_dir, out_dir, overwrite=False, resume=False, verbose=
     the validation cases (segmenters), test evaluation.
 
     `config` is a `RunConfig` (or a model kind, with `settings` as its other fields). Returns the
-    run folder. This is what `python -m lgg train` runs; the notebooks call the same steps one by one.
+    run folder (None on the workers of a multi-worker run other than the chief). This is what
+    `python -m lgg train` runs; the notebooks call the same steps one by one.
     """
     if isinstance(config, str):
         config = RunConfig(kind=config, **settings)
@@ -425,18 +432,20 @@ def train_run(config, data_dir, out_dir, overwrite=False, resume=False, verbose=
         config = dataclasses.replace(config, **settings)
     if config.encoder_weights not in (None, "imagenet"):  # a weights file: never inside the folder --overwrite empties
         guards.check_not_within(out_dir, [config.encoder_weights])
-    distribution = Distribution(config.distribute)  # first: a multi-worker strategy is made before any TF op
-    distribution.check_batch(config.batch_size)
+    distribution = Distribution(config.distribute)  # reads TF_CONFIG; the strategy is made after the checks
     inputs = [data_dir]
     run = {"data_dir": str(data_dir), "out_dir": str(out_dir), "resume": resume, "verbose": verbose}
-    if not distribution.is_chief:  # another worker of a multi-worker run: the chief alone writes the run folder
-        slices = data.split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
-        with distribution.run_folder(out_dir) as own:
-            _train_run(config, slices, {**run, "out_dir": str(own)}, distribution)
-        return Path(out_dir)
-    check_run_dir(out_dir, overwrite, resume, inputs)
+    if distribution.is_chief:  # another worker of a multi-worker run writes nothing there: the chief alone does
+        check_run_dir(out_dir, overwrite, resume, inputs)
     slices = data.split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
     data.check_split_counts(slices)  # before any file is written
+    distribution.start()  # a multi-worker run waits here for every worker
+    distribution.check(config.batch_size, config.jit_compile)
+    if not distribution.is_chief:
+        with distribution.run_folder(out_dir, resume) as own:
+            _train_run(config, slices, {**run, "out_dir": str(own)}, distribution)
+        print(f"Worker {distribution.task[1]} done; the chief writes the run folder {out_dir}")
+        return None
     with guards.folder_lock(out_dir):  # held before anything in the folder is removed
         prepare_run_dir(out_dir, overwrite, resume, inputs)
         return _train_run(config, slices, run, distribution)
@@ -446,17 +455,18 @@ def _train_run(config, slices, run, distribution=None):
     """`train_run` once its settings, data and run folder are checked (the folder is locked). Under a
     `Distribution`, the model is built and trained on its strategy; a worker other than the chief
     returns after training, the chief exports and evaluates a copy outside the strategy."""
-    distribution = distribution or Distribution()
+    distribution = (distribution or Distribution()).start()
     c, run_dir, resume = config, Path(run["out_dir"]), run["resume"]
     kind, seed, image_size, precision = c.kind, c.seed, c.image_size, c.precision
     keras.utils.set_random_seed(seed)
     task = c.task
     write_split(slices, run_dir)
-    jit_compile = resolve_jit_compile(c.jit_compile)
+    jit_compile = resolve_jit_compile(distribution.check(c.batch_size, c.jit_compile))
     stored = run_dir / "config.json"
-    if resume and stored.is_file():  # a resumed run keeps the compiler it started with, wherever it resumes
-        jit_compile = json.loads(stored.read_text()).get("jit_compile_used", jit_compile)
-    write_config(run_dir, {**c.to_dict(), **run, "jit_compile_used": jit_compile}, slices)
+    if resume and stored.is_file() and distribution.replicas == 1:  # a resumed run keeps the compiler it started
+        jit_compile = json.loads(stored.read_text()).get("jit_compile_used", jit_compile)  # with, wherever it resumes
+    record = {"jit_compile_used": jit_compile, "replicas": distribution.replicas}
+    write_config(run_dir, {**c.to_dict(), **run, **record}, slices)
 
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
     val_batch_size = distribution.evaluation_batch_size(int((slices.split == "val").sum()), c.batch_size)
@@ -466,7 +476,7 @@ def _train_run(config, slices, run, distribution=None):
     with distribution.scope():
         model = models.build_model(kind, image_size, c.encoder_weights, c.base_filters, c.backbone, c.attention,
                                    precision, fused_batchnorm=fused)  # fmt: skip
-        if distribution.strategy is not None:
+        if distribution.replicas > 1:
             synchronize_batchnorm(model)
         model = compile_model(model, task, c.learning_rate, jit_compile=jit_compile, dice_loss=c.dice_loss)
     val_cases = validation_cases(slices, image_size) if task == "segmentation" else None
@@ -478,7 +488,7 @@ def _train_run(config, slices, run, distribution=None):
             validation_batch_size=val_batch_size if distribution.strategy is not None else 32,
         )  # fmt: skip
     if not distribution.is_chief:
-        return run_dir
+        return None
     check_finite(model, run_dir)
     exported = models.exportable(model, kind, image_size, c.base_filters, c.backbone, c.attention)
     if exported is not model:  # export and evaluate the float32, stock-layer twin, compiled like the trained model

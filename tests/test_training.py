@@ -88,23 +88,21 @@ def test_step_timer_reaches_the_logs_of_a_real_fit(small_arrays):
 
 @pytest.mark.parametrize(
     "schedule, patience, epochs_run",
-    [("time-cosine", None, 4), ("time-cosine", 1, 2), ("plateau", None, 4), ("plateau", 1, 2)],
+    [("time-cosine", None, 12), ("time-cosine", 1, 2), ("plateau", None, 11), ("plateau", 1, 2)],
 )
 def test_early_stopping_follows_the_schedule_unless_a_patience_is_given(
     small_arrays, tmp_path, schedule, patience, epochs_run
 ):
     # a model that cannot improve (learning rate 1e-12, no batch normalization): its validation score is flat,
-    # so EarlyStopping, where there is one, stops after `patience` epochs without a better one
+    # so EarlyStopping, where there is one, stops after `patience` epochs without a better one (the learning rate
+    # halved on plateau stays too small to move it)
     images, masks = small_arrays
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
     model = train.compile_model(model, "segmentation", learning_rate=1e-12, jit_compile=False)
     val_data = data.evaluation_dataset(images, masks, batch_size=4)
-    history = train.fit(model, data.evaluation_dataset(images, masks, batch_size=4), val_data, tmp_path, epochs=4,
+    history = train.fit(model, data.evaluation_dataset(images, masks, batch_size=4), val_data, tmp_path, epochs=12,
                         patience=patience, max_minutes=60, schedule=schedule, verbose=0)  # fmt: skip
-    assert len(history) == epochs_run
-    assert train.early_stopping_patience(schedule, patience) == {(None, "time-cosine"): None}.get(
-        (patience, schedule), patience or 10
-    )
+    assert len(history) == epochs_run  # plateau by default: 10 epochs without a better score after the first
 
 
 def test_a_time_budget_is_not_cut_short_by_the_default_epoch_count(small_arrays, tmp_path, monkeypatch):

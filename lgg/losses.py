@@ -76,6 +76,10 @@ class BCEDiceLoss(keras.losses.Loss):
 
     def __init__(self, bce_weight=1.0, dice_weight=1.0, smooth=1.0, dice="batch", name="bce_dice_loss", **kwargs):
         super().__init__(name=name, **kwargs)
+        if self.reduction != "sum_over_batch_size":  # `call` returns per-slice values whose batch mean is the loss
+            raise ValueError(
+                f"BCEDiceLoss is a batch figure: its reduction is sum_over_batch_size; received {self.reduction!r}"
+            )
         if dice not in DICE_LOSSES:
             raise ValueError(f"dice must be one of {DICE_LOSSES}; received {dice!r}")
         self.dice = dice

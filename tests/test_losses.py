@@ -77,3 +77,10 @@ def test_tversky_weighs_a_miss_more_than_a_false_alarm():
     assert float(loss(truth, missed)) == pytest.approx(1 - tversky(missed), rel=1e-5)
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert restored.dice == "tversky"
+
+
+def test_bce_dice_loss_refuses_a_reduction_that_would_change_its_value():
+    # its per-slice values repeat the batch's overlap term: summed, or left per slice, they are not the loss
+    for reduction in ("sum", "none", None):
+        with pytest.raises(ValueError, match="reduction is sum_over_batch_size"):
+            losses.BCEDiceLoss(reduction=reduction)

@@ -38,6 +38,12 @@ CONFIGS = {
     "unet-leaky-slice-split": RunConfig(tumor_fraction=0.5, max_minutes=20, split="random-slice-leaky"),
     # the other folds of the 5-fold cross-validation by patient (fold 1 of 5 is the `unet` row's split)
     **{f"unet-fold{k}": replace(HEADLINE, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
+    # the headline recipe again, the same seed, on another machine (its CPU is in its JSON): what the machine changes,
+    # and the same-CPU partner of a candidate run there (`compare_candidate` pairs a candidate with it on that CPU)
+    **{
+        f"unet-again{suffix}": replace(HEADLINE, split=split)
+        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
+    },
     # a candidate recipe, compared with the headline case by case on the same folds: Tversky (misses weigh more)
     "unet-tversky": replace(HEADLINE, dice_loss="tversky"),
     **{
@@ -61,6 +67,7 @@ CANDIDATES = {
     "instructions)",
 }
 TABLE_ROWS = [name for name in CONFIGS if not name.startswith(tuple(CANDIDATES))]
+DEFAULT_RUNS = [name for name in TABLE_ROWS if not name.startswith("unet-again")]  # what `make results` trains
 PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
 
 
@@ -244,7 +251,13 @@ def recipe_comparison(results, prefix):
     pairs = []
     for name in CONFIGS:
         if name.startswith(prefix) and name in by_name:
-            baseline = "unet" + name[len(prefix) :]
+            baseline, again = "unet" + name[len(prefix) :], "unet-again" + name[len(prefix) :]
+            if (
+                again in by_name
+                and _same_cpu(by_name[name], by_name[again])
+                and not (baseline in by_name and _same_cpu(by_name[name], by_name[baseline]))
+            ):
+                baseline = again  # the headline recipe run on the candidate's CPU: the fair partner
             if baseline in by_name:
                 pairs.append((by_name[name], by_name[baseline]))
     if not pairs:
@@ -434,8 +447,9 @@ def readme_table(results):
     segmenters = [r for r in results if r["model"] != "classifier"]
     classifiers = [r for r in results if r["model"] == "classifier"]
     lines = [
-        "Produced by `make results` (`benchmarks/results.py`) on the 88 shared cases, on a 2-core CPU "
-        "(AMD EPYC, no GPU); numbers from `results/*.json`. Held-out **test** cases of the patient split "
+        "Produced by `make results` (`benchmarks/results.py`) on the 88 shared cases, on 2-core CPUs "
+        "(AMD EPYC unless the row names another; each run's CPU is in its JSON), no GPU; numbers from "
+        "`results/*.json`. Held-out **test** cases of the patient split "
         "unless marked leaky; Dice per case is over each case's whole volume at 256×256, after the "
         "post-processing chosen on the validation cases (raw = threshold 0.5, nothing else).",
         "",
@@ -454,6 +468,10 @@ def readme_table(results):
             label += f", {r['dice_loss']} Dice loss"
         if r.get("seed", 0) != 0:
             label += f", seed {r['seed']}"
+        if r["name"].startswith("unet-again"):
+            label += f", again on {r['environment'].get('cpu_model') or 'another CPU'}"
+        if r.get("jit_compile", True) is False:
+            label += ", no XLA"
         split = "random slices, **leaky**" if r["split"] == "random-slice-leaky" else r["split"]
         raw = t.get("raw", t)["case_dice_mean"]
         lines.append(
@@ -843,8 +861,9 @@ def main(argv=None):
     parser.add_argument("--data", default=str(ROOT / "data"))
     parser.add_argument(
         "--models",
-        default=",".join(TABLE_ROWS),
-        help=f"comma-separated, of {list(CONFIGS)} (default: the table's rows; candidate recipes only when named)",
+        default=",".join(DEFAULT_RUNS),
+        help=f"comma-separated, of {list(CONFIGS)} (default: the table's rows; candidate recipes and "
+        "unet-again rows only when named)",
     )
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument(

@@ -84,6 +84,15 @@ class Distribution:
                 f"TF_CONFIG: --distribute multi-worker trains with chief and worker tasks only (no evaluator or "
                 f"parameter server); received task {self.task[0]!r} in a cluster of {sorted(self.cluster)}"
             )
+        addresses = self.cluster.get(self.task[0])
+        if not isinstance(addresses, list) or not all(isinstance(address, str) for address in addresses):
+            raise ValueError(
+                f"TF_CONFIG: cluster[{self.task[0]!r}] must be a list of host:port; received {addresses!r}"
+            )
+        if not 0 <= self.task[1] < len(addresses):
+            raise ValueError(
+                f"TF_CONFIG: task index {self.task[1]} is not one of the {len(addresses)} {self.task[0]} addresses"
+            )
         _check_patchable()
 
     def start(self):
@@ -202,14 +211,10 @@ def empty_share(remainder, replicas):
 
 def synchronize_batchnorm(model):
     """Batch moments all-reduced over the replicas in every BatchNormalization layer of `model`
-    (nested models too); returns the number of layers. Export swaps in unsynchronized twins
-    (`lgg.models.exportable`)."""
-    count = 0
+    (nested models too). Export swaps in unsynchronized twins (`lgg.models.exportable`)."""
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
-            count += 1
-    return count
 
 
 def _all_layers(model):

@@ -335,10 +335,9 @@ def exportable(model, kind, image_size, base_filters=16, backbone="light", atten
     """The model as it is exported and evaluated: float32 and stock layers only, with the trained
     weights (mixed precision keeps its weights in float32, and `FusedBatchNormalization` holds the
     stock layer's variables, so nothing is rounded). A model that is both already is returned as is."""
-    fused = any(  # build_model's are flat; a synchronized layer (lgg.distribute) is not for export either
-        isinstance(layer, FusedBatchNormalization) or getattr(layer, "synchronized", False) for layer in model.layers
-    )
-    distributed = getattr(model, "_distribute_strategy", None) is not None  # built under tf.distribute
+    fused = any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)  # build_model's are flat
+    # built under tf.distribute (lgg.distribute: its BatchNorm layers synchronized): the copy is a plain model
+    distributed = getattr(model, "_distribute_strategy", None) is not None
     if model.dtype_policy.name == "float32" and not fused and not distributed:
         return model
     copy = build_model(kind, image_size, None, base_filters, backbone, attention)

@@ -440,28 +440,32 @@ def train_run(config, data_dir, out_dir, overwrite=False, resume=False, verbose=
     slices = data.split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
     data.check_split_counts(slices)  # before any file is written
     distribution.start()  # a multi-worker run waits here for every worker
-    distribution.check(config.batch_size, config.jit_compile)
+    # what the replicas need, refused here (before any file is written): the compiler, the validation batches
+    jit_setting = distribution.check(config.batch_size, config.jit_compile)
+    val_count = int((slices.split == "val").sum())
+    val_batch_sizes = tuple(distribution.evaluation_batch_size(val_count, size) for size in (config.batch_size, 32))
+    prepared = (distribution, jit_setting, val_batch_sizes)
     if not distribution.is_chief:
         with distribution.run_folder(out_dir, resume) as own:
-            _train_run(config, slices, {**run, "out_dir": str(own)}, distribution)
+            _train_run(config, slices, {**run, "out_dir": str(own)}, *prepared)
         print(f"Worker {distribution.task[1]} done; the chief writes the run folder {out_dir}")
         return None
     with guards.folder_lock(out_dir):  # held before anything in the folder is removed
         prepare_run_dir(out_dir, overwrite, resume, inputs)
-        return _train_run(config, slices, run, distribution)
+        return _train_run(config, slices, run, *prepared)
 
 
-def _train_run(config, slices, run, distribution=None):
-    """`train_run` once its settings, data and run folder are checked (the folder is locked). Under a
-    `Distribution`, the model is built and trained on its strategy; a worker other than the chief
-    returns after training, the chief exports and evaluates a copy outside the strategy."""
-    distribution = (distribution or Distribution()).start()
+def _train_run(config, slices, run, distribution, jit_setting, val_batch_sizes):
+    """`train_run` once its settings, data and run folder are checked (the folder is locked), on
+    `distribution`'s started strategy: a worker other than the chief returns after training, the
+    chief exports and evaluates a copy outside the strategy. `val_batch_sizes`: of the validation
+    batches and of the per-case validation predictions (`Distribution.evaluation_batch_size`)."""
     c, run_dir, resume = config, Path(run["out_dir"]), run["resume"]
     kind, seed, image_size, precision = c.kind, c.seed, c.image_size, c.precision
     keras.utils.set_random_seed(seed)
     task = c.task
     write_split(slices, run_dir)
-    jit_compile = resolve_jit_compile(distribution.check(c.batch_size, c.jit_compile))
+    jit_compile = resolve_jit_compile(jit_setting)
     stored = run_dir / "config.json"
     if resume and stored.is_file() and distribution.replicas == 1:  # a resumed run keeps the compiler it started
         jit_compile = json.loads(stored.read_text()).get("jit_compile_used", jit_compile)  # with, wherever it resumes
@@ -469,9 +473,8 @@ def _train_run(config, slices, run, distribution=None):
     write_config(run_dir, {**c.to_dict(), **run, **record}, slices)
 
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
-    val_batch_size = distribution.evaluation_batch_size(int((slices.split == "val").sum()), c.batch_size)
     train_data, steps, val_data = make_datasets(slices, task, image_size, c.batch_size, seed, c.tumor_fraction,
-                                                start_epoch, val_batch_size=val_batch_size)  # fmt: skip
+                                                start_epoch, val_batch_size=val_batch_sizes[0])  # fmt: skip
     fused = keras.backend.backend() == "tensorflow"  # TensorFlow's fused batch normalization (models.py)
     with distribution.scope():
         model = models.build_model(kind, image_size, c.encoder_weights, c.base_filters, c.backbone, c.attention,
@@ -485,7 +488,7 @@ def _train_run(config, slices, run, distribution=None):
             model, train_data, val_data, run_dir, c.epochs, steps, task, c.patience, c.max_minutes, resume,
             run["verbose"], val_cases=val_cases, schedule=c.schedule, snapshot_minutes=c.snapshot_minutes,
             batch_size=c.batch_size, agree=distribution.agree,
-            validation_batch_size=val_batch_size if distribution.strategy is not None else 32,
+            validation_batch_size=val_batch_sizes[1],
         )  # fmt: skip
     if not distribution.is_chief:
         return None

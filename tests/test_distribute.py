@@ -170,6 +170,15 @@ def test_multi_worker_without_a_usable_cluster_is_refused_before_anything_is_wri
     monkeypatch.setenv("TF_CONFIG", json.dumps(evaluator))
     with pytest.raises(ValueError, match="chief and worker tasks only"):
         Distribution("multi-worker")
+    for task, message in ((2, "task index 2 is not one of the 2 worker addresses"), (-1, "task index -1")):
+        monkeypatch.setenv(
+            "TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": task}})
+        )
+        with pytest.raises(ValueError, match=message):
+            Distribution("multi-worker")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(ValueError, match="must be a list of host:port"):
+        Distribution("multi-worker")
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="distribute must be one of"):
         RunConfig(distribute="horovod")

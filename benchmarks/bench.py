@@ -17,8 +17,9 @@ Measures, in this order:
    the U-Net trained the original notebooks' way (that generator, float32, no XLA), ours with and
    without XLA in float32, and ours under the `mixed_bfloat16` policy (no XLA); the ratios with
    their spread over the rounds;
-6. the real loop: `python -m lgg train unet` for a few epochs on the same cases, with the settings
-   `train` chooses on this machine, and its steady-state rate from `history.csv`;
+6. the real loop: `python -m lgg train unet` for a few epochs on the same cases, in float32 (as the
+   rows of step 3) with the compiler `train` chooses on this machine, and its steady-state rate from
+   `history.csv`;
 7. peak memory while training the U-Net at 256x256 on all cases (in a fresh process, so that the
    models measured before do not count).
 
@@ -469,7 +470,8 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
     `mixed_bfloat16` without XLA (XLA's CPU code has no bfloat16 kernels of its own). Each round
     times every setup once, so a slow spell of the machine hits all of them; the ratios are taken
     within each round and reported as median, min and max over the rounds. `ours` is the float32
-    setup `train` picks on this machine (`lgg.train.xla_by_default`).
+    setup `train` picks on this machine (`lgg.train.xla_by_default`), `train_picks` the setup it
+    picks when the precision too is left to it (`lgg.train.precision_by_default`: bfloat16 with AMX).
     """
     images, masks, slices = arrays
     dataset = training_dataset("segmentation", images, masks, slices, batch_size)
@@ -494,6 +496,7 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
             rates[name].append(timed_fit(model, batches(), steps, batch_size)["slices_per_s"])
         log(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
     ours = "xla" if train.resolve_jit_compile(None) else "no_xla"
+    picks = "mixed_bfloat16" if train.resolve_precision(None, ours == "xla") == "mixed_bfloat16" else ours
 
     def spread(values):
         return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
@@ -510,6 +513,8 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
         "ours": ours,
         "slices_per_s": {name: {**spread(values), "all": values} for name, values in rates.items()},
         "ours_over_original": ratio(ours, "original"),
+        "train_picks": picks,
+        "train_picks_over_original": ratio(picks, "original"),
         "mixed_bfloat16_over_original": ratio("mixed_bfloat16", "original"),
         "xla_over_no_xla": ratio("xla", "no_xla"),
         "mixed_bfloat16_over_float32_no_xla": ratio("mixed_bfloat16", "no_xla"),
@@ -519,8 +524,8 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
 # ----------------------------------------------------------------------------- 6. the real loop
 def real_loop(data_dir, cases, size, batch_size, epochs):
     """`python -m lgg train unet` on the first `cases` cases for `epochs` epochs with the headline's
-    sampling (tumor fraction 0.5) and the settings `train` picks on this machine; its steady-state
-    training rate per epoch from `history.csv` (`StepTimer`), and their median."""
+    sampling (tumor fraction 0.5), in float32 as the table's rows, and the compiler `train` picks on this
+    machine; its steady-state training rate per epoch from `history.csv` (`StepTimer`), and their median."""
     import pandas as pd
 
     with tempfile.TemporaryDirectory() as folder:
@@ -528,6 +533,7 @@ def real_loop(data_dir, cases, size, batch_size, epochs):
         command = [sys.executable, "-m", "lgg", "train", "unet", "--data", str(data_dir), "--out", str(out)]
         command += ["--max-cases", str(cases), "--image-size", str(size), "--batch-size", str(batch_size)]
         command += ["--epochs", str(epochs), "--tumor-fraction", str(TUMOR_FRACTION), "--patience", str(epochs)]
+        command += ["--precision", "float32"]
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         history = pd.read_csv(out / "history.csv")
@@ -537,7 +543,7 @@ def real_loop(data_dir, cases, size, batch_size, epochs):
         "command": "python " + " ".join(command[1:]).replace(str(out), "RUN"),
         "epochs": len(history),
         "jit_compile_used": config.get("jit_compile_used"),
-        "precision": config["precision"],
+        "precision": config["precision_used"],
         "train_slices_per_s_by_epoch": history.train_slices_per_s.tolist(),
         "slices_per_s": float(rates.median()) if len(rates) else float("nan"),
         "wall_s": time.perf_counter() - start,
@@ -650,11 +656,11 @@ def print_table(results):
         rates = both["slices_per_s"]
         log(
             f"Side by side, U-Net training slices/s, median (min-max) of {both['rounds']} interleaved rounds of "
-            f"{both['steps']} steady-state steps (ours = {both['ours']}):\n  "
+            f"{both['steps']} steady-state steps (ours = {both['ours']}; `train` picks {both['train_picks']}):\n  "
             + ", ".join(f"{name} {r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})" for name, r in rates.items())
         )
-        for key in ("ours_over_original", "mixed_bfloat16_over_original", "xla_over_no_xla",
-                    "mixed_bfloat16_over_float32_no_xla"):  # fmt: skip
+        for key in ("ours_over_original", "train_picks_over_original", "mixed_bfloat16_over_original",
+                    "xla_over_no_xla", "mixed_bfloat16_over_float32_no_xla"):  # fmt: skip
             r = both[key]
             log(f"  {key}: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
     agreement = results.get("agreement")

@@ -26,16 +26,21 @@ from lgg.train import monitor_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
-# name -> RunConfig (lgg.config: every setting not named is its default). `unet` is the README's headline
+# name -> RunConfig (lgg.config: every setting not named is its default; every row in float32, as measured, except
+# the bfloat16 candidate, rather than the precision `train` would pick on the machine). `unet` is the README's headline
 # recipe (`make train` runs the same). Time limits: about eight hours of CPU for all ten (7 x 60 + 15 + 20 +
 # 20 min, plus evaluation); train one row at a time with --models.
 CONFIGS = {
     "unet": HEADLINE,
     "unet-seed1": replace(HEADLINE, seed=1),  # the same run with another seed: how much is luck
     "unet-slice-dice": replace(HEADLINE, dice_loss="slice"),
-    "classifier": RunConfig(kind="classifier", backbone="light", max_minutes=15),
-    "resnet50-unet": RunConfig(kind="resnet50-unet", tumor_fraction=0.5, max_minutes=20, encoder_weights="imagenet"),
-    "unet-leaky-slice-split": RunConfig(tumor_fraction=0.5, max_minutes=20, split="random-slice-leaky"),
+    "classifier": RunConfig(kind="classifier", backbone="light", max_minutes=15, precision="float32"),
+    "resnet50-unet": RunConfig(
+        kind="resnet50-unet", tumor_fraction=0.5, max_minutes=20, encoder_weights="imagenet", precision="float32"
+    ),
+    "unet-leaky-slice-split": RunConfig(
+        tumor_fraction=0.5, max_minutes=20, split="random-slice-leaky", precision="float32"
+    ),
     # the other folds of the 5-fold cross-validation by patient (fold 1 of 5 is the `unet` row's split)
     **{f"unet-fold{k}": replace(HEADLINE, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
     # the headline recipe again, the same seed, on another machine (its CPU is in its JSON): what the machine changes,
@@ -56,6 +61,12 @@ CONFIGS = {
         f"unet-bf16{suffix}": replace(HEADLINE, precision="mixed_bfloat16", jit_compile=False, split=split)
         for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
     },
+    # a candidate recipe for cases lacking sequences (benchmarks/misses.py: the one case at Dice 0 is FLAIR only):
+    # a fifth of the training slices made FLAIR only, the dataset's own fill for a missing sequence
+    **{
+        f"unet-flair{suffix}": replace(HEADLINE, flair_only=0.2, split=split)
+        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
+    },
 }
 # the U-Net recipe over the 5 patient folds: every one of the 88 patients tested once, by a model that never saw it
 CROSS_VALIDATION = ("unet", "unet-fold2", "unet-fold3", "unet-fold4", "unet-fold5")
@@ -65,6 +76,7 @@ CANDIDATES = {
     "unet-tversky": "Tversky overlap term (misses weighted 0.7, false alarms 0.3) instead of the batch Dice",
     "unet-bf16": "mixed_bfloat16 computed by oneDNN without XLA instead of float32 (for CPUs with bfloat16 "
     "instructions)",
+    "unet-flair": "a fifth of the training slices made FLAIR only (pre- and post-contrast replaced by FLAIR)",
 }
 TABLE_ROWS = [name for name in CONFIGS if not name.startswith(tuple(CANDIDATES))]
 DEFAULT_RUNS = [name for name in TABLE_ROWS if not name.startswith("unet-again")]  # what `make results` trains
@@ -108,10 +120,12 @@ def collect(name, data_dir):
         "split_counts": config["split_counts"],
         "seed": config["seed"],
         "image_size": config["image_size"],
-        "precision": config.get("precision", "float32"),
+        # recorded since the machine chooses it (precision_used); runs before that name it, or predate bfloat16
+        "precision": config.get("precision_used") or config.get("precision") or "float32",
         # XLA: recorded since it became the machine's choice; runs before that compiled with it (the default then)
         "jit_compile": config.get("jit_compile_used", config.get("jit_compile", True)),
         "dice_loss": config.get("dice_loss", "batch") if config["kind"] != "classifier" else None,
+        "flair_only": config.get("flair_only", 0.0),
         "encoder_weights": config.get("encoder_weights") if config["kind"] != "unet" else None,
         "backbone": config.get("backbone") if config["kind"] == "classifier" else None,
         "epochs_run": int(len(history)),
@@ -601,6 +615,30 @@ def two_stage_table(two_stage):
     )
 
 
+def ours_line(both, machine):
+    """The side-by-side's headline: ours as `train` picks on the benchmark's machine against the original.
+    (Files from before `train` chose the precision lack `train_picks`: the rule of `precision_by_default`,
+    which without XLA and GPU is the CPU's AMX, says what it picks there.)"""
+
+    def times(key):
+        r = both[key]
+        return f"{r['median']:.2f}x (rounds: {r['min']:.2f}–{r['max']:.2f})"
+
+    xla = "on" if both["ours"] == "xla" else "off"
+    picks = both.get("train_picks")
+    if picks is None:
+        picks = "mixed_bfloat16" if both["ours"] == "no_xla" and machine["cpu_flags"].get("amx_bf16") else both["ours"]
+    if picks == "mixed_bfloat16":
+        return (
+            f"**Ours as `train` picks here (`mixed_bfloat16`, XLA off: this CPU has AMX) "
+            f"{times('mixed_bfloat16_over_original')} the original; in float32 {times('ours_over_original')}.**"
+        )
+    return (
+        f"**Ours (float32, XLA {xla} as `train` picks here) {times('ours_over_original')} the original; in "
+        f"`mixed_bfloat16` {times('mixed_bfloat16_over_original')}.**"
+    )
+
+
 def benchmark_table(bench):
     """The README's speed section, from `results/benchmark.json` (written by `make bench`); None for a
     smoke run (`--quick`) or a file of the benchmark before it timed steady-state steps."""
@@ -650,9 +688,7 @@ def benchmark_table(bench):
             f"{rates['xla']['median']:.1f}, without {rates['no_xla']['median']:.1f} (XLA "
             f"{median_range(both['xla_over_no_xla'])}); ours in `mixed_bfloat16` without XLA "
             f"{rates['mixed_bfloat16']['median']:.1f} ({median_range(both['mixed_bfloat16_over_float32_no_xla'])} "
-            f"float32 without XLA). **Ours (float32, XLA {'on' if both['ours'] == 'xla' else 'off'} as `train` "
-            f"picks here) {median_range(both['ours_over_original'])} the original; in `mixed_bfloat16` "
-            f"{median_range(both['mixed_bfloat16_over_original'])}.** The original generator alone gives "
+            f"float32 without XLA). {ours_line(both, machine)} The original generator alone gives "
             f"{bench['original_pipeline']['pipeline_only_slices_per_s']:.0f} slices/s, ours "
             f"{bench['models']['unet']['training']['pipeline_only_slices_per_s']:.0f}.",
         ]

@@ -13,7 +13,7 @@ import cv2
 import keras
 import numpy as np
 
-from lgg.data import AUGMENTATION, affine_components, tumor_pools
+from lgg.data import AUGMENTATION, FLAIR_CHANNEL, affine_components, tumor_pools
 
 
 def random_affine(rng, batch_size, size, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
@@ -63,7 +63,7 @@ class TrainingBatches(keras.utils.PyDataset):
     Args:
         images: uint8 array `(N, S, S, 3)`.
         targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
-        batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch: as `training_dataset`.
+        batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch, flair_only: as `training_dataset`.
         workers: threads preparing batches (OpenCV releases the GIL). Defaults to `2`.
     """
 
@@ -78,11 +78,12 @@ class TrainingBatches(keras.utils.PyDataset):
         has_tumor=None,
         start_epoch=0,
         workers=2,
+        flair_only=0.0,
     ):
         super().__init__(workers=workers, use_multiprocessing=False)
         self.images, self.targets = np.asarray(images), np.asarray(targets)
         self.batch_size, self.seed, self.augment, self.start_epoch = batch_size, seed, augment, start_epoch
-        self.tumor_fraction = tumor_fraction
+        self.tumor_fraction, self.flair_only = tumor_fraction, flair_only
         self.pools = tumor_pools(tumor_fraction, has_tumor) if tumor_fraction is not None else None
         self.steps = int(np.ceil(len(self.images) / batch_size))
 
@@ -108,6 +109,9 @@ class TrainingBatches(keras.utils.PyDataset):
         if not self.augment:
             return images, targets
         rng = np.random.default_rng([self.seed, epoch, step])
+        if self.flair_only:  # lgg.data.fill_with_flair, drawn from its own stream so the affine draws stay
+            filled = np.random.default_rng([self.seed, epoch, step, 1]).uniform(size=len(images)) < self.flair_only
+            images[filled] = images[filled][..., [FLAIR_CHANNEL] * 3]
         if targets.ndim == 4:
             return augment_batch(images, targets, rng)
         return augment_batch(images, None, rng), targets

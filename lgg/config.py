@@ -6,10 +6,11 @@ line builds `train`'s options from it (`add_arguments`), `train_run` takes one, 
 table lists its rows as instances of it, and the notebooks' `parameters` cells are its fields.
 A `RunConfig` checks itself when made: a nonsense value is refused with the setting named.
 
-The defaults are plain (no time limit, learning rate halved on plateau, batches as they come);
+The defaults are plain (no time limit, learning rate halved on plateau, batches as they come; the
+compiler and the precision chosen by the machine, `lgg.train.xla_by_default` and `precision_by_default`);
 `HEADLINE` is the recipe of the README's headline row, which `make train`, the results table and the
 notebooks' `parameters` cells use: a U-Net at 128 px, half of each batch tumor slices, 60 minutes of
-training with the learning rate on a cosine over those minutes, weights kept after 15/30/45/60.
+training with the learning rate on a cosine over those minutes, weights kept after 15/30/45/60, float32.
 """
 
 import argparse
@@ -32,7 +33,7 @@ MINUTES_MAX = 7 * 24 * 60  # a week
 # what a run's config.json holds beside the settings: the record of that run
 RECORD_KEYS = {"data_dir", "out_dir", "resume", "verbose", "overwrite", "environment", "split_counts", "notebook",
                "encoder_weights_used", "encoder_weights_requested", "freeze_encoder", "loss",
-               "jit_compile_used", "replicas"}  # fmt: skip
+               "jit_compile_used", "precision_used", "replicas"}  # fmt: skip
 
 
 def _count(maximum):
@@ -77,6 +78,12 @@ class RunConfig:
     tumor_fraction: float | None = _setting(
         None, "oversample tumor slices to this share of each batch (None: as they come)", (guards.probability, {})
     )
+    flair_only: float = _setting(
+        0.0,
+        "share of training slices whose pre- and post-contrast channels are replaced by FLAIR, as the dataset "
+        "fills the sequences a case lacks (0: none)",
+        (guards.non_negative, {"maximum": 1}),
+    )
     max_minutes: float | None = _setting(
         None, "stop after this much training time (None: no limit)", (guards.positive, {"maximum": MINUTES_MAX})
     )
@@ -93,8 +100,12 @@ class RunConfig:
         "train with XLA (TensorFlow and JAX backends; on PyTorch the step runs eagerly); none: on unless the CPU "
         "has AVX-512, where oneDNN's own kernels train faster (make bench)",
     )
-    precision: str = _setting(
-        "float32", "mixed_bfloat16: compute in bfloat16, weights and export in float32", choices=PRECISIONS
+    precision: str | None = _setting(
+        None,
+        "mixed_bfloat16: compute in bfloat16, weights and export in float32; none: mixed_bfloat16 for a U-Net "
+        "trained by TensorFlow in one replica on a CPU with AMX, no GPU, without XLA, float32 elsewhere "
+        "(lgg.train.precision_by_default)",
+        choices=PRECISIONS,
     )
     dice_loss: str = _setting(
         "batch",
@@ -177,6 +188,8 @@ class RunConfig:
         unknown = sorted(set(stored) - names - RECORD_KEYS)
         if unknown:  # a misspelt setting would otherwise be dropped without a word
             print(f"{path}: ignoring {', '.join(unknown)} (not settings of lgg.config.RunConfig)")
+        if "precision" not in stored:  # written before the setting existed: that run trained in float32
+            stored = {**stored, "precision": "float32"}
         try:
             return cls(**{key: value for key, value in stored.items() if key in names} | changes)
         except ValueError as error:
@@ -184,7 +197,10 @@ class RunConfig:
 
 
 # the recipe of the README's headline row (the `unet` row of benchmarks/results.py)
-HEADLINE = RunConfig(tumor_fraction=0.5, max_minutes=60, schedule="time-cosine", snapshot_minutes=(15, 30, 45, 60))
+# in float32 on every machine, as its cross-validation was measured (`train` alone picks bfloat16 on CPUs with AMX)
+HEADLINE = RunConfig(
+    tumor_fraction=0.5, max_minutes=60, schedule="time-cosine", snapshot_minutes=(15, 30, 45, 60), precision="float32"
+)
 
 
 def _argparse_type(setting):

@@ -414,6 +414,18 @@ def augment_batch(images, masks, seed, augmentation=None):
     return warped[..., :3], tf.round(warped[..., 3:])
 
 
+def fill_with_flair(images, seed, share):
+    """Per sample, with probability `share`, the pre-contrast and post-contrast channels replaced by
+    FLAIR: what the dataset does for a case that lacks those sequences (4 of the 88 shared cases are
+    FLAIR only, `benchmarks/misses.py`), so that training sees such slices more often. `seed`: as
+    `augment_batch`'s, folded so that the affine draws stay as they are."""
+    import tensorflow as tf
+
+    draw = tf.random.stateless_uniform([tf.shape(images)[0]], tf.random.experimental.stateless_fold_in(seed, 1))
+    flair = tf.repeat(images[..., FLAIR_CHANNEL : FLAIR_CHANNEL + 1], 3, axis=-1)
+    return tf.where((draw < share)[:, None, None, None], flair, images)
+
+
 def _gather(images, targets, index, static_batch):
     """The slices at `index` as float32 tensors, read from the numpy arrays themselves: no copy of
     the data set is made inside TensorFlow (a captured constant, and tf.data's graph rewrites of it,
@@ -457,7 +469,15 @@ def evaluation_dataset(images, targets, batch_size=16):
 
 
 def training_dataset(
-    images, targets, batch_size=16, seed=0, augment=True, tumor_fraction=None, has_tumor=None, start_epoch=0
+    images,
+    targets,
+    batch_size=16,
+    seed=0,
+    augment=True,
+    tumor_fraction=None,
+    has_tumor=None,
+    start_epoch=0,
+    flair_only=0.0,
 ):
     """A `tf.data` pipeline of training batches over slices decoded in memory.
 
@@ -479,6 +499,8 @@ def training_dataset(
             Defaults to `None` (each slice once per epoch).
         has_tumor: bool array `(N,)`. Which slices show tumor; for `tumor_fraction`.
         start_epoch: int. First epoch of the stream (to resume a run). Defaults to `0`.
+        flair_only: float. With `augment`, the share of slices whose pre- and post-contrast
+            channels are replaced by FLAIR (`fill_with_flair`). Defaults to `0` (none).
 
     Returns:
         `(dataset, steps_per_epoch)`.
@@ -515,6 +537,8 @@ def training_dataset(
         if not augment:
             return batch_images, batch_targets
         batch_seed = tf.cast(tf.stack([seed, epoch * steps + step]), tf.int32)
+        if flair_only:
+            batch_images = fill_with_flair(batch_images, batch_seed, flair_only)
         if segmentation:
             return augment_batch(batch_images, batch_targets, batch_seed)
         return augment_batch(batch_images, None, batch_seed), batch_targets

@@ -14,8 +14,8 @@ def start(config, data_dir, out_dir, overwrite):
     The notebooks' code cells read every setting from `config`, so `config.json` records what ran."""
     if config.precision != "float32":  # refused before anything is written: the notebooks build in float32
         raise ValueError(
-            f"the notebooks train in float32; precision {config.precision!r} is an option of "
-            f"`python -m lgg train {config.kind} --precision {config.precision}`, which exports the float32 twin"
+            f"the notebooks train in float32 (set precision = 'float32'); precision {config.precision!r} is an "
+            f"option of `python -m lgg train {config.kind}`, which exports the float32 twin"
         )
     keras.utils.set_random_seed(config.seed)  # seeds Python, NumPy and the backend in one place
     run_dir = train.prepare_run_dir(out_dir, overwrite=overwrite, inputs=[data_dir])

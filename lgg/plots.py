@@ -53,6 +53,22 @@ def plot_examples(images, masks, titles=None, save_path=None):
     return _finish(figure, save_path)
 
 
+def plot_channel_outlines(images, true_masks, predicted_masks, titles, title, save_path=None):
+    """One row per slice: each of the three channels with the true (green) and predicted (red) outline."""
+    rows = len(images)
+    figure, axes = plt.subplots(rows, 3, figsize=(8.4, 2.9 * rows + 0.4), squeeze=False)
+    for row in range(rows):
+        for channel, name in enumerate(CHANNELS):
+            axis = axes[row, channel]
+            axis.imshow(images[row][..., channel], cmap="gray")
+            _outline(axis, np.squeeze(true_masks[row]), TRUE_COLOUR)
+            _outline(axis, np.squeeze(predicted_masks[row]), PREDICTED_COLOUR)
+            axis.set_title(f"{titles[row]}\n{name}" if channel == 0 else name, fontsize=8)
+            axis.axis("off")
+    figure.suptitle(f"{title}\ntrue outline green, predicted red", fontsize=9)
+    return _finish(figure, save_path)
+
+
 def plot_overlays(images, true_masks, probabilities, titles, threshold=0.5, save_path=None, columns=4):
     """FLAIR with the true (green) and predicted (red) tumor outline, one panel per slice."""
     count = len(images)

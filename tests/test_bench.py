@@ -31,12 +31,33 @@ def test_the_benchmark_runs_and_renders(real_data, tmp_path):
     assert all(len(r["all"]) == bench["settings"]["side_by_side_rounds"] for r in both["slices_per_s"].values())
     real = bench["real_loop"]
     assert real["epochs"] == 2 and len(real["train_slices_per_s_by_epoch"]) == 2 and real["slices_per_s"] > 0
-    assert real["jit_compile_used"] == bench["settings"]["jit_compile"]
+    assert real["jit_compile_used"] == bench["settings"]["jit_compile"] and real["precision"] == "float32"
+    from lgg import train
+
+    bfloat16 = train.resolve_precision(None, both["ours"] == "xla") == "mixed_bfloat16"  # what `train` picks here
+    picks, ratio = (
+        ("mixed_bfloat16", "mixed_bfloat16_over_original") if bfloat16 else (both["ours"], "ours_over_original")
+    )
+    assert both["train_picks"] == picks and both["train_picks_over_original"] == both[ratio]
     assert set(bench["agreement"]["slices_per_s"]) == {"single timing", "side-by-side median", "real loop"}
     assert "memory" not in bench  # --quick leaves it out
     assert results.benchmark_table(bench) is None  # a smoke run never reaches the README
     text = results.benchmark_table({**bench, "settings": {**bench["settings"], "quick": False}})
     assert "steady-state" in text and "The same code timed three ways" in text
+    assert ("Ours as `train` picks here (`mixed_bfloat16`" in text) == (picks == "mixed_bfloat16")
+
+
+def test_the_speed_text_says_what_train_picks_on_the_benchmarked_machine():
+    """A benchmark file from before `train` chose the precision (no `train_picks`): the rule decides."""
+    bench = json.loads((ROOT / "results" / "benchmark.json").read_text())
+    both, machine = bench["side_by_side"], bench["machine"]
+    both.pop("train_picks", None)
+    for amx, expected in [(True, "Ours as `train` picks here (`mixed_bfloat16`"), (False, "**Ours (float32, XLA")]:
+        machine["cpu_flags"]["amx_bf16"] = amx
+        assert expected in results.ours_line(both, machine)
+    assert f"{both['mixed_bfloat16_over_original']['median']:.2f}x" in results.ours_line(
+        both, {"cpu_flags": {"amx_bf16": True}}
+    )
 
 
 def test_a_smoke_run_may_not_replace_the_committed_benchmark():

@@ -94,6 +94,11 @@ def test_train_writes_the_whole_run_folder(run_dir):
     assert {"loss", "val_dice_coefficient", "val_case_dice", "elapsed_s", "train_slices_per_s"} <= set(history.columns)
     assert np.isfinite(history.train_slices_per_s).all() and (history.train_slices_per_s > 0).all()
     assert config["jit_compile"] is None and config["jit_compile_used"] == train.resolve_jit_compile(None)
+    # the precision too is the machine's choice (bfloat16 on a CPU with AMX), and the exported model float32
+    assert config["precision"] is None and config["precision_used"] == train.precision_by_default(
+        config["jit_compile_used"]
+    )
+    assert {layer.dtype_policy.name for layer in keras.saving.load_model(run_dir / "model.h5").layers} == {"float32"}
     summary = json.loads((run_dir / "test_summary.json").read_text())
     assert summary["postprocessing"] == json.loads((run_dir / "postprocess.json").read_text())
     assert set(summary["raw"]) == set(metrics.SEGMENTATION_SUMMARY_KEYS)
@@ -237,9 +242,17 @@ def test_killed_training_resumes_from_its_last_epoch(real_data, tmp_path):
     process.wait()
     assert json.loads(state.read_text())["epoch"] in (0, 1), "the run should have been killed in its 2nd or 3rd epoch"
     assert not (out / "model.h5").exists()
-    lgg(*command[3:], "--resume")  # the same command, continued
+    started = json.loads((out / "config.json").read_text())
+    continued = lgg(*command[3:], "--resume")  # the same command, continued
     resumed = pd.read_csv(history)
     assert resumed["epoch"].tolist() == [0, 1, 2]  # continued at epoch 1, not restarted
+    config = json.loads((out / "config.json").read_text())
+    # the compiler and precision the run started with, read from its config.json (not chosen again)
+    assert "(as the run started;" in continued.stdout
+    assert (config["jit_compile_used"], config["precision_used"]) == (
+        started["jit_compile_used"],
+        started["precision_used"],
+    )
     assert (out / "model.h5").is_file()
 
     # and it ends where the same run, never interrupted, ends (CPU kernels: within 1e-4, as README says)

@@ -46,6 +46,7 @@ def test_every_setting_has_an_option_and_every_option_reaches_the_config():
         "schedule": "time-cosine",
         "snapshot_minutes": (1, 2),
         "precision": "mixed_bfloat16",
+        "flair_only": 0.2,
         "dice_loss": "slice",
         "distribute": "mirrored",
     }
@@ -98,6 +99,8 @@ def test_a_runs_config_json_is_trained_again_with_train_config(tmp_path):
         ({"jit_compile": "no"}, "jit_compile must be true or false"),
         ({"split": "patient-fold-6-of-5"}, "fold"),
         ({"precision": "float16"}, "precision must be one of"),
+        ({"flair_only": 1.5}, "flair_only must be 0 or more and at most 1"),
+        ({"flair_only": -0.1}, "flair_only must be 0 or more"),
         ({"kind": "resnet50-unet", "encoder_weights": "/nowhere/resnet50.h5"}, "an existing weights file"),
     ],
 )
@@ -129,6 +132,9 @@ def test_values_from_a_file_are_converted_or_refused_never_passed_through(tmp_pa
     loaded = RunConfig.from_file(path)
     assert (loaded.image_size, loaded.epochs, loaded.learning_rate) == (128, 3, 1.0)
     assert type(loaded.image_size) is int and type(loaded.learning_rate) is float
+    assert loaded.precision == "float32"  # a file from before the setting: that run trained in float32
+    path.write_text(json.dumps({"kind": "unet", "precision": None}))
+    assert RunConfig.from_file(path).precision is None  # left to the machine, as that run was
     for bad, message in [
         ({"split": 5}, "split must be text"),
         ({"snapshot_minutes": 15}, "snapshot_minutes must be a list"),
@@ -172,9 +178,42 @@ def test_resume_keeps_the_runs_own_settings_and_config_brings_its_data_folder(tm
 
 def test_xla_is_chosen_by_the_machine_unless_told():
     assert RunConfig().jit_compile is None  # decided when training starts, recorded as jit_compile_used
+    assert RunConfig().precision is None  # the same: precision_used
     assert parse_train(["unet", "--out", "x", "--jit-compile"]).jit_compile is True
     assert parse_train(["unet", "--out", "x", "--no-jit-compile"]).jit_compile is False
     assert train.resolve_jit_compile(True) and not train.resolve_jit_compile(False)  # told: as told
+
+
+def test_precision_is_bfloat16_only_where_it_was_measured_to_pay(monkeypatch):
+    """mixed_bfloat16 by default only for one TensorFlow process on a CPU with AMX, no GPU, XLA off;
+    an explicit precision is kept as given."""
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # no GPU
+    assert parse_train(["unet", "--out", "x", "--precision", "none"]).precision is None
+    for amx, expected in [(True, "mixed_bfloat16"), (False, "float32")]:
+        flags = dict.fromkeys(train.CPU_FLAGS, True) | {"amx_bf16": amx}
+        monkeypatch.setattr(train, "cpu", lambda flags=flags: {"cpu_model": "a CPU", "cpu_flags": flags})
+        assert train.precision_by_default(jit_compile=False) == expected
+        assert train.precision_by_default(jit_compile=True) == "float32"  # XLA's CPU code: no bfloat16 kernels
+        assert train.precision_by_default(jit_compile=False, replicas=2) == "float32"  # not measured
+        assert train.resolve_precision(None, False) == expected
+        assert train.resolve_precision("float32", False) == "float32"
+        assert train.resolve_precision("mixed_bfloat16", True) == "mixed_bfloat16"
+        assert train.precision_by_default(jit_compile=False, kind="classifier") == "float32"  # measured: U-Net only
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["a GPU"] if kind == "GPU" else [])
+    assert train.precision_by_default(jit_compile=False) == "float32"
+
+
+def test_a_resumed_run_keeps_the_compiler_and_precision_it_started_with(monkeypatch):
+    flags = dict.fromkeys(train.CPU_FLAGS, True)  # this "machine" has AMX and AVX-512: bfloat16, no XLA
+    monkeypatch.setattr(train, "cpu", lambda: {"cpu_model": "a CPU", "cpu_flags": flags})
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert train.compiler_and_precision(None, None, "unet") == (False, "mixed_bfloat16")  # a new run
+    started_elsewhere = {"jit_compile": None, "jit_compile_used": True, "precision": None, "precision_used": "float32"}
+    assert train.compiler_and_precision(None, None, "unet", stored=started_elsewhere) == (True, "float32")
+    told = {"jit_compile": False, "precision": "mixed_bfloat16"}  # a run from before precision_used was recorded
+    assert train.compiler_and_precision(False, "mixed_bfloat16", "unet", stored=told) == (False, "mixed_bfloat16")
+    older = {"jit_compile": False}  # from before --precision existed: float32, not this machine's choice
+    assert train.compiler_and_precision(False, None, "unet", stored=older) == (False, "float32")
 
 
 @pytest.mark.parametrize(("avx512f", "xla"), [(True, False), (False, True)])

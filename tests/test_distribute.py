@@ -24,7 +24,9 @@ from lgg.distribute import Distribution, empty_share
 from lgg.train import train_run
 
 # a tiny U-Net, two epochs of real slices; "slice" Dice, whose sum splits among replicas as the cross-entropy's does
-SETTINGS = dict(max_cases=10, image_size=32, base_filters=4, epochs=2, batch_size=8, dice_loss="slice")
+# the reference in float32, as several replicas train by default (one process on a CPU with AMX: bfloat16)
+SETTINGS = dict(max_cases=10, image_size=32, base_filters=4, epochs=2, batch_size=8, dice_loss="slice",
+                precision="float32")  # fmt: skip
 FLAGS = ["--max-cases", "10", "--image-size", "32", "--base-filters", "4", "--epochs", "2", "--batch-size", "8",
          "--dice-loss", "slice"]  # fmt: skip
 # `python -m lgg` with this CPU split into two logical devices, each a replica of --distribute mirrored
@@ -144,6 +146,7 @@ def test_two_workers_on_loopback_train_as_one_process_resume_and_the_chief_alone
     assert set(Path(tempfile.gettempdir()).glob("lgg-worker*")) == before  # the other worker's folder is gone
     config = json.loads((out / "config.json").read_text())
     assert (config["distribute"], config["replicas"], config["jit_compile_used"]) == ("multi-worker", 2, False)
+    assert config["precision"] is None and config["precision_used"] == "float32"  # several replicas: float32
     assert (out / "test_summary.json").is_file()
     assert_trains_as_one_process(out, single, real_data)
 
@@ -156,6 +159,7 @@ def test_mirrored_on_two_logical_cpus_trains_as_one_process(real_data, single, t
     config = json.loads((out / "config.json").read_text())
     # two replicas: XLA off (it fails under MirroredStrategy in Keras 3.15), BatchNorm synchronized
     assert (config["distribute"], config["replicas"], config["jit_compile_used"]) == ("mirrored", 2, False)
+    assert config["precision"] is None and config["precision_used"] == "float32"  # several replicas: float32
     assert_trains_as_one_process(out, single, real_data)
 
 

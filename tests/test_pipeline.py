@@ -184,3 +184,35 @@ def test_fit_walks_the_numpy_stream_across_epochs(arrays):
     assert stream.steps == 3
     # Keras peeks at the first batches for their shapes and workers fetch ahead: the distinct indices count
     assert sorted(set(seen))[: 3 * stream.steps] == list(range(3 * stream.steps))
+
+
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_flair_only_slices_are_drawn_at_the_share_asked_the_rest_as_before(arrays, pipeline):
+    """`flair_only`: that share of the training slices gets FLAIR in all three channels (the
+    dataset's fill for a missing sequence), the same affine draws as without it, masks untouched."""
+    from lgg import batches
+
+    slices, images, masks = arrays
+
+    def stream(share):
+        if pipeline == "numpy":
+            return [
+                batches.TrainingBatches(images, masks, batch_size=16, seed=2, flair_only=share)[i] for i in range(6)
+            ]
+        dataset, _ = data.training_dataset(images, masks, batch_size=16, seed=2, flair_only=share)
+        return [(x.numpy(), y.numpy()) for x, y in dataset.take(6)]
+
+    plain, half, every = stream(0.0), stream(0.5), stream(1.0)
+    filled = []
+    for (x0, y0), (x5, y5), (x1, y1) in zip(plain, half, every):
+        np.testing.assert_array_equal(y5, y0)  # the masks and the geometry are the same draws
+        np.testing.assert_array_equal(y1, y0)
+        np.testing.assert_array_equal(x1[..., 1], x0[..., 1])  # FLAIR itself untouched
+        assert (x1[..., 0] == x1[..., 1]).all() and (x1[..., 2] == x1[..., 1]).all()
+        copies = (x5[..., 0] == x5[..., 1]).reshape(16, -1).all(axis=1) & (x5[..., 2] == x5[..., 1]).reshape(
+            16, -1
+        ).all(axis=1)
+        shown = x0[..., 1].reshape(16, -1).max(axis=1) > 0  # blank slices are copies of FLAIR anyway
+        np.testing.assert_array_equal(x5[~copies], x0[~copies])  # the others exactly as without the option
+        filled += list(copies[shown])
+    assert 0.3 < np.mean(filled) < 0.7, np.mean(filled)

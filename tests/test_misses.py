@@ -1,0 +1,47 @@
+"""`benchmarks/misses.py`: the cases whose missing sequences the dataset filled with FLAIR are found in
+the real data, and a case is drawn only by a model that never saw it."""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lgg import data
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import misses  # noqa: E402
+
+
+def test_cases_lacking_a_sequence_are_found_in_the_real_data(real_data):
+    slices = data.find_slices(real_data)
+    expected = {
+        "TCGA_FG_A60K_20040224": "FLAIR only",  # pre- and post-contrast channels are FLAIR on every slice
+        "TCGA_DU_6407_19860514": "no post-contrast",
+        "TCGA_CS_4941_19960909": "all three sequences",
+    }
+    table = misses.sequence_copies(slices[slices["case_id"].isin(expected)]).set_index("case_id")
+    assert table["sequences"].to_dict() == expected
+    assert table.loc["TCGA_DU_6407_19860514", "pre_is_flair_share"] == 0.0
+    assert (table["non_blank_slices"] <= table["slices"]).all()
+
+
+def test_a_case_is_drawn_only_by_a_model_that_never_saw_it(real_data, tmp_path, capsys):
+    slices = data.find_slices(real_data)
+    case = slices[slices["case_id"] == "TCGA_FG_A60K_20040224"]  # the case at Dice 0 in the cross-validation
+    model = tmp_path / "run" / "model.h5"  # refused on its split.csv, before the model is read
+    with pytest.raises(ValueError, match="no such model file"):
+        misses.draw_case(model, case, 0.0, tmp_path / "case.png")
+    model.parent.mkdir()
+    model.write_bytes(b"not read")
+    with pytest.raises(ValueError, match="no split.csv"):
+        misses.draw_case(model, case, 0.0, tmp_path / "case.png")
+    pd.DataFrame({"case_id": [case["case_id"].iloc[0]], "split": ["val"]}).to_csv(model.parent / "split.csv")
+    with pytest.raises(ValueError, match="trained or chose its epoch on TCGA_FG_A60K_20040224"):
+        misses.draw_case(model, case, 0.0, tmp_path / "case.png")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):  # the whole command: refused before any table or figure is written
+        misses.main(["--data", str(real_data), "--model", str(model), "--out", str(out)])
+    assert "trained or chose its epoch" in capsys.readouterr().err
+    assert not out.exists()

@@ -24,7 +24,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lgg import data, plots  # noqa: E402
+from lgg import data, guards, plots  # noqa: E402
 from lgg.files import save_csv, save_json  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -132,6 +132,10 @@ def main(argv=None):
     parser.add_argument("--model", help="a U-Net run's model.h5 that never saw the cases at Dice 0 (to draw them)")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the tables and figures (default: results)")
     args = parser.parse_args(argv)
+    try:
+        guards.check_apart(args.out, [args.data])  # tables and figures never land among the data
+    except FileExistsError as error:
+        parser.error(str(error))
     pooled = RESULTS / "unet-cross-validation.csv"
     if not pooled.is_file():
         parser.error(f"{pooled} is missing: `python benchmarks/results.py --collect-only` writes it")

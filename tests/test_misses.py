@@ -45,3 +45,7 @@ def test_a_case_is_drawn_only_by_a_model_that_never_saw_it(real_data, tmp_path, 
         misses.main(["--data", str(real_data), "--model", str(model), "--out", str(out)])
     assert "trained or chose its epoch" in capsys.readouterr().err
     assert not out.exists()
+    inside = real_data / "misses-out"  # nor among the data
+    with pytest.raises(SystemExit):
+        misses.main(["--data", str(real_data), "--out", str(inside)])
+    assert "apart from the data" in capsys.readouterr().err and not inside.exists()

@@ -68,8 +68,19 @@ CONFIGS = {
         for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
     },
 }
+
+
+def fold_rows(recipe):
+    """The five rows of a recipe's cross-validation by patient (fold 1 of 5 is the row without a suffix)."""
+    return (recipe, *(f"{recipe}-fold{k}" for k in range(2, 6)))
+
+
 # the U-Net recipe over the 5 patient folds: every one of the 88 patients tested once, by a model that never saw it
-CROSS_VALIDATION = ("unet", "unet-fold2", "unet-fold3", "unet-fold4", "unet-fold5")
+CROSS_VALIDATION = fold_rows("unet")
+# the fold whose model ships, for every recipe: fixed when the first model shipped (the first fold run after fold 1),
+# before its test figure existed, so that no recipe ships its luckiest fold; a replacement is tested on the same
+# patients
+SHIPPED_SPLIT = "patient-fold-2-of-5"
 # candidate recipes: prefix -> what changes. Each fold row `<prefix>[-foldK]` is compared case by case with the
 # headline's row of the same fold (`unet[-foldK]`); they are not rows of the results table and not trained by default.
 CANDIDATES = {
@@ -202,16 +213,18 @@ def uncertainty(run_dir, data_dir, summary):
     return result
 
 
-def cross_validation(results):
-    """Pool the folds of `CROSS_VALIDATION` that have results: every case scored once by the fold
+def cross_validation(results, recipe="unet"):
+    """Pool the fold rows of `recipe` (`fold_rows`) that have results: every case scored once by the fold
     model that never saw it. Mean and median per-case Dice with its 95 % bootstrap interval, cases
     at Dice 0, tumor-slice Dice (weighted by each fold's tumor slices), false-positive rate on
     tumor-free slices (pooled counts), and the Dice after N minutes (each fold's snapshots,
-    weighted by its cases) -> `results/unet-cross-validation.json` and `.csv` (one row per case)."""
+    weighted by its cases) -> `results/<recipe>-cross-validation.json` and `.csv` (one row per case).
+    The headline pools from two folds on; a candidate recipe only once all five have run (before
+    that, its paired comparison says what it has)."""
     from lgg import metrics
 
-    folds = [r for r in results if r["name"] in CROSS_VALIDATION]
-    if len(folds) < 2:
+    folds = [r for r in results if r["name"] in fold_rows(recipe)]
+    if len(folds) < (2 if recipe == "unet" else 5):
         return None
     tables = []
     for r in folds:
@@ -223,6 +236,7 @@ def cross_validation(results):
     tumor_slices = [r["test"]["tumor_slice_dice_mean"] * _test_counts(r)["tumor_slices"] for r in folds]
     tumor_free = cases["slices"] - cases["tumor_slices"]
     pooled = {
+        "recipe": recipe,
         "folds": [r["name"] for r in folds],
         "splits": [r["split"] for r in folds],
         "cases": int(len(cases)),
@@ -240,16 +254,18 @@ def cross_validation(results):
                 "case_dice_mean": r["test"]["case_dice_mean"],
                 "epochs": r["epochs_run"],
                 "training_minutes": r["training_minutes"],
+                "cpu": r["environment"].get("cpu_model"),
+                "precision": r.get("precision", "float32"),
             }
             for r in folds
         ],
     }
     if all(r.get("after_minutes") for r in folds):
         pooled["after_minutes"] = pooled_curve(folds)
-    save_json(pooled, RESULTS / "unet-cross-validation.json")
+    save_json(pooled, RESULTS / f"{recipe}-cross-validation.json")
     from lgg.files import save_csv
 
-    save_csv(cases, RESULTS / "unet-cross-validation.csv")
+    save_csv(cases, RESULTS / f"{recipe}-cross-validation.csv")
     return pooled
 
 
@@ -380,16 +396,31 @@ def _test_counts(result):
 
 def cross_validation_text(pooled):
     low, high = pooled["case_dice_mean_ci95"]
+    recipe = pooled.get("recipe", "unet")
+
+    cpus = {f.get("cpu") for f in pooled["per_fold"]}  # older files did not record it
+    where = f"; every fold on {next(iter(cpus))}" if len(cpus) == 1 and None not in cpus else ""
+
+    def cpu(fold):  # the CPU of each fold, where they ran on more than one kind
+        return f", {fold.get('cpu') or 'CPU not recorded'}" if len(cpus) > 1 else ""
+
     folds = ", ".join(
-        f"{f['split']} {f['case_dice_mean']:.3f} ({f['cases']} cases; {f['epochs']} epochs/{f['training_minutes']} min)"
+        f"{f['split']} {f['case_dice_mean']:.3f} ({f['cases']} cases; {f['epochs']} epochs/{f['training_minutes']} min"
+        f"{cpu(f)})"
         for f in pooled["per_fold"]
     )
     zero = pooled["cases_at_dice_0"]
     missed = f"{len(zero)} case{'s' * (len(zero) != 1)} at Dice 0" + (f" ({', '.join(zero)})" if zero else "")
+    title = (
+        "the U-Net recipe of the first row"
+        if recipe == "unet"
+        else f"candidate recipe `{recipe}` ({CANDIDATES[recipe]})"
+    )
     lines = [
-        f"**Cross-validation by patient, the U-Net recipe of the first row** ({len(pooled['folds'])} of 5 folds run: "
+        f"**Cross-validation by patient, {title}** ({len(pooled['folds'])} of 5 folds run: "
         f"{pooled['cases']} of the 88 patients, each scored once by the fold model that never saw it; "
-        f"`results/unet-cross-validation.json`, one row per case in `results/unet-cross-validation.csv`): "
+        f"`results/{recipe}-cross-validation.json`, one row per case in `results/{recipe}-cross-validation.csv`"
+        f"{where}): "
         f"mean per-case Dice **{pooled['case_dice_mean']:.3f}** (95 % interval {low:.3f}–{high:.3f}), median "
         f"{pooled['case_dice_median']:.3f}; {missed}; "
         f"tumor-slice Dice {pooled['tumor_slice_dice_mean']:.3f}; false-positive rate on tumor-free slices "
@@ -527,6 +558,8 @@ def readme_table(results):
     if pooled_file.exists():
         lines += ["", cross_validation_text(json.loads(pooled_file.read_text()))]
     for prefix in CANDIDATES:
+        if (RESULTS / f"{prefix}-cross-validation.json").exists():
+            lines += ["", cross_validation_text(json.loads((RESULTS / f"{prefix}-cross-validation.json").read_text()))]
         if (RESULTS / f"{prefix}-vs-unet.json").exists():
             lines += ["", recipe_comparison_text(json.loads((RESULTS / f"{prefix}-vs-unet.json").read_text()))]
     ceiling_file = RESULTS / "resolution_ceiling.json"
@@ -751,31 +784,61 @@ DATASET_TERMS = (
 )
 
 
+def recipe_of(name):
+    """The recipe whose cross-validation `name` is a fold row of (`unet-bf16-fold2` -> `unet-bf16`), or None."""
+    return next((recipe for recipe in ("unet", *CANDIDATES) if name in fold_rows(recipe)), None)
+
+
+def check_shippable(name, target="unet"):
+    """Refuse, before anything is read or written, a run that may not replace `models/<target>/`: it must be
+    the fixed fold (`SHIPPED_SPLIT`) of a recipe with a pooled cross-validation, and a model of another recipe
+    is replaced only when this recipe's pooled mean per-case Dice is higher over at least as many patients.
+    -> (the run's result, its recipe's pooled cross-validation, the shipped card or None)."""
+    recipe = recipe_of(name)
+    pooled_file = RESULTS / f"{recipe}-cross-validation.json"
+    if recipe is None or not pooled_file.exists():
+        raise ValueError(
+            f"{name} is not a fold of a cross-validated recipe (results/<recipe>-cross-validation.json); "
+            "run its folds and --collect-only first"
+        )
+    pooled = json.loads(pooled_file.read_text())
+    if name not in pooled["folds"]:
+        raise ValueError(f"{name} is not among the folds pooled in {pooled_file.name}; run --collect-only first")
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    if result["split"] != SHIPPED_SPLIT:
+        raise ValueError(
+            f"{name} was tested on {result['split']}; the shipped fold is {SHIPPED_SPLIT} for every recipe "
+            f"(fixed before its test figure existed): ship {fold_rows(recipe)[1]}"
+        )
+    card_file = MODELS / target / "card.json"
+    shipped = json.loads(card_file.read_text()) if card_file.exists() else None
+    if shipped and shipped["run"] != name:
+        theirs, ours = shipped["cross_validation"], pooled
+        if ours["cases"] < theirs["cases"] or ours["case_dice_mean"] <= theirs["case_dice_mean"]:
+            raise ValueError(
+                f"models/{target} holds {shipped['run']}, whose recipe scores {theirs['case_dice_mean']:.3f} pooled "
+                f"over {theirs['cases']} patients; {name}'s recipe scores {ours['case_dice_mean']:.3f} over "
+                f"{ours['cases']}: not better, not replaced"
+            )
+    return result, pooled, shipped
+
+
 def ship(name, data_dir, target="unet"):
     """Copy the model of the run `name` into `models/<target>/` (`model.h5` without optimizer state,
     `postprocess.json`, `split.csv`) with `MODEL_CARD.md` and `card.json`. A shipped model is
-    replaced only by a run whose recipe scores a higher pooled cross-validated mean per-case Dice."""
+    replaced only by a run whose recipe scores a higher pooled cross-validated mean per-case Dice
+    (`check_shippable`)."""
     import hashlib
 
     import keras
 
     from lgg import evaluate
 
+    result, pooled, shipped = check_shippable(name, target)
     run_dir, folder = RUNS / f"results-{name}", MODELS / target
-    result = json.loads((RESULTS / f"{name}.json").read_text())
-    pooled_file = RESULTS / "unet-cross-validation.json"
-    pooled = json.loads(pooled_file.read_text()) if pooled_file.exists() else None
-    if pooled is None or name not in pooled["folds"]:
-        raise ValueError(f"{name} is not one of the pooled cross-validation folds; run --collect-only first")
-    card_file = folder / "card.json"
-    shipped = json.loads(card_file.read_text()) if card_file.exists() else None
-    if shipped:
-        if shipped["cross_validation"]["case_dice_mean"] >= pooled["case_dice_mean"] and shipped["run"] != name:
-            raise ValueError(
-                f"models/{target} holds a model whose recipe scores "
-                f"{shipped['cross_validation']['case_dice_mean']:.3f} (pooled); {name}'s recipe scores "
-                f"{pooled['case_dice_mean']:.3f}: not better, not replaced"
-            )
+    missing = [f for f in ("model.h5", "postprocess.json", "split.csv") if not (run_dir / f).is_file()]
+    if missing:
+        raise ValueError(f"{run_dir} lacks {missing}: ship a run trained here (or copied into runs/)")
     # everything is built in a new folder and swapped in at the end: a failure leaves the shipped model as it was
     staging = MODELS / f".{target}-partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -802,6 +865,8 @@ def ship(name, data_dir, target="unet"):
         "split": result["split"],
         "split_counts": result["split_counts"],
         "recipe": result["command"],
+        "recipe_name": pooled.get("recipe", "unet"),
+        "precision": result.get("precision", "float32"),
         "image_size": result["image_size"],
         "epochs_run": result["epochs_run"],
         "best_epoch": result["best_epoch"],
@@ -810,6 +875,13 @@ def ship(name, data_dir, target="unet"):
         "test": {k: shipped_test[k] for k in ("cases", "case_dice_mean", "case_dice_median", "postprocessing")},
         "cross_validation": {key: pooled[key] for key in CARD_POOLED_KEYS},
     }
+    if shipped and shipped["run"] != name:
+        card["replaced"] = {"run": shipped["run"], "cross_validation": shipped["cross_validation"]}
+    elif shipped and "replaced" in shipped:
+        card["replaced"] = shipped["replaced"]
+    comparison = RESULTS / f"{card['recipe_name']}-vs-unet.json"
+    if card["recipe_name"] != "unet" and comparison.exists():  # the recipe against the headline, case by case
+        card["paired_with_headline"] = json.loads(comparison.read_text())["paired"]
     save_json(card, staging / "card.json")
     (staging / "MODEL_CARD.md").write_text(model_card(card))
     if folder.exists():
@@ -832,7 +904,7 @@ def refresh_card(target="unet"):
     folds run since it shipped). The model file and its measured test figure are left as they are."""
     folder = MODELS / target
     card = json.loads((folder / "card.json").read_text())
-    pooled = json.loads((RESULTS / "unet-cross-validation.json").read_text())
+    pooled = json.loads((RESULTS / f"{card.get('recipe_name', 'unet')}-cross-validation.json").read_text())
     card["cross_validation"] = {key: pooled[key] for key in CARD_POOLED_KEYS}
     with atomic_path(folder / "MODEL_CARD.md") as temporary:
         temporary.write_text(model_card(card))
@@ -861,8 +933,10 @@ def model_card(card):
         f"{counts['val']['cases']} validation patients, tested on {counts['test']['cases']} patients "
         f"({counts['test']['slices']} slices) it never saw",
         "recipe": f"`{card['recipe']}`: {card['epochs_run']} epochs (best {card['best_epoch']}) in "
-        f"{card['training_minutes']} min",
-        "machine": f"{env.get('processor')} ({env.get('machine')}), {env.get('cpu_count')} cores, no GPU; "
+        f"{card['training_minutes']} min, computed in {card.get('precision', 'float32')}"
+        + (" (weights kept and exported in float32)" if card.get("precision", "float32") != "float32" else ""),
+        "machine": f"{env.get('cpu_model') or env.get('processor')} ({env.get('machine')}), {env.get('cpu_count')} "
+        "cores, no GPU; "
         f"TensorFlow {env.get('tensorflow')}, Keras {env.get('keras')}",
         "this model, its own test patients": f"mean per-case Dice {test['case_dice_mean']:.3f}, median "
         f"{test['case_dice_median']:.3f} ({test['cases']} cases)",
@@ -871,6 +945,20 @@ def model_card(card):
         f"the fold model that never saw it (folds {', '.join(cv['folds'])}); {len(cv['cases_at_dice_0'])} at Dice 0",
         "license and citation": DATASET_TERMS,
     }
+    if card.get("paired_with_headline"):
+        p = card["paired_with_headline"]
+        low, high = p["mean_difference_ci95"]
+        rows["its recipe against the headline recipe"] = (
+            f"paired on the same {p['cases']} patients (`results/{card['recipe_name']}-vs-unet.json`): "
+            f"difference {p['mean_difference']:+.3f} (95 % interval {low:+.3f} to {high:+.3f}), "
+            f"{p['better']} better / {p['worse']} worse, Wilcoxon p {_p_value(p['wilcoxon_p'])}"
+        )
+    if card.get("replaced"):
+        before = card["replaced"]
+        rows["replaced"] = (
+            f"{before['run']}, whose recipe scored {before['cross_validation']['case_dice_mean']:.3f} pooled over "
+            f"{before['cross_validation']['cases']} patients"
+        )
     table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
     return f"""# Model card: U-Net for LGG FLAIR abnormality segmentation
 
@@ -883,8 +971,9 @@ Written by `python benchmarks/results.py --ship {card["run"]}` (the same facts a
 Per-case Dice is over each case's whole volume at 256×256 (`lgg.metrics`), measured on this file
 (`python -m lgg evaluate`, post-processing from `postprocess.json`). The field's figure for this
 dataset is 0.82 mean per-case Dice (Buda et al. 2019, 22-fold cross-validation on 110 patients).
-Which fold's model ships was decided before that fold's test figure existed (the first fold run
-after fold 1), not by picking the best fold. Not a medical device: for research and teaching.
+Which fold's model ships is fixed for every recipe ({SHIPPED_SPLIT}): it was decided before
+that fold's test figure existed (the first fold run after fold 1), not by picking the best fold,
+and a replacement is tested on the same patients. Not a medical device: for research and teaching.
 
 Use it: `python -m lgg predict --out OUT data/kaggle_3m/<case>` (the shipped model is the default), or
 `keras.models.load_model("{card["file"]}", compile=False)`. Score it on its own test patients:
@@ -935,6 +1024,7 @@ def main(argv=None):
     two_stage(args.data, again=not args.collect_only)
     cross_validation(results)
     for prefix in CANDIDATES:
+        cross_validation(results, prefix)
         recipe_comparison(results, prefix)
     write_readme(results)
     print(readme_table(results))

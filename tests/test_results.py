@@ -1,57 +1,83 @@
 """`benchmarks/results.py`: a recipe's cross-validation pools every patient once, and the shipped model is
-replaced only by the fixed fold of a recipe measured better over as many patients, refused before anything
-is written. Built from the committed results (the headline's five folds, 88 real cases)."""
+replaced only by the fixed fold of a recipe measured better on the same patients, refused before anything
+is written. Built from the committed results (the headline's five folds, 88 real cases) in a scratch copy:
+the headline's fold rows also stand as the rows of the candidate `unet-bf16`, shifted where a test needs a
+better or worse candidate."""
 
 import json
 import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import results  # noqa: E402
 
+HEADLINE, CANDIDATE = results.fold_rows("unet"), results.fold_rows("unet-bf16")
+
 
 @pytest.fixture
-def committed(tmp_path, monkeypatch):
-    """The committed results and shipped card in a scratch copy, so that nothing in the repository is touched;
-    the headline's five fold rows also stand as the five rows of the candidate `unet-bf16`."""
-    out, models = tmp_path / "results", tmp_path / "models"
-    rows = {}
-    for fold, name in zip(results.fold_rows("unet"), results.fold_rows("unet-bf16"), strict=True):
+def scratch(tmp_path, monkeypatch):
+    """results/, models/ and runs/ in tmp_path: the committed headline rows and pooled figures, the candidate's
+    rows as copies of them, the shipped card as the headline's fold 2 (whichever recipe ships today), and a
+    run folder for the candidate's fold 2 holding the shipped files (the model a test may ship)."""
+    out, models, runs = tmp_path / "results", tmp_path / "models", tmp_path / "runs"
+    for fold, name in zip(HEADLINE, CANDIDATE, strict=True):
         row = json.loads((ROOT / "results" / f"{fold}.json").read_text())
-        rows[fold], rows[name] = row, {**row, "name": name}
         for label in (fold, name):
             (out / label).mkdir(parents=True)
             shutil.copy(ROOT / "results" / fold / "test.csv", out / label / "test.csv")
             (out / f"{label}.json").write_text(json.dumps({**row, "name": label}))
-    shutil.copytree(ROOT / "models" / "unet", models / "unet")
-    # the shipped card as the headline recipe's fold 2 (whichever recipe ships today)
-    headline = json.loads((ROOT / "results" / "unet-cross-validation.json").read_text())
-    card = json.loads((models / "unet" / "card.json").read_text())
-    card.update(run="unet-fold2", recipe_name="unet")
-    card["cross_validation"] = {key: headline[key] for key in results.CARD_POOLED_KEYS}
-    (models / "unet" / "card.json").write_text(json.dumps(card))
     monkeypatch.setattr(results, "RESULTS", out)
     monkeypatch.setattr(results, "MODELS", models)
-    monkeypatch.setattr(results, "RUNS", tmp_path / "runs")
-    return rows
+    monkeypatch.setattr(results, "RUNS", runs)
+    headline = results.cross_validation(rows(HEADLINE))
+    shutil.copytree(ROOT / "models" / "unet", models / "unet")
+    card = json.loads((models / "unet" / "card.json").read_text())
+    card.update(run="unet-fold2", recipe_name="unet", precision="float32")
+    card["cross_validation"] = {key: headline[key] for key in results.CARD_POOLED_KEYS}
+    (models / "unet" / "card.json").write_text(json.dumps(card))
+    run = runs / "results-unet-bf16-fold2"
+    run.mkdir(parents=True)
+    for file in ("model.h5", "postprocess.json", "split.csv"):
+        shutil.copy(models / "unet" / file, run / file)
+    (run / "config.json").write_text(json.dumps({"split": results.SHIPPED_SPLIT}))
+    (run / "test_summary.json").write_text(json.dumps(rows(["unet-bf16-fold2"])[0]["test"]))
+    return tmp_path
 
 
-def test_a_recipe_pools_its_five_folds_each_patient_once(committed):
-    headline = results.cross_validation([committed[name] for name in results.fold_rows("unet")])
+def rows(names):
+    return [json.loads((results.RESULTS / f"{name}.json").read_text()) for name in names]
+
+
+def candidate(shift, folds=CANDIDATE):
+    """The candidate's rows with every case's Dice moved by `shift` (within [0, 1]), pooled again."""
+    for name in folds:
+        table = pd.read_csv(results.RESULTS / name / "test.csv")
+        table["case_dice"] = (table.case_dice + shift).clip(0, 1)
+        table.to_csv(results.RESULTS / name / "test.csv", index=False)
+        row = rows([name])[0]
+        row["test"]["case_dice_mean"] = float(table.case_dice.mean())
+        (results.RESULTS / f"{name}.json").write_text(json.dumps(row))
+    run = results.RUNS / "results-unet-bf16-fold2"
+    (run / "test_summary.json").write_text(json.dumps(rows(["unet-bf16-fold2"])[0]["test"]))
+    return results.cross_validation(rows(CANDIDATE), "unet-bf16")
+
+
+def test_a_recipe_pools_its_five_folds_each_patient_once(scratch):
+    headline = json.loads((results.RESULTS / "unet-cross-validation.json").read_text())
     assert headline["cases"] == 88 and headline["recipe"] == "unet"
     assert headline["case_dice_mean"] == pytest.approx(
         json.loads((ROOT / "results" / "unet-cross-validation.json").read_text())["case_dice_mean"], abs=1e-9
     )
-    candidate_rows = [committed[name] for name in results.fold_rows("unet-bf16")]
     # a candidate is pooled only with all five folds: four would be a mean over another set of patients
-    assert results.cross_validation(candidate_rows[:4], "unet-bf16") is None
+    assert results.cross_validation(rows(CANDIDATE[:4]), "unet-bf16") is None
     assert not (results.RESULTS / "unet-bf16-cross-validation.json").exists()
-    pooled = results.cross_validation(candidate_rows, "unet-bf16")
-    assert pooled["folds"] == list(results.fold_rows("unet-bf16")) and pooled["cases"] == 88
+    pooled = results.cross_validation(rows(CANDIDATE), "unet-bf16")
+    assert pooled["folds"] == list(CANDIDATE) and pooled["cases"] == 88
     assert pooled["case_dice_mean"] == pytest.approx(headline["case_dice_mean"], abs=1e-12)
     assert json.loads((results.RESULTS / "unet-bf16-cross-validation.json").read_text()) == pooled
     text = results.cross_validation_text(pooled)
@@ -59,61 +85,130 @@ def test_a_recipe_pools_its_five_folds_each_patient_once(committed):
     # a case tested by two folds is refused, not counted twice
     shutil.copy(results.RESULTS / "unet-bf16" / "test.csv", results.RESULTS / "unet-bf16-fold5" / "test.csv")
     with pytest.raises(ValueError, match="tested by two folds"):
-        results.cross_validation(candidate_rows, "unet-bf16")
+        results.cross_validation(rows(CANDIDATE), "unet-bf16")
 
 
-def _pooled(mean, cases=88):
-    folds = list(results.fold_rows("unet-bf16"))
-    return {"recipe": "unet-bf16", "folds": folds, "cases": cases, "case_dice_mean": mean}
+def test_collecting_with_fewer_folds_removes_a_candidates_stale_pooled_file(scratch, monkeypatch):
+    candidate(0.05)
+    assert (results.RESULTS / "unet-bf16-cross-validation.json").exists()
+    (results.RESULTS / "unet-bf16-fold4.json").unlink()  # one fold gone: its pooled figure no longer stands
+    shutil.rmtree(results.RUNS)  # rows from the results files alone, as in a fresh clone
+    monkeypatch.setattr(results, "write_readme", lambda found: None)
+    monkeypatch.setattr(results, "two_stage", lambda data_dir, again: None)
+    results.main(["--collect-only", "--data", str(scratch / "no-data")])
+    assert not (results.RESULTS / "unet-bf16-cross-validation.json").exists()
+    assert not (results.RESULTS / "unet-bf16-cross-validation.csv").exists()
+    assert (results.RESULTS / "unet-cross-validation.json").exists()
+
+
+def test_a_stale_pooled_file_is_refused(scratch):
+    candidate(0.05)
+    row = rows(["unet-bf16-fold3"])[0]
+    row["test"]["case_dice_mean"] += 0.01  # a fold scored again without collecting
+    (results.RESULTS / "unet-bf16-fold3.json").write_text(json.dumps(row))
+    with pytest.raises(ValueError, match="stale"):
+        results.check_shippable("unet-bf16-fold2", scratch / "no-data")
 
 
 @pytest.mark.parametrize(
-    ("name", "pooled", "refusal"),
+    ("name", "shift", "refusal"),
     [
-        ("unet-tversky-fold2", None, "not a fold of a cross-validated recipe"),
-        ("resnet50-unet", None, "not a fold of a cross-validated recipe"),
-        ("unet-bf16-fold2", _pooled(0.770), "not better, not replaced"),  # the headline: 0.775
-        ("unet-bf16-fold2", _pooled(0.900, cases=54), "not better, not replaced"),  # fewer patients
-        ("unet-bf16-fold3", _pooled(0.900), "the shipped fold is patient-fold-2-of-5"),  # no picking the best fold
+        ("unet-tversky-fold2", None, "unet-tversky has no cross-validation yet"),
+        ("resnet50-unet", None, "not a fold row of a cross-validated recipe"),
+        ("unet-bf16-fold2", 0.0, "not better, not replaced"),  # equal is not better
+        ("unet-bf16-fold2", -0.01, "not better, not replaced"),
+        ("unet-bf16-fold3", 0.05, "the shipped fold is patient-fold-2-of-5"),  # no picking the best fold
+        ("unet-bf16-fold2", 0.05, "lacks the test cases"),  # no data to measure the file on
     ],
 )
-def test_shipping_refuses_before_anything_is_written(committed, name, pooled, refusal):
-    if pooled is not None:
-        (results.RESULTS / "unet-bf16-cross-validation.json").write_text(json.dumps(pooled))
+def test_shipping_refuses_before_anything_is_written(scratch, name, shift, refusal):
+    if shift is not None:
+        candidate(shift)
     before = {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()}
+    (scratch / "no-data" / "TCGA_XX_0001_20000101").mkdir(parents=True)
+    (scratch / "no-data" / "TCGA_XX_0001_20000101" / "TCGA_XX_0001_20000101_1_mask.tif").write_bytes(b"")
     with pytest.raises(ValueError, match=refusal):
-        results.ship(name, ROOT / "data")  # refused before the run folder or the data are read
+        results.ship(name, scratch / "no-data")
     assert {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()} == before
     assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]  # no staging folder left
 
 
-def test_a_better_recipe_over_the_same_patients_may_replace_the_shipped_model(committed):
-    (results.RESULTS / "unet-bf16-cross-validation.json").write_text(json.dumps(_pooled(0.800)))
-    result, pooled, shipped = results.check_shippable("unet-bf16-fold2")
-    assert result["split"] == results.SHIPPED_SPLIT and pooled["case_dice_mean"] == 0.800
-    assert shipped["run"] == "unet-fold2"
-    # the shipped run itself may always be shipped again (its card brought up to date)
-    results.cross_validation([committed[name] for name in results.fold_rows("unet")])
-    assert results.check_shippable("unet-fold2")[2]["run"] == "unet-fold2"
-    assert results.recipe_of("unet-bf16-fold2") == "unet-bf16" and results.recipe_of("unet-fold4") == "unet"
+def test_the_shipped_recipe_is_compared_as_it_stands_not_as_its_card_recorded(scratch, real_data):
+    card_file = results.MODELS / "unet" / "card.json"
+    card = json.loads(card_file.read_text())
+    card["cross_validation"].update(case_dice_mean=0.70, cases=34)  # written when two folds had run
+    card_file.write_text(json.dumps(card))
+    candidate(-0.005)  # better than what the card recorded, worse than the headline now
+    with pytest.raises(ValueError, match="not better"):
+        results.check_shippable("unet-bf16-fold2", real_data)
 
 
-def test_the_model_card_says_how_the_model_was_computed_and_what_it_replaced():
+def test_recipes_are_compared_on_the_same_patients(scratch, real_data):
+    candidate(0.05)
+    pooled = results.cross_validation(rows(HEADLINE[:4]))  # the headline over four folds only
+    assert pooled["cases"] < 88
+    with pytest.raises(ValueError, match="on the same patients"):
+        results.check_shippable("unet-bf16-fold2", real_data)
+
+
+def test_a_run_folder_other_than_the_scored_run_is_refused(scratch, real_data):
+    candidate(0.05)
+    summary = results.RUNS / "results-unet-bf16-fold2" / "test_summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "case_dice_mean": 0.5}))  # trained again
+    with pytest.raises(ValueError, match="is not the run"):
+        results.check_shippable("unet-bf16-fold2", real_data)
+
+
+def test_a_failure_after_the_door_leaves_the_shipped_model_and_no_staging(scratch, real_data):
+    candidate(0.05)
+    (results.RUNS / "results-unet-bf16-fold2" / "model.h5").write_bytes(b"not a model")
+    before = {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()}
+    with pytest.raises(Exception):  # noqa: B017  (whatever h5py or Keras raise for a damaged file)
+        results.ship("unet-bf16-fold2", real_data)
+    assert {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()} == before
+    assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]
+
+
+@pytest.mark.slow
+def test_a_better_recipe_replaces_the_shipped_model_measured_on_its_test_patients(scratch, real_data):
+    candidate(0.02)
+    card = results.ship("unet-bf16-fold2", real_data)
+    shipped = json.loads((results.MODELS / "unet" / "card.json").read_text())
+    assert shipped == json.loads(json.dumps(card)) and shipped["run"] == "unet-bf16-fold2"
+    assert shipped["recipe_name"] == "unet-bf16" and shipped["replaced"]["run"] == "unet-fold2"
+    paired = shipped["replaced"]["paired"]
+    assert paired["cases"] == 88 and paired["mean_difference"] > 0 and paired["same_cpu"] == 0
+    # measured on the file: the same model as unet-fold2's, so the figure its card recorded
+    assert shipped["test"]["case_dice_mean"] == pytest.approx(
+        rows(["unet-fold2"])[0]["test"]["case_dice_mean"], abs=2e-3
+    )
+    text = (results.MODELS / "unet" / "MODEL_CARD.md").read_text()
+    assert "candidate recipe `unet-bf16`" in text and "unet-fold2 (recipe `unet`, float32)" in text
+    assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]
+    # the headline's fold 2 may not come back: its recipe is now the worse one
+    with pytest.raises(ValueError, match="not better"):
+        results.check_shippable("unet-fold2", real_data)
+
+
+def test_the_model_card_says_how_the_model_was_trained_and_what_it_replaced():
     card = json.loads((ROOT / "models" / "unet" / "card.json").read_text())
-    text = results.model_card(card)
-    assert card["sha256"] in text and "computed in" in text
-    assert results.SHIPPED_SPLIT in text
+    float32 = {**card, "precision": "float32", "recipe_name": "unet"}
+    float32.pop("replaced", None)
+    text = results.model_card(float32)
+    assert card["sha256"] in text and "trained in float32 |" in text and "bfloat16" not in text
     replacement = {
         **card,
         "precision": "mixed_bfloat16",
         "recipe_name": "unet-bf16",
-        "replaced": {"run": "unet-fold2", "cross_validation": {"case_dice_mean": 0.775, "cases": 88}},
-        "paired_with_headline": {
-            "cases": 88, "mean_difference": 0.02, "mean_difference_ci95": [0.004, 0.04], "better": 50, "worse": 37,
-            "wilcoxon_p": 0.03,
+        "replaced": {
+            "run": "unet-fold2", "recipe": "unet", "precision": "float32",
+            "cross_validation": {"case_dice_mean": 0.775, "cases": 88},
+            "paired": {"cases": 88, "mean_difference": 0.02, "mean_difference_ci95": [0.004, 0.04], "better": 50,
+                       "worse": 37, "wilcoxon_p": 0.03, "same_cpu": 0},
         },
     }  # fmt: skip
     text = results.model_card(replacement)
-    assert "computed in mixed_bfloat16 (weights kept and exported in float32)" in text
-    assert "unet-fold2, whose recipe scored 0.775 pooled over 88 patients" in text
+    assert "trained in mixed_bfloat16 (bfloat16 arithmetic, float32 weights); the exported model computes in" in text
+    assert "candidate recipe `unet-bf16`" in text
+    assert "unet-fold2 (recipe `unet`, float32), whose recipe scored 0.775 pooled over 88 patients" in text
     assert "difference +0.020 (95 % interval +0.004 to +0.040), 50 better / 37 worse" in text

@@ -850,7 +850,8 @@ def check_shippable(name, data_dir, target="unet"):
                 f"pooled over {len(cases)} patients; {name}'s recipe scores {pooled['case_dice_mean']:.3f} on the "
                 "same patients: not better, not replaced"
             )
-        against.update(run=shipped["run"], recipe=recipe_of(shipped["run"]), same_cpu=_same_cpus(pooled, theirs[0]))
+        against.update(run=shipped["run"], recipe=recipe_of(shipped["run"]), same_cpu=_same_cpus(pooled, theirs[0])[0],
+                       cpu_recorded_in_both=_same_cpus(pooled, theirs[0])[1])  # fmt: skip
     run_dir = RUNS / f"results-{name}"
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if missing:
@@ -875,9 +876,11 @@ RUN_FILES = ("model.h5", "postprocess.json", "split.csv", "config.json", "test_s
 
 
 def _same_cpus(ours, theirs):
-    """How many folds of two pooled cross-validations ran on the same recorded CPU."""
+    """Of the folds of two pooled cross-validations: how many recorded their CPU in both, and how many of
+    those ran on the same one -> (same, recorded in both)."""
     cpus = {f["split"]: f.get("cpu") for f in theirs["per_fold"]}
-    return sum(1 for f in ours["per_fold"] if f.get("cpu") and f.get("cpu") == cpus.get(f["split"]))
+    both = [f for f in ours["per_fold"] if f.get("cpu") and cpus.get(f["split"])]
+    return sum(1 for f in both if f["cpu"] == cpus[f["split"]]), len(both)
 
 
 def ship(name, data_dir, target="unet"):
@@ -886,6 +889,7 @@ def ship(name, data_dir, target="unet"):
     replaced only by a run whose recipe scores a higher pooled cross-validated mean per-case Dice
     on the same patients (`check_shippable`); shipping the shipped run again brings its card up to date."""
     import hashlib
+    import tempfile
 
     import keras
 
@@ -910,7 +914,8 @@ def ship(name, data_dir, target="unet"):
         probe = np.random.default_rng(0).uniform(0, 255, (4, *model.input_shape[1:])).astype("float32")
         evaluate.check_reloaded(model, [staging / "model.h5"], probe)
         # the test figure of the shipped file itself, as a user would measure it (tests/test_shipped.py repeats it)
-        measured = evaluate.evaluate_model_file(staging / "model.h5", data_dir)
+        with tempfile.TemporaryDirectory() as scratch:  # its tables and plots are not shipped
+            measured = evaluate.evaluate_model_file(staging / "model.h5", data_dir, out_dir=scratch)
         facts = {
             "sha256": hashlib.sha256((staging / "model.h5").read_bytes()).hexdigest(),
             "megabytes": round((staging / "model.h5").stat().st_size / 1e6, 2),
@@ -1049,9 +1054,9 @@ def model_card(card):
             text += (
                 f"; this recipe against that one, paired on the same {p['cases']} patients: difference "
                 f"{p['mean_difference']:+.3f} (95 % interval {low:+.3f} to {high:+.3f}), {p['better']} better / "
-                f"{p['worse']} worse, Wilcoxon p {_p_value(p['wilcoxon_p'])}; {p['same_cpu']} of "
-                f"{len(cv['folds'])} folds of the two ran on the same recorded CPU (training for a fixed time, "
-                "a faster CPU runs more epochs)"
+                f"{p['worse']} worse, Wilcoxon p {_p_value(p['wilcoxon_p'])}; the two ran on the same CPU in "
+                f"{p['same_cpu']} of the {p.get('cpu_recorded_in_both', p['same_cpu'])} folds whose CPU both "
+                f"recorded, of {len(cv['folds'])} (trained for a fixed time, a faster CPU runs more epochs)"
             )
         rows["replaced"] = text
     rows["license and citation"] = DATASET_TERMS

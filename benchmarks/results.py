@@ -850,8 +850,10 @@ def check_shippable(name, data_dir, target="unet"):
                 f"pooled over {len(cases)} patients; {name}'s recipe scores {pooled['case_dice_mean']:.3f} on the "
                 "same patients: not better, not replaced"
             )
-        against.update(run=shipped["run"], recipe=recipe_of(shipped["run"]), same_cpu=_same_cpus(pooled, theirs[0])[0],
-                       cpu_recorded_in_both=_same_cpus(pooled, theirs[0])[1])  # fmt: skip
+        same, recorded = _same_cpus(pooled, theirs[0])
+        against.update(
+            run=shipped["run"], recipe=recipe_of(shipped["run"]), same_cpu=same, cpu_recorded_in_both=recorded
+        )
     run_dir = RUNS / f"results-{name}"
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if missing:

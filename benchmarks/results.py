@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 # name -> RunConfig (lgg.config: every setting not named is its default; every row in float32, as measured, except
 # the bfloat16 candidate, rather than the precision `train` would pick on the machine). `unet` is the README's headline
-# recipe (`make train` runs the same). Time limits: about eight hours of CPU for all ten (7 x 60 + 15 + 20 +
-# 20 min, plus evaluation); train one row at a time with --models.
+# recipe (`make train` runs the same). Time limits: about nine hours of CPU for all fourteen (7 x 60 +
+# 5 x 15 + 20 + 20 min, plus evaluation); train one row at a time with --models.
+CLASSIFIER = RunConfig(kind="classifier", backbone="light", max_minutes=15, precision="float32")
 CONFIGS = {
     "unet": HEADLINE,
     "unet-seed1": replace(HEADLINE, seed=1),  # the same run with another seed: how much is luck
     "unet-slice-dice": replace(HEADLINE, dice_loss="slice"),
-    "classifier": RunConfig(kind="classifier", backbone="light", max_minutes=15, precision="float32"),
+    "classifier": CLASSIFIER,
     "resnet50-unet": RunConfig(
         kind="resnet50-unet", tumor_fraction=0.5, max_minutes=20, encoder_weights="imagenet", precision="float32"
     ),
@@ -43,6 +44,9 @@ CONFIGS = {
     ),
     # the other folds of the 5-fold cross-validation by patient (fold 1 of 5 is the `unet` row's split)
     **{f"unet-fold{k}": replace(HEADLINE, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
+    # the classifier's other folds: its ROC AUC pooled over all 88 patients, each slice scored by a fold model that
+    # never saw its patient
+    **{f"classifier-fold{k}": replace(CLASSIFIER, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
     # the headline recipe again, the same seed, on another machine (its CPU is in its JSON): what the machine changes,
     # and the same-CPU partner of a candidate run there (`compare_candidate` pairs a candidate with it on that CPU)
     **{
@@ -265,6 +269,90 @@ def cross_validation(results, recipe="unet"):
 
     save_csv(cases, RESULTS / f"{recipe}-cross-validation.csv")
     return pooled
+
+
+def classifier_cross_validation(results):
+    """Pool the classifier's fold rows that have results (from two on): every slice scored by the fold model that
+    never saw its patient. ROC AUC with its 95 % interval from resampling patients (`metrics.roc_auc_by_patient`),
+    accuracy, sensitivity and specificity at 0.5 -> `results/classifier-cross-validation.json` and `.csv` (one
+    row per slice); fewer than two folds: None, and a pooled file from more folds is removed."""
+    from lgg import metrics
+    from lgg.files import save_csv
+
+    folds = [r for r in results if r["name"] in fold_rows("classifier")]
+    if len(folds) < 2:
+        for suffix in (".json", ".csv"):
+            (RESULTS / f"classifier-cross-validation{suffix}").unlink(missing_ok=True)
+        return None
+    tables = [pd.read_csv(RESULTS / r["name"] / "test.csv").assign(fold=r["name"], split=r["split"]) for r in folds]
+    slices = pd.concat(tables, ignore_index=True)
+    patients = slices.groupby("case_id")["fold"].nunique()
+    if (patients > 1).any():
+        raise ValueError(f"a patient is tested by two folds: {sorted(patients.index[patients > 1])}")
+    report = metrics.classification_report(slices.has_tumor, slices.probability)
+    interval = metrics.roc_auc_by_patient(slices.has_tumor, slices.probability, slices.case_id)
+    pooled = {
+        "recipe": "classifier",
+        "folds": [r["name"] for r in folds],
+        "splits": [r["split"] for r in folds],
+        "cases": interval["patients"],
+        **report,
+        "roc_auc_ci95": interval["roc_auc_ci95"],
+        "per_fold": [
+            {
+                "fold": r["name"],
+                "split": r["split"],
+                "cases": _test_counts(r)["cases"],
+                "slices": r["test"]["slices"],
+                "roc_auc": r["test"]["roc_auc"],
+                "epochs": r["epochs_run"],
+                "training_minutes": r["training_minutes"],
+                "cpu": r["environment"].get("cpu_model"),
+            }
+            for r in folds
+        ],
+    }
+    save_json(pooled, RESULTS / "classifier-cross-validation.json")
+    save_csv(slices, RESULTS / "classifier-cross-validation.csv")
+    return pooled
+
+
+def classifier_cross_validation_text(pooled):
+    low, high = pooled["roc_auc_ci95"]
+    folds = ", ".join(
+        f"{f['split']} {f['roc_auc']:.3f} ({f['cases']} cases; {f['epochs']} epochs/{f['training_minutes']} min, "
+        f"{f.get('cpu') or 'CPU not recorded'})"
+        for f in pooled["per_fold"]
+    )
+    return (
+        f"**Cross-validation by patient, the classifier** ({len(pooled['folds'])} of 5 folds run: {pooled['cases']} "
+        f"of the 88 patients, {pooled['slices']} slices, each scored once by the fold model that never saw its "
+        f"patient; `results/classifier-cross-validation.json`, one row per slice in the `.csv`): ROC AUC "
+        f"**{pooled['roc_auc']:.3f}** (95 % interval {low:.3f}–{high:.3f}, resampling patients), accuracy "
+        f"{pooled['accuracy']:.3f}, sensitivity {pooled['sensitivity']:.3f}, specificity {pooled['specificity']:.3f} "
+        f"at 0.5. Per fold: {folds}."
+    )
+
+
+def slice_detection_text(found):
+    """The line of `benchmarks/detection.py`'s `results/slice-detection.json`: the segmenter as a slice classifier."""
+    s = found["segmenter"]
+    low, high = s["roc_auc_ci95"]
+    text = (
+        f"**The segmenter as a tumor / no-tumor classifier** (`python benchmarks/detection.py --recipe "
+        f"{found['recipe']}`, `results/slice-detection.json`): {found['how']} Over its cross-validation "
+        f"({s['patients']} patients, {s['slices']} slices): ROC AUC **{s['roc_auc']:.3f}** (95 % interval "
+        f"{low:.3f}–{high:.3f}); per fold {', '.join(f'{v:.3f}' for v in found['per_fold_roc_auc'])}."
+    )
+    versus = found.get("vs_classifier")
+    if versus:
+        low, high = versus["difference_ci95"]
+        text += (
+            f" Against the classifier on the same {versus['slices']} slices of {versus['patients']} patients: "
+            f"{versus['roc_auc']:.3f} vs {versus['baseline_roc_auc']:.3f}, difference {versus['difference']:+.3f} "
+            f"(95 % interval {low:+.3f} to {high:+.3f}, resampling patients)."
+        )
+    return text
 
 
 def recipe_comparison(results, prefix):
@@ -598,6 +686,12 @@ def readme_table(results):
                 f"({r['best_epoch']}) | {r['training_minutes']} | {t['accuracy']:.3f} | {t['sensitivity']:.3f} | "
                 f"{t['specificity']:.3f} | {t['roc_auc']:.3f} |"
             )
+    for name, text in (
+        ("classifier-cross-validation.json", classifier_cross_validation_text),
+        ("slice-detection.json", slice_detection_text),
+    ):
+        if (RESULTS / name).exists():
+            lines += ["", text(json.loads((RESULTS / name).read_text()))]
     return "\n".join(lines)
 
 
@@ -1127,6 +1221,7 @@ def main(argv=None):
         resolution_ceiling(args.data)
     two_stage(args.data, again=not args.collect_only)
     cross_validation(results)
+    classifier_cross_validation(results)
     for prefix in CANDIDATES:
         if cross_validation(results, prefix) is None:  # fewer than five folds now: a pooled file of its own is stale
             for suffix in (".json", ".csv"):

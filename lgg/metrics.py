@@ -181,3 +181,45 @@ def paired_comparison(per_case, baseline, column="case_dice"):
         "worse": int((difference < 0).sum()),
         "wilcoxon_p": float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0,
     }
+
+
+def roc_auc_by_patient(labels, scores, patients, baseline=None, confidence=0.95, resamples=2000, seed=0):
+    """ROC AUC of slice scores, with its interval from resampling patients (a cluster bootstrap: the slices of
+    one patient are not independent draws, the patients are), and, given `baseline` (another model's scores
+    of the same slices), the paired difference `scores` minus `baseline` with its interval from the same
+    resamples. Percentile intervals; deterministic for a given `seed`.
+
+    Returns a dict: `slices`, `patients`, `roc_auc`, `roc_auc_ci95`, and with a baseline `baseline_roc_auc`,
+    `difference`, `difference_ci95`, and `resamples_better` (the share of resamples where `scores` wins).
+    """
+    labels = np.asarray(labels).astype(int).ravel()
+    columns = [np.asarray(scores, np.float64).ravel()]
+    if baseline is not None:
+        columns.append(np.asarray(baseline, np.float64).ravel())
+    if any(len(column) != len(labels) for column in columns) or len(np.asarray(patients)) != len(labels):
+        raise ValueError("labels, scores, baseline and patients must hold one value per slice")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("a ROC AUC needs tumor and tumor-free slices")
+    codes, uniques = pd.factorize(np.asarray(patients))
+    members = [np.flatnonzero(codes == i) for i in range(len(uniques))]
+    rng = np.random.default_rng(seed)
+    draws = []
+    while len(draws) < resamples:
+        picked = np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+        if len(np.unique(labels[picked])) == 2:  # a draw of patients without tumor slices has no AUC
+            draws.append([sk_metrics.roc_auc_score(labels[picked], column[picked]) for column in columns])
+    draws = np.asarray(draws)
+    tails = [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2]
+    result = {
+        "slices": int(len(labels)),
+        "patients": int(len(uniques)),
+        "roc_auc": float(sk_metrics.roc_auc_score(labels, columns[0])),
+        "roc_auc_ci95": [float(v) for v in np.percentile(draws[:, 0], tails)],
+    }
+    if baseline is not None:
+        difference = draws[:, 0] - draws[:, 1]
+        result["baseline_roc_auc"] = float(sk_metrics.roc_auc_score(labels, columns[1]))
+        result["difference"] = result["roc_auc"] - result["baseline_roc_auc"]
+        result["difference_ci95"] = [float(v) for v in np.percentile(difference, tails)]
+        result["resamples_better"] = float((difference > 0).mean())
+    return result

@@ -1,0 +1,128 @@
+"""Does a slice hold tumor? The segmenter answers too: score each slice by its highest tumor probability, pool the
+scores over a recipe's cross-validation, and compare the ROC AUC with the classifier's on the same slices.
+
+    python benchmarks/detection.py --recipe unet-bf16 --data data
+
+Each fold row of the recipe (`benchmarks/results.py`: `<recipe>`, `<recipe>-fold2` ... `-fold5`) needs its run
+folder `runs/results-<row>/` (`model.h5`, `split.csv`, `postprocess.json`); its model scores the test slices of
+its own split, so that every slice is scored by a model that never saw its patient. A slice's score is the
+largest pixel probability of the map the run's post-processing uses (with flip TTA when it chose it): the
+segmenter's own "is there tumor here". The classifier's pooled probabilities (`results/classifier-cross-
+validation.csv`, written by `benchmarks/results.py --collect-only`) are compared on the slices both scored,
+paired, with intervals from resampling patients (`lgg.metrics.roc_auc_by_patient`).
+
+Written: `results/slice-detection.json` and `results/slice-detection.csv` (one row per slice: fold, case,
+slice, tumor or not, the segmenter's score), this script's own files, replaced on each run.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RUN_FILES = ("model.h5", "split.csv", "postprocess.json")
+HOW = (
+    "each test slice scored by the largest pixel probability of its fold's U-Net (flip TTA where the run chose it "
+    "on validation cases), at 256x256."
+)
+
+
+def fold_runs(recipe, runs_dir):
+    """The run folder of each fold row of `recipe`, all five, each finished, or a clear error."""
+    from results import fold_rows
+
+    folders = [Path(runs_dir) / f"results-{row}" for row in fold_rows(recipe)]
+    for folder in folders:
+        missing = [name for name in RUN_FILES if not (folder / name).is_file()]
+        if missing:
+            raise SystemExit(f"{folder} is not a finished segmenter run of {recipe}: it has no {', '.join(missing)}")
+    return folders
+
+
+def segmenter_scores(folder, data_dir):
+    """One row per test slice of the run in `folder`: case, slice, tumor or not, the segmenter's slice score."""
+    from lgg import data, evaluate, postprocess
+    from lgg.inference import model_task, predict_probabilities, predict_with_mirror
+
+    model = evaluate.load_model(folder / "model.h5")
+    if model_task(model) != "segmentation":
+        raise SystemExit(f"{folder / 'model.h5'} is not a segmenter")
+    slices = evaluate.slices_with_split(data_dir, folder / "split.csv")
+    split = pd.read_csv(folder / "split.csv").drop_duplicates("case_id")
+    missing = sorted(set(split.loc[split.split == "test", "case_id"]) - set(slices.case_id))
+    if missing:
+        raise SystemExit(f"{len(missing)} test cases of {folder} are missing in {data_dir}: {missing[:4]}")
+    rows = slices[slices.split == "test"]
+    images, _ = data.load_arrays(rows, data.NATIVE_SIZE)
+    if postprocess.load(folder / "model.h5")["hflip_tta"]:
+        probabilities = predict_with_mirror(model, images)[1]
+    else:
+        probabilities = predict_probabilities(model, images)
+    score = probabilities.reshape(len(rows), -1).max(axis=1)
+    return rows[["case_id", "slice_index", "has_tumor"]].assign(fold=folder.name.removeprefix("results-"), score=score)
+
+
+def compare(scores, classifier_file):
+    """The segmenter against the classifier on the slices both scored (None without the classifier's file)."""
+    from lgg import metrics
+
+    if not classifier_file.is_file():
+        return None
+    classifier = pd.read_csv(classifier_file)[["case_id", "slice_index", "has_tumor", "probability"]]
+    both = scores.merge(classifier, on=["case_id", "slice_index"], suffixes=("", "_classifier"))
+    if both.empty:
+        return None
+    if not (both.has_tumor == both.has_tumor_classifier).all():
+        raise SystemExit(f"{classifier_file} labels some slices otherwise than the data: was it scored on other data?")
+    return metrics.roc_auc_by_patient(both.has_tumor, both.score, both.case_id, baseline=both.probability)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="unet-bf16", help="a segmenter recipe with five fold runs")
+    parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
+    parser.add_argument("--runs", default=str(ROOT / "runs"), help="where the run folders are (default: runs)")
+    args = parser.parse_args(argv)
+    from results import CONFIGS
+
+    if args.recipe not in CONFIGS or CONFIGS[args.recipe].kind == "classifier":
+        segmenters = sorted(n for n, c in CONFIGS.items() if c.kind != "classifier" and f"{n}-fold2" in CONFIGS)
+        raise SystemExit(f"--recipe {args.recipe!r} is not a segmenter recipe with folds; choose from {segmenters}")
+    folders = fold_runs(args.recipe, args.runs)
+
+    from lgg import metrics
+    from lgg.files import save_csv, save_json
+
+    scores = pd.concat([segmenter_scores(folder, args.data) for folder in folders], ignore_index=True)
+    twice = scores.groupby("case_id").fold.nunique()
+    if (twice > 1).any():
+        raise SystemExit(f"a patient is tested by two folds: {sorted(twice.index[twice > 1])[:5]}")
+    results_dir = ROOT / "results"
+    found = {
+        "recipe": args.recipe,
+        "how": HOW,
+        "segmenter": metrics.roc_auc_by_patient(scores.has_tumor, scores.score, scores.case_id),
+        "at_0.5": metrics.classification_report(scores.has_tumor, scores.score),
+        "per_fold_roc_auc": [
+            metrics.classification_report(g.has_tumor, g.score)["roc_auc"] for _, g in scores.groupby("fold", sort=0)
+        ],
+        "vs_classifier": compare(scores, results_dir / "classifier-cross-validation.csv"),
+    }
+    save_csv(scores, results_dir / "slice-detection.csv")
+    save_json(found, results_dir / "slice-detection.json")
+    s = found["segmenter"]
+    print(f"{args.recipe} as a slice classifier: ROC AUC {s['roc_auc']:.3f} ({s['roc_auc_ci95'][0]:.3f}-"
+          f"{s['roc_auc_ci95'][1]:.3f}) over {s['patients']} patients, {s['slices']} slices")  # fmt: skip
+    if found["vs_classifier"]:
+        v = found["vs_classifier"]
+        print(f"  vs the classifier on {v['slices']} slices of {v['patients']} patients: {v['roc_auc']:.3f} vs "
+              f"{v['baseline_roc_auc']:.3f} ({v['difference']:+.3f}, {v['difference_ci95'][0]:+.3f} to "
+              f"{v['difference_ci95'][1]:+.3f})")  # fmt: skip
+    print("Wrote results/slice-detection.json and .csv (`benchmarks/results.py --collect-only`: into the README)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

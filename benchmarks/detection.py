@@ -23,6 +23,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from results import CONFIGS, fold_rows  # noqa: E402
+
 RUN_FILES = ("model.h5", "split.csv", "postprocess.json")
 HOW = (
     "each test slice scored by the largest pixel probability of its fold's U-Net (flip TTA where the run chose it "
@@ -30,15 +32,25 @@ HOW = (
 )
 
 
-def fold_runs(recipe, runs_dir):
-    """The run folder of each fold row of `recipe`, all five, each finished, or a clear error."""
-    from results import fold_rows
+def fold_runs(recipe, runs_dir, data_dir):
+    """The run folder of each fold row of `recipe`: all five finished, no patient in two folds' test cases, every
+    test case in `data_dir`; else a clear error, before anything is predicted."""
+    from lgg import data
 
     folders = [Path(runs_dir) / f"results-{row}" for row in fold_rows(recipe)]
+    tested = {}
     for folder in folders:
         missing = [name for name in RUN_FILES if not (folder / name).is_file()]
         if missing:
             raise SystemExit(f"{folder} is not a finished segmenter run of {recipe}: it has no {', '.join(missing)}")
+        split = pd.read_csv(folder / "split.csv")
+        for case in sorted(set(split.loc[split["split"] == "test", "case_id"])):
+            if case in tested:
+                raise SystemExit(f"{case} is a test case of both {tested[case]} and {folder}: each fold once")
+            tested[case] = folder
+    missing = sorted(set(tested) - set(data.find_slices(data_dir).case_id))
+    if missing:
+        raise SystemExit(f"{len(missing)} test cases of the {recipe} folds are missing in {data_dir}: {missing[:4]}")
     return folders
 
 
@@ -51,10 +63,6 @@ def segmenter_scores(folder, data_dir):
     if model_task(model) != "segmentation":
         raise SystemExit(f"{folder / 'model.h5'} is not a segmenter")
     slices = evaluate.slices_with_split(data_dir, folder / "split.csv")
-    split = pd.read_csv(folder / "split.csv").drop_duplicates("case_id")
-    missing = sorted(set(split.loc[split.split == "test", "case_id"]) - set(slices.case_id))
-    if missing:
-        raise SystemExit(f"{len(missing)} test cases of {folder} are missing in {data_dir}: {missing[:4]}")
     rows = slices[slices.split == "test"]
     images, _ = data.load_arrays(rows, data.NATIVE_SIZE)
     if postprocess.load(folder / "model.h5")["hflip_tta"]:
@@ -86,20 +94,15 @@ def main(argv=None):
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
     parser.add_argument("--runs", default=str(ROOT / "runs"), help="where the run folders are (default: runs)")
     args = parser.parse_args(argv)
-    from results import CONFIGS
-
     if args.recipe not in CONFIGS or CONFIGS[args.recipe].kind == "classifier":
         segmenters = sorted(n for n, c in CONFIGS.items() if c.kind != "classifier" and f"{n}-fold2" in CONFIGS)
         raise SystemExit(f"--recipe {args.recipe!r} is not a segmenter recipe with folds; choose from {segmenters}")
-    folders = fold_runs(args.recipe, args.runs)
+    folders = fold_runs(args.recipe, args.runs, args.data)
 
     from lgg import metrics
     from lgg.files import save_csv, save_json
 
     scores = pd.concat([segmenter_scores(folder, args.data) for folder in folders], ignore_index=True)
-    twice = scores.groupby("case_id").fold.nunique()
-    if (twice > 1).any():
-        raise SystemExit(f"a patient is tested by two folds: {sorted(twice.index[twice > 1])[:5]}")
     results_dir = ROOT / "results"
     found = {
         "recipe": args.recipe,

@@ -97,3 +97,38 @@ def test_paired_comparison_matches_cases_by_id():
     assert 0 < result["wilcoxon_p"] <= 1
     with pytest.raises(ValueError, match="different cases"):
         metrics.paired_comparison(ours.iloc[:3], baseline)
+
+
+def test_roc_auc_by_patient_on_the_committed_classifier_scores():
+    """The classifier's real test probabilities (fold 1: 22 patients, 820 slices): the AUC is sklearn's, the interval
+    from resampling patients holds it, the same seed gives the same interval, and a comparison is paired."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    table = pd.read_csv(root / "results" / "classifier" / "test.csv")
+    committed = json.loads((root / "results" / "classifier.json").read_text())["test"]["roc_auc"]
+    found = metrics.roc_auc_by_patient(table.has_tumor, table.probability, table.case_id, resamples=300)
+    assert (found["slices"], found["patients"]) == (820, 22)
+    assert found["roc_auc"] == pytest.approx(committed, abs=1e-12)
+    low, high = found["roc_auc_ci95"]
+    assert low < found["roc_auc"] < high <= 1
+    assert metrics.roc_auc_by_patient(table.has_tumor, table.probability, table.case_id, resamples=300) == found
+    # against itself: no difference in any resample
+    same = metrics.roc_auc_by_patient(
+        table.has_tumor, table.probability, table.case_id, baseline=table.probability, resamples=100
+    )
+    assert same["difference"] == 0 and same["difference_ci95"] == [0, 0] and same["resamples_better"] == 0
+    # against the same scores turned upside down (AUC 1 - a): better in every resample
+    worse = metrics.roc_auc_by_patient(
+        table.has_tumor, table.probability, table.case_id, baseline=1 - table.probability, resamples=100
+    )
+    assert worse["baseline_roc_auc"] == pytest.approx(1 - committed, abs=1e-12)
+    assert worse["difference_ci95"][0] > 0 and worse["resamples_better"] == 1
+
+
+def test_roc_auc_by_patient_refuses_what_has_no_auc():
+    with pytest.raises(ValueError, match="one value per slice"):
+        metrics.roc_auc_by_patient([0, 1, 1], [0.1, 0.9], ["a", "a", "b"])
+    with pytest.raises(ValueError, match="tumor and tumor-free"):
+        metrics.roc_auc_by_patient([1, 1], [0.1, 0.9], ["a", "b"])

@@ -214,3 +214,32 @@ def test_the_model_card_says_how_the_model_was_trained_and_what_it_replaced():
     assert "candidate recipe `unet-bf16`" in text
     assert "unet-fold2 (recipe `unet`, float32), whose recipe scored 0.775 pooled over 88 patients" in text
     assert "difference +0.020 (95 % interval +0.004 to +0.040), 50 better / 37 worse" in text
+
+
+def test_the_classifier_pools_its_folds_each_patient_once(tmp_path, monkeypatch):
+    """From the committed fold-1 row (22 real patients): one fold alone is not pooled, and a stale pooled file goes;
+    a second fold of other patients (the same slices under other names, so the pooled AUC is the fold's) is pooled;
+    a patient in two folds is refused."""
+    out = tmp_path / "results"
+    monkeypatch.setattr(results, "RESULTS", out)
+    row = json.loads((ROOT / "results" / "classifier.json").read_text())
+    table = pd.read_csv(ROOT / "results" / "classifier" / "test.csv")
+    for name, cases in (("classifier", table.case_id), ("classifier-fold2", "OTHER_" + table.case_id)):
+        (out / name).mkdir(parents=True)
+        table.assign(case_id=cases).to_csv(out / name / "test.csv", index=False)
+    first = {**row, "name": "classifier"}
+    second = {**row, "name": "classifier-fold2", "split": "patient-fold-2-of-5"}
+    (out / "classifier-cross-validation.json").write_text("{}")  # from a time with more folds
+    assert results.classifier_cross_validation([first]) is None
+    assert not (out / "classifier-cross-validation.json").exists()
+    pooled = results.classifier_cross_validation([first, second])
+    assert (pooled["cases"], pooled["slices"]) == (44, 1640)
+    assert pooled["roc_auc"] == pytest.approx(row["test"]["roc_auc"], abs=1e-12)
+    assert pooled["roc_auc_ci95"][0] < pooled["roc_auc"] < pooled["roc_auc_ci95"][1]
+    assert json.loads((out / "classifier-cross-validation.json").read_text()) == pooled
+    assert len(pd.read_csv(out / "classifier-cross-validation.csv")) == 1640
+    text = results.classifier_cross_validation_text(pooled)
+    assert "2 of 5 folds run: 44 of the 88 patients" in text and f"{row['test']['roc_auc']:.3f}" in text
+    table.to_csv(out / "classifier-fold2" / "test.csv", index=False)  # fold 2 tests fold 1's patients
+    with pytest.raises(ValueError, match="tested by two folds"):
+        results.classifier_cross_validation([first, second])

@@ -16,6 +16,8 @@ slice, tumor or not, the segmenter's score), this script's own files, replaced o
 """
 
 import argparse
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -25,29 +27,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from results import CONFIGS, fold_rows  # noqa: E402
 
-RUN_FILES = ("model.h5", "split.csv", "postprocess.json")
+RUN_FILES = ("model.h5", "split.csv", "postprocess.json", "config.json")
+RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes")  # what makes a run its row's
 HOW = (
     "each test slice scored by the largest pixel probability of its fold's U-Net (flip TTA where the run chose it "
-    "on validation cases), at 256x256."
+    "on validation cases), at 256x256; the five fold models' scores pooled"
 )
 
 
+def segmenter_recipes():
+    return sorted(n for n, c in CONFIGS.items() if c.kind != "classifier" and all(r in CONFIGS for r in fold_rows(n)))
+
+
 def fold_runs(recipe, runs_dir, data_dir):
-    """The run folder of each fold row of `recipe`: all five finished, no patient in two folds' test cases, every
-    test case in `data_dir`; else a clear error, before anything is predicted."""
-    from lgg import data
+    """The run folder of each fold row of `recipe`, or a clear error before anything is predicted: each folder a
+    finished run of its row (its files, its `config.json` agreeing with the row, a valid post-processing file), the
+    five test sets together holding each patient of the split once, and every one of them in `data_dir`."""
+    from lgg import data, postprocess
 
     folders = [Path(runs_dir) / f"results-{row}" for row in fold_rows(recipe)]
-    tested = {}
-    for folder in folders:
+    tested, patients = {}, None
+    for row, folder in zip(fold_rows(recipe), folders, strict=True):
         missing = [name for name in RUN_FILES if not (folder / name).is_file()]
         if missing:
             raise SystemExit(f"{folder} is not a finished segmenter run of {recipe}: it has no {', '.join(missing)}")
+        config = json.loads((folder / "config.json").read_text())
+        for key in RECIPE_KEYS:
+            if key in config and config[key] != getattr(CONFIGS[row], key):
+                raise SystemExit(f"{folder / 'config.json'} has {key} {config[key]!r}, the row {row} "
+                                 f"{getattr(CONFIGS[row], key)!r}: not a run of this recipe")  # fmt: skip
+        try:
+            postprocess.load(folder / "model.h5")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         split = pd.read_csv(folder / "split.csv")
+        if not {"case_id", "split"} <= set(split.columns):
+            raise SystemExit(f"{folder / 'split.csv'} is not a split file: it needs the columns case_id and split")
+        patients = set(split.case_id) if patients is None else patients
+        if set(split.case_id) != patients:
+            raise SystemExit(f"{folder / 'split.csv'} splits other patients than {folders[0] / 'split.csv'}")
         for case in sorted(set(split.loc[split["split"] == "test", "case_id"])):
             if case in tested:
                 raise SystemExit(f"{case} is a test case of both {tested[case]} and {folder}: each fold once")
             tested[case] = folder
+    untested = sorted(patients - set(tested))
+    if untested:
+        raise SystemExit(f"{len(untested)} patients of the split are in no fold's test cases: {untested[:4]}")
     missing = sorted(set(tested) - set(data.find_slices(data_dir).case_id))
     if missing:
         raise SystemExit(f"{len(missing)} test cases of the {recipe} folds are missing in {data_dir}: {missing[:4]}")
@@ -64,7 +89,7 @@ def segmenter_scores(folder, data_dir):
         raise SystemExit(f"{folder / 'model.h5'} is not a segmenter")
     slices = evaluate.slices_with_split(data_dir, folder / "split.csv")
     rows = slices[slices.split == "test"]
-    images, _ = data.load_arrays(rows, data.NATIVE_SIZE)
+    images = data.load_arrays(rows, data.NATIVE_SIZE, with_masks=False)
     if postprocess.load(folder / "model.h5")["hflip_tta"]:
         probabilities = predict_with_mirror(model, images)[1]
     else:
@@ -74,29 +99,36 @@ def segmenter_scores(folder, data_dir):
 
 
 def compare(scores, classifier_file):
-    """The segmenter against the classifier on the slices both scored (None without the classifier's file)."""
+    """The segmenter against the classifier on the slices both scored; None (and says why) without them."""
     from lgg import metrics
 
     if not classifier_file.is_file():
+        print(f"No comparison with the classifier: {classifier_file} not found (train its folds, then "
+              "`python benchmarks/results.py --collect-only`)")  # fmt: skip
         return None
-    classifier = pd.read_csv(classifier_file)[["case_id", "slice_index", "has_tumor", "probability"]]
+    classifier = pd.read_csv(classifier_file)
+    needed = {"case_id", "slice_index", "has_tumor", "probability", "fold"}
+    if not needed <= set(classifier.columns):
+        raise SystemExit(f"{classifier_file} lacks the columns {sorted(needed - set(classifier.columns))}")
     both = scores.merge(classifier, on=["case_id", "slice_index"], suffixes=("", "_classifier"))
     if both.empty:
+        print(f"No comparison with the classifier: {classifier_file} shares no slices with these folds")
         return None
     if not (both.has_tumor == both.has_tumor_classifier).all():
         raise SystemExit(f"{classifier_file} labels some slices otherwise than the data: was it scored on other data?")
-    return metrics.roc_auc_by_patient(both.has_tumor, both.score, both.case_id, baseline=both.probability)
+    paired = metrics.roc_auc_by_patient(both.has_tumor, both.score, both.case_id, baseline=both.probability)
+    return {**paired, "classifier_folds": sorted(both.fold_classifier.unique())}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="unet-bf16", help="a segmenter recipe with five fold runs")
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
-    parser.add_argument("--runs", default=str(ROOT / "runs"), help="where the run folders are (default: runs)")
+    parser.add_argument("--runs", default="runs", help="where the run folders are (default: runs)")
     args = parser.parse_args(argv)
-    if args.recipe not in CONFIGS or CONFIGS[args.recipe].kind == "classifier":
-        segmenters = sorted(n for n, c in CONFIGS.items() if c.kind != "classifier" and f"{n}-fold2" in CONFIGS)
-        raise SystemExit(f"--recipe {args.recipe!r} is not a segmenter recipe with folds; choose from {segmenters}")
+    if args.recipe not in segmenter_recipes():
+        raise SystemExit(f"--recipe {args.recipe!r} is not a segmenter recipe with folds; choose from "
+                         f"{segmenter_recipes()}")  # fmt: skip
     folders = fold_runs(args.recipe, args.runs, args.data)
 
     from lgg import metrics
@@ -104,14 +136,18 @@ def main(argv=None):
 
     scores = pd.concat([segmenter_scores(folder, args.data) for folder in folders], ignore_index=True)
     results_dir = ROOT / "results"
+    per_fold = []
+    for folder in folders:
+        fold = scores[scores.fold == folder.name.removeprefix("results-")]
+        split = json.loads((folder / "config.json").read_text())["split"]
+        auc = metrics.classification_report(fold.has_tumor, fold.score)["roc_auc"]
+        digest = hashlib.sha256((folder / "model.h5").read_bytes()).hexdigest()
+        per_fold.append({"fold": fold.fold.iloc[0], "split": split, "roc_auc": auc, "model_sha256": digest})
     found = {
         "recipe": args.recipe,
         "how": HOW,
         "segmenter": metrics.roc_auc_by_patient(scores.has_tumor, scores.score, scores.case_id),
-        "at_0.5": metrics.classification_report(scores.has_tumor, scores.score),
-        "per_fold_roc_auc": [
-            metrics.classification_report(g.has_tumor, g.score)["roc_auc"] for _, g in scores.groupby("fold", sort=0)
-        ],
+        "per_fold": per_fold,
         "vs_classifier": compare(scores, results_dir / "classifier-cross-validation.csv"),
     }
     save_csv(scores, results_dir / "slice-detection.csv")

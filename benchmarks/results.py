@@ -215,6 +215,23 @@ def uncertainty(run_dir, data_dir, summary):
     return result
 
 
+def _fold_tables(results, recipe, least):
+    """`(folds, table)`: the fold rows of `recipe` that have results and their test tables (`results/<row>/test.csv`,
+    one row per case or per slice) with `fold` and `split` columns; `([], None)` with fewer than `least` folds.
+    A patient in the tables of two folds is refused, naming both files."""
+    folds = [r for r in results if r["name"] in fold_rows(recipe)]
+    if len(folds) < least:
+        return [], None
+    tables = [pd.read_csv(RESULTS / r["name"] / "test.csv").assign(fold=r["name"], split=r["split"]) for r in folds]
+    table = pd.concat(tables, ignore_index=True)
+    where = table.groupby("case_id")["fold"].unique()
+    twice = where[where.map(len) > 1]
+    if len(twice):
+        files = " and ".join(f"results/{row}/test.csv" for row in twice.iloc[0])
+        raise ValueError(f"{len(twice)} patients are tested by two folds, {twice.index[0]} by {files}")
+    return folds, table
+
+
 def cross_validation(results, recipe="unet"):
     """Pool the fold rows of `recipe` (`fold_rows`) that have results: every case scored once by the fold
     model that never saw it. Mean and median per-case Dice with its 95 % bootstrap interval, cases
@@ -225,16 +242,9 @@ def cross_validation(results, recipe="unet"):
     that, its paired comparison says what it has)."""
     from lgg import metrics
 
-    folds = [r for r in results if r["name"] in fold_rows(recipe)]
-    if len(folds) < (2 if recipe == "unet" else 5):
+    folds, cases = _fold_tables(results, recipe, least=2 if recipe == "unet" else 5)
+    if not folds:
         return None
-    tables = []
-    for r in folds:
-        table = pd.read_csv(RESULTS / r["name"] / "test.csv").assign(fold=r["name"], split=r["split"])
-        tables.append(table)
-    cases = pd.concat(tables, ignore_index=True)
-    if cases["case_id"].duplicated().any():
-        raise ValueError(f"a case is tested by two folds: {sorted(cases.case_id[cases.case_id.duplicated()])}")
     tumor_slices = [r["test"]["tumor_slice_dice_mean"] * _test_counts(r)["tumor_slices"] for r in folds]
     tumor_free = cases["slices"] - cases["tumor_slices"]
     pooled = {
@@ -272,23 +282,16 @@ def cross_validation(results, recipe="unet"):
 
 
 def classifier_cross_validation(results):
-    """Pool the classifier's fold rows that have results (from two on): every slice scored by the fold model that
-    never saw its patient. ROC AUC with its 95 % interval from resampling patients (`metrics.roc_auc_by_patient`),
-    accuracy, sensitivity and specificity at 0.5 -> `results/classifier-cross-validation.json` and `.csv` (one
-    row per slice); fewer than two folds: None, and a pooled file from more folds is removed."""
+    """Pool the classifier's fold rows that have results (from two on, as the headline): every slice scored by the
+    fold model that never saw its patient. ROC AUC with its 95 % interval from resampling patients
+    (`metrics.roc_auc_by_patient`), accuracy, sensitivity and specificity at 0.5 ->
+    `results/classifier-cross-validation.json` and `.csv` (one row per slice); fewer than two folds: None."""
     from lgg import metrics
     from lgg.files import save_csv
 
-    folds = [r for r in results if r["name"] in fold_rows("classifier")]
-    if len(folds) < 2:
-        for suffix in (".json", ".csv"):
-            (RESULTS / f"classifier-cross-validation{suffix}").unlink(missing_ok=True)
+    folds, slices = _fold_tables(results, "classifier", least=2)
+    if not folds:
         return None
-    tables = [pd.read_csv(RESULTS / r["name"] / "test.csv").assign(fold=r["name"], split=r["split"]) for r in folds]
-    slices = pd.concat(tables, ignore_index=True)
-    patients = slices.groupby("case_id")["fold"].nunique()
-    if (patients > 1).any():
-        raise ValueError(f"a patient is tested by two folds: {sorted(patients.index[patients > 1])}")
     report = metrics.classification_report(slices.has_tumor, slices.probability)
     interval = metrics.roc_auc_by_patient(slices.has_tumor, slices.probability, slices.case_id)
     pooled = {
@@ -328,9 +331,9 @@ def classifier_cross_validation_text(pooled):
         f"**Cross-validation by patient, the classifier** ({len(pooled['folds'])} of 5 folds run: {pooled['cases']} "
         f"of the 88 patients, {pooled['slices']} slices, each scored once by the fold model that never saw its "
         f"patient; `results/classifier-cross-validation.json`, one row per slice in the `.csv`): ROC AUC "
-        f"**{pooled['roc_auc']:.3f}** (95 % interval {low:.3f}–{high:.3f}, resampling patients), accuracy "
-        f"{pooled['accuracy']:.3f}, sensitivity {pooled['sensitivity']:.3f}, specificity {pooled['specificity']:.3f} "
-        f"at 0.5. Per fold: {folds}."
+        f"**{pooled['roc_auc']:.3f}** (95 % interval {low:.3f}–{high:.3f}, percentile bootstrap over patients), "
+        f"accuracy {pooled['accuracy']:.3f}, sensitivity {pooled['sensitivity']:.3f}, specificity "
+        f"{pooled['specificity']:.3f} at 0.5 (the pooled probabilities of the fold models). Per fold: {folds}."
     )
 
 
@@ -338,19 +341,21 @@ def slice_detection_text(found):
     """The line of `benchmarks/detection.py`'s `results/slice-detection.json`: the segmenter as a slice classifier."""
     s = found["segmenter"]
     low, high = s["roc_auc_ci95"]
+    folds = ", ".join(f"{f['split']} {f['roc_auc']:.3f}" for f in found["per_fold"])
     text = (
-        f"**The segmenter as a tumor / no-tumor classifier** (`python benchmarks/detection.py --recipe "
-        f"{found['recipe']}`, `results/slice-detection.json`): {found['how']} Over its cross-validation "
-        f"({s['patients']} patients, {s['slices']} slices): ROC AUC **{s['roc_auc']:.3f}** (95 % interval "
-        f"{low:.3f}–{high:.3f}); per fold {', '.join(f'{v:.3f}' for v in found['per_fold_roc_auc'])}."
+        f"**The U-Net as a tumor / no-tumor classifier** (`python benchmarks/detection.py --recipe "
+        f"{found['recipe']}`, `results/slice-detection.json`): {found['how']}. Over the cross-validation of "
+        f"`{found['recipe']}` ({s['patients']} patients, {s['slices']} slices): ROC AUC **{s['roc_auc']:.3f}** "
+        f"(95 % interval {low:.3f}–{high:.3f}, percentile bootstrap over patients). Per fold: {folds}."
     )
     versus = found.get("vs_classifier")
     if versus:
         low, high = versus["difference_ci95"]
         text += (
-            f" Against the classifier on the same {versus['slices']} slices of {versus['patients']} patients: "
-            f"{versus['roc_auc']:.3f} vs {versus['baseline_roc_auc']:.3f}, difference {versus['difference']:+.3f} "
-            f"(95 % interval {low:+.3f} to {high:+.3f}, resampling patients)."
+            f" Against the classifier on the same {versus['slices']} slices of {versus['patients']} patients "
+            f"(its folds {', '.join(versus['classifier_folds'])}): {versus['roc_auc']:.3f} vs "
+            f"{versus['baseline_roc_auc']:.3f}, difference {versus['difference']:+.3f} (95 % interval {low:+.3f} to "
+            f"{high:+.3f}; the U-Net higher in {versus['resamples_better']:.0%} of the resamples)."
         )
     return text
 
@@ -1221,11 +1226,13 @@ def main(argv=None):
         resolution_ceiling(args.data)
     two_stage(args.data, again=not args.collect_only)
     cross_validation(results)
-    classifier_cross_validation(results)
-    for prefix in CANDIDATES:
-        if cross_validation(results, prefix) is None:  # fewer than five folds now: a pooled file of its own is stale
+    for recipe, pooled in [("classifier", classifier_cross_validation(results))] + [
+        (prefix, cross_validation(results, prefix)) for prefix in CANDIDATES
+    ]:
+        if pooled is None:  # too few folds now: a pooled file of its own, from more folds, is stale
             for suffix in (".json", ".csv"):
-                (RESULTS / f"{prefix}-cross-validation{suffix}").unlink(missing_ok=True)
+                (RESULTS / f"{recipe}-cross-validation{suffix}").unlink(missing_ok=True)
+    for prefix in CANDIDATES:
         recipe_comparison(results, prefix)
     write_readme(results)
     print(readme_table(results))

@@ -183,24 +183,35 @@ def paired_comparison(per_case, baseline, column="case_dice"):
     }
 
 
-def roc_auc_by_patient(labels, scores, patients, baseline=None, confidence=0.95, resamples=2000, seed=0):
-    """ROC AUC of slice scores, with its interval from resampling patients (a cluster bootstrap: the slices of
-    one patient are not independent draws, the patients are), and, given `baseline` (another model's scores
-    of the same slices), the paired difference `scores` minus `baseline` with its interval from the same
-    resamples. Percentile intervals; deterministic for a given `seed`.
+def roc_auc_by_patient(labels, scores, patients, baseline=None, resamples=2000, seed=0):
+    """ROC AUC of slice scores, with its 95 % interval from resampling patients (a percentile cluster bootstrap:
+    the slices of one patient are not independent draws, the patients are), and, given `baseline` (another
+    model's scores of the same slices), the paired difference `scores` minus `baseline` with its interval from
+    the same resamples. Deterministic for a given `seed`.
 
     Returns a dict: `slices`, `patients`, `roc_auc`, `roc_auc_ci95`, and with a baseline `baseline_roc_auc`,
     `difference`, `difference_ci95`, and `resamples_better` (the share of resamples where `scores` wins).
+
+    Raises:
+        ValueError: unequal lengths, a slice without a patient, labels other than 0 / 1 or of one kind only,
+            or fewer than 100 resamples.
     """
-    labels = np.asarray(labels).astype(int).ravel()
+    labels, patients = np.asarray(labels), pd.Series(np.asarray(patients, dtype=object))
     columns = [np.asarray(scores, np.float64).ravel()]
     if baseline is not None:
         columns.append(np.asarray(baseline, np.float64).ravel())
-    if any(len(column) != len(labels) for column in columns) or len(np.asarray(patients)) != len(labels):
+    if labels.ndim != 1 or any(len(values) != len(labels) for values in (*columns, patients)):
         raise ValueError("labels, scores, baseline and patients must hold one value per slice")
+    if patients.isna().any():
+        raise ValueError(f"{int(patients.isna().sum())} slices have no patient: every slice needs one")
+    if not set(np.unique(labels)) <= {0, 1, False, True}:
+        raise ValueError(f"labels must be 0 / 1 (tumor or not); received {sorted(set(np.unique(labels)))[:5]}")
+    labels = labels.astype(int)
     if len(np.unique(labels)) < 2:
         raise ValueError("a ROC AUC needs tumor and tumor-free slices")
-    codes, uniques = pd.factorize(np.asarray(patients))
+    if resamples < 100:
+        raise ValueError(f"resamples must be at least 100 for a 95 % interval; received {resamples}")
+    codes, uniques = pd.factorize(patients)
     members = [np.flatnonzero(codes == i) for i in range(len(uniques))]
     rng = np.random.default_rng(seed)
     draws = []
@@ -209,17 +220,16 @@ def roc_auc_by_patient(labels, scores, patients, baseline=None, confidence=0.95,
         if len(np.unique(labels[picked])) == 2:  # a draw of patients without tumor slices has no AUC
             draws.append([sk_metrics.roc_auc_score(labels[picked], column[picked]) for column in columns])
     draws = np.asarray(draws)
-    tails = [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2]
     result = {
         "slices": int(len(labels)),
         "patients": int(len(uniques)),
         "roc_auc": float(sk_metrics.roc_auc_score(labels, columns[0])),
-        "roc_auc_ci95": [float(v) for v in np.percentile(draws[:, 0], tails)],
+        "roc_auc_ci95": [float(v) for v in np.percentile(draws[:, 0], [2.5, 97.5])],
     }
     if baseline is not None:
         difference = draws[:, 0] - draws[:, 1]
         result["baseline_roc_auc"] = float(sk_metrics.roc_auc_score(labels, columns[1]))
         result["difference"] = result["roc_auc"] - result["baseline_roc_auc"]
-        result["difference_ci95"] = [float(v) for v in np.percentile(difference, tails)]
+        result["difference_ci95"] = [float(v) for v in np.percentile(difference, [2.5, 97.5])]
         result["resamples_better"] = float((difference > 0).mean())
     return result

@@ -114,6 +114,10 @@ def test_roc_auc_by_patient_on_the_committed_classifier_scores():
     low, high = found["roc_auc_ci95"]
     assert low < found["roc_auc"] < high <= 1
     assert metrics.roc_auc_by_patient(table.has_tumor, table.probability, table.case_id, resamples=300) == found
+    # the patients are resampled, not the slices: each slice its own "patient" gives a far narrower interval
+    slices = metrics.roc_auc_by_patient(table.has_tumor, table.probability, range(len(table)), resamples=300)
+    assert slices["patients"] == 820 and slices["roc_auc"] == found["roc_auc"]
+    assert np.diff(slices["roc_auc_ci95"])[0] < 0.7 * np.diff(found["roc_auc_ci95"])[0]
     # against itself: no difference in any resample
     same = metrics.roc_auc_by_patient(
         table.has_tumor, table.probability, table.case_id, baseline=table.probability, resamples=100
@@ -127,8 +131,16 @@ def test_roc_auc_by_patient_on_the_committed_classifier_scores():
     assert worse["difference_ci95"][0] > 0 and worse["resamples_better"] == 1
 
 
-def test_roc_auc_by_patient_refuses_what_has_no_auc():
-    with pytest.raises(ValueError, match="one value per slice"):
-        metrics.roc_auc_by_patient([0, 1, 1], [0.1, 0.9], ["a", "a", "b"])
-    with pytest.raises(ValueError, match="tumor and tumor-free"):
-        metrics.roc_auc_by_patient([1, 1], [0.1, 0.9], ["a", "b"])
+@pytest.mark.parametrize(
+    ("labels", "scores", "patients", "resamples", "refusal"),
+    [
+        ([0, 1, 1], [0.1, 0.9], ["a", "a", "b"], 100, "one value per slice"),
+        ([1, 1], [0.1, 0.9], ["a", "b"], 100, "tumor and tumor-free"),
+        ([0, 2], [0.1, 0.9], ["a", "b"], 100, "labels must be 0 / 1"),
+        ([0, 1, 1], [0.1, 0.9, 0.8], ["a", None, "b"], 100, "1 slices have no patient"),
+        ([0, 1], [0.1, 0.9], ["a", "b"], 0, "resamples must be at least 100"),
+    ],
+)
+def test_roc_auc_by_patient_refuses_what_has_no_auc(labels, scores, patients, resamples, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        metrics.roc_auc_by_patient(labels, scores, patients, resamples=resamples)

@@ -95,7 +95,9 @@ def test_collecting_with_fewer_folds_removes_a_candidates_stale_pooled_file(scra
     shutil.rmtree(results.RUNS)  # rows from the results files alone, as in a fresh clone
     monkeypatch.setattr(results, "write_readme", lambda found: None)
     monkeypatch.setattr(results, "two_stage", lambda data_dir, again: None)
+    (results.RESULTS / "classifier-cross-validation.json").write_text("{}")  # the classifier's, from more folds
     results.main(["--collect-only", "--data", str(scratch / "no-data")])
+    assert not (results.RESULTS / "classifier-cross-validation.json").exists()
     assert not (results.RESULTS / "unet-bf16-cross-validation.json").exists()
     assert not (results.RESULTS / "unet-bf16-cross-validation.csv").exists()
     assert (results.RESULTS / "unet-cross-validation.json").exists()
@@ -229,7 +231,6 @@ def test_the_classifier_pools_its_folds_each_patient_once(tmp_path, monkeypatch)
         table.assign(case_id=cases).to_csv(out / name / "test.csv", index=False)
     first = {**row, "name": "classifier"}
     second = {**row, "name": "classifier-fold2", "split": "patient-fold-2-of-5"}
-    (out / "classifier-cross-validation.json").write_text("{}")  # from a time with more folds
     assert results.classifier_cross_validation([first]) is None
     assert not (out / "classifier-cross-validation.json").exists()
     pooled = results.classifier_cross_validation([first, second])
@@ -241,5 +242,6 @@ def test_the_classifier_pools_its_folds_each_patient_once(tmp_path, monkeypatch)
     text = results.classifier_cross_validation_text(pooled)
     assert "2 of 5 folds run: 44 of the 88 patients" in text and f"{row['test']['roc_auc']:.3f}" in text
     table.to_csv(out / "classifier-fold2" / "test.csv", index=False)  # fold 2 tests fold 1's patients
-    with pytest.raises(ValueError, match="tested by two folds"):
+    twice = "22 patients are tested by two folds, TCGA_.* by results/classifier/test.csv and results/classifier-fold2/"
+    with pytest.raises(ValueError, match=twice):
         results.classifier_cross_validation([first, second])

@@ -686,8 +686,10 @@ def readme_table(results):
         ]
         for r in classifiers:
             t = r["test"]
+            cpu = r["environment"].get("cpu_model")
+            label = f"{r['backbone']} CNN" + (f", on {cpu}" if cpu else "")
             lines.append(
-                f"| {r['backbone']} CNN | {r['split']}: {_counts(r)} | {r['image_size']}² | {r['epochs_run']} "
+                f"| {label} | {r['split']}: {_counts(r)} | {r['image_size']}² | {r['epochs_run']} "
                 f"({r['best_epoch']}) | {r['training_minutes']} | {t['accuracy']:.3f} | {t['sensitivity']:.3f} | "
                 f"{t['specificity']:.3f} | {t['roc_auc']:.3f} |"
             )

@@ -204,7 +204,7 @@ def roc_auc_by_patient(labels, scores, patients, baseline=None, resamples=2000, 
         raise ValueError("labels, scores, baseline and patients must hold one value per slice")
     if patients.isna().any():
         raise ValueError(f"{int(patients.isna().sum())} slices have no patient: every slice needs one")
-    if not set(np.unique(labels)) <= {0, 1, False, True}:
+    if not set(np.unique(labels)) <= {0, 1}:  # True and False are 1 and 0
         raise ValueError(f"labels must be 0 / 1 (tumor or not); received {sorted(set(np.unique(labels)))[:5]}")
     labels = labels.astype(int)
     if len(np.unique(labels)) < 2:

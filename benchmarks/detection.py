@@ -82,7 +82,7 @@ def fold_runs(recipe, runs_dir, data_dir):
 def segmenter_scores(folder, data_dir):
     """One row per test slice of the run in `folder`: case, slice, tumor or not, the segmenter's slice score."""
     from lgg import data, evaluate, postprocess
-    from lgg.inference import model_task, predict_probabilities, predict_with_mirror
+    from lgg.inference import model_task
 
     model = evaluate.load_model(folder / "model.h5")
     if model_task(model) != "segmentation":
@@ -90,10 +90,8 @@ def segmenter_scores(folder, data_dir):
     slices = evaluate.slices_with_split(data_dir, folder / "split.csv")
     rows = slices[slices.split == "test"]
     images = data.load_arrays(rows, data.NATIVE_SIZE, with_masks=False)
-    if postprocess.load(folder / "model.h5")["hflip_tta"]:
-        probabilities = predict_with_mirror(model, images)[1]
-    else:
-        probabilities = predict_probabilities(model, images)
+    settings = postprocess.load(folder / "model.h5")  # the probabilities `predict` uses: flip TTA if chosen
+    probabilities, _ = evaluate.segment(model, images, rows["case_id"], settings, rows["slice_index"])
     score = probabilities.reshape(len(rows), -1).max(axis=1)
     return rows[["case_id", "slice_index", "has_tumor"]].assign(fold=folder.name.removeprefix("results-"), score=score)
 
@@ -129,12 +127,15 @@ def main(argv=None):
     if args.recipe not in segmenter_recipes():
         raise SystemExit(f"--recipe {args.recipe!r} is not a segmenter recipe with folds; choose from "
                          f"{segmenter_recipes()}")  # fmt: skip
-    folders = fold_runs(args.recipe, args.runs, args.data)
-
     from lgg import metrics
+    from lgg.data import DatasetError
     from lgg.files import save_csv, save_json
 
-    scores = pd.concat([segmenter_scores(folder, args.data) for folder in folders], ignore_index=True)
+    try:
+        folders = fold_runs(args.recipe, args.runs, args.data)
+        scores = pd.concat([segmenter_scores(folder, args.data) for folder in folders], ignore_index=True)
+    except (DatasetError, ValueError, OSError) as error:  # a damaged file or missing data: the message, no trace
+        raise SystemExit(str(error)) from None
     results_dir = ROOT / "results"
     per_fold = []
     for folder in folders:

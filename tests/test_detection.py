@@ -56,6 +56,8 @@ def test_the_folds_are_checked_before_anything_is_predicted(tmp_path, real_data)
     refused(fold_folders(tmp_path / "untested", untested), "patients of the split are in no fold's test cases")
     absent = partition(shipped.case_id, extra=["TCGA_XX_0001_20000101"])
     refused(fold_folders(tmp_path / "absent", absent), "1 test cases of the unet-bf16 folds are missing in .*TCGA_XX")
+    with pytest.raises(SystemExit, match="data folder not found"):  # the message, not a traceback
+        detection.main(["--recipe", "unet-bf16", "--data", str(tmp_path / "none"), "--runs", str(tmp_path / "absent")])
     for recipe in ("classifier", "unet-seed1", "unet-nonsense"):
         with pytest.raises(SystemExit, match=f"--recipe '{recipe}' is not a segmenter recipe with folds"):
             detection.main(["--recipe", recipe, "--data", str(real_data), "--runs", str(tmp_path / "runs")])

@@ -1,18 +1,24 @@
-"""Does a slice hold tumor? The segmenter answers too: score each slice by its highest tumor probability, pool the
+"""Does a slice hold tumor? The segmenter answers too: score each slice from its tumor probabilities, pool the
 scores over a recipe's cross-validation, and compare the ROC AUC with the classifier's on the same slices.
 
     python benchmarks/detection.py --recipe unet-bf16 --data data
 
 Each fold row of the recipe (`benchmarks/results.py`: `<recipe>`, `<recipe>-fold2` ... `-fold5`) needs its run
 folder `runs/results-<row>/` (`model.h5`, `split.csv`, `postprocess.json`); its model scores the test slices of
-its own split, so that every slice is scored by a model that never saw its patient. A slice's score is the
-largest pixel probability of the map the run's post-processing uses (with flip TTA when it chose it): the
-segmenter's own "is there tumor here". The classifier's pooled probabilities (`results/classifier-cross-
-validation.csv`, written by `benchmarks/results.py --collect-only`) are compared on the slices both scored,
-paired, with intervals from resampling patients (`lgg.metrics.roc_auc_by_patient`).
+its own split, so that every slice is scored by a model that never saw its patient. A slice's score is an
+aggregate of the probability map the run's post-processing uses (with flip TTA when it chose it): its largest
+pixel probability, the mean of its 100 largest, or the tumor area of the post-processed mask (`AGGREGATES`).
+Each fold chooses one on its own validation cases (never its test cases; in `lgg.data`'s folds they are test
+cases of another fold, so a choice pooled over the folds would have seen test patients) and scores its test
+slices with it; the others' test figures are recorded beside it, not used. Those validation cases also chose
+the fold's checkpoint and post-processing, so they flatter the `area` (the only aggregate that reads the
+post-processed mask) more than the others: the choice leans to it, the test figure does not. The classifier's pooled
+probabilities (`results/classifier-cross-validation.csv`, written by `benchmarks/results.py --collect-only`) are
+compared on the slices both scored, paired, with intervals from resampling patients
+(`lgg.metrics.roc_auc_by_patient`).
 
-Written: `results/slice-detection.json` and `results/slice-detection.csv` (one row per slice: fold, case,
-slice, tumor or not, the segmenter's score), this script's own files, replaced on each run.
+Written: `results/slice-detection.json` and `results/slice-detection.csv` (one row per test slice: fold, case,
+slice, tumor or not, the chosen score, each aggregate's score), this script's own files, replaced on each run.
 """
 
 import argparse
@@ -21,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +35,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results import CONFIGS, fold_rows  # noqa: E402
 
 RUN_FILES = ("model.h5", "split.csv", "postprocess.json", "config.json")
-RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes")  # what makes a run its row's
+RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes", "encoder_weights")  # a run's row
+AGGREGATES = {  # a slice's score from its probability map, in the order a tie on validation is settled
+    "max": "the largest pixel probability",
+    "top100": "the mean of the 100 largest pixel probabilities",
+    "area": "the tumor pixels of the post-processed mask (ties broken by the largest probability)",
+}
+TOP = 100
 HOW = (
-    "each test slice scored by the largest pixel probability of its fold's U-Net (flip TTA where the run chose it "
-    "on validation cases), at 256x256; the five fold models' scores pooled"
+    "each test slice scored from its fold's U-Net probabilities at 256x256 (flip TTA where the run chose it on "
+    "validation cases) by the aggregate with the highest ROC AUC on that fold's own validation slices; the five "
+    "fold models' scores pooled"
 )
 
 
@@ -53,6 +67,8 @@ def fold_runs(recipe, runs_dir, data_dir):
             raise SystemExit(f"{folder} is not a finished segmenter run of {recipe}: it has no {', '.join(missing)}")
         config = json.loads((folder / "config.json").read_text())
         for key in RECIPE_KEYS:
+            if key == "encoder_weights" and CONFIGS[row].kind == "unet":  # no encoder: `train` records None
+                continue
             if key in config and config[key] != getattr(CONFIGS[row], key):
                 raise SystemExit(f"{folder / 'config.json'} has {key} {config[key]!r}, the row {row} "
                                  f"{getattr(CONFIGS[row], key)!r}: not a run of this recipe")  # fmt: skip
@@ -79,21 +95,59 @@ def fold_runs(recipe, runs_dir, data_dir):
     return folders
 
 
-def segmenter_scores(folder, data_dir):
-    """One row per test slice of the run in `folder`: case, slice, tumor or not, the segmenter's slice score."""
+def aggregate(probabilities, masks):
+    """Each slice's score under each of `AGGREGATES`, from its probability map and post-processed mask."""
+    flat = probabilities.reshape(len(probabilities), -1)
+    largest = flat.max(axis=1).astype(np.float64)
+    area = masks.reshape(len(masks), -1).sum(axis=1)
+    return {
+        "max": largest,
+        "top100": np.partition(flat, -TOP, axis=1)[:, -TOP:].astype(np.float64).mean(axis=1),
+        # ranked by area, then by the largest probability: a slice's probability is at most 1, so on the scale
+        # area + largest / 2 it only orders slices of equal area
+        "area": area + largest / 2,
+    }
+
+
+def segmenter_scores(folder, data_dir, splits=("val", "test")):
+    """One row per slice of each of `splits` of the run in `folder`: split, case, slice, tumor or not, and the
+    slice's score under each aggregate (`score_<name>`). Every case of those splits must be in `data_dir`."""
     from lgg import data, evaluate, postprocess
     from lgg.inference import model_task
 
     model = evaluate.load_model(folder / "model.h5")
     if model_task(model) != "segmentation":
         raise SystemExit(f"{folder / 'model.h5'} is not a segmenter")
+    split_file = pd.read_csv(folder / "split.csv")
     slices = evaluate.slices_with_split(data_dir, folder / "split.csv")
-    rows = slices[slices.split == "test"]
-    images = data.load_arrays(rows, data.NATIVE_SIZE, with_masks=False)
     settings = postprocess.load(folder / "model.h5")  # the probabilities `predict` uses: flip TTA if chosen
-    probabilities, _ = evaluate.segment(model, images, rows["case_id"], settings, rows["slice_index"])
-    score = probabilities.reshape(len(rows), -1).max(axis=1)
-    return rows[["case_id", "slice_index", "has_tumor"]].assign(fold=folder.name.removeprefix("results-"), score=score)
+    tables = []
+    for split in splits:
+        cases = set(split_file.loc[split_file["split"] == split, "case_id"])
+        if not cases:
+            raise SystemExit(f"{folder / 'split.csv'} has no {split} cases")
+        rows = slices[slices.split == split]
+        absent = sorted(cases - set(rows.case_id))
+        if absent:
+            raise SystemExit(f"{len(absent)} {split} cases of {folder / 'split.csv'} are missing in {data_dir}: "
+                             f"{absent[:4]}")  # fmt: skip
+        images = data.load_arrays(rows, data.NATIVE_SIZE, with_masks=False)
+        probabilities, masks = evaluate.segment(model, images, rows["case_id"], settings, rows["slice_index"])
+        scores = {f"score_{name}": score for name, score in aggregate(probabilities, masks).items()}
+        tables.append(rows[["split", "case_id", "slice_index", "has_tumor"]].assign(**scores))
+    return pd.concat(tables, ignore_index=True).assign(fold=folder.name.removeprefix("results-"))
+
+
+def choose(validation, where="the validation slices"):
+    """The aggregate with the highest ROC AUC on `validation` (one fold's validation slices; the first of
+    `AGGREGATES` on a tie) -> (its name, each aggregate's validation AUC)."""
+    from lgg import metrics
+
+    if validation.has_tumor.nunique() < 2:
+        raise SystemExit(f"{where} are all of one kind: no aggregate can be chosen on them")
+    aucs = {name: metrics.classification_report(validation.has_tumor, validation[f"score_{name}"])["roc_auc"]
+            for name in AGGREGATES}  # fmt: skip
+    return max(AGGREGATES, key=lambda name: (aucs[name], -list(AGGREGATES).index(name))), aucs
 
 
 def compare(scores, classifier_file):
@@ -133,7 +187,20 @@ def main(argv=None):
 
     try:
         folders = fold_runs(args.recipe, args.runs, args.data)
-        scores = pd.concat([segmenter_scores(folder, args.data) for folder in folders], ignore_index=True)
+        tables, choices = [], {}
+        for folder in folders:  # each fold chooses on its own validation slices, then scores its test slices
+            table = segmenter_scores(folder, args.data)
+            validation = table[table.split == "val"]
+            chosen, aucs = choose(validation, f"the validation slices of {folder / 'split.csv'}")
+            choices[folder.name.removeprefix("results-")] = {
+                "aggregate": chosen,
+                "validation_slices": len(validation),
+                "validation_patients": int(validation.case_id.nunique()),
+                "validation_roc_auc": aucs,
+            }
+            test = table[table.split == "test"].drop(columns="split")
+            tables.append(test.assign(score=test[f"score_{chosen}"], aggregate=chosen))
+        scores = pd.concat(tables, ignore_index=True)
     except (DatasetError, ValueError, OSError) as error:  # a damaged file or missing data: the message, no trace
         raise SystemExit(str(error)) from None
     results_dir = ROOT / "results"
@@ -143,10 +210,17 @@ def main(argv=None):
         split = json.loads((folder / "config.json").read_text())["split"]
         auc = metrics.classification_report(fold.has_tumor, fold.score)["roc_auc"]
         digest = hashlib.sha256((folder / "model.h5").read_bytes()).hexdigest()
-        per_fold.append({"fold": fold.fold.iloc[0], "split": split, "roc_auc": auc, "model_sha256": digest})
+        per_fold.append({"fold": fold.fold.iloc[0], "split": split, "roc_auc": auc, "model_sha256": digest,
+                         **choices[fold.fold.iloc[0]]})  # fmt: skip
     found = {
         "recipe": args.recipe,
         "how": HOW,
+        "aggregates": AGGREGATES,
+        # recorded, not used to choose: what each aggregate would have scored on all the test slices
+        "test_roc_auc_by_aggregate": {
+            name: metrics.classification_report(scores.has_tumor, scores[f"score_{name}"])["roc_auc"]
+            for name in AGGREGATES
+        },
         "segmenter": metrics.roc_auc_by_patient(scores.has_tumor, scores.score, scores.case_id),
         "per_fold": per_fold,
         "vs_classifier": compare(scores, results_dir / "classifier-cross-validation.csv"),
@@ -154,6 +228,9 @@ def main(argv=None):
     save_csv(scores, results_dir / "slice-detection.csv")
     save_json(found, results_dir / "slice-detection.json")
     s = found["segmenter"]
+    for fold in per_fold:
+        print(f"{fold['fold']}: {fold['aggregate']} chosen on {fold['validation_slices']} validation slices ("
+              + ", ".join(f"{n} {a:.3f}" for n, a in fold["validation_roc_auc"].items()) + ")")  # fmt: skip
     print(f"{args.recipe} as a slice classifier: ROC AUC {s['roc_auc']:.3f} ({s['roc_auc_ci95'][0]:.3f}-"
           f"{s['roc_auc_ci95'][1]:.3f}) over {s['patients']} patients, {s['slices']} slices")  # fmt: skip
     if found["vs_classifier"]:

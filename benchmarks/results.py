@@ -27,8 +27,8 @@ from lgg.train import monitor_for
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 # name -> RunConfig (lgg.config: every setting not named is its default; every row in float32, as measured, except
-# the bfloat16 candidate, rather than the precision `train` would pick on the machine). `unet` is the README's headline
-# recipe (`make train` runs the same). Time limits: about nine hours of CPU for all fourteen (7 x 60 +
+# the bfloat16 candidates, rather than the precision `train` would pick on the machine). `unet` is the README's headline
+# recipe (`make train` runs the same). Time limits: about nine hours of CPU for the fourteen table rows (7 x 60 +
 # 5 x 15 + 20 + 20 min, plus evaluation); train one row at a time with --models.
 CLASSIFIER = RunConfig(kind="classifier", backbone="light", max_minutes=15, precision="float32")
 CONFIGS = {
@@ -65,6 +65,21 @@ CONFIGS = {
         f"unet-bf16{suffix}": replace(HEADLINE, precision="mixed_bfloat16", jit_compile=False, split=split)
         for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
     },
+    # a candidate recipe: the U-Net with a ResNet50 encoder, computed as the bfloat16 candidate and for the same 60
+    # minutes, so that it is paired with that recipe's folds. Randomly initialized on every machine (ImageNet weights
+    # cannot be downloaded here; folds with and without them would not pool); users with the weights: `train
+    # resnet50-unet --encoder-weights imagenet`
+    **{
+        f"resnet50-unet-bf16{suffix}": replace(
+            HEADLINE,
+            kind="resnet50-unet",
+            encoder_weights=None,
+            precision="mixed_bfloat16",
+            jit_compile=False,
+            split=split,
+        )
+        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
+    },
     # a candidate recipe for cases lacking sequences (benchmarks/misses.py: the one case at Dice 0 is FLAIR only):
     # a fifth of the training slices made FLAIR only, the dataset's own fill for a missing sequence
     **{
@@ -84,16 +99,31 @@ def fold_rows(recipe):
 # patients
 SHIPPED_SPLIT = "patient-fold-2-of-5"
 # candidate recipes: prefix -> what changes. Each fold row `<prefix>[-foldK]` is compared case by case with the
-# headline's row of the same fold (`unet[-foldK]`); they are not rows of the results table and not trained by default.
+# headline's row of the same fold (`unet[-foldK]`; `PAIRED_WITH` names another recipe for some); they are not rows
+# of the results table and not trained by default.
 CANDIDATES = {
     "unet-tversky": "Tversky overlap term (misses weighted 0.7, false alarms 0.3) instead of the batch Dice",
     "unet-bf16": "mixed_bfloat16 computed by oneDNN without XLA instead of float32 (for CPUs with bfloat16 "
     "instructions)",
     "unet-flair": "a fifth of the training slices made FLAIR only (pre- and post-contrast replaced by FLAIR)",
+    "resnet50-unet-bf16": "a ResNet50 encoder (randomly initialized) instead of the U-Net's own, both in "
+    "mixed_bfloat16 without XLA for 60 minutes",
 }
+# the recipe a candidate is paired with, where it is not the headline: the one computed the same way, so that the
+# pair differs only in what the candidate changes
+PAIRED_WITH = {"resnet50-unet-bf16": "unet-bf16"}
+
 TABLE_ROWS = [name for name in CONFIGS if not name.startswith(tuple(CANDIDATES))]
 DEFAULT_RUNS = [name for name in TABLE_ROWS if not name.startswith("unet-again")]  # what `make results` trains
 PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
+
+
+def partner(prefix):
+    return PAIRED_WITH.get(prefix, "unet")
+
+
+def comparison_file(prefix):
+    return RESULTS / f"{prefix}-vs-{partner(prefix)}.json"
 
 
 def train(name, data_dir):
@@ -348,6 +378,18 @@ def slice_detection_text(found):
         f"`{found['recipe']}` ({s['patients']} patients, {s['slices']} slices): ROC AUC **{s['roc_auc']:.3f}** "
         f"(95 % interval {low:.3f}–{high:.3f}, percentile bootstrap over patients). Per fold: {folds}."
     )
+    if found.get("aggregates"):  # older files: the largest probability for every fold, not chosen
+        names = ", ".join(f"`{name}` {what}" for name, what in found["aggregates"].items())
+        chosen = "; ".join(
+            f"{f['split']} `{f['aggregate']}` on {f['validation_slices']} slices of {f['validation_patients']} "
+            "patients (" + ", ".join(f"{name} {auc:.3f}" for name, auc in f["validation_roc_auc"].items()) + ")"
+            for f in found["per_fold"]
+        )
+        test = ", ".join(f"`{name}` {auc:.3f}" for name, auc in found["test_roc_auc_by_aggregate"].items())
+        text += (
+            f" The score of a slice ({names}) is chosen by each fold on its own validation cases: {chosen}. Each "
+            f"aggregate alone on all the test slices, recorded, not used to choose: {test}."
+        )
     versus = found.get("vs_classifier")
     if versus:
         low, high = versus["difference_ci95"]
@@ -361,20 +403,22 @@ def slice_detection_text(found):
 
 
 def recipe_comparison(results, prefix):
-    """A candidate recipe against the headline, paired: for every fold both have run, each test case's
-    Dice under the candidate minus under the headline (the same patients, the same fold split); the
-    mean difference with its 95 % bootstrap interval, cases better / worse, Wilcoxon p, both pooled
-    means, and both curves of the Dice after N minutes over those cases.
-    -> `results/<prefix>-vs-unet.json`, or None before any fold pair exists."""
+    """A candidate recipe against the headline (or its `PAIRED_WITH` recipe), paired: for every fold both
+    have run, each test case's Dice under the candidate minus under the other (the same patients, the
+    same fold split); the mean difference with its 95 % bootstrap interval, cases better / worse,
+    Wilcoxon p, both pooled means, and both curves of the Dice after N minutes over those cases (its
+    `headline_*` keys hold the partner's figures, `paired_with` names it).
+    -> `results/<prefix>-vs-<partner>.json`, or None before any fold pair exists."""
     from lgg import metrics
 
     by_name = {r["name"]: r for r in results}
     pairs = []
     for name in CONFIGS:
         if name.startswith(prefix) and name in by_name:
-            baseline, again = "unet" + name[len(prefix) :], "unet-again" + name[len(prefix) :]
+            baseline, again = partner(prefix) + name[len(prefix) :], "unet-again" + name[len(prefix) :]
             if (
-                again in by_name
+                partner(prefix) == "unet"
+                and again in by_name
                 and _same_cpu(by_name[name], by_name[again])
                 and not (baseline in by_name and _same_cpu(by_name[name], by_name[baseline]))
             ):
@@ -388,6 +432,7 @@ def recipe_comparison(results, prefix):
     comparison = {
         "candidate": prefix,
         "change": CANDIDATES[prefix],
+        "paired_with": partner(prefix),
         "folds": [[c["name"], b["name"], c["split"]] for c, b in pairs],
         "candidate_case_dice_mean": float(candidate.case_dice.mean()),
         "headline_case_dice_mean": float(headline.case_dice.mean()),
@@ -418,7 +463,7 @@ def recipe_comparison(results, prefix):
     ):
         if all(r.get("after_minutes") for r in rows):
             comparison[key] = pooled_curve(rows)
-    save_json(comparison, RESULTS / f"{prefix}-vs-unet.json")
+    save_json(comparison, comparison_file(prefix))
     return comparison
 
 
@@ -449,10 +494,12 @@ def recipe_comparison_text(comparison):
         f"{f['candidate_epochs']} vs {f['headline_epochs']} epochs; {machine[f.get('same_cpu')]}{_compute(f)})"
         for f in comparison["per_fold"]
     )
+    other = comparison.get("paired_with", "unet")  # older files: the headline
+    versus = "the headline recipe" if other == "unet" else f"the `{other}` recipe"
     text = (
-        f"**Candidate recipe `{comparison['candidate']}`** ({comparison['change']}), paired with the headline "
-        f"recipe on the same {p['cases']} patients ({len(comparison['folds'])} of 5 folds; "
-        f"`results/{comparison['candidate']}-vs-unet.json`): mean per-case Dice "
+        f"**Candidate recipe `{comparison['candidate']}`** ({comparison['change']}), paired with {versus} "
+        f"on the same {p['cases']} patients ({len(comparison['folds'])} of 5 folds; "
+        f"`results/{comparison['candidate']}-vs-{other}.json`): mean per-case Dice "
         f"{comparison['candidate_case_dice_mean']:.3f} vs {comparison['headline_case_dice_mean']:.3f}, "
         f"difference {p['mean_difference']:+.3f} (95 % interval {low:+.3f} to {high:+.3f}), "
         f"{p['better']} cases better / {p['worse']} worse, Wilcoxon p {_p_value(p['wilcoxon_p'])}. Per fold: {folds}."
@@ -461,7 +508,7 @@ def recipe_comparison_text(comparison):
         ours, theirs = ({p["minutes"]: p["case_dice_mean"] for p in comparison[f"{who}_after_minutes"]}
                         for who in ("candidate", "headline"))  # fmt: skip
         points = ", ".join(f"{ours[m]:.3f} vs {theirs[m]:.3f} after {m:g} min" for m in sorted(set(ours) & set(theirs)))
-        text += f" After N minutes, candidate vs headline: {points}."
+        text += f" After N minutes, candidate vs {'headline' if other == 'unet' else f'`{other}`'}: {points}."
     return text
 
 
@@ -651,8 +698,8 @@ def readme_table(results):
     for prefix in CANDIDATES:
         if (RESULTS / f"{prefix}-cross-validation.json").exists():
             lines += ["", cross_validation_text(json.loads((RESULTS / f"{prefix}-cross-validation.json").read_text()))]
-        if (RESULTS / f"{prefix}-vs-unet.json").exists():
-            lines += ["", recipe_comparison_text(json.loads((RESULTS / f"{prefix}-vs-unet.json").read_text()))]
+        if comparison_file(prefix).exists():
+            lines += ["", recipe_comparison_text(json.loads(comparison_file(prefix).read_text()))]
     ceiling_file = RESULTS / "resolution_ceiling.json"
     if ceiling_file.exists():
         ceiling = json.loads(ceiling_file.read_text())
@@ -874,6 +921,7 @@ def write_readme(results):
 
 
 MODELS = ROOT / "models"
+MAX_MEGABYTES = 50  # each shipped file, so that the history stays small
 DATASET_TERMS = (
     "Kaggle [LGG MRI Segmentation](https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation) (Buda, "
     "Saha, Mazurowski 2019), images from TCGA-LGG in The Cancer Imaging Archive: the dataset's own terms (Kaggle "
@@ -959,6 +1007,9 @@ def check_shippable(name, data_dir, target="unet"):
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if missing:
         raise ValueError(f"{run_dir} lacks {missing}: ship a run trained here (or copied into runs/)")
+    megabytes = weights_megabytes(run_dir / "model.h5")
+    if megabytes > MAX_MEGABYTES:
+        raise ValueError(too_large(run_dir / "model.h5", megabytes))
     summary = json.loads((run_dir / "test_summary.json").read_text())
     trained_on = json.loads((run_dir / "config.json").read_text()).get("split")
     if trained_on != SHIPPED_SPLIT or summary["case_dice_mean"] != result["test"]["case_dice_mean"]:
@@ -976,6 +1027,28 @@ def check_shippable(name, data_dir, target="unet"):
 
 
 RUN_FILES = ("model.h5", "postprocess.json", "split.csv", "config.json", "test_summary.json")
+
+
+def weights_megabytes(path):
+    """The megabytes of a Keras `.h5` file's model weights (its optimizer state left out, as shipped)."""
+    import h5py
+
+    total = []
+    try:
+        with h5py.File(path, "r") as file:
+            root = file["model_weights"] if "model_weights" in file else file
+            root.visititems(lambda _, item: total.append(item.nbytes) if isinstance(item, h5py.Dataset) else None)
+    except OSError as error:
+        raise ValueError(f"{path} is not a readable Keras .h5 file ({error})") from None
+    return sum(total) / 1e6
+
+
+def too_large(path, megabytes):
+    return (
+        f"{path} holds {megabytes:.1f} MB of weights; a shipped file stays under {MAX_MEGABYTES} MB so that the "
+        "repository's history stays small (a U-Net with fewer filters, --base-filters; the ResNet50 U-Net, 52 MB "
+        "in float32, has no smaller setting here): not shipped"
+    )
 
 
 def _same_cpus(ours, theirs):
@@ -1012,6 +1085,9 @@ def ship(name, data_dir, target="unet"):
                 shutil.copy(folder / file, staging / file)
         else:
             model.save(staging / "model.h5", include_optimizer=False)
+            megabytes = (staging / "model.h5").stat().st_size / 1e6
+            if megabytes > MAX_MEGABYTES:  # the file itself, as it would be committed
+                raise ValueError(too_large(run_dir / "model.h5", megabytes))
             for file in ("postprocess.json", "split.csv"):
                 shutil.copy(run_dir / file, staging / file)
         probe = np.random.default_rng(0).uniform(0, 255, (4, *model.input_shape[1:])).astype("float32")
@@ -1235,7 +1311,10 @@ def main(argv=None):
             for suffix in (".json", ".csv"):
                 (RESULTS / f"{recipe}-cross-validation{suffix}").unlink(missing_ok=True)
     for prefix in CANDIDATES:
-        recipe_comparison(results, prefix)
+        current = comparison_file(prefix) if recipe_comparison(results, prefix) else None
+        for file in RESULTS.glob(f"{prefix}-vs-*.json"):  # no pair now, or paired with another recipe before
+            if file != current:
+                file.unlink()
     write_readme(results)
     print(readme_table(results))
 

@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -80,11 +81,77 @@ def test_the_classifier_is_compared_on_the_same_slices(tmp_path):
     assert detection.compare(scores, tmp_path / "absent.csv") is None
 
 
+def test_each_aggregate_reads_the_probability_map_its_own_way():
+    """One bright pixel against a faint 20x20 blob: the largest probability prefers the pixel, the mean of the
+    100 largest and the post-processed area the blob; the area's ties are broken by the largest probability."""
+    maps = np.zeros((3, 64, 64), np.float32)
+    maps[0, 5, 5] = 0.99  # one bright pixel, removed by post-processing
+    maps[1, 10:30, 10:30] = 0.6  # a faint blob of 400 pixels, kept
+    maps[2, 40, 40] = 0.2  # nothing much
+    masks = np.zeros_like(maps, bool)
+    masks[1] = maps[1] > 0.5
+    scores = detection.aggregate(maps, masks)
+    assert scores["max"].argmax() == 0
+    assert scores["top100"].argmax() == 1 and scores["top100"][1] == pytest.approx(0.6)
+    assert scores["top100"][0] == pytest.approx(0.0099)
+    assert scores["area"].tolist() == pytest.approx([0.495, 400.3, 0.1])
+
+
+def test_the_aggregate_is_chosen_on_validation_slices():
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    table = pd.DataFrame({"has_tumor": labels, "score_max": [0.9, 0.1, 0.8, 0.95, 0.2, 0.7],
+                          "score_top100": [0.5, 0.1, 0.8, 0.9, 0.2, 0.7], "score_area": labels * 10.0})  # fmt: skip
+    chosen, aucs = detection.choose(table)
+    assert chosen == "top100" and aucs["top100"] == aucs["area"] == 1 and aucs["max"] < 1  # a tie: the first
+    assert detection.choose(table.assign(score_top100=0.5))[0] == "area"
+    with pytest.raises(SystemExit, match="the validation slices are all of one kind"):
+        detection.choose(table.assign(has_tumor=1))
+
+
 def test_the_shipped_unet_scores_its_test_slices_as_a_classifier(real_data):
-    scores = detection.segmenter_scores(SHIPPED, real_data)
+    table = detection.segmenter_scores(SHIPPED, real_data)
     split = pd.read_csv(SHIPPED / "split.csv")
-    assert set(scores.case_id) == set(split.loc[split["split"] == "test", "case_id"])
-    assert scores.score.between(0, 1).all() and not scores.duplicated(["case_id", "slice_index"]).any()
-    assert set(scores.fold) == {"unet"}  # the folder's name without "results-"
+    for part in ("val", "test"):
+        assert set(table.case_id[table.split == part]) == set(split.loc[split["split"] == part, "case_id"])
+    assert table.score_max.between(0, 1).all() and not table.duplicated(["case_id", "slice_index"]).any()
+    assert set(table.fold) == {"unet"}  # the folder's name without "results-"
     # the model card's fold: the U-Net finds tumor slices far better than chance (0.980 measured here)
-    assert roc_auc_score(scores.has_tumor, scores.score) > 0.97
+    scores = table[table.split == "test"]
+    assert roc_auc_score(scores.has_tumor, scores.score_max) > 0.97
+    with pytest.raises(SystemExit, match="validation slices of x are all of one kind"):
+        detection.choose(table[table.split == "val"].assign(has_tumor=True), "the validation slices of x")
+
+
+def test_each_fold_chooses_on_its_validation_slices_not_its_test_slices(tmp_path, monkeypatch):
+    """Validation slices that `area` separates and `max` does not, test slices the other way round: `main` must
+    score the test slices with `area`, and say so per fold."""
+    folders = []
+    for k, row in enumerate(detection.fold_rows("unet-bf16")):
+        folder = tmp_path / "runs" / f"results-{row}"
+        folder.mkdir(parents=True)
+        (folder / "model.h5").write_bytes(b"weights of fold %d" % k)
+        (folder / "config.json").write_text(json.dumps({"split": f"patient-fold-{k + 1}-of-5"}))
+        folders.append(folder)
+
+    def scores(folder, data_dir):
+        labels = np.tile([0, 1], 10)
+        good, bad = labels * 0.5 + 0.25, np.where(np.arange(20) % 4 < 2, 0.9, 0.1)  # bad: AUC 0.5
+        tables = []
+        for part, max_score, area_score in (("val", bad, good * 100), ("test", good, bad * 100)):
+            cases = [f"{folder.name}-{part}-{i // 2}" for i in range(20)]
+            tables.append(pd.DataFrame({"split": part, "case_id": cases, "slice_index": np.arange(20) % 2 + 1,
+                                        "has_tumor": labels.astype(bool), "score_max": max_score,
+                                        "score_top100": bad, "score_area": area_score}))  # fmt: skip
+        return pd.concat(tables, ignore_index=True).assign(fold=folder.name.removeprefix("results-"))
+
+    monkeypatch.setattr(detection, "fold_runs", lambda recipe, runs, data: folders)
+    monkeypatch.setattr(detection, "segmenter_scores", scores)
+    monkeypatch.setattr(detection, "ROOT", tmp_path)  # results/ of the scratch folder, not the repository's
+    (tmp_path / "results").mkdir()
+    detection.main(["--recipe", "unet-bf16", "--data", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    found = json.loads((tmp_path / "results" / "slice-detection.json").read_text())
+    assert [f["aggregate"] for f in found["per_fold"]] == ["area"] * 5
+    assert all(f["validation_roc_auc"] == {"max": 0.5, "top100": 0.5, "area": 1.0} for f in found["per_fold"])
+    assert found["segmenter"]["roc_auc"] == 0.5 and found["test_roc_auc_by_aggregate"]["max"] == 1.0
+    table = pd.read_csv(tmp_path / "results" / "slice-detection.csv")
+    assert len(table) == 100 and (table.score == table.score_area).all() and set(table["aggregate"]) == {"area"}

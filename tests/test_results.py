@@ -96,11 +96,40 @@ def test_collecting_with_fewer_folds_removes_a_candidates_stale_pooled_file(scra
     monkeypatch.setattr(results, "write_readme", lambda found: None)
     monkeypatch.setattr(results, "two_stage", lambda data_dir, again: None)
     (results.RESULTS / "classifier-cross-validation.json").write_text("{}")  # the classifier's, from more folds
+    for stale in ("unet-tversky-vs-unet", "resnet50-unet-bf16-vs-unet"):  # no pair now; paired otherwise now
+        (results.RESULTS / f"{stale}.json").write_text("{}")
     results.main(["--collect-only", "--data", str(scratch / "no-data")])
+    assert sorted(path.name for path in results.RESULTS.glob("*-vs-*.json")) == ["unet-bf16-vs-unet.json"]
     assert not (results.RESULTS / "classifier-cross-validation.json").exists()
     assert not (results.RESULTS / "unet-bf16-cross-validation.json").exists()
     assert not (results.RESULTS / "unet-bf16-cross-validation.csv").exists()
     assert (results.RESULTS / "unet-cross-validation.json").exists()
+
+
+def test_a_candidate_is_paired_with_the_recipe_it_is_computed_like(scratch):
+    """The ResNet50 candidate differs from `unet-bf16` in its encoder only: the pairs are its folds and that
+    recipe's, not the headline's."""
+    candidate(-0.05)  # unet-bf16 now differs from the headline
+    for fold in ("", "-fold2"):
+        table = pd.read_csv(results.RESULTS / f"unet-bf16{fold}" / "test.csv")
+        table["case_dice"] = (table.case_dice + 0.01).clip(0, 1)
+        (results.RESULTS / f"resnet50-unet-bf16{fold}").mkdir()
+        table.to_csv(results.RESULTS / f"resnet50-unet-bf16{fold}" / "test.csv", index=False)
+        row = {**rows([f"unet-bf16{fold}"])[0], "name": f"resnet50-unet-bf16{fold}"}
+        (results.RESULTS / f"resnet50-unet-bf16{fold}.json").write_text(json.dumps(row))
+    found = [json.loads(f.read_text()) for f in results.RESULTS.glob("*.json") if f.stem in results.CONFIGS]
+    comparison = results.recipe_comparison(found, "resnet50-unet-bf16")
+    assert comparison["paired_with"] == "unet-bf16"
+    assert [pair[:2] for pair in comparison["folds"]] == [
+        ["resnet50-unet-bf16", "unet-bf16"],
+        ["resnet50-unet-bf16-fold2", "unet-bf16-fold2"],
+    ]
+    assert comparison["paired"]["cases"] == 22 + 17
+    assert comparison["paired"]["mean_difference"] == pytest.approx(0.01, abs=1e-9)
+    assert (results.RESULTS / "resnet50-unet-bf16-vs-unet-bf16.json").exists()
+    assert not (results.RESULTS / "resnet50-unet-bf16-vs-unet.json").exists()
+    text = results.recipe_comparison_text(comparison)
+    assert "paired with the `unet-bf16` recipe" in text and "resnet50-unet-bf16-vs-unet-bf16.json" in text
 
 
 def test_a_stale_pooled_file_is_refused(scratch):
@@ -166,6 +195,19 @@ def test_a_failure_after_the_door_leaves_the_shipped_model_and_no_staging(scratc
     (results.RUNS / "results-unet-bf16-fold2" / "model.h5").write_bytes(b"not a model")
     before = {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()}
     with pytest.raises(Exception):  # noqa: B017  (whatever h5py or Keras raise for a damaged file)
+        results.ship("unet-bf16-fold2", real_data)
+    assert {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()} == before
+    assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]
+
+
+def test_a_model_file_over_the_size_limit_is_not_shipped(scratch, real_data, monkeypatch):
+    candidate(0.05)
+    monkeypatch.setattr(results, "MAX_MEGABYTES", 7)  # the shipped U-Net's weights are 7.8 MB
+    before = {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()}
+    with pytest.raises(ValueError, match=r"results-unet-bf16-fold2/model.h5 holds 7.8 MB of weights; .* under 7 MB"):
+        results.check_shippable("unet-bf16-fold2", real_data)  # refused at the door, before anything is built
+    monkeypatch.setattr(results, "weights_megabytes", lambda path: 6.0)  # the door passed: the saved file is checked
+    with pytest.raises(ValueError, match=r"results-unet-bf16-fold2/model.h5 holds 8.0 MB of weights"):
         results.ship("unet-bf16-fold2", real_data)
     assert {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()} == before
     assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]

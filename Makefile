@@ -34,7 +34,7 @@ app: setup
 	$(PYTHON) -m lgg app
 
 # The full U-Net training, as in the results table (an hour on a 2-core CPU; in float32 as the table was measured:
-# without --precision, `train` computes a U-Net in bfloat16 on a CPU with AMX, 1.9x the slices/s; README, Speed).
+# without --precision, `train` computes a U-Net in bfloat16 on a CPU with AVX-512 BF16, 1.5-1.9x the slices/s; README, Speed).
 train: setup
 	$(PYTHON) -m lgg train unet --data $(DATA) --out $(RUNS)/unet --image-size 128 --tumor-fraction 0.5 --max-minutes 60 \
 	  --schedule time-cosine --snapshot-minutes 15 30 45 60 --precision float32

@@ -471,7 +471,7 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
     times every setup once, so a slow spell of the machine hits all of them; the ratios are taken
     within each round and reported as median, min and max over the rounds. `ours` is the float32
     setup `train` picks on this machine (`lgg.train.xla_by_default`), `train_picks` the setup it
-    picks when the precision too is left to it (`lgg.train.precision_by_default`: bfloat16 with AMX).
+    picks when the precision too is left to it (`lgg.train.precision_by_default`: bfloat16 with AVX-512 BF16).
     """
     images, masks, slices = arrays
     dataset = training_dataset("segmentation", images, masks, slices, batch_size)

@@ -797,7 +797,7 @@ def two_stage_table(two_stage):
 def ours_line(both, machine):
     """The side-by-side's headline: ours as `train` picks on the benchmark's machine against the original.
     (Files from before `train` chose the precision lack `train_picks`: the rule of `precision_by_default`,
-    which without XLA and GPU is the CPU's AMX, says what it picks there.)"""
+    which without XLA and GPU is the CPU's AVX-512 BF16, says what it picks there.)"""
 
     def times(key):
         r = both[key]
@@ -806,10 +806,12 @@ def ours_line(both, machine):
     xla = "on" if both["ours"] == "xla" else "off"
     picks = both.get("train_picks")
     if picks is None:
-        picks = "mixed_bfloat16" if both["ours"] == "no_xla" and machine["cpu_flags"].get("amx_bf16") else both["ours"]
+        picks = (
+            "mixed_bfloat16" if both["ours"] == "no_xla" and machine["cpu_flags"].get("avx512_bf16") else both["ours"]
+        )
     if picks == "mixed_bfloat16":
         return (
-            f"**Ours as `train` picks here (`mixed_bfloat16`, XLA off: this CPU has AMX) "
+            f"**Ours as `train` picks here (`mixed_bfloat16`, XLA off: this CPU has AVX-512 BF16) "
             f"{times('mixed_bfloat16_over_original')} the original; in float32 {times('ours_over_original')}.**"
         )
     return (

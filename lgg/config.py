@@ -103,8 +103,8 @@ class RunConfig:
     precision: str | None = _setting(
         None,
         "mixed_bfloat16: compute in bfloat16, weights and export in float32; none: mixed_bfloat16 for a U-Net "
-        "trained by TensorFlow in one replica on a CPU with AMX, no GPU, without XLA, float32 elsewhere "
-        "(lgg.train.precision_by_default)",
+        "trained by TensorFlow in one replica on a CPU with AVX-512 BF16 (Intel with AMX, AMD Zen 4 and later), "
+        "no GPU, without XLA, float32 elsewhere (lgg.train.precision_by_default)",
         choices=PRECISIONS,
     )
     dice_loss: str = _setting(

@@ -153,21 +153,26 @@ def xla_by_default():
 
 def precision_by_default(jit_compile, kind="unet", replicas=1):
     """The precision training computes in when not told: mixed_bfloat16 where TensorFlow trains a
-    U-Net on one replica (one process, or a single-device `--distribute mirrored`) on a CPU with AMX
-    (Intel's matrix units, which oneDNN uses for bfloat16), no GPU visible and XLA off (XLA's CPU code
-    has no bfloat16 kernels of its own); float32 elsewhere.
+    U-Net on one replica (one process, or a single-device `--distribute mirrored`) on a CPU with
+    bfloat16 instructions (AVX-512 BF16, which every CPU with AMX also has: oneDNN computes bfloat16
+    there), no GPU visible and XLA off (XLA's CPU code has no bfloat16 kernels of its own); float32
+    elsewhere.
 
-    Measured for the U-Net on a 2-core Intel Xeon with AMX (README, Results and Speed): 1.9x the
+    Measured for the U-Net (README, Results and Speed): on a 2-core Intel Xeon with AMX 1.9x the
     training slices per second, and on the two folds trained both ways on that CPU (39 test patients)
-    the same test Dice after the same 60 minutes (+0.017, -0.001), reached sooner. Not measured, so float32
-    (`--precision mixed_bfloat16` chooses there): the classifier and the ResNet50 U-Net, CPUs with
-    AVX-512 BF16 but no AMX (AMD Zen 4), GPUs, several replicas.
+    the same test Dice after the same 60 minutes (+0.017, -0.001), reached sooner; on a 2-core AMD EPYC
+    (Zen 5) with AVX-512 BF16 and no AMX 1.6x (`benchmarks/precision.py`, `results/precision-amd-epyc.json`).
+    This rule extrapolates twice: the Dice in bfloat16 was measured on the Xeon only (the EPYC computes
+    the same bfloat16 products summed in float32, through other kernels), and Zen 4 (the same
+    instructions on half-width units) and Intel CPUs with AVX-512 BF16 but no AMX are not measured.
+    Not measured, so float32 (`--precision mixed_bfloat16` chooses there): the classifier and the
+    ResNet50 U-Net, GPUs, several replicas.
     """
     if jit_compile or kind != "unet" or replicas > 1 or keras.backend.backend() != "tensorflow":
         return "float32"
     import tensorflow as tf
 
-    if tf.config.list_physical_devices("GPU") or not cpu()["cpu_flags"].get("amx_bf16"):
+    if tf.config.list_physical_devices("GPU") or not cpu()["cpu_flags"].get("avx512_bf16"):
         return "float32"
     return "mixed_bfloat16"
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +53,11 @@ def test_the_speed_text_says_what_train_picks_on_the_benchmarked_machine():
     bench = json.loads((ROOT / "results" / "benchmark.json").read_text())
     both, machine = bench["side_by_side"], bench["machine"]
     both.pop("train_picks", None)
-    for amx, expected in [(True, "Ours as `train` picks here (`mixed_bfloat16`"), (False, "**Ours (float32, XLA")]:
-        machine["cpu_flags"]["amx_bf16"] = amx
+    for bf16, expected in [(True, "Ours as `train` picks here (`mixed_bfloat16`"), (False, "**Ours (float32, XLA")]:
+        machine["cpu_flags"]["avx512_bf16"] = bf16
         assert expected in results.ours_line(both, machine)
     assert f"{both['mixed_bfloat16_over_original']['median']:.2f}x" in results.ours_line(
-        both, {"cpu_flags": {"amx_bf16": True}}
+        both, {"cpu_flags": {"avx512_bf16": True}}
     )
 
 
@@ -93,3 +94,34 @@ def test_an_ensemble_refuses_a_run_twice_a_classifier_and_another_split(tmp_path
         completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
         assert completed.returncode != 0 and message in completed.stderr, completed.stderr
     assert not (ROOT / "runs" / "ensemble-x").exists() and not (ROOT / "results" / "ensemble-x.json").exists()
+
+
+def test_the_precision_benchmark_refuses_a_nonsense_setting_before_it_measures(tmp_path):
+    out = tmp_path / "precision.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--out", str(out), "--rounds", "0"]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 2 and "--rounds must be at least 1, got 0" in completed.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_precision_benchmark_times_every_setup_in_every_round(real_data, tmp_path):
+    out = tmp_path / "precision.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--data", str(real_data), "--out", str(out)]
+    settings = ["--cases", "2", "--image-size", "32", "--rounds", "2"]
+    completed = subprocess.run([*command, *settings], capture_output=True, text=True, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["settings"]["rounds"] == 2 and found["settings"]["cases"] == 2
+    for model, precisions in [("unet", {"float32", "mixed_bfloat16", "float32_xla"}),
+                              ("resnet50_unet", {"float32", "mixed_bfloat16"})]:  # fmt: skip
+        rates = found[model]["slices_per_s"]
+        assert set(rates) == precisions, model
+        assert all(len(r["all"]) == 2 and min(r["all"]) > 0 for r in rates.values()), model
+        ratio = found[model]["mixed_bfloat16_over_float32"]["median"]
+        assert ratio == pytest.approx(np.median(np.divide(rates["mixed_bfloat16"]["all"], rates["float32"]["all"])))
+    from lgg import train
+
+    assert found["train_picks"]["unet"]["precision"] == train.resolve_precision(None, train.resolve_jit_compile(None))
+    assert found["train_picks"]["resnet50_unet"]["precision"] == "float32"  # not measured for Dice: float32
+    assert found["busy"] == (found["machine"]["other_processes_cpu_share"] > 0.1)

@@ -94,7 +94,7 @@ def test_train_writes_the_whole_run_folder(run_dir):
     assert {"loss", "val_dice_coefficient", "val_case_dice", "elapsed_s", "train_slices_per_s"} <= set(history.columns)
     assert np.isfinite(history.train_slices_per_s).all() and (history.train_slices_per_s > 0).all()
     assert config["jit_compile"] is None and config["jit_compile_used"] == train.resolve_jit_compile(None)
-    # the precision too is the machine's choice (bfloat16 on a CPU with AMX), and the exported model float32
+    # the precision too is the machine's choice (bfloat16 on a CPU with AVX-512 BF16), and the exported model float32
     assert config["precision"] is None and config["precision_used"] == train.precision_by_default(
         config["jit_compile_used"]
     )

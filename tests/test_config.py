@@ -184,13 +184,17 @@ def test_xla_is_chosen_by_the_machine_unless_told():
     assert train.resolve_jit_compile(True) and not train.resolve_jit_compile(False)  # told: as told
 
 
-def test_precision_is_bfloat16_only_where_it_was_measured_to_pay(monkeypatch):
-    """mixed_bfloat16 by default only for one TensorFlow process on a CPU with AMX, no GPU, XLA off;
-    an explicit precision is kept as given."""
+def test_precision_is_bfloat16_by_default_only_on_cpus_with_bfloat16_instructions(monkeypatch):
+    """mixed_bfloat16 by default only for one TensorFlow process on a CPU with bfloat16 instructions
+    (AVX-512 BF16, with or without AMX), no GPU, XLA off; an explicit precision is kept as given."""
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # no GPU
     assert parse_train(["unet", "--out", "x", "--precision", "none"]).precision is None
-    for amx, expected in [(True, "mixed_bfloat16"), (False, "float32")]:
-        flags = dict.fromkeys(train.CPU_FLAGS, True) | {"amx_bf16": amx}
+    for bf16, amx, expected in [
+        (True, True, "mixed_bfloat16"),
+        (True, False, "mixed_bfloat16"),
+        (False, False, "float32"),
+    ]:
+        flags = dict.fromkeys(train.CPU_FLAGS, True) | {"avx512_bf16": bf16, "amx_bf16": amx}
         monkeypatch.setattr(train, "cpu", lambda flags=flags: {"cpu_model": "a CPU", "cpu_flags": flags})
         assert train.precision_by_default(jit_compile=False) == expected
         assert train.precision_by_default(jit_compile=True) == "float32"  # XLA's CPU code: no bfloat16 kernels
@@ -204,7 +208,7 @@ def test_precision_is_bfloat16_only_where_it_was_measured_to_pay(monkeypatch):
 
 
 def test_a_resumed_run_keeps_the_compiler_and_precision_it_started_with(monkeypatch):
-    flags = dict.fromkeys(train.CPU_FLAGS, True)  # this "machine" has AMX and AVX-512: bfloat16, no XLA
+    flags = dict.fromkeys(train.CPU_FLAGS, True)  # this "machine" has AVX-512 (BF16, AMX): bfloat16, no XLA
     monkeypatch.setattr(train, "cpu", lambda: {"cpu_model": "a CPU", "cpu_flags": flags})
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     assert train.compiler_and_precision(None, None, "unet") == (False, "mixed_bfloat16")  # a new run

@@ -24,7 +24,7 @@ from lgg.distribute import Distribution, empty_share
 from lgg.train import train_run
 
 # a tiny U-Net, two epochs of real slices; "slice" Dice, whose sum splits among replicas as the cross-entropy's does
-# the reference in float32, as several replicas train by default (one process on a CPU with AMX: bfloat16)
+# the reference in float32, as several replicas train by default (one process on a CPU with AVX-512 BF16: bfloat16)
 SETTINGS = dict(max_cases=10, image_size=32, base_filters=4, epochs=2, batch_size=8, dice_loss="slice",
                 precision="float32")  # fmt: skip
 FLAGS = ["--max-cases", "10", "--image-size", "32", "--base-filters", "4", "--epochs", "2", "--batch-size", "8",

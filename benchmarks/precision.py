@@ -13,6 +13,7 @@ used meanwhile is recorded, and above `bench.BUSY_SHARE` the file says the figur
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -92,6 +93,19 @@ def measure(slices, size, batch_size, rounds):
     return results
 
 
+def refuse_foreign(out):
+    """Before measuring: `--out` may name a new file or a file this script wrote, nothing else."""
+    if out.is_dir():
+        raise SystemExit(f"{out} is a folder: --out names the JSON file to write")
+    if out.exists():
+        try:
+            found = json.loads(out.read_text())
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if not (isinstance(found, dict) and {"train_picks", "settings", "unet"} <= found.keys()):
+            raise SystemExit(f"{out} exists and is not a file of benchmarks/precision.py: choose another --out")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
@@ -104,6 +118,7 @@ def main(argv=None):
     for setting in ("cases", "image_size", "batch_size", "rounds"):
         if getattr(args, setting) < 1:
             parser.error(f"--{setting.replace('_', '-')} must be at least 1, got {getattr(args, setting)}")
+    refuse_foreign(Path(args.out))
     try:
         slices = data.find_slices(args.data, max_cases=args.cases)
     except (data.DatasetError, FileNotFoundError) as error:

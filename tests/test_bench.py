@@ -125,3 +125,18 @@ def test_the_precision_benchmark_times_every_setup_in_every_round(real_data, tmp
     assert found["train_picks"]["unet"]["precision"] == train.resolve_precision(None, train.resolve_jit_compile(None))
     assert found["train_picks"]["resnet50_unet"]["precision"] == "float32"  # not measured for Dice: float32
     assert found["busy"] == (found["machine"]["other_processes_cpu_share"] > 0.1)
+
+
+def test_the_precision_benchmark_never_replaces_a_file_it_did_not_write(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--data", str(tmp_path / "none")]
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": 1}')
+    completed = subprocess.run([*command, "--out", str(foreign)], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 1 and "is not a file of benchmarks/precision.py" in completed.stderr
+    assert foreign.read_text() == '{"mine": 1}'
+    completed = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 1 and "is a folder" in completed.stderr
+    # its own file may be measured again (here the missing data stops it, after the check, with a message)
+    own = ROOT / "results" / "precision-amd-epyc.json"
+    completed = subprocess.run([*command, "--out", str(own)], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 1 and "precision.py" not in completed.stderr and "none" in completed.stderr

@@ -213,6 +213,11 @@ def training_dataset(task, images, masks, slices, batch_size):
 
 
 # ----------------------------------------------------------------------------- 1. machine
+def spread(values):
+    """Median, min and max of one setup's rates (or ratios) over the rounds of a side-by-side timing."""
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
 def machine_facts():
     return {
         **train.cpu(),
@@ -497,9 +502,6 @@ def side_by_side(arrays, steps, batch_size, size, rounds):
         log(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
     ours = "xla" if train.resolve_jit_compile(None) else "no_xla"
     picks = "mixed_bfloat16" if train.resolve_precision(None, ours == "xla") == "mixed_bfloat16" else ours
-
-    def spread(values):
-        return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
     def ratio(numerator, denominator):
         return spread([a / b for a, b in zip(rates[numerator], rates[denominator])])

@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
-import numpy as np  # noqa: E402
 
 from lgg import data, train  # noqa: E402
 from lgg.files import save_json  # noqa: E402
@@ -43,24 +42,6 @@ def name(setup):
     return f"{model} {precision}" + (" xla" if xla else "")
 
 
-def spread(values):
-    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
-
-
-def cpu_identity():
-    """Vendor, family, model and stepping from /proc/cpuinfo: the model name alone ("AMD EPYC") does not
-    say the generation."""
-    wanted, found = ("vendor_id", "cpu family", "model", "stepping"), {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in wanted and key.strip() not in found:
-                found[key.strip()] = value.strip()
-    except OSError:  # not Linux
-        pass
-    return found
-
-
 def measure(slices, size, batch_size, rounds):
     images, masks = data.load_arrays(slices, size)
     dataset = bench.training_dataset("segmentation", images, masks, slices, batch_size)
@@ -79,15 +60,15 @@ def measure(slices, size, batch_size, rounds):
         float32, bfloat16 = rates[model, "float32", False], rates[model, "mixed_bfloat16", False]
         results[model] = {
             "slices_per_s": {
-                "float32": {**spread(float32), "all": float32},
-                "mixed_bfloat16": {**spread(bfloat16), "all": bfloat16},
+                "float32": {**bench.spread(float32), "all": float32},
+                "mixed_bfloat16": {**bench.spread(bfloat16), "all": bfloat16},
             },
-            "mixed_bfloat16_over_float32": spread([b / f for f, b in zip(float32, bfloat16)]),
+            "mixed_bfloat16_over_float32": bench.spread([b / f for f, b in zip(float32, bfloat16)]),
         }
     xla = rates["unet", "float32", True]
-    results["unet"]["slices_per_s"]["float32_xla"] = {**spread(xla), "all": xla}
-    results["unet"]["xla_over_no_xla"] = spread([x / f for f, x in zip(rates["unet", "float32", False], xla)])
-    results["unet"]["mixed_bfloat16_over_float32_xla"] = spread(
+    results["unet"]["slices_per_s"]["float32_xla"] = {**bench.spread(xla), "all": xla}
+    results["unet"]["xla_over_no_xla"] = bench.spread([x / f for f, x in zip(rates["unet", "float32", False], xla)])
+    results["unet"]["mixed_bfloat16_over_float32_xla"] = bench.spread(
         [b / x for x, b in zip(xla, rates["unet", "mixed_bfloat16", False])]
     )
     return results
@@ -124,7 +105,7 @@ def main(argv=None):
     except (data.DatasetError, FileNotFoundError) as error:
         raise SystemExit(f"{args.data}: {error}") from None
     started, other = time.perf_counter(), bench.OtherLoad()
-    machine = {**bench.machine_facts(), **cpu_identity()}
+    machine = bench.machine_facts()
     results = measure(slices, args.image_size, args.batch_size, args.rounds)
     busy = other.share()
     machine["other_processes_cpu_share"] = busy

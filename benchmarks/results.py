@@ -468,11 +468,13 @@ def recipe_comparison(results, prefix):
 
 
 def _same_cpu(candidate, headline):
-    """True or False when both runs recorded their CPU (model name and flags), None when one did not."""
+    """True or False when both runs recorded their CPU (model name and flags, and family / model / stepping
+    where both recorded them: "AMD EPYC" names several generations), None when one did not."""
     a, b = candidate["environment"], headline["environment"]
     if not (a.get("cpu_model") and b.get("cpu_model")):
         return None
-    return a["cpu_model"] == b["cpu_model"] and a.get("cpu_flags") == b.get("cpu_flags")
+    same_generation = a["cpu_id"] == b["cpu_id"] if a.get("cpu_id") and b.get("cpu_id") else True
+    return a["cpu_model"] == b["cpu_model"] and a.get("cpu_flags") == b.get("cpu_flags") and same_generation
 
 
 def _compute(fold):

@@ -89,18 +89,21 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides a CPU
 
 
 def cpu():
-    """The CPU's model name and whether it has the SIMD / matrix extensions that change training speed."""
-    model_name, flags = None, set()
+    """The CPU's model name, its vendor / family / model / stepping (the name alone, "AMD EPYC", does not say
+    the generation), and whether it has the SIMD / matrix extensions that change training speed."""
+    model_name, flags, identity = None, set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model_name is None:
-                model_name = value.strip()
-            elif key.strip() == "flags" and not flags:
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and model_name is None:
+                model_name = value
+            elif key == "flags" and not flags:
                 flags = set(value.split())
+            elif key in ("vendor_id", "cpu family", "model", "stepping") and key not in identity:
+                identity[key] = value
     except OSError:  # not Linux
         pass
-    return {"cpu_model": model_name, "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS}}
+    return {"cpu_model": model_name, "cpu_id": identity, "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS}}
 
 
 def environment():

@@ -227,3 +227,14 @@ def test_xla_is_off_by_default_on_cpus_with_avx512(monkeypatch, avx512f, xla):
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # no GPU
     assert train.xla_by_default() is xla
     assert train.resolve_jit_compile(None) is xla
+
+
+def test_every_run_records_which_generation_of_cpu_it_ran_on():
+    """The model name alone ("AMD EPYC") does not say the generation: the environment written into every run
+    also carries the vendor and family from /proc/cpuinfo, where the machine has one (CI's does)."""
+    machine = train.environment()
+    assert set(machine["cpu_flags"]) == set(train.CPU_FLAGS)
+    if Path("/proc/cpuinfo").exists():
+        assert machine["cpu_id"]["vendor_id"] and machine["cpu_id"]["cpu family"].isdigit()
+    else:
+        assert machine["cpu_id"] == {}

@@ -287,3 +287,21 @@ def test_the_classifier_pools_its_folds_each_patient_once(tmp_path, monkeypatch)
     twice = "22 patients are tested by two folds, TCGA_.* by results/classifier/test.csv and results/classifier-fold2/"
     with pytest.raises(ValueError, match=twice):
         results.classifier_cross_validation([first, second])
+
+
+def test_two_runs_on_cpus_of_the_same_name_but_another_generation_are_not_the_same_cpu():
+    """"AMD EPYC" with the same flags names Zen 4 and Zen 5 alike: where both runs recorded the family / model /
+    stepping, a difference there makes the pair "different CPUs"; runs recorded before it compare as before."""
+    flags = {"avx512f": True, "avx512_bf16": True, "amx_bf16": False}
+    zen5 = {"cpu_model": "AMD EPYC", "cpu_flags": flags, "cpu_id": {"vendor_id": "AuthenticAMD", "cpu family": "26"}}
+    zen4 = {**zen5, "cpu_id": {"vendor_id": "AuthenticAMD", "cpu family": "25"}}
+    older = {key: value for key, value in zen5.items() if key != "cpu_id"}
+
+    def run(environment):
+        return {"environment": environment}
+
+    assert results._same_cpu(run(zen5), run(dict(zen5))) is True
+    assert results._same_cpu(run(zen5), run(zen4)) is False
+    assert results._same_cpu(run(zen5), run(older)) is True
+    assert results._same_cpu(run(zen5), run({**older, "cpu_flags": {**flags, "amx_bf16": True}})) is False
+    assert results._same_cpu(run(zen5), run({"cpu_model": None})) is None

@@ -126,15 +126,33 @@ def comparison_file(prefix):
     return RESULTS / f"{prefix}-vs-{partner(prefix)}.json"
 
 
-def train(name, data_dir):
+def train(name, data_dir, retrain=False):
+    """Train the row `name` into `runs/results-<name>/`. A finished run there (its model scored) is kept and
+    skipped, an interrupted one continues (`--resume`); only `retrain` replaces them (hours of CPU each)."""
     from lgg.train import train_run
 
+    run_dir = RUNS / f"results-{name}"
+    interrupted = (run_dir / "resume" / "state.json").is_file()
+    if not retrain and not interrupted and (run_dir / "test_summary.json").is_file():
+        print(f"{name}: {run_dir} holds a finished run; kept (--retrain trains it again)")
+        return
+    if not retrain and not interrupted and run_dir.is_dir() and any(run_dir.iterdir()):
+        finish = (
+            f"`python -m lgg evaluate --model {run_dir / 'model.h5'} --data {data_dir} --tune-postprocessing` "
+            "finishes its evaluation, "
+            if (run_dir / "model.h5").is_file()
+            else ""
+        )
+        raise SystemExit(
+            f"{name}: {run_dir} holds a run that was neither scored nor can be resumed; it is left as it is: "
+            f"{finish}--retrain trains it again"
+        )
     config = CONFIGS[name]
     if config.kind == "resnet50-unet" or config.backbone == "resnet50":
         from lgg.models import available_encoder_weights
 
         config = replace(config, encoder_weights=available_encoder_weights(config.encoder_weights))
-    train_run(config, data_dir, RUNS / f"results-{name}", overwrite=True, verbose=2)
+    train_run(config, data_dir, run_dir, overwrite=retrain, resume=interrupted and not retrain, verbose=2)
 
 
 def collect(name, data_dir):
@@ -1281,6 +1299,12 @@ def main(argv=None):
         action="store_true",
         help="train the --models and stop: what parallel jobs run (one per fold), before one --collect-only",
     )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the --models again even where runs/results-<name>/ holds a finished or interrupted run "
+        "(without it, finished runs are kept and interrupted ones continue)",
+    )
     parser.add_argument("--ship", default=None, help="copy this run's model into models/unet/ with its model card")
     parser.add_argument(
         "--refresh-card", action="store_true", help="update the shipped model's card with the pooled figures"
@@ -1294,13 +1318,15 @@ def main(argv=None):
         return
     if args.collect_only and args.train_only:
         parser.error("--collect-only and --train-only contradict each other: give one")
+    if args.collect_only and args.retrain:
+        parser.error("--retrain trains, --collect-only does not: give one")
     names = args.models.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {list(CONFIGS)}")
     if not args.collect_only:
         for name in names:
-            train(name, args.data)
+            train(name, args.data, args.retrain)
         if args.train_only:
             return
     results = [result for result in (collect(name, args.data) for name in CONFIGS) if result is not None]

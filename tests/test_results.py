@@ -305,3 +305,35 @@ def test_two_runs_on_cpus_of_the_same_name_but_another_generation_are_not_the_sa
     assert results._same_cpu(run(zen5), run(older)) is True
     assert results._same_cpu(run(zen5), run({**older, "cpu_flags": {**flags, "amx_bf16": True}})) is False
     assert results._same_cpu(run(zen5), run({"cpu_model": None})) is None
+
+
+def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(monkeypatch, tmp_path, capsys):
+    """`make results` / `--models NAME` once replaced every finished run folder (an hour of CPU each) without
+    being asked: now a scored run is kept, an interrupted one resumes, an unscored one is refused with what
+    finishes it, and only --retrain trains again."""
+    import lgg.train
+
+    calls = []
+    monkeypatch.setattr(lgg.train, "train_run", lambda config, data, out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(results, "RUNS", tmp_path)
+    run_dir = tmp_path / "results-unet-fold3"
+    run_dir.mkdir()
+    (run_dir / "test_summary.json").write_text("{}")
+    results.train("unet-fold3", "data")
+    assert calls == [] and "kept" in capsys.readouterr().out
+    results.train("unet-fold3", "data", retrain=True)
+    assert calls.pop() == (run_dir, {"overwrite": True, "resume": False, "verbose": 2})
+    (run_dir / "resume").mkdir()
+    (run_dir / "resume" / "state.json").write_text("{}")
+    results.train("unet-fold3", "data")
+    assert calls.pop() == (run_dir, {"overwrite": False, "resume": True, "verbose": 2})
+    (run_dir / "resume" / "state.json").unlink()
+    (run_dir / "test_summary.json").unlink()
+    (run_dir / "model.h5").write_text("weights")
+    with pytest.raises(SystemExit, match="evaluate --model .*model.h5.*--retrain"):
+        results.train("unet-fold3", "data")
+    assert calls == [] and (run_dir / "model.h5").read_text() == "weights"
+    results.train("unet-fold4", "data")  # no folder yet: trains
+    assert calls.pop() == (tmp_path / "results-unet-fold4", {"overwrite": False, "resume": False, "verbose": 2})
+    with pytest.raises(SystemExit):
+        results.main(["--collect-only", "--retrain"])

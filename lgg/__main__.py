@@ -54,7 +54,11 @@ def _parser():
     evaluate.add_argument(
         "--split", default="test", choices=["train", "val", "test", "all"], help="which split to score"
     )
-    evaluate.add_argument("--out", default=None, help="folder for the results (default: the model's folder)")
+    evaluate.add_argument(
+        "--out",
+        default=None,
+        help="a new folder for the results (default: the model's run folder, for its own scoring only)",
+    )
     evaluate.add_argument(
         "--tune-postprocessing",
         action="store_true",
@@ -143,10 +147,12 @@ def _train_settings(parser, args):
     if base is None and args.kind is None:
         parser.error("train needs a model kind (unet, resnet50-unet, classifier) or --config RUN/config.json")
     settings = config.from_arguments(args, base)
-    if args.resume and source == stored:
-        changed = [name for name, value in vars(settings).items() if value != getattr(base, name)]
+    if args.resume and stored.is_file():  # against the run's own settings, whatever --config named
+        own = base if source == stored else config.RunConfig.from_file(stored)
+        changed = [name for name, value in vars(settings).items() if value != getattr(own, name)]
         if changed:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
+            flags = flags if source == stored else f"--config {args.config} (its {flags})"
             parser.error(f"--resume continues {args.out} with its own settings ({stored}); {flags} would change them")
     recorded = json.loads(Path(source).read_text()).get("data_dir") if source else None
     if recorded is not None and not isinstance(recorded, str):

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from lgg import data, metrics, plots, postprocess
+from lgg import data, guards, metrics, plots, postprocess
 from lgg.data import DatasetError
 from lgg.files import save_csv, save_json
 from lgg.inference import model_task, predict_probabilities, predict_with_mirror
@@ -115,12 +115,14 @@ def score(model, slices, split_name="test", threshold=0.5, postprocessing=None):
 
 def save_tables(evaluation, run_dir):
     """Write an `Evaluation`'s tables: `<split>_cases.csv` (segmenters) or `<split>_slices.csv`
-    (classifiers), `<split>_postprocessing.csv` when it has `steps`, and `<split>_summary.json`."""
+    (classifiers), `<split>_postprocessing.csv` when it has `steps` (`val_postprocessing_steps.csv`
+    for the validation split, whose `val_postprocessing.csv` is the tuning grid), and `<split>_summary.json`."""
     run_dir, split = Path(run_dir), evaluation.split
     if evaluation.task == "segmentation":
         save_csv(evaluation.table, run_dir / f"{split}_cases.csv")
-        if evaluation.steps is not None:
-            save_csv(evaluation.steps, run_dir / f"{split}_postprocessing.csv")
+        if evaluation.steps is not None:  # val: beside the grid `tune_postprocessing` writes, not over it
+            name = "val_postprocessing_steps.csv" if split == "val" else f"{split}_postprocessing.csv"
+            save_csv(evaluation.steps, run_dir / name)
     else:
         save_csv(evaluation.table, run_dir / f"{split}_slices.csv")
     save_json(evaluation.summary, run_dir / f"{split}_summary.json")
@@ -245,6 +247,35 @@ def refuse_missing_cases(slices, split_file, split_names, data_dir, out_dir, run
     print(f"Note: {what}; they are not scored")
 
 
+def output_folder(out_dir, model_path, data_dir, settings_differ=None):
+    """The folder `evaluate` writes into, refused before anything is written where that would replace
+    what it did not make. The model's own run folder (the default): only if `train` made it and only
+    for the run's own scoring (`settings_differ` names an option that would replace the run's scores
+    with others: give --out then). Another folder: a new or empty one, or one `evaluate` wrote before
+    (its marker); never another run's folder, never on the data."""
+    run_dir = Path(model_path).parent
+    if out_dir is None or Path(out_dir).resolve() == run_dir.resolve():
+        if not guards.is_ours(run_dir, guards.RUN_MARKER):
+            raise FileExistsError(
+                f"{run_dir} is not a run folder made by train (the shipped models/, a folder of yours): "
+                "give --out FOLDER, apart from it, for the results"
+            )
+        if settings_differ:
+            raise FileExistsError(
+                f"{settings_differ} would replace the run's own scores in {run_dir}; give --out FOLDER for these"
+            )
+        return run_dir
+    out_dir = Path(out_dir)
+    guards.check_apart(out_dir, [data_dir])
+    if out_dir.is_dir() and any(path.name != guards.LOCK_FILE for path in out_dir.iterdir()):
+        if guards.is_ours(out_dir, guards.RUN_MARKER):
+            raise FileExistsError(f"--out {out_dir} is another run's folder, scored by its own model; choose another")
+        if not guards.is_ours(out_dir, guards.EVALUATE_MARKER):
+            raise FileExistsError(f"--out {out_dir} already holds files that evaluate did not write; choose another")
+        return out_dir
+    return guards.mark_folder(out_dir, guards.EVALUATE_MARKER)
+
+
 def evaluate_model_file(
     model_path, data_dir, split_file=None, split_name="test", out_dir=None, threshold=None, tune=False
 ):
@@ -266,16 +297,20 @@ def evaluate_model_file(
         scored = [split_name, "val"] if tune else [split_name]  # tuning chooses on the validation cases
         split_path = split_file or model_path.parent / "split.csv"
         refuse_missing_cases(slices, split_path, scored, data_dir, out_dir, model_path.parent)
-    out_dir = Path(out_dir) if out_dir else model_path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if threshold is not None or model_task(model) != "segmentation":
-        return evaluate_run(model, slices, out_dir, split_name, threshold=0.5 if threshold is None else threshold)
-    if tune:
-        settings = tune_postprocessing(model, slices, out_dir)
-    else:
-        settings = postprocess.load(model_path)
-        print(f"Post-processing ({model_path.parent / postprocess.FILENAME}): {postprocess.describe(settings)}")
-    return evaluate_run(model, slices, out_dir, split_name, postprocessing=settings)
+    own_split = split_file is None or Path(split_file).resolve() == (model_path.parent / "split.csv").resolve()
+    differ = " and ".join(
+        flag for flag, given in [("--threshold", threshold is not None), ("--split-file", not own_split)] if given
+    )
+    out_dir = output_folder(out_dir, model_path, data_dir, differ)
+    with guards.folder_lock(out_dir):
+        if threshold is not None or model_task(model) != "segmentation":
+            return evaluate_run(model, slices, out_dir, split_name, threshold=0.5 if threshold is None else threshold)
+        if tune:
+            settings = tune_postprocessing(model, slices, out_dir)
+        else:
+            settings = postprocess.load(model_path)
+            print(f"Post-processing ({model_path.parent / postprocess.FILENAME}): {postprocess.describe(settings)}")
+        return evaluate_run(model, slices, out_dir, split_name, postprocessing=settings)
 
 
 def evaluate_snapshots(run_dir, data_dir):
@@ -357,8 +392,12 @@ def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
         raise ValueError(f"{classifier_path} was trained on {len(leaked)} of the segmenter's val/test cases: {leaked}")
     settings = postprocess.load(segmenter_path)
     summary = {"segmenter": str(segmenter_path), "classifier": str(classifier_path), "postprocessing": settings}
-    out_dir = Path(out_dir) if out_dir else segmenter_path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir, segmenter_path, data_dir)
+    with guards.folder_lock(out_dir):
+        return _score_two_stage(segmenter, classifier, slices, settings, summary, out_dir)
+
+
+def _score_two_stage(segmenter, classifier, slices, settings, summary, out_dir):
     for split_name in ("val", "test"):
         rows = slices[slices["split"] == split_name]
         images, masks = data.load_arrays(rows, data.NATIVE_SIZE)

@@ -21,6 +21,7 @@ import numpy as np
 # a file our run or predict folders get as soon as we create them: only such folders are ever emptied
 RUN_MARKER = ".lgg-run"
 PREDICT_MARKER = ".lgg-predict"
+EVALUATE_MARKER = ".lgg-evaluate"
 LOCK_FILE = ".lgg-lock"
 # case ids become file names and CSV cells: letters, digits, `_`, `-` and `.` (not leading), at most 100
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

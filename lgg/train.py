@@ -391,6 +391,27 @@ def prepare_split(data_dir, run_dir, max_cases=None, split="patient", seed=0):
     return slices
 
 
+def check_same_split(slices, split_file):
+    """Refuse to resume a run whose data now splits differently from its own `split.csv` (another data
+    folder, cases added or removed): the model has trained on its split, and a new one could put those
+    cases among the test cases."""
+    if not split_file.is_file():
+        return
+    stored = pd.read_csv(split_file)
+    if not {"case_id", "slice_index", "split"} <= set(stored.columns):
+        raise data.DatasetError(f"{split_file} lacks case_id, slice_index or split: not the run's own split file")
+    key = ["case_id", "slice_index", "split"]
+    ours = set(stored[key].astype(str).itertuples(index=False))
+    now = set(slices[key].astype(str).itertuples(index=False))
+    if ours != now:
+        moved = sorted({row[0] for row in ours ^ now})
+        named = ", ".join(moved[:5]) + (f" and {len(moved) - 5} more" if len(moved) > 5 else "")
+        raise data.DatasetError(
+            f"the data no longer splits as {split_file} does ({len(moved)} cases differ: {named}); resume with "
+            "the data folder the run started on"
+        )
+
+
 def write_split(slices, run_dir):
     """`split.csv` (one row per slice: case, slice, split, tumor) into the run folder; print the counts."""
     save_csv(slices[["case_id", "slice_index", "split", "has_tumor", "tumor_area_px"]], Path(run_dir) / "split.csv")
@@ -489,6 +510,8 @@ def train_run(config, data_dir, out_dir, overwrite=False, resume=False, verbose=
         check_run_dir(out_dir, overwrite, resume, inputs)
     slices = data.split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
     data.check_split_counts(slices)  # before any file is written
+    if resume and distribution.is_chief:
+        check_same_split(slices, Path(out_dir) / "split.csv")
     distribution.start()  # a multi-worker run waits here for every worker
     # what the replicas need, refused here (before any file is written): the compiler, the validation batches
     jit_setting = distribution.check(config.batch_size, config.jit_compile)

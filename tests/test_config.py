@@ -170,6 +170,10 @@ def test_resume_keeps_the_runs_own_settings_and_config_brings_its_data_folder(tm
     assert settings == stored and data_dir == "elsewhere/data"
     with pytest.raises(SystemExit):  # a changed setting would make the resumed run another run
         _train_settings(parser, parser.parse_args(["train", "unet", "--out", str(run), "--resume", "--epochs", "3"]))
+    other = tmp_path / "other.json"  # --config cannot carry changed settings past --resume either
+    other.write_text(json.dumps({**dataclasses.replace(stored, split="patient-fold-3-of-5").to_dict()}))
+    with pytest.raises(SystemExit):
+        _train_settings(parser, parser.parse_args(["train", "--config", str(other), "--out", str(run), "--resume"]))
     args = parser.parse_args(["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "new")])
     assert _train_settings(parser, args) == (stored, "elsewhere/data")
     args = parser.parse_args(["train", "--config", str(run / "config.json"), "--out", "x", "--data", "mine"])

@@ -290,7 +290,7 @@ def test_the_classifier_pools_its_folds_each_patient_once(tmp_path, monkeypatch)
 
 
 def test_two_runs_on_cpus_of_the_same_name_but_another_generation_are_not_the_same_cpu():
-    """"AMD EPYC" with the same flags names Zen 4 and Zen 5 alike: where both runs recorded the family / model /
+    """An "AMD EPYC" with the same flags names Zen 4 and Zen 5 alike: where both runs recorded the family / model /
     stepping, a difference there makes the pair "different CPUs"; runs recorded before it compare as before."""
     flags = {"avx512f": True, "avx512_bf16": True, "amx_bf16": False}
     zen5 = {"cpu_model": "AMD EPYC", "cpu_flags": flags, "cpu_id": {"vendor_id": "AuthenticAMD", "cpu family": "26"}}

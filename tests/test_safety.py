@@ -381,3 +381,68 @@ def test_an_out_that_holds_the_model_is_refused(capsys, dataset, segmenter, tmp_
     code, _, err = run(capsys, "predict", "--model", model, "--out", out, "--overwrite", sorted(dataset.iterdir())[0])
     refused(code, err, "which the command reads")
     assert model.is_file()
+
+
+def test_evaluate_writes_only_where_it_may(capsys, dataset, segmenter, tmp_path):
+    """`evaluate` once wrote into the model's folder by default, whatever it was (the shipped models/unet),
+    replaced a run's own test scores with a score at another threshold or on another split, and wrote into
+    any --out. Now: the default is the model's run folder, made by train, for the run's own scoring only;
+    --out is a new folder (or one evaluate wrote), never another run's, a user's, or inside the data."""
+    cases = sorted(os.listdir(dataset))
+    split = pd.DataFrame([{"case_id": cases[0], "split": "test"}, {"case_id": cases[1], "split": "val"}])
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(segmenter, shipped / "model.h5")
+    split.to_csv(shipped / "split.csv", index=False)
+    code, _, err = run(capsys, "evaluate", "--model", shipped / "model.h5", "--data", dataset, "--threshold", 0.5)
+    refused(code, err, "not a run folder", "--out")
+    assert sorted(path.name for path in shipped.iterdir()) == ["model.h5", "split.csv"]
+
+    run_dir = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    shutil.copy(segmenter, run_dir / "model.h5")
+    split.to_csv(run_dir / "split.csv", index=False)
+    (run_dir / "test_summary.json").write_text('{"case_dice_mean": 0.8}')
+    before = checksums(run_dir)
+    for flag, extra in [
+        ("--threshold", ["--threshold", 0.3]),
+        ("--split-file", ["--split-file", shipped / "split.csv"]),
+        ("--threshold", ["--out", run_dir, "--threshold", 0.3]),  # the run folder named as --out: the same
+    ]:
+        code, _, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, *extra)
+        refused(code, err, flag, "--out")
+    users = tmp_path / "thesis"
+    users.mkdir()
+    (users / "test_summary.json").write_text("years of work")
+    other_run = guards.mark_folder(tmp_path / "other-run", guards.RUN_MARKER)
+    (other_run / "test_summary.json").write_text('{"case_dice_mean": 0.7}')
+    for out, words in [(users, "did not write"), (other_run, "another run"), (dataset / "scores", "input folder")]:
+        code, _, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, "--out", out)
+        refused(code, err, words)
+    assert checksums(run_dir) == before and (users / "test_summary.json").read_text() == "years of work"
+    assert json.loads((other_run / "test_summary.json").read_text()) == {"case_dice_mean": 0.7}
+    assert not (dataset / "scores").exists()
+    for _ in range(2):  # a new folder, then the same folder again: evaluate's own
+        code, _, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, "--threshold",
+                           0.3, "--out", tmp_path / "scores")  # fmt: skip
+        assert code == 0, err
+    scores = tmp_path / "scores"
+    assert (scores / guards.EVALUATE_MARKER).is_file() and (scores / "test_summary.json").is_file()
+
+
+def test_a_run_resumes_only_on_data_that_splits_as_it_did(tmp_path):
+    """`train --resume --data OTHER` rewrote the run's split.csv from the other data: cases the model trained
+    on could become test cases. Resuming is refused unless the data splits exactly as the run's split.csv."""
+    from lgg import train
+
+    slices = pd.DataFrame(
+        {"case_id": ["A", "A", "B", "C"], "slice_index": [1, 2, 1, 1], "split": ["train", "train", "val", "test"]}
+    )
+    split_file = tmp_path / "split.csv"
+    slices.assign(has_tumor=False, tumor_area_px=0).to_csv(split_file, index=False)
+    train.check_same_split(slices, split_file)  # the same data: resumes
+    train.check_same_split(slices, tmp_path / "absent.csv")  # nothing written yet: nothing to compare
+    moved = slices.assign(split=["train", "train", "test", "val"])  # B and C changed sides
+    with pytest.raises(data.DatasetError, match="2 cases differ: B, C"):
+        train.check_same_split(moved, split_file)
+    with pytest.raises(data.DatasetError, match="1 cases differ: D"):
+        train.check_same_split(pd.concat([slices, slices.iloc[[3]].assign(case_id="D")]), split_file)

@@ -247,33 +247,33 @@ def refuse_missing_cases(slices, split_file, split_names, data_dir, out_dir, run
     print(f"Note: {what}; they are not scored")
 
 
-def output_folder(out_dir, model_path, data_dir, settings_differ=None):
+def output_folder(out_dir, model_paths, data_dir, settings_differ=None):
     """The folder `evaluate` writes into, refused before anything is written where that would replace
-    what it did not make. The model's own run folder (the default): only if `train` made it and only
-    for the run's own scoring (`settings_differ` names an option that would replace the run's scores
-    with others: give --out then). Another folder: a new or empty one, or one `evaluate` wrote before
-    (its marker); never another run's folder, never on the data."""
-    run_dir = Path(model_path).parent
-    if out_dir is None or Path(out_dir).resolve() == run_dir.resolve():
-        if not guards.is_ours(run_dir, guards.RUN_MARKER):
+    what it did not make. The run folder of a model scored (`model_paths`; the first one's is the
+    default): only if `train` made it and only for the run's own scoring (`settings_differ` names an
+    option that would replace the run's scores with others: give --out then). Another folder: a new
+    or empty one, or one `evaluate` wrote before (its marker); never another run's, never on the data."""
+    own = [Path(path).parent for path in model_paths]
+    target = own[0] if out_dir is None else Path(out_dir)
+    if target.resolve() in {folder.resolve() for folder in own}:
+        if not guards.is_ours(target, guards.RUN_MARKER):
             raise FileExistsError(
-                f"{run_dir} is not a run folder made by train (the shipped models/, a folder of yours): "
+                f"{target} is not a run folder made by train (the shipped models/, a folder of yours): "
                 "give --out FOLDER, apart from it, for the results"
             )
         if settings_differ:
             raise FileExistsError(
-                f"{settings_differ} would replace the run's own scores in {run_dir}; give --out FOLDER for these"
+                f"{settings_differ} would replace the run's own scores in {target}; give --out FOLDER for these"
             )
-        return run_dir
-    out_dir = Path(out_dir)
-    guards.check_apart(out_dir, [data_dir])
-    if out_dir.is_dir() and any(path.name != guards.LOCK_FILE for path in out_dir.iterdir()):
-        if guards.is_ours(out_dir, guards.RUN_MARKER):
-            raise FileExistsError(f"--out {out_dir} is another run's folder, scored by its own model; choose another")
-        if not guards.is_ours(out_dir, guards.EVALUATE_MARKER):
-            raise FileExistsError(f"--out {out_dir} already holds files that evaluate did not write; choose another")
-        return out_dir
-    return guards.mark_folder(out_dir, guards.EVALUATE_MARKER)
+        return target
+    guards.check_apart(target, [data_dir])
+    if target.is_dir() and any(path.name != guards.LOCK_FILE for path in target.iterdir()):
+        if guards.is_ours(target, guards.RUN_MARKER):
+            raise FileExistsError(f"--out {target} is another run's folder, scored by its own model; choose another")
+        if not guards.is_ours(target, guards.EVALUATE_MARKER):
+            raise FileExistsError(f"--out {target} already holds files that evaluate did not write; choose another")
+        return target
+    return guards.mark_folder(target, guards.EVALUATE_MARKER)
 
 
 def evaluate_model_file(
@@ -301,7 +301,7 @@ def evaluate_model_file(
     differ = " and ".join(
         flag for flag, given in [("--threshold", threshold is not None), ("--split-file", not own_split)] if given
     )
-    out_dir = output_folder(out_dir, model_path, data_dir, differ)
+    out_dir = output_folder(out_dir, [model_path], data_dir, differ)
     with guards.folder_lock(out_dir):
         if threshold is not None or model_task(model) != "segmentation":
             return evaluate_run(model, slices, out_dir, split_name, threshold=0.5 if threshold is None else threshold)
@@ -392,7 +392,7 @@ def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
         raise ValueError(f"{classifier_path} was trained on {len(leaked)} of the segmenter's val/test cases: {leaked}")
     settings = postprocess.load(segmenter_path)
     summary = {"segmenter": str(segmenter_path), "classifier": str(classifier_path), "postprocessing": settings}
-    out_dir = output_folder(out_dir, segmenter_path, data_dir)
+    out_dir = output_folder(out_dir, [segmenter_path, classifier_path], data_dir)
     with guards.folder_lock(out_dir):
         return _score_two_stage(segmenter, classifier, slices, settings, summary, out_dir)
 

@@ -446,3 +446,18 @@ def test_a_run_resumes_only_on_data_that_splits_as_it_did(tmp_path):
         train.check_same_split(moved, split_file)
     with pytest.raises(data.DatasetError, match="1 cases differ: D"):
         train.check_same_split(pd.concat([slices, slices.iloc[[3]].assign(case_id="D")]), split_file)
+
+
+def test_the_two_stage_scores_may_go_into_either_models_run_folder(tmp_path):
+    """The Classification notebook writes `two_stage.json` into its classifier's run folder: a run folder of a
+    model being scored is its own; a third run's folder is not."""
+    from lgg.evaluate import output_folder
+
+    segmenter, classifier, third = (guards.mark_folder(tmp_path / name, guards.RUN_MARKER) for name in "abc")
+    for folder in (segmenter, classifier, third):
+        (folder / "model.h5").write_bytes(b"weights")
+    models = [segmenter / "model.h5", classifier / "model.h5"]
+    assert output_folder(None, models, tmp_path / "data") == segmenter
+    assert output_folder(classifier, models, tmp_path / "data") == classifier
+    with pytest.raises(FileExistsError, match="another run's folder"):
+        output_folder(third, models, tmp_path / "data")

@@ -259,5 +259,5 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             for name, value in (self.restored or {}).get("callbacks", {}).get(type(callback).__name__, {}).items():
                 setattr(callback, name, int(value) if name != "best" else value)
 
-    def on_train_end(self, logs=None):
-        shutil.rmtree(self.directory, ignore_errors=True)  # finished: nothing to resume
+    # The state outlives `fit`: `lgg.train` removes it once the model is exported, so that a run whose
+    # export failed (a full disk) can still be resumed instead of trained again.

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -576,6 +577,7 @@ def _train_run(config, slices, run, distribution, jit_setting, val_batch_sizes):
     if exported is not model:  # export and evaluate the float32, stock-layer twin, compiled like the trained model
         model = compile_model(exported, task, c.learning_rate, jit_compile=jit_compile, dice_loss=c.dice_loss)
     export_model(model, run_dir)
+    shutil.rmtree(run_dir / "resume", ignore_errors=True)  # exported: nothing left to resume
     plots.plot_history(history, task, save_path=run_dir / "curves.png")
     settings = tune_postprocessing(model, slices, run_dir) if task == "segmentation" else None
     evaluate_run(model, slices, run_dir, split_name="test", postprocessing=settings)

@@ -461,3 +461,28 @@ def test_the_two_stage_scores_may_go_into_either_models_run_folder(tmp_path):
     assert output_folder(classifier, models, tmp_path / "data") == classifier
     with pytest.raises(FileExistsError, match="another run's folder"):
         output_folder(third, models, tmp_path / "data")
+
+
+@pytest.mark.slow
+def test_a_run_whose_export_failed_resumes_instead_of_training_again(capsys, monkeypatch, real_data, tmp_path):
+    """The resume state was removed when `fit` ended, before the model was exported: a full disk at export
+    left a run that `--resume` trained again from the start. It now stays until the model is written."""
+    from lgg import train
+
+    out = tmp_path / "run"
+    command = ["train", "unet", "--data", real_data, "--out", out, "--epochs", 2, "--image-size", 32,
+               "--max-cases", 4, "--batch-size", 8, "--base-filters", 4]  # fmt: skip
+
+    def full_disk(model, run_dir):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "export_model", full_disk)
+        code, _, err = run(capsys, *command)
+    assert code == 2 and "No space left on device" in err
+    assert json.loads((out / "resume" / "state.json").read_text())["epoch"] == 1 and not (out / "model.h5").exists()
+    code, printed, err = run(capsys, *command, "--resume")
+    assert code in (0, None), err
+    assert "Nothing to resume" not in printed and "Resuming after epoch 2" in printed  # of 2: nothing left
+    assert (out / "model.h5").is_file() and not (out / "resume").exists()
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]

@@ -186,8 +186,11 @@ class RunConfig:
             raise ValueError(f"{path}: not a run configuration (a JSON object is expected)")
         names = {setting.name for setting in dataclasses.fields(cls)}
         unknown = sorted(set(stored) - names - RECORD_KEYS)
-        if unknown:  # a misspelt setting would otherwise be dropped without a word
-            print(f"{path}: ignoring {', '.join(unknown)} (not settings of lgg.config.RunConfig)")
+        if unknown:  # a misspelt setting would otherwise be dropped without a word, and the run trained without it
+            raise ValueError(
+                f"{path}: {', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
+                "of lgg.config.RunConfig (python -m lgg train --help lists them); correct or remove"
+            )
         if "precision" not in stored:  # written before the setting existed: that run trained in float32
             stored = {**stored, "precision": "float32"}
         try:

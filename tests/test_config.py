@@ -142,6 +142,7 @@ def test_values_from_a_file_are_converted_or_refused_never_passed_through(tmp_pa
         ({"image_size": "128"}, "image_size must be an integer"),
         ({"jit_compile": "true"}, "jit_compile must be true or false"),
         ({"schedule": ["plateau"]}, "schedule must be one of"),
+        ({"image_sise": 256}, "image_sise is not a setting"),  # misspelt: it once trained at 128 with a note
     ]:
         path.write_text(json.dumps({"kind": "unet", **bad}))
         with pytest.raises(ValueError, match=message):

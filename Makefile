@@ -59,5 +59,12 @@ results: setup
 bench: setup
 	$(PYTHON) benchmarks/bench.py --data $(DATA) --out results/benchmark.json
 
-clean:  # only what make itself created: the environment and the demo's run folders, never other runs
-	rm -rf .venv $(RUNS)/demo-unet $(RUNS)/demo-predict
+# only what make itself created, by its marks: the environment (its stamp) and the demo's run folders (the marks
+# train and predict leave), never other runs, a hand-made .venv or a folder of yours of the same name
+clean:
+	@if [ -f $(INSTALLED) ]; then rm -rf .venv; echo "removed .venv"; \
+	elif [ -e .venv ]; then echo "kept .venv: make setup did not make it (no $(INSTALLED))"; fi
+	@for pair in $(RUNS)/demo-unet:.lgg-run $(RUNS)/demo-predict:.lgg-predict; do \
+	  folder=$${pair%%:*}; mark=$${pair##*:}; \
+	  if [ -f "$$folder/$$mark" ]; then rm -rf "$$folder"; echo "removed $$folder"; \
+	  elif [ -e "$$folder" ]; then echo "kept $$folder: make demo did not make it (no $$mark)"; fi; done

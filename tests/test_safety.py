@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -486,3 +487,21 @@ def test_a_run_whose_export_failed_resumes_instead_of_training_again(capsys, mon
     assert "Nothing to resume" not in printed and "Resuming after epoch 2" in printed  # of 2: nothing left
     assert (out / "model.h5").is_file() and not (out / "resume").exists()
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
+
+
+def test_make_clean_removes_only_what_make_made(tmp_path):
+    """`make clean` removed .venv and runs/demo-* whatever they were: now only the environment `make setup`
+    stamped and the demo folders train / predict marked."""
+    shutil.copy(Path(__file__).resolve().parent.parent / "Makefile", tmp_path / "Makefile")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "mine").write_text("a hand-made environment")
+    guards.mark_folder(tmp_path / "runs" / "demo-unet", guards.RUN_MARKER)
+    (tmp_path / "runs" / "demo-predict").mkdir()
+    (tmp_path / "runs" / "demo-predict" / "notes.txt").write_text("years of work")
+    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / ".venv" / "mine").is_file() and (tmp_path / "runs" / "demo-predict" / "notes.txt").is_file()
+    assert not (tmp_path / "runs" / "demo-unet").exists()
+    (tmp_path / ".venv" / ".lgg-installed").touch()
+    guards.mark_folder(tmp_path / "runs" / "demo-predict", guards.PREDICT_MARKER)
+    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert not (tmp_path / ".venv").exists() and not (tmp_path / "runs" / "demo-predict").exists()

@@ -1,6 +1,8 @@
 """Getting data: the real set from Kaggle (kagglehub), or a small SYNTHETIC set in its layout."""
 
 import glob
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,16 @@ def download_kaggle(dest="data"):
     root = find_dataset_root(downloaded)
     link = Path(dest) / "kaggle_3m"
     link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(root.resolve(), target_is_directory=True)
+    if link.exists() or link.is_symlink():
+        if link.resolve() != root.resolve():
+            raise FileExistsError(
+                f"Downloaded to {root}, but {link} already exists and is not that folder (another dataset, the demo "
+                f"set, a broken link): it is left as it is; move it away to link the download there, or use "
+                f"--data {root.parent}"
+            )
+        print(f"Dataset at {root}; {link} already points there")
+        return link
+    link.symlink_to(root.resolve(), target_is_directory=True)
     print(f"Dataset at {root}; linked as {link}")
     return link
 
@@ -81,6 +91,20 @@ def write_demo_dataset(dest, cases=8, slices_per_case=20, seed=0):
             f"--dest {dest}: {inside[0] if inside else root} holds a dataset, and synthetic cases must not be mixed "
             "into real data; choose an empty folder"
         )
+    # written beside, then put in place of an earlier demo set whole: a smaller set never keeps cases of a larger one
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-kaggle_3m-", dir=dest))
+    try:
+        _write_cases(staging, cases, slices_per_case, seed)
+        if root.exists():  # a demo set (anything else was refused above)
+            shutil.rmtree(root)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def _write_cases(root, cases, slices_per_case, seed):
     rng = np.random.default_rng(seed)
     for case in range(cases):
         case_id = f"SYNTH_DEMO_{case:04d}_20000101"
@@ -95,4 +119,3 @@ def write_demo_dataset(dest, cases=8, slices_per_case=20, seed=0):
             tifffile.imwrite(case_dir / f"{case_id}_{index}.tif", image, photometric="rgb")
             tifffile.imwrite(case_dir / f"{case_id}_{index}_mask.tif", mask)
     (root / "README.md").write_text("SYNTHETIC demo data written by `python -m lgg demo-data`. Not MRI.\n")
-    return root

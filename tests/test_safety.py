@@ -505,3 +505,32 @@ def test_make_clean_removes_only_what_make_made(tmp_path):
     guards.mark_folder(tmp_path / "runs" / "demo-predict", guards.PREDICT_MARKER)
     subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
     assert not (tmp_path / ".venv").exists() and not (tmp_path / "runs" / "demo-predict").exists()
+
+
+def test_a_second_demo_set_replaces_the_first_whole(capsys, tmp_path):
+    """`demo-data --cases 3` then `--cases 1` left the two extra cases of the first set beside the new one."""
+    for cases in (3, 1):
+        code, _, err = run(capsys, "demo-data", "--dest", tmp_path, "--cases", cases, "--seed", cases)
+        assert code in (0, None), err
+    cases = sorted(path.name for path in (tmp_path / "kaggle_3m").iterdir() if path.is_dir())
+    assert cases == ["SYNTH_DEMO_0000_20000101"] and len(list((tmp_path / "kaggle_3m").rglob("*_mask.tif"))) == 20
+    assert [path.name for path in tmp_path.iterdir()] == ["kaggle_3m"]  # no staging folder left
+
+
+def test_download_never_claims_a_link_it_did_not_make(monkeypatch, tmp_path):
+    """`download` with data/kaggle_3m already there (another set) printed "linked as" and linked nothing."""
+    import types
+
+    from lgg import datasets
+
+    downloaded = tmp_path / "cache" / "kaggle_3m"
+    write_case(downloaded, slices=1)
+    monkeypatch.setitem(sys.modules, "kagglehub", types.SimpleNamespace(dataset_download=lambda name: downloaded))
+    other = tmp_path / "data" / "kaggle_3m"
+    write_case(other, case_id="TCGA_YY_0002_20000101", slices=1)
+    with pytest.raises(FileExistsError, match="is not that folder"):
+        datasets.download_kaggle(tmp_path / "data")
+    assert (other / "TCGA_YY_0002_20000101").is_dir() and not other.is_symlink()
+    link = datasets.download_kaggle(tmp_path / "fresh")
+    assert link.is_symlink() and link.resolve() == downloaded.resolve()
+    assert datasets.download_kaggle(tmp_path / "fresh") == link  # again: already there, nothing changed

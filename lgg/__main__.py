@@ -52,7 +52,7 @@ def _parser():
     evaluate.add_argument("--data", default="data")
     evaluate.add_argument("--split-file", default=None, help="split.csv of a run (default: the model's run folder)")
     evaluate.add_argument(
-        "--split", default="test", choices=["train", "val", "test", "all"], help="which split to score"
+        "--split", default=None, choices=["train", "val", "test", "all"], help="which split to score (default: test)"
     )
     evaluate.add_argument(
         "--out",
@@ -160,11 +160,30 @@ def _train_settings(parser, args):
     return settings, args.data or recorded or "data"
 
 
+def _refuse_ignored_options(parser, args):
+    """Options that would have no effect beside the others given: refused, never silently dropped."""
+    if args.command == "evaluate" and args.classifier:
+        given = [flag for flag, value in [("--split-file", args.split_file), ("--split", args.split),
+                                          ("--threshold", args.threshold),
+                                          ("--tune-postprocessing", args.tune_postprocessing)] if value]  # fmt: skip
+        if given:
+            parser.error(
+                f"evaluate --classifier scores the segmenter run's own val/test split with its postprocess.json; "
+                f"{', '.join(given)} would be ignored: score the segmenter alone with them, without --classifier"
+            )
+    if args.command == "predict":
+        if args.gate_threshold is not None and not args.classifier:
+            parser.error("--gate-threshold gates by a classifier's probability: give --classifier too")
+        if args.slice_thickness_mm is not None and args.pixel_spacing_mm is None:
+            parser.error("--slice-thickness-mm gives volumes with --pixel-spacing-mm: give both (or neither)")
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "predict" and not args.inputs and not (args.pre or args.flair or args.post):
         parser.error("predict needs inputs (.tif slices, folders, 4-D NIfTI files) or --pre, --flair and --post")
+    _refuse_ignored_options(parser, args)
     try:
         if args.command == "train":
             settings, data_dir = _train_settings(parser, args)  # refused here, before TensorFlow is imported
@@ -185,7 +204,7 @@ def main(argv=None):
                     args.model,
                     args.data,
                     args.split_file,
-                    args.split,
+                    args.split or "test",
                     args.out,
                     args.threshold,
                     args.tune_postprocessing,

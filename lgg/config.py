@@ -154,6 +154,11 @@ class RunConfig:
         step = 16 if self.kind == "unet" else 32  # the size halves 4 (U-Net) or 5 (ResNet50) times
         if self.image_size % step:
             raise ValueError(f"image_size of a {self.kind} must be a multiple of {step}; received {self.image_size}")
+        late = [mark for mark in self.snapshot_minutes if self.max_minutes is not None and mark > self.max_minutes]
+        if late:
+            raise ValueError(
+                f"snapshot_minutes {late} lie past max_minutes {self.max_minutes:g}: the run stops before them"
+            )
         if self.schedule == "time-cosine" and self.max_minutes is None:
             raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")
         if self.attention and self.kind != "resnet50-unet":

@@ -534,3 +534,24 @@ def test_download_never_claims_a_link_it_did_not_make(monkeypatch, tmp_path):
     link = datasets.download_kaggle(tmp_path / "fresh")
     assert link.is_symlink() and link.resolve() == downloaded.resolve()
     assert datasets.download_kaggle(tmp_path / "fresh") == link  # again: already there, nothing changed
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["evaluate", "--model", "s.h5", "--classifier", "c.h5", "--threshold", 0.3], "--threshold would be ignored"),
+        (["evaluate", "--model", "s.h5", "--classifier", "c.h5", "--split", "val"], "--split would be ignored"),
+        (["evaluate", "--model", "s.h5", "--classifier", "c.h5", "--split-file", "x.csv"], "--split-file"),
+        (["evaluate", "--model", "s.h5", "--classifier", "c.h5", "--tune-postprocessing"], "--tune-postprocessing"),
+        (["predict", "x.tif", "--out", "o", "--gate-threshold", 0.2], "give --classifier"),
+        (["predict", "x.tif", "--out", "o", "--slice-thickness-mm", 5], "--pixel-spacing-mm"),
+        (["train", "unet", "--out", "o", "--max-minutes", 10, "--snapshot-minutes", 5, 15], "past max_minutes"),
+    ],
+)
+def test_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, monkeypatch, args, words):
+    """Once silently dropped: the gate's options beside --classifier, a gate threshold without a gate, a slice
+    thickness without a pixel spacing, snapshots after the run's time limit."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *args)
+    refused(code, err, words)
+    assert list(tmp_path.iterdir()) == []

@@ -140,11 +140,13 @@ def mark_folder(folder, marker):
 
 def is_ours(folder, marker):
     """True for a folder one of our commands made (its marker, or for runs from before markers
-    existed a `config.json` written by `train`)."""
+    existed a `config.json` written by `train` beside the `split.csv` and `history.csv` it wrote:
+    a config.json copied into a folder of yours does not make it a run)."""
     folder = Path(folder)
     if (folder / marker).is_file():
         return True
-    if marker == RUN_MARKER and (folder / "config.json").is_file():
+    legacy_run = all((folder / name).is_file() for name in ("config.json", "split.csv", "history.csv"))
+    if marker == RUN_MARKER and legacy_run:
         try:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):

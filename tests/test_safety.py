@@ -95,7 +95,17 @@ def test_train_overwrite_never_empties_the_data_or_a_folder_that_is_not_a_run(ca
     (users / "chapter1.tex").write_text("years of work")
     code, _, err = run(capsys, "train", "unet", "--data", dataset, "--out", users, "--overwrite")
     refused(code, err, "not a run folder")
+    # a run's config.json copied in (to train with it) does not make the folder a run to empty
+    (users / "config.json").write_text(json.dumps({"kind": "unet", "environment": {}}))
+    code, _, err = run(capsys, "train", "--config", users / "config.json", "--data", dataset, "--out", users,
+                       "--overwrite")  # fmt: skip
+    refused(code, err, "not a run folder")
     assert checksums(dataset) == before and (users / "chapter1.tex").read_text() == "years of work"
+    legacy = tmp_path / "old-run"  # a run from before the marker: train's config.json, split.csv, history.csv
+    legacy.mkdir()
+    for name, text in [("config.json", '{"kind": "unet", "environment": {}}'), ("split.csv", ""), ("history.csv", "")]:
+        (legacy / name).write_text(text)
+    assert guards.is_ours(legacy, guards.RUN_MARKER) and not guards.is_ours(users, guards.RUN_MARKER)
 
 
 def test_resume_on_a_finished_run_changes_nothing(capsys, real_data, tmp_path):

@@ -27,7 +27,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lgg import data, guards, models, train  # noqa: E402
-from lgg.files import save_json  # noqa: E402
+from lgg.files import check_own_json, save_json  # noqa: E402
 
 SIZE, BATCH, TRAIN_CASES, CHECK_CASES = 128, 16, 20, 10
 
@@ -89,6 +89,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=steps, default=200, help="training steps (default: %(default)s)")
     parser.add_argument("--seed", type=seed, default=0, help="default: %(default)s")
     args = parser.parse_args(argv)
+    check_own_json(args.out, ("how", "runs", "train_cases"), "benchmarks/batchnorm_lag.py")  # before measuring
     slices = data.find_slices(args.data, max_cases=TRAIN_CASES + CHECK_CASES)
     cases = list(dict.fromkeys(slices.case_id))
     if len(cases) < TRAIN_CASES + CHECK_CASES:

@@ -54,7 +54,7 @@ import tensorflow as tf  # noqa: E402
 
 from lgg import data, guards, inference, models, train  # noqa: E402
 from lgg.callbacks import StepTimer  # noqa: E402
-from lgg.files import save_json  # noqa: E402
+from lgg.files import check_own_json, save_json  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 IMAGE_SIZE = 128
@@ -733,11 +733,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     FUSED_BATCHNORM["on"] = not args.stock_batchnorm
-    if args.quick and Path(args.out) == Path(DEFAULT_OUT):
+    committed = (Path(__file__).resolve().parent.parent / DEFAULT_OUT).resolve()
+    if args.quick and Path(args.out).resolve() in (committed, Path(DEFAULT_OUT).resolve()):
         raise SystemExit(f"--quick is a smoke run: give --out (the default, {DEFAULT_OUT}, is what the README shows)")
     if args.memory_worker:
         memory_worker(args.data, args.batch_size, args.steps or MEMORY_STEPS, args.memory_worker)
         return
+    check_own_json(args.out, ("machine", "settings", "side_by_side"), "benchmarks/bench.py")  # before measuring
     quick = QUICK if args.quick else {}
     size = args.image_size or quick.get("image_size", IMAGE_SIZE)
     cases = args.cases or quick.get("cases", CASES)

@@ -13,7 +13,6 @@ used meanwhile is recorded, and above `bench.BUSY_SHARE` the file says the figur
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 from lgg import data, train  # noqa: E402
-from lgg.files import save_json  # noqa: E402
+from lgg.files import check_own_json, save_json  # noqa: E402
 
 # (model, precision, XLA): timed steps per fit (the ResNet50 U-Net is about 4x slower per slice)
 SETUPS = {
@@ -74,19 +73,6 @@ def measure(slices, size, batch_size, rounds):
     return results
 
 
-def refuse_foreign(out):
-    """Before measuring: `--out` may name a new file or a file this script wrote, nothing else."""
-    if out.is_dir():
-        raise SystemExit(f"{out} is a folder: --out names the JSON file to write")
-    if out.exists():
-        try:
-            found = json.loads(out.read_text())
-        except (ValueError, UnicodeDecodeError):
-            found = None
-        if not (isinstance(found, dict) and {"train_picks", "settings", "unet"} <= found.keys()):
-            raise SystemExit(f"{out} exists and is not a file of benchmarks/precision.py: choose another --out")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
@@ -99,7 +85,7 @@ def main(argv=None):
     for setting in ("cases", "image_size", "batch_size", "rounds"):
         if getattr(args, setting) < 1:
             parser.error(f"--{setting.replace('_', '-')} must be at least 1, got {getattr(args, setting)}")
-    refuse_foreign(Path(args.out))
+    check_own_json(args.out, ("train_picks", "settings", "unet"), "benchmarks/precision.py")
     try:
         slices = data.find_slices(args.data, max_cases=args.cases)
     except (data.DatasetError, FileNotFoundError) as error:

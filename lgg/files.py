@@ -24,6 +24,22 @@ def atomic_path(path):
         temporary.unlink(missing_ok=True)
 
 
+def check_own_json(path, keys, writer):
+    """Refuse (SystemExit, naming it) a `path` to be written later that is a folder, or an existing file
+    other than a JSON object holding `keys`, as `writer` writes: a results file may replace its own
+    earlier version, never a README, a data file or another tool's results. Call it before measuring."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"{path} is a folder: --out names the JSON file to write")
+    if path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if not (isinstance(found, dict) and set(keys) <= found.keys()):
+            raise SystemExit(f"{path} exists and is not a file of {writer}: choose another --out")
+
+
 def _json_default(value):
     if isinstance(value, (np.integer, np.floating, np.bool_)):
         return value.item()

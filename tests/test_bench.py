@@ -140,3 +140,19 @@ def test_the_precision_benchmark_never_replaces_a_file_it_did_not_write(tmp_path
     own = ROOT / "results" / "precision-amd-epyc.json"
     completed = subprocess.run([*command, "--out", str(own)], capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 1 and "precision.py" not in completed.stderr and "none" in completed.stderr
+
+
+@pytest.mark.parametrize("script", ["bench.py", "batchnorm_lag.py"])
+def test_the_other_benchmarks_never_replace_a_file_they_did_not_write(tmp_path, script):
+    """`--out README.md` was replaced by the benchmark's JSON after its minutes of measuring: now refused first."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--data", str(tmp_path / "none")]
+    foreign = tmp_path / "README.md"
+    foreign.write_text("# my notes")
+    for out, words in [(foreign, f"is not a file of benchmarks/{script}"), (tmp_path, "is a folder")]:
+        completed = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+        assert completed.returncode == 1 and words in completed.stderr, completed.stderr
+    assert foreign.read_text() == "# my notes"
+    if script == "bench.py":  # the committed benchmark, named by its absolute path, is no target of a smoke run
+        own = ROOT / "results" / "benchmark.json"
+        completed = subprocess.run([*command, "--quick", "--out", str(own)], capture_output=True, text=True, cwd="/")
+        assert completed.returncode == 1 and "--quick is a smoke run" in completed.stderr, completed.stderr

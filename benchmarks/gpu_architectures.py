@@ -156,9 +156,15 @@ def main(argv=None):
     go = commands.add_parser("run")
     go.add_argument("--arrays", default=".gpu/arrays.npz")
     go.add_argument("--out", required=True)
-    go.add_argument("--minutes", type=float, default=2.5, help="training time per model")
-    go.add_argument("--models", default=",".join(MODELS))
+    from lgg import guards  # numpy only: also on the GPU machine
+
+    minutes = guards.argparse_type(guards.positive, "--minutes", maximum=24 * 60)
+    go.add_argument("--minutes", type=minutes, default=2.5, help="training time per model")
+    go.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.models.split(",") if name not in MODELS] if args.command == "run" else []
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
     if args.command == "prepare":
         prepare(args.data, args.out)
     else:

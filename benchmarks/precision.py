@@ -85,6 +85,8 @@ def main(argv=None):
     for setting in ("cases", "image_size", "batch_size", "rounds"):
         if getattr(args, setting) < 1:
             parser.error(f"--{setting.replace('_', '-')} must be at least 1, got {getattr(args, setting)}")
+    if args.image_size % 32 or args.image_size > 256:  # the ResNet50 U-Net halves the size 5 times
+        parser.error(f"--image-size must be a multiple of 32 up to 256 (the slices' size), got {args.image_size}")
     check_own_json(args.out, ("train_picks", "settings", "unet"), "benchmarks/precision.py")
     try:
         slices = data.find_slices(args.data, max_cases=args.cases)

@@ -15,14 +15,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lgg import data, predict, volumes
+from lgg import data, guards, predict, volumes
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="data")
-    parser.add_argument("--slices", type=int, default=36)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--slices", type=guards.argparse_type(guards.positive, "--slices", integer=True), default=36)
+    parser.add_argument("--rounds", type=guards.argparse_type(guards.positive, "--rounds", integer=True), default=5)
     args = parser.parse_args()
     root = data.find_dataset_root(args.data)
     for case_dir in sorted(path for path in root.iterdir() if path.is_dir()):

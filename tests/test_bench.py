@@ -98,10 +98,27 @@ def test_an_ensemble_refuses_a_run_twice_a_classifier_and_another_split(tmp_path
 
 def test_the_precision_benchmark_refuses_a_nonsense_setting_before_it_measures(tmp_path):
     out = tmp_path / "precision.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--out", str(out), "--rounds", "0"]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert completed.returncode == 2 and "--rounds must be at least 1, got 0" in completed.stderr
+    command = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--out", str(out)]
+    for setting, words in [(["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                           (["--image-size", "144"], "--image-size must be a multiple of 32")]:  # fmt: skip
+        completed = subprocess.run([*command, *setting], capture_output=True, text=True, cwd=ROOT)
+        assert completed.returncode == 2 and words in completed.stderr, completed.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [(["--models", "unet,foo"], "unknown --models ['foo']"), (["--minutes", "0"], "--minutes"),
+     (["--minutes", "-1"], "--minutes")],
+)  # fmt: skip
+def test_the_gpu_comparison_refuses_a_model_it_does_not_know_or_no_time(tmp_path, capsys, setting, words):
+    """`--models unet,foo` trained "foo" as a ResNet50 U-Net under that name; `--minutes 0` divided by zero."""
+    import gpu_architectures
+
+    with pytest.raises(SystemExit) as stop:
+        gpu_architectures.main(["run", "--arrays", str(tmp_path / "a.npz"), "--out", str(tmp_path / "o"), *setting])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lgg.files import atomic_path, save_csv, save_json  # noqa: E402  (numpy only: also on the GPU machine)
 
 SPLITS = ("train", "val", "test")
 MODELS = ("unet", "resnet50-unet", "resnet50-attention-unet")
@@ -47,7 +48,8 @@ def prepare(data_dir, out, image_size=128):
             native = np.stack([data.read_mask(path) for path in rows["mask_path"]])
             arrays[f"{split}_native_masks"] = np.packbits(native.astype(bool), axis=-1)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, **arrays)
+    with atomic_path(out) as temporary:  # ends in .npz like `out`, so numpy adds nothing to the name
+        np.savez_compressed(temporary, **arrays)
     print(f"wrote {out}: {Path(out).stat().st_size / 1e6:.1f} MB", {s: len(arrays[f"{s}_images"]) for s in SPLITS})
 
 
@@ -96,7 +98,7 @@ def run_one(kind, arrays, out, minutes, batch_size=32, learning_rate=1e-3, tumor
     model.load_weights(best)
     best.unlink()
     history = pd.DataFrame(history.history).rename_axis("epoch").reset_index()
-    history.to_csv(Path(out) / f"{kind}_history.csv", index=False)
+    save_csv(history, Path(out) / f"{kind}_history.csv")
 
     scored = {}
     for split in ("val", "test"):
@@ -144,7 +146,7 @@ def run(arrays_path, out, minutes, models_to_run):
     for kind in models_to_run:
         results["models"].append(run_one(kind, arrays, out, minutes))
         print(json.dumps({k: v for k, v in results["models"][-1].items() if not k.startswith("test_")}, indent=1))
-        (out / "gpu_architectures.json").write_text(json.dumps(results, indent=1))
+        save_json(results, out / "gpu_architectures.json")
 
 
 def main(argv=None):

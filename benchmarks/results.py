@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lgg.config import HEADLINE, RunConfig
-from lgg.files import atomic_path, save_json
+from lgg.files import atomic_path, copy_file, save_json
 from lgg.train import monitor_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,11 +212,11 @@ def collect(name, data_dir):
     copies = {"test_postprocessing.csv": "test_postprocessing.csv", "snapshots/curve.csv": "dice_vs_minutes.csv"}
     for source, target in copies.items():
         if (run_dir / source).exists():
-            shutil.copy(run_dir / source, out / target)
+            copy_file(run_dir / source, out / target)
     for plot in PLOTS:
         if (run_dir / plot).exists():
-            shutil.copy(run_dir / plot, out / plot)
-    shutil.copy(
+            copy_file(run_dir / plot, out / plot)
+    copy_file(
         run_dir / "test_cases.csv" if (run_dir / "test_cases.csv").exists() else run_dir / "test_slices.csv",
         out / "test.csv",
     )
@@ -625,7 +625,7 @@ def two_stage(data_dir, again=True):
         from lgg.evaluate import evaluate_two_stage
 
         evaluate_two_stage(segmenter, classifier, data_dir, out_dir=out)
-    shutil.copy(out / "two_stage.json", RESULTS / "two_stage.json")
+    copy_file(out / "two_stage.json", RESULTS / "two_stage.json")
 
 
 def _counts(result):

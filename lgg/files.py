@@ -24,6 +24,14 @@ def atomic_path(path):
         temporary.unlink(missing_ok=True)
 
 
+def copy_file(source, target):
+    """Copy `source` to `target` atomically (a copy cut off never leaves half a file at `target`)."""
+    import shutil
+
+    with atomic_path(target) as temporary:
+        shutil.copyfile(source, temporary)
+
+
 def check_own_json(path, keys, writer):
     """Refuse (SystemExit, naming it) a `path` to be written later that is a folder, or an existing file
     other than a JSON object holding `keys`, as `writer` writes: a results file may replace its own

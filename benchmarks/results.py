@@ -127,32 +127,38 @@ def comparison_file(prefix):
 
 
 def train(name, data_dir, retrain=False):
-    """Train the row `name` into `runs/results-<name>/`. A finished run there (its model scored) is kept and
-    skipped, an interrupted one continues (`--resume`); only `retrain` replaces them (hours of CPU each)."""
+    """Train the row `name` into `runs/results-<name>/`, picking up where a cut-off batch left it: a scored run
+    is kept, an interrupted one continues (`--resume`), one whose model was exported but not scored is scored,
+    and one stopped before its first epoch was saved starts again (less than an epoch lost). Only `retrain`
+    trains a kept run again (hours of CPU each)."""
     from lgg.train import train_run
 
     run_dir = RUNS / f"results-{name}"
     interrupted = (run_dir / "resume" / "state.json").is_file()
-    if not retrain and not interrupted and (run_dir / "test_summary.json").is_file():
-        print(f"{name}: {run_dir} holds a finished run; kept (--retrain trains it again)")
-        return
-    if not retrain and not interrupted and run_dir.is_dir() and any(run_dir.iterdir()):
-        finish = (
-            f"`python -m lgg evaluate --model {run_dir / 'model.h5'} --data {data_dir} --tune-postprocessing` "
-            "finishes its evaluation, "
-            if (run_dir / "model.h5").is_file()
-            else ""
-        )
-        raise SystemExit(
-            f"{name}: {run_dir} holds a run that was neither scored nor can be resumed; it is left as it is: "
-            f"{finish}--retrain trains it again"
-        )
+    if not retrain and not interrupted:
+        if (run_dir / "test_summary.json").is_file():
+            print(f"{name}: {run_dir} holds a finished run; kept (--retrain trains it again)")
+            return
+        if (run_dir / "model.h5").is_file():
+            from lgg.evaluate import evaluate_model_file
+
+            print(f"{name}: {run_dir} holds a trained model whose evaluation did not finish: scoring it")
+            evaluate_model_file(run_dir / "model.h5", data_dir, tune=True)
+            return
     config = CONFIGS[name]
     if config.kind == "resnet50-unet" or config.backbone == "resnet50":
         from lgg.models import available_encoder_weights
 
         config = replace(config, encoder_weights=available_encoder_weights(config.encoder_weights))
-    train_run(config, data_dir, run_dir, overwrite=retrain, resume=interrupted and not retrain, verbose=2)
+    started = run_dir.is_dir() and any(run_dir.iterdir())  # not one epoch saved: train_run refuses a stranger's
+    train_run(
+        config,
+        data_dir,
+        run_dir,
+        overwrite=retrain or (started and not interrupted),
+        resume=interrupted and not retrain,
+        verbose=2,
+    )
 
 
 def collect(name, data_dir):
@@ -228,9 +234,10 @@ def fit(run_dir, data_dir):
     """Raw (threshold 0.5) per-case Dice of a run's model on its training and validation cases,
     beside the test cases: how well it fits what it saw, and how the held-out sets differ.
     Scored once into `<run>/fit/`."""
-    from lgg import evaluate
+    from lgg import evaluate, guards
 
     scores = {}
+    guards.mark_folder(run_dir / "fit", guards.EVALUATE_MARKER)  # this script's own folder, also from before marks
     for split in ("train", "val"):
         summary_file = run_dir / "fit" / f"{split}_summary.json"
         if not summary_file.exists():
@@ -622,8 +629,10 @@ def two_stage(data_dir, again=True):
     if not (segmenter.exists() and classifier.exists()):
         return
     if again or not (out / "two_stage.json").exists():
+        from lgg import guards
         from lgg.evaluate import evaluate_two_stage
 
+        guards.mark_folder(out, guards.EVALUATE_MARKER)  # this script's own folder, also from before marks
         evaluate_two_stage(segmenter, classifier, data_dir, out_dir=out)
     copy_file(out / "two_stage.json", RESULTS / "two_stage.json")
 

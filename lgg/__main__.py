@@ -142,18 +142,22 @@ def _train_settings(parser, args):
     or with `--resume` from the run's own config.json (options that would change it are refused),
     then the options given."""
     stored = Path(args.out) / "config.json"
-    source = args.config or (stored if args.resume and stored.is_file() else None)
+    source = Path(args.config) if args.config else (stored if args.resume and stored.is_file() else None)
     base = config.RunConfig.from_file(source) if source else None
     if base is None and args.kind is None:
         parser.error("train needs a model kind (unet, resnet50-unet, classifier) or --config RUN/config.json")
     settings = config.from_arguments(args, base)
-    if args.resume and stored.is_file():  # against the run's own settings, whatever --config named
-        own = base if source == stored else config.RunConfig.from_file(stored)
+    own_run = args.resume and stored.is_file()
+    if own_run:  # against the run's own settings, whatever --config named
+        own = base if source.resolve() == stored.resolve() else config.RunConfig.from_file(stored)
         changed = [name for name, value in vars(settings).items() if value != getattr(own, name)]
         if changed:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
-            flags = flags if source == stored else f"--config {args.config} (its {flags})"
-            parser.error(f"--resume continues {args.out} with its own settings ({stored}); {flags} would change them")
+            parser.error(
+                f"--resume continues {args.out} with its own settings ({stored}); the options or --config given "
+                f"would change {flags}"
+            )
+        source = stored  # and its own data folder, unless --data names one (its split is checked then)
     recorded = json.loads(Path(source).read_text()).get("data_dir") if source else None
     if recorded is not None and not isinstance(recorded, str):
         parser.error(f"{source}: data_dir must be a folder name; received {recorded!r}")
@@ -171,6 +175,8 @@ def _refuse_ignored_options(parser, args):
                 f"evaluate --classifier scores the segmenter run's own val/test split with its postprocess.json; "
                 f"{', '.join(given)} would be ignored: score the segmenter alone with them, without --classifier"
             )
+    if args.command == "evaluate" and args.threshold is not None and args.tune_postprocessing:
+        parser.error("--threshold scores a plain threshold, --tune-postprocessing chooses one: give one of them")
     if args.command == "predict":
         if args.gate_threshold is not None and not args.classifier:
             parser.error("--gate-threshold gates by a classifier's probability: give --classifier too")

@@ -259,5 +259,10 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             for name, value in (self.restored or {}).get("callbacks", {}).get(type(callback).__name__, {}).items():
                 setattr(callback, name, int(value) if name != "best" else value)
 
-    # The state outlives `fit`: `lgg.train` removes it once the model is exported, so that a run whose
-    # export failed (a full disk) can still be resumed instead of trained again.
+    def on_train_end(self, logs=None):
+        # The state outlives `fit`: `lgg.train.export_model` removes it once the model is written, so that a run
+        # whose export failed (a full disk) resumes instead of training again; `fit_done` tells the resumed run
+        # that training itself had ended (no further epoch: a time limit or early stop is checked after one)
+        state_path = self.directory / "state.json"
+        if state_path.is_file():
+            save_json({**json.loads(state_path.read_text()), "fit_done": True}, state_path)

@@ -91,6 +91,11 @@ def write_demo_dataset(dest, cases=8, slices_per_case=20, seed=0):
             f"--dest {dest}: {inside[0] if inside else root} holds a dataset, and synthetic cases must not be mixed "
             "into real data; choose an empty folder"
         )
+    if root.is_symlink() or (root.exists() and not (root.is_dir() and (_is_demo(root) or not any(root.iterdir())))):
+        raise FileExistsError(
+            f"--dest {dest}: {root} exists and is not a demo set of ours (no SYNTHETIC README): it is left as it "
+            "is; choose another --dest"
+        )
     # written beside, then put in place of an earlier demo set whole: a smaller set never keeps cases of a larger one
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-kaggle_3m-", dir=dest))

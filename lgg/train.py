@@ -335,16 +335,19 @@ def fit(
             f"this worker would resume at epoch {initial_epoch + 1}, the chief at {int(chiefs) + 1}: "
             "--resume needs the chief's run folder on a file system every worker sees"
         )
-    model.fit(
-        train_data,
-        validation_data=val_data,
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=[*callbacks, resume_checkpoint],
-        shuffle=False,  # the pipeline shuffles
-        verbose=verbose,
-    )
+    if state is not None and state.get("fit_done"):  # training had ended; its export had not
+        print("Training had ended before the export stopped: exporting its best epoch, no further epoch")
+    else:
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=[*callbacks, resume_checkpoint],
+            shuffle=False,  # the pipeline shuffles
+            verbose=verbose,
+        )
     if best_path.exists():
         model.load_weights(best_path)
     return pd.read_csv(history_path)
@@ -366,10 +369,12 @@ def learning_rate_of(model):
 
 
 def export_model(model, run_dir):
-    """Write `model.h5` and `model.keras` atomically; return the `.h5` path."""
+    """Write `model.h5` and `model.keras` atomically, then remove the run's resume state (exported: nothing
+    left to resume); return the `.h5` path. What `train` and the notebooks call after `fit`."""
     run_dir = Path(run_dir)
     save_model(model, run_dir / "model.h5")
     save_model(model, run_dir / "model.keras")
+    shutil.rmtree(run_dir / "resume", ignore_errors=True)
     return run_dir / "model.h5"
 
 
@@ -398,7 +403,7 @@ def check_same_split(slices, split_file):
     cases among the test cases."""
     if not split_file.is_file():
         return
-    stored = pd.read_csv(split_file)
+    stored = pd.read_csv(split_file, dtype=str)  # case ids as written ("001" stays "001")
     if not {"case_id", "slice_index", "split"} <= set(stored.columns):
         raise data.DatasetError(f"{split_file} lacks case_id, slice_index or split: not the run's own split file")
     key = ["case_id", "slice_index", "split"]
@@ -577,7 +582,6 @@ def _train_run(config, slices, run, distribution, jit_setting, val_batch_sizes):
     if exported is not model:  # export and evaluate the float32, stock-layer twin, compiled like the trained model
         model = compile_model(exported, task, c.learning_rate, jit_compile=jit_compile, dice_loss=c.dice_loss)
     export_model(model, run_dir)
-    shutil.rmtree(run_dir / "resume", ignore_errors=True)  # exported: nothing left to resume
     plots.plot_history(history, task, save_path=run_dir / "curves.png")
     settings = tune_postprocessing(model, slices, run_dir) if task == "segmentation" else None
     evaluate_run(model, slices, run_dir, split_name="test", postprocessing=settings)

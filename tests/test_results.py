@@ -309,12 +309,14 @@ def test_two_runs_on_cpus_of_the_same_name_but_another_generation_are_not_the_sa
 
 def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(monkeypatch, tmp_path, capsys):
     """`make results` / `--models NAME` once replaced every finished run folder (an hour of CPU each) without
-    being asked: now a scored run is kept, an interrupted one resumes, an unscored one is refused with what
-    finishes it, and only --retrain trains again."""
+    being asked: now a scored run is kept, an interrupted one resumes, an exported but unscored one is scored,
+    one stopped before its first saved epoch starts again, and only --retrain trains a kept run again."""
+    import lgg.evaluate
     import lgg.train
 
     calls = []
     monkeypatch.setattr(lgg.train, "train_run", lambda config, data, out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(lgg.evaluate, "evaluate_model_file", lambda model, data, **kw: calls.append((model, kw)))
     monkeypatch.setattr(results, "RUNS", tmp_path)
     run_dir = tmp_path / "results-unet-fold3"
     run_dir.mkdir()
@@ -330,9 +332,11 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
     (run_dir / "resume" / "state.json").unlink()
     (run_dir / "test_summary.json").unlink()
     (run_dir / "model.h5").write_text("weights")
-    with pytest.raises(SystemExit, match="evaluate --model .*model.h5.*--retrain"):
-        results.train("unet-fold3", "data")
-    assert calls == [] and (run_dir / "model.h5").read_text() == "weights"
+    results.train("unet-fold3", "data")  # exported, not scored: scored, not trained again
+    assert calls.pop() == (run_dir / "model.h5", {"tune": True}) and calls == []
+    (run_dir / "model.h5").unlink()
+    results.train("unet-fold3", "data")  # config.json, no epoch saved: starts again over its own folder
+    assert calls.pop() == (run_dir, {"overwrite": True, "resume": False, "verbose": 2})
     results.train("unet-fold4", "data")  # no folder yet: trains
     assert calls.pop() == (tmp_path / "results-unet-fold4", {"overwrite": False, "resume": False, "verbose": 2})
     with pytest.raises(SystemExit):

@@ -491,10 +491,12 @@ def test_a_run_whose_export_failed_resumes_instead_of_training_again(capsys, mon
         patch.setattr(train, "export_model", full_disk)
         code, _, err = run(capsys, *command)
     assert code == 2 and "No space left on device" in err
-    assert json.loads((out / "resume" / "state.json").read_text())["epoch"] == 1 and not (out / "model.h5").exists()
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["fit_done"] and not (out / "model.h5").exists()
     code, printed, err = run(capsys, *command, "--resume")
     assert code in (0, None), err
-    assert "Nothing to resume" not in printed and "Resuming after epoch 2" in printed  # of 2: nothing left
+    assert "Nothing to resume" not in printed and "Resuming after epoch 2" in printed
+    assert "no further epoch" in printed  # a time limit would have trained one more: fit_done skips training
     assert (out / "model.h5").is_file() and not (out / "resume").exists()
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
 
@@ -553,6 +555,7 @@ def test_download_never_claims_a_link_it_did_not_make(monkeypatch, tmp_path):
         (["evaluate", "--model", "s.h5", "--classifier", "c.h5", "--split", "val"], "--split would be ignored"),
         (["evaluate", "--model", "s.h5", "--classifier", "c.h5", "--split-file", "x.csv"], "--split-file"),
         (["evaluate", "--model", "s.h5", "--classifier", "c.h5", "--tune-postprocessing"], "--tune-postprocessing"),
+        (["evaluate", "--model", "s.h5", "--threshold", 0.3, "--tune-postprocessing"], "give one of them"),
         (["predict", "x.tif", "--out", "o", "--gate-threshold", 0.2], "give --classifier"),
         (["predict", "x.tif", "--out", "o", "--slice-thickness-mm", 5], "--pixel-spacing-mm"),
         (["train", "unet", "--out", "o", "--max-minutes", 10, "--snapshot-minutes", 5, 15], "past max_minutes"),
@@ -565,3 +568,15 @@ def test_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, monkey
     code, _, err = run(capsys, *args)
     refused(code, err, words)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_data_never_replaces_a_kaggle_3m_that_is_not_a_demo_set(capsys, tmp_path):
+    """A `kaggle_3m/` of other files (an archive, NIfTI volumes, notes; no `_mask.tif` cases) was deleted to
+    put the demo set there: now only an earlier demo set (or an empty folder) is replaced."""
+    root = tmp_path / "kaggle_3m"
+    root.mkdir()
+    (root / "archive.zip").write_bytes(b"the download")
+    code, _, err = run(capsys, "demo-data", "--dest", tmp_path, "--cases", 1)
+    refused(code, err, "not a demo set")
+    assert [path.name for path in root.iterdir()] == ["archive.zip"]
+    assert [path.name for path in tmp_path.iterdir()] == ["kaggle_3m"]

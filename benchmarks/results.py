@@ -27,7 +27,7 @@ from lgg.train import monitor_for
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 # name -> RunConfig (lgg.config: every setting not named is its default; every row in float32, as measured, except
-# the bfloat16 candidates, rather than the precision `train` would pick on the machine). `unet` is the README's headline
+# the bfloat16 rows, rather than the precision `train` would pick on the machine). `unet` is the README's headline
 # recipe (`make train` runs the same). Time limits: about nine hours of CPU for the fourteen table rows (7 x 60 +
 # 5 x 15 + 20 + 20 min, plus evaluation); train one row at a time with --models.
 CLASSIFIER = RunConfig(kind="classifier", backbone="light", max_minutes=15, precision="float32")
@@ -63,6 +63,12 @@ CONFIGS = {
     # without XLA (whose CPU code has no bfloat16 kernels: on an AMX Xeon it ran float32 and bfloat16 at one speed)
     **{
         f"unet-bf16{suffix}": replace(HEADLINE, precision="mixed_bfloat16", jit_compile=False, split=split)
+        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
+    },
+    # the bfloat16 recipe again on another machine, as `unet-again` is the headline's: what that CPU gives it in the
+    # same 60 minutes, and the same-CPU partner there of the candidates paired with `unet-bf16`
+    **{
+        f"unet-bf16-again{suffix}": replace(HEADLINE, precision="mixed_bfloat16", jit_compile=False, split=split)
         for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
     },
     # a candidate recipe: the U-Net with a ResNet50 encoder, computed as the bfloat16 candidate and for the same 60
@@ -113,8 +119,16 @@ CANDIDATES = {
 # pair differs only in what the candidate changes
 PAIRED_WITH = {"resnet50-unet-bf16": "unet-bf16"}
 
-TABLE_ROWS = [name for name in CONFIGS if not name.startswith(tuple(CANDIDATES))]
-DEFAULT_RUNS = [name for name in TABLE_ROWS if not name.startswith("unet-again")]  # what `make results` trains
+CANDIDATE_ROWS = {name for prefix in CANDIDATES for name in fold_rows(prefix)}
+TABLE_ROWS = [name for name in CONFIGS if name not in CANDIDATE_ROWS]
+
+
+def is_again(name):
+    """A recipe run again on another machine (`unet-again`, `unet-bf16-again`, with their fold suffixes)."""
+    return "-again" in name
+
+
+DEFAULT_RUNS = [name for name in TABLE_ROWS if not is_again(name)]  # what `make results` trains
 PLOTS = ("curves.png", "dice_vs_minutes.png", "test_case_dice.png", "test_overlays.png", "test_roc_confusion.png")
 
 
@@ -438,16 +452,16 @@ def recipe_comparison(results, prefix):
 
     by_name = {r["name"]: r for r in results}
     pairs = []
-    for name in CONFIGS:
-        if name.startswith(prefix) and name in by_name:
-            baseline, again = partner(prefix) + name[len(prefix) :], "unet-again" + name[len(prefix) :]
+    for name in fold_rows(prefix):
+        if name in by_name:
+            suffix = name[len(prefix) :]
+            baseline, again = partner(prefix) + suffix, f"{partner(prefix)}-again{suffix}"
             if (
-                partner(prefix) == "unet"
-                and again in by_name
+                again in by_name
                 and _same_cpu(by_name[name], by_name[again])
                 and not (baseline in by_name and _same_cpu(by_name[name], by_name[baseline]))
             ):
-                baseline = again  # the headline recipe run on the candidate's CPU: the fair partner
+                baseline = again  # the partner recipe run on the candidate's CPU: the fair partner
             if baseline in by_name:
                 pairs.append((by_name[name], by_name[baseline]))
     if not pairs:
@@ -680,7 +694,7 @@ def readme_table(results):
             label += f", {r['dice_loss']} Dice loss"
         if r.get("seed", 0) != 0:
             label += f", seed {r['seed']}"
-        if r["name"].startswith("unet-again"):
+        if is_again(r["name"]):
             label += f", again on {r['environment'].get('cpu_model') or 'another CPU'}"
         if r.get("jit_compile", True) is False:
             label += ", no XLA"
@@ -1300,7 +1314,7 @@ def main(argv=None):
         "--models",
         default=",".join(DEFAULT_RUNS),
         help=f"comma-separated, of {list(CONFIGS)} (default: the table's rows; candidate recipes and "
-        "unet-again rows only when named)",
+        "rows run again on another machine (-again) only when named)",
     )
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument(

@@ -132,6 +132,40 @@ def test_a_candidate_is_paired_with_the_recipe_it_is_computed_like(scratch):
     assert "paired with the `unet-bf16` recipe" in text and "resnet50-unet-bf16-vs-unet-bf16.json" in text
 
 
+def test_a_candidate_is_paired_with_its_partner_run_again_on_its_own_cpu(scratch):
+    """Where `unet-bf16` ran again on the candidate's CPU (`unet-bf16-again`), that run is the fold's partner;
+    the other folds keep the partner recipe's own rows. A run again is a row of the table, not a fold of the
+    recipe, and `make results` trains it only when named."""
+    candidate(-0.05)
+    zen5 = {"cpu_model": "AMD EPYC", "cpu_flags": {"avx512_bf16": True}, "cpu_id": "AuthenticAMD 26 2 1"}
+    for name, source, shift, cpu in (
+        ("resnet50-unet-bf16", "unet-bf16", 0.02, zen5),
+        ("resnet50-unet-bf16-fold2", "unet-bf16-fold2", 0.01, zen5),
+        ("unet-bf16-again", "unet-bf16", 0.0, zen5),
+    ):
+        table = pd.read_csv(results.RESULTS / source / "test.csv")
+        table["case_dice"] = (table.case_dice + shift).clip(0, 1)
+        (results.RESULTS / name).mkdir()
+        table.to_csv(results.RESULTS / name / "test.csv", index=False)
+        row = rows([source])[0]
+        row.update(name=name, environment={**row["environment"], **cpu}, precision="mixed_bfloat16", jit_compile=False)
+        (results.RESULTS / f"{name}.json").write_text(json.dumps(row))
+    found = [json.loads(f.read_text()) for f in results.RESULTS.glob("*.json") if f.stem in results.CONFIGS]
+    comparison = results.recipe_comparison(found, "resnet50-unet-bf16")
+    assert [pair[:2] for pair in comparison["folds"]] == [
+        ["resnet50-unet-bf16", "unet-bf16-again"],
+        ["resnet50-unet-bf16-fold2", "unet-bf16-fold2"],
+    ]
+    assert comparison["per_fold"][0]["same_cpu"] is True and comparison["per_fold"][1]["same_cpu"] is not True
+    # unet-bf16-again is not a fold of unet-bf16: the bfloat16 recipe's own comparison has its five folds only
+    own = results.recipe_comparison(found, "unet-bf16")
+    assert [pair[0] for pair in own["folds"]] == list(CANDIDATE)
+    assert "unet-bf16-again" in results.TABLE_ROWS and "unet-bf16-again" not in results.DEFAULT_RUNS
+    assert "unet-bf16" not in results.TABLE_ROWS and "unet-again-fold2" not in results.DEFAULT_RUNS
+    label = results.readme_table([r for r in found if r["name"] == "unet-bf16-again"])
+    assert "unet, mixed_bfloat16, again on AMD EPYC, no XLA" in label
+
+
 def test_a_stale_pooled_file_is_refused(scratch):
     candidate(0.05)
     row = rows(["unet-bf16-fold3"])[0]

@@ -157,7 +157,7 @@ def train(name, data_dir, retrain=False):
             from lgg.evaluate import evaluate_model_file
 
             print(f"{name}: {run_dir} holds a trained model whose evaluation did not finish: scoring it")
-            evaluate_model_file(run_dir / "model.h5", data_dir, tune=True)
+            evaluate_model_file(run_dir / "model.h5", data_dir, tune=CONFIGS[name].kind != "classifier")
             return
     config = CONFIGS[name]
     if config.kind == "resnet50-unet" or config.backbone == "resnet50":

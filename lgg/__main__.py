@@ -147,6 +147,11 @@ def _train_settings(parser, args):
     if base is None and args.kind is None:
         parser.error("train needs a model kind (unet, resnet50-unet, classifier) or --config RUN/config.json")
     settings = config.from_arguments(args, base)
+    if "encoder_weights" in vars(args) and not settings.resnet50_encoder:  # given: RunConfig alone would drop it
+        parser.error(
+            f"--encoder-weights sets a ResNet50 encoder's starting weights; a {settings.kind}"
+            f"{' with the light backbone' * (settings.kind == 'classifier')} has none (leave it out)"
+        )
     own_run = args.resume and stored.is_file()
     if own_run:  # against the run's own settings, whatever --config named
         own = base if source.resolve() == stored.resolve() else config.RunConfig.from_file(stored)

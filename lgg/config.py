@@ -144,7 +144,12 @@ class RunConfig:
                 put(name, checked if setting.type is tuple else checked[0])
             elif str in getattr(setting.type, "__args__", (setting.type,)) and not isinstance(value, str):
                 raise ValueError(f"{name} must be text; received {value!r}")
-        if self.kind != "resnet50-unet" and not (self.kind == "classifier" and self.backbone == "resnet50"):
+        if not self.resnet50_encoder:
+            if self.encoder_weights not in ENCODER_WEIGHTS:  # a file named for an encoder this model does not have
+                raise ValueError(
+                    f"encoder_weights {self.encoder_weights!r}: weights for a ResNet50 encoder, which a "
+                    f"{self.kind}{' with the light backbone' * (self.kind == 'classifier')} does not have"
+                )
             put("encoder_weights", None)  # only ResNet50 encoders take weights: recorded as such
         if self.encoder_weights not in ENCODER_WEIGHTS and not Path(self.encoder_weights).is_file():
             raise ValueError(
@@ -163,7 +168,25 @@ class RunConfig:
             raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")
         if self.attention and self.kind != "resnet50-unet":
             raise ValueError(f"attention gates are an option of resnet50-unet, not of {self.kind}")
+        self._refuse_settings_of_other_kinds()
         data.check_split_name(self.split)
+
+    def _refuse_settings_of_other_kinds(self):
+        """A setting that another kind of model uses, given a value other than its default, would train this
+        model as if it had not been given: refused, naming it."""
+        defaults = {setting.name: setting.default for setting in dataclasses.fields(self)}
+        used_by = {"base_filters": ("unet",), "dice_loss": ("unet", "resnet50-unet"), "backbone": ("classifier",)}
+        for name, kinds in used_by.items():
+            if self.kind not in kinds and getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"{name} is a setting of {' and '.join(kinds)}, not of {self.kind}: {getattr(self, name)!r} "
+                    f"would change nothing; leave it at {defaults[name]!r}"
+                )
+
+    @property
+    def resnet50_encoder(self):
+        """Whether the model has a ResNet50 encoder, the only part that takes `encoder_weights`."""
+        return self.kind == "resnet50-unet" or (self.kind == "classifier" and self.backbone == "resnet50")
 
     @property
     def task(self):

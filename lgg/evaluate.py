@@ -267,12 +267,9 @@ def output_folder(out_dir, model_paths, data_dir, settings_differ=None):
             )
         return target
     guards.check_apart(target, [data_dir])
-    if target.is_dir() and any(path.name != guards.LOCK_FILE for path in target.iterdir()):
-        if guards.is_ours(target, guards.RUN_MARKER):
-            raise FileExistsError(f"--out {target} is another run's folder, scored by its own model; choose another")
-        if not guards.is_ours(target, guards.EVALUATE_MARKER):
-            raise FileExistsError(f"--out {target} already holds files that evaluate did not write; choose another")
-        return target
+    if guards.is_ours(target, guards.RUN_MARKER):
+        raise FileExistsError(f"--out {target} is another run's folder, scored by its own model; choose another")
+    guards.check_output_folder(target, guards.EVALUATE_MARKER, True, "evaluate")  # evaluate's own: scored again
     return guards.mark_folder(target, guards.EVALUATE_MARKER)
 
 
@@ -289,6 +286,11 @@ def evaluate_model_file(
     """
     model_path = Path(model_path)
     model = load_model(model_path)
+    if tune and model_task(model) != "segmentation":
+        raise ValueError(
+            f"{model_path} is a classifier: tuning chooses a segmenter's post-processing, a classifier has none "
+            "(leave --tune-postprocessing out)"
+        )
     if split_name == "all":
         slices = data.find_slices(data_dir).assign(split="all")
     else:

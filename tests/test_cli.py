@@ -67,6 +67,13 @@ def test_a_mixed_precision_run_exports_a_float32_model(classifier_dir):
     assert model.loss is not None  # compiled like a float32 run's export
 
 
+def test_tuning_a_classifiers_post_processing_is_refused(classifier_dir, real_data, tmp_path):
+    """A classifier has no post-processing: --tune-postprocessing was a silent no-op."""
+    refused = lgg("evaluate", "--model", classifier_dir / "model.h5", "--data", real_data, "--out", tmp_path / "t",
+                  "--tune-postprocessing", check=False)  # fmt: skip
+    assert refused.returncode == 2 and "is a classifier" in refused.stderr and not (tmp_path / "t").exists()
+
+
 @pytest.mark.slow
 def test_train_writes_the_whole_run_folder(run_dir):
     for name in (

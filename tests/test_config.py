@@ -52,12 +52,23 @@ def test_every_setting_has_an_option_and_every_option_reaches_the_config():
         "distribute": "mirrored",
     }
     assert set(changed) | {"kind", "attention", "jit_compile"} == {f.name for f in dataclasses.fields(RunConfig)}
-    words = ["resnet50-unet", "--out", "x", "--attention", "--no-jit"]
-    for name, value in changed.items():
-        words += [f"--{name.replace('_', '-')}", *(value if isinstance(value, tuple) else [value])]
-    parsed = parse_train(words)
-    expected = {**changed, "encoder_weights": None, "snapshot_minutes": (1.0, 2.0)}
+
+    def options(names):
+        words = []
+        for name in names:
+            value = changed[name]
+            words += [f"--{name.replace('_', '-')}", *(value if isinstance(value, tuple) else [value])]
+        return words
+
+    of_other_kinds = {"base_filters", "backbone"}  # the U-Net's and the classifier's only: refused elsewhere
+    parsed = parse_train(
+        ["resnet50-unet", "--out", "x", "--attention", "--no-jit", *options(set(changed) - of_other_kinds)]
+    )
+    expected = {name: value for name, value in changed.items() if name not in of_other_kinds}
+    expected.update(encoder_weights=None, snapshot_minutes=(1.0, 2.0))
     assert parsed == RunConfig(kind="resnet50-unet", attention=True, jit_compile=False, **expected)
+    assert parse_train(["unet", "--out", "x", *options(["base_filters"])]).base_filters == 8
+    assert parse_train(["classifier", "--out", "x", *options(["backbone"])]).backbone == "resnet50"
 
 
 def test_an_optional_choice_takes_none_and_refuses_what_is_not_a_choice(capsys):
@@ -103,6 +114,13 @@ def test_a_runs_config_json_is_trained_again_with_train_config(tmp_path):
         ({"flair_only": 1.5}, "flair_only must be 0 or more and at most 1"),
         ({"flair_only": -0.1}, "flair_only must be 0 or more"),
         ({"kind": "resnet50-unet", "encoder_weights": "/nowhere/resnet50.h5"}, "an existing weights file"),
+        # a setting another kind uses: once recorded and trained as if not given
+        ({"kind": "classifier", "base_filters": 32}, "base_filters is a setting of unet, not of classifier"),
+        ({"kind": "resnet50-unet", "base_filters": 8}, "base_filters is a setting of unet, not of resnet50-unet"),
+        ({"kind": "classifier", "dice_loss": "tversky"}, "dice_loss is a setting of unet and resnet50-unet"),
+        ({"kind": "unet", "backbone": "resnet50"}, "backbone is a setting of classifier, not of unet"),
+        ({"kind": "unet", "encoder_weights": "/nowhere/resnet50.h5"}, "which a unet does not have"),
+        ({"kind": "classifier", "encoder_weights": "w.h5"}, "a classifier with the light backbone does not have"),
     ],
 )
 def test_nonsense_is_refused_with_the_setting_named(settings, message):
@@ -158,6 +176,24 @@ def test_encoder_weights_are_recorded_only_where_an_encoder_takes_them():
     assert RunConfig(kind="classifier", backbone="light").encoder_weights is None
     assert RunConfig(kind="classifier", backbone="resnet50").encoder_weights == "imagenet"
     assert RunConfig(kind="resnet50-unet", encoder_weights="none").encoder_weights is None
+
+
+def test_encoder_weights_given_for_a_model_without_a_resnet50_encoder_are_refused(capsys):
+    from lgg.__main__ import _train_settings
+
+    for words, kind in [(["unet"], "a unet"), (["classifier"], "a classifier with the light backbone")]:
+        parser = _parser()
+        args = parser.parse_args(["train", *words, "--out", "x", "--encoder-weights", "imagenet"])
+        with pytest.raises(SystemExit):
+            _train_settings(parser, args)
+        assert f"--encoder-weights sets a ResNet50 encoder's starting weights; {kind} has none" in (
+            capsys.readouterr().err
+        )
+    parser = _parser()
+    args = parser.parse_args(
+        ["train", "classifier", "--backbone", "resnet50", "--out", "x", "--encoder-weights", "none"]
+    )
+    assert _train_settings(parser, args)[0].encoder_weights is None
 
 
 def test_resume_keeps_the_runs_own_settings_and_config_brings_its_data_folder(tmp_path):

@@ -30,6 +30,8 @@ DICE_LOSSES = ("batch", "slice", "tversky")
 DISTRIBUTE = ("mirrored", "multi-worker")  # lgg.distribute
 ENCODER_WEIGHTS = ("imagenet", None)  # or the path of a weights file
 MINUTES_MAX = 7 * 24 * 60  # a week
+# settings only some kinds use: another kind refuses a value other than the default
+USED_BY = {"base_filters": ("unet",), "dice_loss": ("unet", "resnet50-unet"), "backbone": ("classifier",)}
 # what a run's config.json holds beside the settings: the record of that run
 RECORD_KEYS = {"data_dir", "out_dir", "resume", "verbose", "overwrite", "environment", "split_counts", "notebook",
                "encoder_weights_used", "encoder_weights_requested", "freeze_encoder", "loss",
@@ -175,8 +177,7 @@ class RunConfig:
         """A setting that another kind of model uses, given a value other than its default, would train this
         model as if it had not been given: refused, naming it."""
         defaults = {setting.name: setting.default for setting in dataclasses.fields(self)}
-        used_by = {"base_filters": ("unet",), "dice_loss": ("unet", "resnet50-unet"), "backbone": ("classifier",)}
-        for name, kinds in used_by.items():
+        for name, kinds in USED_BY.items():
             if self.kind not in kinds and getattr(self, name) != defaults[name]:
                 raise ValueError(
                     f"{name} is a setting of {' and '.join(kinds)}, not of {self.kind}: {getattr(self, name)!r} "
@@ -221,6 +222,10 @@ class RunConfig:
             )
         if "precision" not in stored:  # written before the setting existed: that run trained in float32
             stored = {**stored, "precision": "float32"}
+        kind = changes.get("kind", stored.get("kind", "unet"))
+        unused = {name for name, kinds in USED_BY.items() if name in stored and kind not in kinds}
+        if unused:  # written before they were refused; they changed nothing then: read as their defaults
+            stored = {key: value for key, value in stored.items() if key not in unused}
         try:
             return cls(**{key: value for key, value in stored.items() if key in names} | changes)
         except ValueError as error:

@@ -47,6 +47,14 @@ def prepare_run_dir(run_dir, overwrite=False, resume=False, inputs=()):
     return guards.mark_folder(run_dir, guards.RUN_MARKER)
 
 
+def _recorded_kind(run_dir):
+    """The model kind a run folder's config.json records (None where it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def check_run_dir(run_dir, overwrite=False, resume=False, inputs=()):
     """Refuse, writing nothing: a folder equal to, inside or holding one of `inputs`
     (the data); a non-empty folder, unless `overwrite` and it is a run folder of ours (marker, or
@@ -65,13 +73,14 @@ def check_run_dir(run_dir, overwrite=False, resume=False, inputs=()):
                 raise FileExistsError(f"{run_dir} is not a run folder of ours ({guards.RUN_MARKER}); nothing to resume")
             if (run_dir / "model.h5").is_file() and not (run_dir / "resume" / "state.json").is_file():
                 evaluated = (run_dir / "test_summary.json").is_file()
+                tune = "" if _recorded_kind(run_dir) == "classifier" else " --tune-postprocessing"
                 raise FileExistsError(
                     f"{run_dir} holds a finished run (model.h5, nothing to resume); it is left as it is. "
                     + (
                         "Pass --overwrite instead of --resume to train it again"
                         if evaluated
-                        else f"Its evaluation did not finish: python -m lgg evaluate --model {run_dir / 'model.h5'} "
-                        "--tune-postprocessing"
+                        else f"Its evaluation did not finish: python -m lgg evaluate --model {run_dir / 'model.h5'}"
+                        + tune
                     )
                 )
         elif not overwrite:

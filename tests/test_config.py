@@ -178,6 +178,16 @@ def test_encoder_weights_are_recorded_only_where_an_encoder_takes_them():
     assert RunConfig(kind="resnet50-unet", encoder_weights="none").encoder_weights is None
 
 
+def test_a_config_json_from_before_settings_of_other_kinds_were_refused_still_loads(tmp_path):
+    """A classifier run's config.json may hold `base_filters` 32 (accepted then, unused): `--resume` and `--config`
+    read it, with the setting at its default, which is what that run trained with."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"kind": "classifier", "base_filters": 32, "dice_loss": "slice", "precision": None}))
+    assert RunConfig.from_file(path) == RunConfig(kind="classifier")
+    with pytest.raises(ValueError, match="base_filters is a setting of unet"):
+        RunConfig.from_file(path, base_filters=32)  # given now: refused
+
+
 def test_encoder_weights_given_for_a_model_without_a_resnet50_encoder_are_refused(capsys):
     from lgg.__main__ import _train_settings
 

@@ -580,3 +580,17 @@ def test_demo_data_never_replaces_a_kaggle_3m_that_is_not_a_demo_set(capsys, tmp
     refused(code, err, "not a demo set")
     assert [path.name for path in root.iterdir()] == ["archive.zip"]
     assert [path.name for path in tmp_path.iterdir()] == ["kaggle_3m"]
+
+
+@pytest.mark.parametrize(("kind", "tune"), [("unet", True), ("classifier", False)])
+def test_resuming_a_finished_unscored_run_names_the_command_that_scores_it(tmp_path, kind, tune):
+    """The command suggested must be one `evaluate` accepts: a classifier has no post-processing to tune."""
+    from lgg import guards
+    from lgg.train import check_run_dir
+
+    run = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    (run / "model.h5").write_bytes(b"a model")
+    (run / "config.json").write_text(json.dumps({"kind": kind}))
+    with pytest.raises(FileExistsError, match="evaluation did not finish") as refused:
+        check_run_dir(run, resume=True)
+    assert ("--tune-postprocessing" in str(refused.value)) is tune

@@ -23,6 +23,14 @@ RUN_MARKER = ".lgg-run"
 PREDICT_MARKER = ".lgg-predict"
 EVALUATE_MARKER = ".lgg-evaluate"
 LOCK_FILE = ".lgg-lock"
+# what train, evaluate, the notebooks and benchmarks/results.py write into a run folder: `--overwrite` removes these
+# and keeps anything else (a user's notes or analysis put there), naming it
+RUN_FILES = re.compile(
+    r"^(model\.(h5|keras)|best\.weights\.h5|config\.json|history\.csv|split\.csv|curves\.png|examples\.png|"
+    r"postprocess\.json|dice_vs_minutes\.png|two_stage(_\w+)?\.(json|csv)|(train|val|test|all)_\w+\.(csv|json|png)|"
+    r"\.partial-.+|\.lgg-run)$"
+)
+RUN_FOLDERS = ("snapshots", "resume", "fit", "predict", "backup")  # backup: Keras BackupAndRestore, in older runs
 # case ids become file names and CSV cells: letters, digits, `_`, `-` and `.` (not leading), at most 100
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -166,6 +174,24 @@ def empty_folder(folder, keep=(LOCK_FILE,)):
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def empty_run_folder(folder):
+    """Remove an earlier run's files from `folder` (ours: checked by the caller), those `RUN_FILES` and
+    `RUN_FOLDERS` name; anything else stays. Returns the names kept, sorted."""
+    kept = []
+    for path in Path(folder).iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink() and path.name in RUN_FOLDERS:
+            import shutil
+
+            shutil.rmtree(path)
+        elif (path.is_file() or path.is_symlink()) and RUN_FILES.match(path.name):
+            path.unlink()
+        else:
+            kept.append(path.name)
+    return sorted(kept)
 
 
 # ----------------------------------------------------------------------------- one writer per folder

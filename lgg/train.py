@@ -39,11 +39,13 @@ from lgg.files import save_csv, save_json, save_model
 # ----------------------------------------------------------------------------- run folders
 def prepare_run_dir(run_dir, overwrite=False, resume=False, inputs=()):
     """Create `run_dir` and mark it as ours (`.lgg-run`), after `check_run_dir`; with `overwrite`
-    an earlier run's files are deleted first."""
+    an earlier run's files are deleted first (what our commands write there: anything else is kept)."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir, overwrite, resume, inputs)
     if overwrite and not resume and run_dir.is_dir():
-        guards.empty_folder(run_dir)
+        kept = guards.empty_run_folder(run_dir)
+        if kept:
+            print(f"--overwrite: kept {', '.join(kept)} in {run_dir} (not written by train; move them if unwanted)")
     return guards.mark_folder(run_dir, guards.RUN_MARKER)
 
 

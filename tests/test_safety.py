@@ -594,3 +594,22 @@ def test_resuming_a_finished_unscored_run_names_the_command_that_scores_it(tmp_p
     with pytest.raises(FileExistsError, match="evaluation did not finish") as refused:
         check_run_dir(run, resume=True)
     assert ("--tune-postprocessing" in str(refused.value)) is tune
+
+
+def test_overwrite_removes_an_earlier_runs_files_and_keeps_what_train_did_not_write(tmp_path, capsys):
+    """`--overwrite` once emptied the whole run folder: a user's notes or analysis put beside the run went too."""
+    from lgg import guards
+    from lgg.train import prepare_run_dir
+
+    run = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    ours = ["model.h5", "model.keras", "config.json", "history.csv", "test_cases.csv", "val_postprocessing.csv",
+            "two_stage_test.csv", "dice_vs_minutes.png", ".partial-model.h5"]  # fmt: skip
+    for name in ours + ["notes.txt", "model_v2.h5"]:
+        (run / name).write_text("x")
+    for folder in ("snapshots", "resume", "my_analysis"):
+        (run / folder).mkdir()
+        (run / folder / "file.csv").write_text("x")
+    prepare_run_dir(run, overwrite=True)
+    assert sorted(path.name for path in run.iterdir()) == [guards.RUN_MARKER, "model_v2.h5", "my_analysis", "notes.txt"]
+    assert (run / "my_analysis" / "file.csv").is_file()
+    assert "kept model_v2.h5, my_analysis, notes.txt" in capsys.readouterr().out

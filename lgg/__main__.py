@@ -143,7 +143,8 @@ def _train_settings(parser, args):
     then the options given."""
     stored = Path(args.out) / "config.json"
     source = Path(args.config) if args.config else (stored if args.resume and stored.is_file() else None)
-    base = config.RunConfig.from_file(source) if source else None
+    given = {name: getattr(args, name) for name in ("kind", "backbone") if getattr(args, name, None) is not None}
+    base = config.RunConfig.from_file(source, **given) if source else None  # read as the model given now
     if base is None and args.kind is None:
         parser.error("train needs a model kind (unet, resnet50-unet, classifier) or --config RUN/config.json")
     settings = config.from_arguments(args, base)
@@ -154,10 +155,10 @@ def _train_settings(parser, args):
         )
     own_run = args.resume and stored.is_file()
     if own_run:  # against the run's own settings, whatever --config named
-        own = base if source.resolve() == stored.resolve() else config.RunConfig.from_file(stored)
+        own = config.RunConfig.from_file(stored)  # as it was stored: not read as the model given now
         changed = [name for name, value in vars(settings).items() if value != getattr(own, name)]
         if changed:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
+            flags = ", ".join("the model kind" if name == "kind" else f"--{name.replace('_', '-')}" for name in changed)
             parser.error(
                 f"--resume continues {args.out} with its own settings ({stored}); the options or --config given "
                 f"would change {flags}"

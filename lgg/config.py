@@ -222,10 +222,14 @@ class RunConfig:
             )
         if "precision" not in stored:  # written before the setting existed: that run trained in float32
             stored = {**stored, "precision": "float32"}
+        # settings the model (of the kind given now, or the stored one) does not use: written before they were
+        # refused, or of another kind of model (`train classifier --config UNET/config.json`): read as defaults
         kind = changes.get("kind", stored.get("kind", "unet"))
-        unused = {name for name, kinds in USED_BY.items() if name in stored and kind not in kinds}
-        if unused:  # written before they were refused; they changed nothing then: read as their defaults
-            stored = {key: value for key, value in stored.items() if key not in unused}
+        backbone = changes.get("backbone", stored.get("backbone"))
+        unused = {name for name, kinds in USED_BY.items() if kind not in kinds}
+        if not (kind == "resnet50-unet" or (kind == "classifier" and backbone == "resnet50")):
+            unused.add("encoder_weights")
+        stored = {key: value for key, value in stored.items() if key not in unused}
         try:
             return cls(**{key: value for key, value in stored.items() if key in names} | changes)
         except ValueError as error:

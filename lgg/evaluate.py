@@ -270,7 +270,19 @@ def output_folder(out_dir, model_paths, data_dir, settings_differ=None):
     if guards.is_ours(target, guards.RUN_MARKER):
         raise FileExistsError(f"--out {target} is another run's folder, scored by its own model; choose another")
     guards.check_output_folder(target, guards.EVALUATE_MARKER, True, "evaluate")  # evaluate's own: scored again
-    return guards.mark_folder(target, guards.EVALUATE_MARKER)
+    models = [str(Path(path).resolve()) for path in model_paths]
+    marker = target / guards.EVALUATE_MARKER
+    try:
+        recorded = json.loads(marker.read_text() or "{}").get("models") if marker.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded and recorded != models:  # the scores of one model beside another's, with nothing to tell them apart
+        raise FileExistsError(
+            f"--out {target} holds the scores of {', '.join(recorded)}; choose another --out for {', '.join(models)}"
+        )
+    guards.mark_folder(target, guards.EVALUATE_MARKER)
+    marker.write_text(json.dumps({"models": models}))
+    return target
 
 
 def evaluate_model_file(

@@ -24,13 +24,18 @@ PREDICT_MARKER = ".lgg-predict"
 EVALUATE_MARKER = ".lgg-evaluate"
 LOCK_FILE = ".lgg-lock"
 # what train, evaluate, the notebooks and benchmarks/results.py write into a run folder: `--overwrite` removes these
-# and keeps anything else (a user's notes or analysis put there), naming it
-RUN_FILES = re.compile(
-    r"^(model\.(h5|keras)|best\.weights\.h5|config\.json|history\.csv|split\.csv|curves\.png|examples\.png|"
-    r"postprocess\.json|dice_vs_minutes\.png|two_stage(_\w+)?\.(json|csv)|(train|val|test|all)_\w+\.(csv|json|png)|"
-    r"\.partial-.+|\.lgg-run)$"
+# (or a link of that name, not what it points to) and keeps anything else (a user's notes or analysis), naming it
+_SPLIT_FILES = (
+    r"(train|val|test|all)_(cases\.csv|slices\.csv|summary\.json|postprocessing\.csv|postprocessing_steps\.csv|"
+    r"case_dice\.png|overlays\.png|roc_confusion\.png|comparison\.csv|errors\.png)"
 )
-RUN_FOLDERS = ("snapshots", "resume", "fit", "predict", "backup")  # backup: Keras BackupAndRestore, in older runs
+_OWN_FILES = (
+    r"model\.(h5|keras)|best\.weights\.h5|config\.json|history\.csv|split\.csv|curves\.png|examples\.png|"
+    rf"postprocess\.json|dice_vs_minutes\.png|two_stage\.json|two_stage_(train|val|test|all)\.csv|{_SPLIT_FILES}"
+)
+RUN_FILES = re.compile(rf"({_OWN_FILES}|\.partial-({_OWN_FILES})|\.lgg-run)")  # whole names: RUN_FILES.fullmatch
+# folders train writes (by name), and those of our other commands inside a run folder (by their marker)
+RUN_FOLDERS = {"snapshots": None, "resume": None, "fit": EVALUATE_MARKER, "predict": PREDICT_MARKER}
 # case ids become file names and CSV cells: letters, digits, `_`, `-` and `.` (not leading), at most 100
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -178,20 +183,35 @@ def empty_folder(folder, keep=(LOCK_FILE,)):
 
 def empty_run_folder(folder):
     """Remove an earlier run's files from `folder` (ours: checked by the caller), those `RUN_FILES` and
-    `RUN_FOLDERS` name; anything else stays. Returns the names kept, sorted."""
-    kept = []
-    for path in Path(folder).iterdir():
+    `RUN_FOLDERS` name (a link of such a name is removed, never what it points to); anything else stays.
+    A folder named like one of our files, or a file like one of our folders, is refused before anything
+    is removed: the run would fail writing there. Returns the names kept, sorted."""
+    import shutil
+
+    remove, kept = [], []
+    for path in sorted(Path(folder).iterdir()):
         if path.name == LOCK_FILE:
             continue
-        if path.is_dir() and not path.is_symlink() and path.name in RUN_FOLDERS:
-            import shutil
-
-            shutil.rmtree(path)
-        elif (path.is_file() or path.is_symlink()) and RUN_FILES.match(path.name):
-            path.unlink()
+        own_file, own_folder = RUN_FILES.fullmatch(path.name), path.name in RUN_FOLDERS
+        if path.is_symlink() and (own_file or own_folder):
+            remove.append(path)
+        elif own_file or (own_folder and RUN_FOLDERS[path.name] is None):
+            if path.is_dir() != bool(own_folder):
+                raise FileExistsError(
+                    f"{path} is a {'folder' if path.is_dir() else 'file'} where train writes a "
+                    f"{'folder' if own_folder else 'file'}; move it out of the run folder, or choose another --out"
+                )
+            remove.append(path)
+        elif own_folder and path.is_dir() and is_ours(path, RUN_FOLDERS[path.name]):
+            remove.append(path)
         else:
             kept.append(path.name)
-    return sorted(kept)
+    for path in remove:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return kept
 
 
 # ----------------------------------------------------------------------------- one writer per folder

@@ -188,6 +188,30 @@ def test_a_config_json_from_before_settings_of_other_kinds_were_refused_still_lo
         RunConfig.from_file(path, base_filters=32)  # given now: refused
 
 
+def test_another_kind_of_model_trained_from_a_runs_config_takes_its_settings_that_apply(tmp_path, capsys):
+    """`train classifier --config UNET/config.json`: the U-Net's base_filters and a ResNet50 run's encoder weights
+    file were refused as if given; a run resumed as another kind is still refused."""
+    from lgg.__main__ import _train_settings
+
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"weights")
+    unet, r50 = tmp_path / "unet", tmp_path / "r50"
+    runs = {unet: {"kind": "unet", "base_filters": 32}, r50: {"kind": "resnet50-unet", "encoder_weights": str(weights)}}
+    for folder, stored in runs.items():
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**stored, "max_minutes": 9, "precision": None}))
+    for words, expected in [
+        (["classifier", "--config", unet / "config.json"], RunConfig(kind="classifier", max_minutes=9)),
+        (["unet", "--config", r50 / "config.json"], RunConfig(kind="unet", max_minutes=9)),
+    ]:
+        parser = _parser()
+        assert _train_settings(parser, parser.parse_args(["train", *map(str, words), "--out", "x"]))[0] == expected
+    parser = _parser()
+    with pytest.raises(SystemExit):
+        _train_settings(parser, parser.parse_args(["train", "classifier", "--resume", "--out", str(unet)]))
+    assert "would change the model kind" in capsys.readouterr().err
+
+
 def test_encoder_weights_given_for_a_model_without_a_resnet50_encoder_are_refused(capsys):
     from lgg.__main__ import _train_settings
 

@@ -27,6 +27,6 @@ def test_run_folder_is_not_overwritten_silently(tmp_path):
     (run_dir / "model.h5").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="--overwrite"):
         train.prepare_run_dir(run_dir)
-    (run_dir / "backup").mkdir()  # left by an interrupted run: --overwrite must not resume from it
+    (run_dir / "resume").mkdir()  # left by an interrupted run: --overwrite must not resume from it
     assert train.prepare_run_dir(run_dir, overwrite=True) == run_dir
     assert list(run_dir.iterdir()) == [run_dir / ".lgg-run"]  # emptied, and marked as a run folder of ours

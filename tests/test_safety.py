@@ -438,6 +438,11 @@ def test_evaluate_writes_only_where_it_may(capsys, dataset, segmenter, tmp_path)
         assert code == 0, err
     scores = tmp_path / "scores"
     assert (scores / guards.EVALUATE_MARKER).is_file() and (scores / "test_summary.json").is_file()
+    before = checksums(scores)  # another model's scores into them: they would sit there as if of one model
+    code, _, err = run(capsys, "evaluate", "--model", shipped / "model.h5", "--data", dataset, "--split-file",
+                       run_dir / "split.csv", "--out", scores)  # fmt: skip
+    refused(code, err, "holds the scores of", str((run_dir / "model.h5").resolve()))
+    assert checksums(scores) == before
 
 
 def test_a_run_resumes_only_on_data_that_splits_as_it_did(tmp_path):
@@ -597,19 +602,44 @@ def test_resuming_a_finished_unscored_run_names_the_command_that_scores_it(tmp_p
 
 
 def test_overwrite_removes_an_earlier_runs_files_and_keeps_what_train_did_not_write(tmp_path, capsys):
-    """`--overwrite` once emptied the whole run folder: a user's notes or analysis put beside the run went too."""
+    """`--overwrite` once emptied the whole run folder: a user's notes or analysis put beside the run went too.
+    A link named like one of ours is removed, never what it points to; names merely like ours stay."""
     from lgg import guards
     from lgg.train import prepare_run_dir
 
     run = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "precious.txt").write_text("x")
     ours = ["model.h5", "model.keras", "config.json", "history.csv", "test_cases.csv", "val_postprocessing.csv",
             "two_stage_test.csv", "dice_vs_minutes.png", ".partial-model.h5"]  # fmt: skip
-    for name in ours + ["notes.txt", "model_v2.h5"]:
+    theirs = ["notes.txt", "model_v2.h5", "test_manual_review.json", "config.json\n", ".partial-thesis.docx"]
+    for name in ours + theirs:
         (run / name).write_text("x")
-    for folder in ("snapshots", "resume", "my_analysis"):
+    for folder in ("snapshots", "my_analysis", "predict", "fit"):
         (run / folder).mkdir()
         (run / folder / "file.csv").write_text("x")
+    guards.mark_folder(run / "fit", guards.EVALUATE_MARKER)  # results.py's; `predict/` here is not our predict's
+    (run / "resume").symlink_to(users, target_is_directory=True)
     prepare_run_dir(run, overwrite=True)
-    assert sorted(path.name for path in run.iterdir()) == [guards.RUN_MARKER, "model_v2.h5", "my_analysis", "notes.txt"]
-    assert (run / "my_analysis" / "file.csv").is_file()
-    assert "kept model_v2.h5, my_analysis, notes.txt" in capsys.readouterr().out
+    kept = sorted(["my_analysis", "predict", *theirs])
+    assert sorted(path.name for path in run.iterdir()) == sorted([guards.RUN_MARKER, *kept])
+    assert (run / "my_analysis" / "file.csv").is_file() and (users / "precious.txt").is_file()
+    assert f"kept {', '.join(sorted(kept))}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "folder"), [("curves.png", True), ("snapshots", False)])
+def test_overwrite_refuses_a_folder_where_train_writes_a_file_before_removing_anything(tmp_path, name, folder):
+    """`curves.png/` (a folder) was kept, and the new run failed at its end, the earlier run already deleted."""
+    from lgg import guards
+    from lgg.train import prepare_run_dir
+
+    run = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    (run / "model.h5").write_text("the earlier run")
+    if folder:
+        (run / name).mkdir()
+    else:
+        (run / name).write_text("x")
+    with pytest.raises(FileExistsError, match=f"{name} is a {'folder' if folder else 'file'} where train writes"):
+        prepare_run_dir(run, overwrite=True)
+    assert (run / "model.h5").read_text() == "the earlier run"

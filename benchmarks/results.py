@@ -160,7 +160,7 @@ def train(name, data_dir, retrain=False):
             evaluate_model_file(run_dir / "model.h5", data_dir, tune=CONFIGS[name].kind != "classifier")
             return
     config = CONFIGS[name]
-    if config.kind == "resnet50-unet" or config.backbone == "resnet50":
+    if config.resnet50_encoder:
         from lgg.models import available_encoder_weights
 
         config = replace(config, encoder_weights=available_encoder_weights(config.encoder_weights))

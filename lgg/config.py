@@ -32,6 +32,14 @@ ENCODER_WEIGHTS = ("imagenet", None)  # or the path of a weights file
 MINUTES_MAX = 7 * 24 * 60  # a week
 # settings only some kinds use: another kind refuses a value other than the default
 USED_BY = {"base_filters": ("unet",), "dice_loss": ("unet", "resnet50-unet"), "backbone": ("classifier",)}
+
+
+def has_resnet50_encoder(kind, backbone):
+    """Whether a model of `kind` (and classifier `backbone`) has a ResNet50 encoder, the only part that takes
+    `encoder_weights`."""
+    return kind == "resnet50-unet" or (kind == "classifier" and backbone == "resnet50")
+
+
 # what a run's config.json holds beside the settings: the record of that run
 RECORD_KEYS = {"data_dir", "out_dir", "resume", "verbose", "overwrite", "environment", "split_counts", "notebook",
                "encoder_weights_used", "encoder_weights_requested", "freeze_encoder", "loss",
@@ -187,7 +195,7 @@ class RunConfig:
     @property
     def resnet50_encoder(self):
         """Whether the model has a ResNet50 encoder, the only part that takes `encoder_weights`."""
-        return self.kind == "resnet50-unet" or (self.kind == "classifier" and self.backbone == "resnet50")
+        return has_resnet50_encoder(self.kind, self.backbone)
 
     @property
     def task(self):
@@ -227,7 +235,7 @@ class RunConfig:
         kind = changes.get("kind", stored.get("kind", "unet"))
         backbone = changes.get("backbone", stored.get("backbone"))
         unused = {name for name, kinds in USED_BY.items() if kind not in kinds}
-        if not (kind == "resnet50-unet" or (kind == "classifier" and backbone == "resnet50")):
+        if not has_resnet50_encoder(kind, backbone):
             unused.add("encoder_weights")
         stored = {key: value for key, value in stored.items() if key not in unused}
         try:

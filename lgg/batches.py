@@ -13,7 +13,7 @@ import cv2
 import keras
 import numpy as np
 
-from lgg.data import AUGMENTATION, FLAIR_CHANNEL, affine_components, tumor_pools
+from lgg.data import FLAIR_CHANNEL, affine_components, augmentation_ranges, tumor_pools
 
 
 def random_affine(rng, batch_size, size, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
@@ -44,10 +44,17 @@ def warp(images, transforms):
     return out
 
 
-def augment_batch(images, masks, rng, augmentation=None):
+def augment_batch(images, masks, rng, augmentation=None, gamma_rng=None):
     """`lgg.data.augment_batch` in NumPy and OpenCV: one random affine transform per sample, the
-    same for the slice and its mask (`masks` None for a classifier's batch)."""
-    params = {**AUGMENTATION, **(augmentation or {})}
+    same for the slice and its mask (`masks` None for a classifier's batch), and with a gamma range
+    first a gamma per sample and channel drawn from `gamma_rng` (values 0-255)."""
+    params, gamma = augmentation_ranges(augmentation)
+    if gamma is not None:
+        low, high = np.log(gamma[0]), np.log(gamma[1])
+        exponents = np.exp((rng if gamma_rng is None else gamma_rng).uniform(low, high, (len(images), 1, 1, 3))).astype(
+            np.float32
+        )
+        images = np.float32(255.0) * np.power(images / np.float32(255.0), exponents)
     transforms = random_affine(rng, len(images), images.shape[1], **params)
     if masks is None:
         return warp(images, transforms)
@@ -63,7 +70,8 @@ class TrainingBatches(keras.utils.PyDataset):
     Args:
         images: uint8 array `(N, S, S, 3)`.
         targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
-        batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch, flair_only: as `training_dataset`.
+        batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch, flair_only, augmentation: as
+            `training_dataset`.
         workers: threads preparing batches (OpenCV releases the GIL). Defaults to `2`.
     """
 
@@ -79,11 +87,13 @@ class TrainingBatches(keras.utils.PyDataset):
         start_epoch=0,
         workers=2,
         flair_only=0.0,
+        augmentation="standard",
     ):
         super().__init__(workers=workers, use_multiprocessing=False)
+        augmentation_ranges(augmentation)  # a wrong name or range refused here, not in a worker
         self.images, self.targets = np.asarray(images), np.asarray(targets)
         self.batch_size, self.seed, self.augment, self.start_epoch = batch_size, seed, augment, start_epoch
-        self.tumor_fraction, self.flair_only = tumor_fraction, flair_only
+        self.tumor_fraction, self.flair_only, self.augmentation = tumor_fraction, flair_only, augmentation
         self.pools = tumor_pools(tumor_fraction, has_tumor) if tumor_fraction is not None else None
         self.steps = int(np.ceil(len(self.images) / batch_size))
 
@@ -112,9 +122,10 @@ class TrainingBatches(keras.utils.PyDataset):
         if self.flair_only:  # lgg.data.fill_with_flair, drawn from its own stream so the affine draws stay
             filled = np.random.default_rng([self.seed, epoch, step, 1]).uniform(size=len(images)) < self.flair_only
             images[filled] = images[filled][..., [FLAIR_CHANNEL] * 3]
+        gamma_rng = np.random.default_rng([self.seed, epoch, step, 2])  # its own stream, as flair_only's
         if targets.ndim == 4:
-            return augment_batch(images, targets, rng)
-        return augment_batch(images, None, rng), targets
+            return augment_batch(images, targets, rng, self.augmentation, gamma_rng)
+        return augment_batch(images, None, rng, self.augmentation, gamma_rng), targets
 
 
 class EvaluationBatches(keras.utils.PyDataset):

@@ -94,6 +94,13 @@ class RunConfig:
         "fills the sequences a case lacks (0: none)",
         (guards.non_negative, {"maximum": 1}),
     )
+    augmentation: str = _setting(
+        "standard",
+        "training augmentation: standard (rotation up to 10 degrees, shift and zoom up to 5 %, horizontal flip) or "
+        "strong (rotation up to 20 degrees, shift up to 10 %, zoom up to 15 %, flip, and a gamma in 0.7-1.5 per "
+        "channel: lgg.data.AUGMENTATIONS)",
+        choices=tuple(data.AUGMENTATIONS),
+    )
     max_minutes: float | None = _setting(
         None, "stop after this much training time (None: no limit)", (guards.positive, {"maximum": MINUTES_MAX})
     )

@@ -355,6 +355,31 @@ def load_arrays(slices, image_size=NATIVE_SIZE, with_masks=True):
 
 # Augmentation ranges, close to the original notebooks' ImageDataGenerator settings.
 AUGMENTATION = {"rotation_degrees": 10.0, "shift_fraction": 0.05, "zoom_fraction": 0.05, "horizontal_flip": True}
+# The augmentations a run may choose (`RunConfig.augmentation`). "strong": wider affine ranges and, per slice and
+# channel, a gamma drawn log-uniformly in [0.7, 1.5] (nnU-Net's range): the one change of intensity the models'
+# per-slice standardization (`lgg.models._standardize`) does not undo, since it removes any scale and offset.
+AUGMENTATIONS = {
+    "standard": AUGMENTATION,
+    "strong": {"rotation_degrees": 20.0, "shift_fraction": 0.1, "zoom_fraction": 0.15, "horizontal_flip": True,
+               "gamma": (0.7, 1.5)},
+}  # fmt: skip
+
+
+def augmentation_ranges(augmentation):
+    """`(affine ranges, gamma range or None)` of an augmentation: a name of `AUGMENTATIONS` or a dict of ranges
+    (keys as `AUGMENTATION`'s and `gamma`), the ranges not named taken from `AUGMENTATION`."""
+    if isinstance(augmentation, str):
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; received {augmentation!r}")
+        augmentation = AUGMENTATIONS[augmentation]
+    params = {**AUGMENTATION, **(augmentation or {})}
+    gamma = params.pop("gamma", None)
+    unknown = set(params) - set(AUGMENTATION)
+    if unknown:
+        raise ValueError(f"unknown augmentation settings {sorted(unknown)}; known: {[*AUGMENTATION, 'gamma']}")
+    if gamma is not None and not 0 < gamma[0] <= gamma[1]:
+        raise ValueError(f"gamma must be a range (low, high) with 0 < low <= high; received {gamma!r}")
+    return params, gamma
 
 
 def _random_affine(batch_size, size, seed, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
@@ -387,17 +412,23 @@ def affine_components(cos, sin, flip, shift_x, shift_y, size):
 
 
 def augment_batch(images, masks, seed, augmentation=None):
-    """Apply one random affine transform per sample, identically to the image and its mask.
+    """Apply one random affine transform per sample, identically to the image and its mask, and with a
+    gamma range (`"strong"`) first a random gamma per sample and channel to the image (`random_gamma`).
 
     Args:
-        images: float32 tensor `(B, S, S, 3)`.
+        images: float32 tensor `(B, S, S, 3)`, values 0-255.
         masks: float32 tensor `(B, S, S, 1)` or None.
         seed: int32 tensor of shape (2,), for stateless (reproducible) randomness.
-        augmentation: dict like `AUGMENTATION`. Defaults to `AUGMENTATION`.
+        augmentation: a name of `AUGMENTATIONS` or a dict of ranges (`augmentation_ranges`). Defaults to
+            `AUGMENTATION`.
     """
     import tensorflow as tf
 
-    params = {**AUGMENTATION, **(augmentation or {})}
+    params, gamma = augmentation_ranges(augmentation)
+    if gamma is not None:  # drawn from its own stream, so the affine draws stay as they are
+        exponents = random_gamma_exponents(tf.shape(images)[0], tf.random.experimental.stateless_fold_in(seed, 2),
+                                           gamma)  # fmt: skip
+        images = 255.0 * tf.pow(images / 255.0, exponents)
     batch_size, size = tf.shape(images)[0], tf.shape(images)[1]
     transforms = _random_affine(batch_size, tf.cast(size, tf.float32), seed, **params)
     stacked = images if masks is None else tf.concat([images, masks], axis=-1)
@@ -412,6 +443,14 @@ def augment_batch(images, masks, seed, augmentation=None):
     if masks is None:
         return warped
     return warped[..., :3], tf.round(warped[..., 3:])
+
+
+def random_gamma_exponents(batch_size, seed, gamma):
+    """`(B, 1, 1, 3)` exponents drawn log-uniformly in the `gamma` range, one per sample and channel."""
+    import tensorflow as tf
+
+    low, high = np.log(gamma[0]), np.log(gamma[1])
+    return tf.exp(tf.random.stateless_uniform(tf.stack([batch_size, 1, 1, 3]), seed, low, high))
 
 
 def fill_with_flair(images, seed, share):
@@ -478,6 +517,7 @@ def training_dataset(
     has_tumor=None,
     start_epoch=0,
     flair_only=0.0,
+    augmentation="standard",
 ):
     """A `tf.data` pipeline of training batches over slices decoded in memory.
 
@@ -501,6 +541,8 @@ def training_dataset(
         start_epoch: int. First epoch of the stream (to resume a run). Defaults to `0`.
         flair_only: float. With `augment`, the share of slices whose pre- and post-contrast
             channels are replaced by FLAIR (`fill_with_flair`). Defaults to `0` (none).
+        augmentation: with `augment`, a name of `AUGMENTATIONS` or a dict of ranges (`augment_batch`).
+            Defaults to `"standard"`.
 
     Returns:
         `(dataset, steps_per_epoch)`.
@@ -508,6 +550,7 @@ def training_dataset(
     import tensorflow as tf
 
     images, targets = np.asarray(images), np.asarray(targets)
+    augmentation_ranges(augmentation)  # a wrong name or range refused here, not inside the pipeline
     segmentation = targets.ndim == 4
     steps = int(np.ceil(len(images) / batch_size))
     if tumor_fraction is not None:
@@ -540,8 +583,8 @@ def training_dataset(
         if flair_only:
             batch_images = fill_with_flair(batch_images, batch_seed, flair_only)
         if segmentation:
-            return augment_batch(batch_images, batch_targets, batch_seed)
-        return augment_batch(batch_images, None, batch_seed), batch_targets
+            return augment_batch(batch_images, batch_targets, batch_seed, augmentation)
+        return augment_batch(batch_images, None, batch_seed, augmentation), batch_targets
 
     epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int32).max).flat_map(epoch_batches)
     return epochs.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), steps

@@ -459,6 +459,7 @@ def make_datasets(
     pipeline="auto",
     val_batch_size=None,
     flair_only=0.0,
+    augmentation="standard",
 ):
     """Decode the train and val slices into memory and wrap them in batch pipelines.
 
@@ -468,7 +469,7 @@ def make_datasets(
     (`lgg.batches`, a `keras.utils.PyDataset`: any Keras backend, no TensorFlow needed) or `"auto"`,
     `tf.data` when TensorFlow is the Keras backend and NumPy otherwise. `val_batch_size`: the
     validation batches' size (None: `batch_size`). `flair_only`: the share of training slices made
-    FLAIR only (`lgg.data.fill_with_flair`).
+    FLAIR only (`lgg.data.fill_with_flair`). `augmentation`: a name of `lgg.data.AUGMENTATIONS`.
     """
     val_batch_size = val_batch_size or batch_size
     if pipeline == "auto":
@@ -489,7 +490,7 @@ def make_datasets(
         train_targets = train_rows["has_tumor"].to_numpy(np.float32)
         val_targets = val_rows["has_tumor"].to_numpy(np.float32)
     draws = {"seed": seed, "tumor_fraction": tumor_fraction, "has_tumor": train_rows["has_tumor"].to_numpy(),
-             "flair_only": flair_only}  # fmt: skip
+             "flair_only": flair_only, "augmentation": augmentation}  # fmt: skip
     if pipeline == "numpy":
         from lgg import batches
 
@@ -570,7 +571,7 @@ def _train_run(config, slices, run, distribution, jit_setting, val_batch_sizes):
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
     train_data, steps, val_data = make_datasets(slices, task, image_size, c.batch_size, seed, c.tumor_fraction,
                                                 start_epoch, val_batch_size=val_batch_sizes[0],
-                                                flair_only=c.flair_only)  # fmt: skip
+                                                flair_only=c.flair_only, augmentation=c.augmentation)  # fmt: skip
     fused = keras.backend.backend() == "tensorflow"  # TensorFlow's fused batch normalization (models.py)
     with distribution.scope():
         model = models.build_model(kind, image_size, c.encoder_weights, c.base_filters, c.backbone, c.attention,

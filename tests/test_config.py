@@ -48,6 +48,7 @@ def test_every_setting_has_an_option_and_every_option_reaches_the_config():
         "snapshot_minutes": (1, 2),
         "precision": "mixed_bfloat16",
         "flair_only": 0.2,
+        "augmentation": "strong",
         "dice_loss": "slice",
         "distribute": "mirrored",
     }
@@ -113,6 +114,7 @@ def test_a_runs_config_json_is_trained_again_with_train_config(tmp_path):
         ({"precision": "float16"}, "precision must be one of"),
         ({"flair_only": 1.5}, "flair_only must be 0 or more and at most 1"),
         ({"flair_only": -0.1}, "flair_only must be 0 or more"),
+        ({"augmentation": "heavy"}, "augmentation must be one of .*strong.*received .heavy."),
         ({"kind": "resnet50-unet", "encoder_weights": "/nowhere/resnet50.h5"}, "an existing weights file"),
         # a setting another kind uses: once recorded and trained as if not given
         ({"kind": "classifier", "base_filters": 32}, "base_filters is a setting of unet, not of classifier"),

@@ -216,3 +216,60 @@ def test_flair_only_slices_are_drawn_at_the_share_asked_the_rest_as_before(array
         np.testing.assert_array_equal(x5[~copies], x0[~copies])  # the others exactly as without the option
         filled += list(copies[shown])
     assert 0.3 < np.mean(filled) < 0.7, np.mean(filled)
+
+
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_strong_augmentation_draws_a_gamma_per_slice_and_channel_and_wider_affines(arrays, pipeline):
+    """`augmentation="strong"`: each channel of each slice raised to its own gamma in the range, drawn
+    from a stream of its own (a gamma range alone leaves the affine draws, so the masks, as they were),
+    and the wider affine ranges move the masks further than the standard ones."""
+    from lgg import batches
+
+    _, images, masks = arrays
+    tumor = masks.reshape(len(masks), -1).max(axis=1) > 0
+    images, masks = images[tumor][:16], masks[tumor][:16]  # one batch, every slice with a mask to move
+    still = {"rotation_degrees": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0, "horizontal_flip": False}
+
+    def batch(augmentation):
+        if pipeline == "numpy":
+            return batches.TrainingBatches(images, masks, batch_size=16, seed=3, augmentation=augmentation)[0]
+        dataset, _ = data.training_dataset(images, masks, batch_size=16, seed=3, augmentation=augmentation)
+        x, y = next(iter(dataset))
+        return x.numpy(), y.numpy()
+
+    # no movement, gamma only: the batch's order is the same draw, so slice i is images[order[i]]
+    x, y = batch({**still, "gamma": (0.5, 2.0)})
+    x_plain, y_plain = batch(still)
+    np.testing.assert_array_equal(y, y_plain)
+    exponents = []
+    for out, source in zip(x, x_plain):
+        for channel in range(3):
+            inside = (source[..., channel] > 10) & (source[..., channel] < 245)
+            fitted = np.log(out[..., channel][inside] / 255.0) / np.log(source[..., channel][inside] / 255.0)
+            assert fitted.max() - fitted.min() < 2e-3 * fitted.mean()  # one exponent for the whole channel
+            exponents.append(float(fitted.mean()))
+    assert 0.5 - 1e-3 < min(exponents) and max(exponents) < 2.0 + 1e-3
+    assert np.std(exponents) > 0.1  # drawn per slice and channel, not once
+    # the gamma draws do not move the affine draws: the standard masks, with or without a gamma range
+    np.testing.assert_array_equal(batch({"gamma": (0.7, 1.5)})[1], batch("standard")[1])
+    # the strong ranges move the masks more than the standard ones, from the same slices and draws (the flip,
+    # the same in both, left out)
+    moved = {
+        name: np.abs(batch({**data.AUGMENTATIONS[name], "horizontal_flip": False})[1] - y_plain).mean()
+        for name in ("standard", "strong")
+    }
+    assert moved["strong"] > 1.5 * moved["standard"] > 0
+
+
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_an_unknown_augmentation_is_refused_before_any_batch(arrays, pipeline):
+    from lgg import batches
+
+    _, images, masks = arrays
+    build = batches.TrainingBatches if pipeline == "numpy" else data.training_dataset
+    with pytest.raises(ValueError, match="augmentation must be one of standard, strong; received 'heavy'"):
+        build(images, masks, batch_size=16, augmentation="heavy")
+    with pytest.raises(ValueError, match="gamma must be a range"):
+        build(images, masks, batch_size=16, augmentation={"gamma": (1.5, 0.7)})
+    with pytest.raises(ValueError, match="unknown augmentation settings"):
+        build(images, masks, batch_size=16, augmentation={"shear": 0.1})

@@ -117,3 +117,24 @@ def test_a_time_budget_is_not_cut_short_by_the_default_epoch_count(small_arrays,
     train.fit(model, dataset, dataset, tmp_path / "b", max_minutes=60, schedule="time-cosine", verbose=0)
     train.fit(model, dataset, dataset, tmp_path / "c", epochs=3, max_minutes=60, verbose=0)
     assert seen == [100, 100_000, 3]
+
+
+def test_train_run_trains_with_the_augmentation_and_flair_share_it_records(real_data, tmp_path, monkeypatch):
+    """`train --augmentation strong --flair-only 0.3`: the batches are drawn with what config.json records."""
+    import json
+
+    from lgg import train
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any training: what reached the pipelines is all this asks
+
+    monkeypatch.setattr(train, "make_datasets", record)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run("unet", real_data.parent, tmp_path / "run", max_cases=12, image_size=32, epochs=1,
+                        augmentation="strong", flair_only=0.3, verbose=0)  # fmt: skip
+    assert seen["augmentation"] == "strong" and seen["flair_only"] == 0.3
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["augmentation"] == "strong" and recorded["flair_only"] == 0.3

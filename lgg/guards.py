@@ -168,19 +168,6 @@ def is_ours(folder, marker):
     return False
 
 
-def empty_folder(folder, keep=(LOCK_FILE,)):
-    """Remove what `folder` holds (it must be ours: checked by the caller), keeping `keep`."""
-    import shutil
-
-    for path in Path(folder).iterdir():
-        if path.name in keep:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
 def empty_run_folder(folder):
     """Remove an earlier run's files from `folder` (ours: checked by the caller), those `RUN_FILES` and
     `RUN_FOLDERS` name (a link of such a name is removed, never what it points to); anything else stays.

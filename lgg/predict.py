@@ -12,8 +12,10 @@ probability inside the predicted mask.
 The output folder must lie apart from every input. `cases.csv` and `predict.json` (the manifest:
 `"status": "running"` until the last case is done, then `"complete"`) are rewritten after each
 case, so a killed run is visibly partial. A folder of earlier predictions is replaced only with
-`overwrite` (everything in it is removed first, so nothing stale stays); any other non-empty
-folder is refused, and so is a second process writing into the same folder (`.lgg-lock`).
+`overwrite`: first what the earlier run wrote is removed (`remove_earlier_predictions`: its `cases.csv`
+and `predict.json`, and in the case folders its manifest names the files named as predict names them),
+so nothing stale stays, and nothing else is; any other non-empty folder is refused, and so is a second
+process writing into the same folder (`.lgg-lock`).
 
 The masks follow the run's `postprocess.json` (chosen on its validation cases) unless a
 `threshold` is given. With a `classifier`, only slices it calls tumor keep their mask (the
@@ -22,6 +24,7 @@ two-stage pipeline; threshold from the run's `two_stage.json`, else 0.5).
 
 import glob
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,75 @@ TRUE_BGR, PREDICTED_BGR = (0, 255, 0), (0, 0, 255)
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "unet" / "model.h5"
 PREDICTED_SUFFIX = "_pred.tif"  # never the dataset's `_mask.tif`: a prediction cannot replace a manual mask
 PREDICTED_NIFTI_SUFFIX = "_pred.nii.gz"  # the mask of a NIfTI input, on the input's grid
+PREDICT_FILES = ("cases.csv", "predict.json")  # beside the case folders
+
+
+def case_files(case_id):
+    """The names predict writes in the folder of case `case_id` (a compiled pattern, for `fullmatch`), with the
+    temporary names of a write a killed run left."""
+    suffixes = "|".join(map(re.escape, (PREDICTED_SUFFIX, "_overlay.png")))
+    ending = rf"(_\d+({suffixes})|_montage\.png|{re.escape(PREDICTED_NIFTI_SUFFIX)})"
+    return re.compile(rf"(\.partial-)?{re.escape(case_id)}{ending}")  # .partial-: lgg.files.atomic_path, killed
+
+
+def _earlier_cases(out_dir):
+    """The case folders an earlier predict into `out_dir` wrote or began, from its manifest (`planned`, or for
+    manifests written before it, `cases`); none if the manifest is missing or unreadable. Only plain names of
+    entries of `out_dir` count: a manifest is never a way out of the folder."""
+    manifest = Path(out_dir) / "predict.json"
+    try:
+        found = json.loads(manifest.read_text()) if manifest.is_file() and not manifest.is_symlink() else {}
+    except (OSError, ValueError):
+        return set()
+    names = [*found.get("planned", []), *found.get("cases", [])] if isinstance(found, dict) else []
+    return {name for name in names if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name}
+
+
+def remove_earlier_predictions(out_dir, case_ids):
+    """Remove what an earlier predict wrote in `out_dir` (ours: checked by the caller): its `PREDICT_FILES`
+    and, in the case folders its manifest names, the files `case_files` names (a folder left empty goes too).
+    A link of such a name is removed, never followed; anything else stays. Refused before anything is
+    removed: a folder where predict writes a file, and a `case_ids` entry (the cases about to be predicted)
+    that is in the way and not an earlier case folder (a file, or a folder of yours). Returns the names
+    kept, sorted (`case/file` inside a case folder)."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    earlier = _earlier_cases(out_dir)
+    for name in case_ids:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and not (name in earlier and (path.is_symlink() or path.is_dir())):
+            raise FileExistsError(
+                f"{path} is in the way of the predictions for case {name} and was not written by predict: move it "
+                "out of --out, or choose another --out"
+            )
+    remove, kept = [], []
+    for path in sorted(out_dir.iterdir()):
+        if path.name in (guards.LOCK_FILE, guards.PREDICT_MARKER):
+            continue
+        if path.is_symlink() and (path.name in PREDICT_FILES or path.name in earlier):
+            remove.append(path)
+        elif path.name in PREDICT_FILES:
+            if path.is_dir():
+                raise FileExistsError(f"{path} is a folder where predict writes a file; move it out of --out")
+            remove.append(path)
+        elif path.name in earlier and path.is_dir():
+            ours = case_files(path.name)
+            inside = sorted(path.iterdir())
+            theirs = [entry for entry in inside if not (ours.fullmatch(entry.name) and not entry.is_dir())]
+            if theirs:
+                remove += [entry for entry in inside if entry not in theirs]
+                kept += [f"{path.name}/{entry.name}" for entry in theirs]
+            else:
+                remove.append(path)
+        else:
+            kept.append(path.name)
+    for path in remove:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return kept
 
 
 def overlay_image(image, predicted, truth=None):
@@ -222,9 +294,13 @@ def predict_paths(
     inputs += [str(path) for path in volume_files if str(path) not in inputs]
     with guards.folder_lock(out_dir):
         guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")  # again, now locked
-        guards.empty_folder(out_dir)  # ours (checked above): nothing stale stays beside the new results
+        if out_dir.is_dir():  # ours (checked above): nothing stale stays beside the new results
+            kept = remove_earlier_predictions(out_dir, list(cases))
+            if kept:
+                print(f"Kept in {out_dir} (not written by predict): {', '.join(kept)}")
         guards.mark_folder(out_dir, guards.PREDICT_MARKER)
-        manifest = {"status": "running", "model": str(predictor.model_path), "inputs": inputs, "cases": []}
+        manifest = {"status": "running", "model": str(predictor.model_path), "inputs": inputs,
+                    "planned": list(cases), "cases": []}  # fmt: skip
         save_json(manifest, out_dir / "predict.json")
         rows = []
         model, classifier, settings, gate = (predictor.model, predictor.classifier, predictor.settings,

@@ -235,6 +235,47 @@ def test_a_second_predict_replaces_the_first_only_when_told_and_leaves_nothing_s
     assert pd.read_csv(out / "cases.csv").case_id.tolist() == [second.name]
 
 
+def test_predict_overwrite_removes_only_what_predict_wrote(capsys, dataset, segmenter, tmp_path):
+    """`predict --overwrite` once emptied the whole folder: a file of yours beside the predictions, or inside a
+    case folder, went with them, and a link named like a case folder was followed. Now it removes the files its
+    manifest says it wrote, unlinks a link of such a name, and refuses before removing anything a folder of yours
+    where the new predictions would go."""
+    first, second = sorted(dataset.iterdir())
+    out = tmp_path / "out"
+    assert run(capsys, "predict", "--model", segmenter, "--out", out, first)[0] == 0
+    assert json.loads((out / "predict.json").read_text())["planned"] == [first.name]
+    (out / "notes.txt").write_text("mine")
+    (out / first.name / "reading.txt").write_text("mine too")
+    (out / first.name / f".partial-{first.name}_1_pred.tif").write_text("a killed write")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("kept")
+    (out / second.name).mkdir()  # a folder of yours, named like the case predicted next
+    before = checksums(out)
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", out, second, "--overwrite")
+    refused(code, err, str(out / second.name), "not written by predict")
+    assert checksums(out) == before  # refused before anything was removed
+    (out / second.name).rmdir()
+    (out / second.name).symlink_to(theirs)  # a link: predict must not write through it
+    refused(*run(capsys, "predict", "--model", segmenter, "--out", out, second, "--overwrite")[::2], "in the way")
+    (out / second.name).unlink()
+
+    code, printed, err = run(capsys, "predict", "--model", segmenter, "--out", out, second, "--overwrite")
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(path.name for path in (out / first.name).iterdir()) == ["reading.txt"]  # ours gone, yours kept
+    assert f"{first.name}/reading.txt" in printed and "notes.txt" in printed
+    assert pd.read_csv(out / "cases.csv").case_id.tolist() == [second.name]
+    # the folder of the first case now holds only your file: yours, so predicting that case again is refused
+    refused(*run(capsys, "predict", "--model", segmenter, "--out", out, first, "--overwrite")[::2], "in the way")
+    # an earlier case folder that is now a link is unlinked, never emptied or written through
+    (out / second.name).rename(tmp_path / "moved")
+    (out / second.name).symlink_to(theirs)
+    assert run(capsys, "predict", "--model", segmenter, "--out", out, second, "--overwrite")[0] == 0
+    assert sorted(path.name for path in theirs.iterdir()) == ["keep.txt"]
+    assert not (out / second.name).is_symlink() and (out / second.name / f"{second.name}_montage.png").is_file()
+
+
 def test_a_folder_that_another_process_writes_is_refused(capsys, dataset, segmenter, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(

@@ -35,7 +35,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results import CONFIGS, fold_rows  # noqa: E402
 
 RUN_FILES = ("model.h5", "split.csv", "postprocess.json", "config.json")
-RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes", "encoder_weights")  # a run's row
+# what tells a run's row: (a key a config.json may lack is not compared, except those whose absence means their
+# default: runs from before the setting existed trained that way)
+RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes", "encoder_weights", "flair_only",
+               "augmentation")  # fmt: skip
+ABSENT_MEANS = {"flair_only": 0.0, "augmentation": "standard"}
 AGGREGATES = {  # a slice's score from its probability map, in the order a tie on validation is settled
     "max": "the largest pixel probability",
     "top100": "the mean of the 100 largest pixel probabilities",
@@ -69,8 +73,11 @@ def fold_runs(recipe, runs_dir, data_dir):
         for key in RECIPE_KEYS:
             if key == "encoder_weights" and CONFIGS[row].kind == "unet":  # no encoder: `train` records None
                 continue
-            if key in config and config[key] != getattr(CONFIGS[row], key):
-                raise SystemExit(f"{folder / 'config.json'} has {key} {config[key]!r}, the row {row} "
+            if key not in config and key not in ABSENT_MEANS:
+                continue
+            value = config.get(key, ABSENT_MEANS.get(key))
+            if value != getattr(CONFIGS[row], key):
+                raise SystemExit(f"{folder / 'config.json'} has {key} {value!r}, the row {row} "
                                  f"{getattr(CONFIGS[row], key)!r}: not a run of this recipe")  # fmt: skip
         try:
             postprocess.load(folder / "model.h5")

@@ -3,8 +3,9 @@
 With TensorFlow as the Keras backend, `lgg.train.make_datasets` uses the `tf.data` pipelines of
 `lgg.data`; with PyTorch (tested, with TensorFlow absent) or JAX (untested) it uses these. Both do the same thing:
 every batch full, tumor slices drawn with probability `tumor_fraction`, the same random affine
-augmentation (`lgg.data.AUGMENTATION`, the same pixel map `lgg.data.affine_components`) applied to a
-slice and its mask alike, and every draw keyed by `(seed, epoch)` and `(seed, epoch, batch)`, so a
+augmentation (`lgg.data.AUGMENTATIONS`, the same pixel map `lgg.data.affine_components`) applied to a
+slice and its mask alike, with `"strong"` a gamma per slice and channel first (`lgg.data.apply_gamma`),
+and every draw keyed by `(seed, epoch)` and `(seed, epoch, batch)`, so a
 resumed run sees the same batches as one never interrupted. The draws are NumPy's, not TensorFlow's:
 the two pipelines give batches alike in distribution, not equal number for number.
 """
@@ -13,7 +14,7 @@ import cv2
 import keras
 import numpy as np
 
-from lgg.data import FLAIR_CHANNEL, affine_components, augmentation_ranges, tumor_pools
+from lgg.data import FLAIR_CHANNEL, affine_components, apply_gamma, augmentation_ranges, gamma_exponents, tumor_pools
 
 
 def random_affine(rng, batch_size, size, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
@@ -50,11 +51,10 @@ def augment_batch(images, masks, rng, augmentation=None, gamma_rng=None):
     first a gamma per sample and channel drawn from `gamma_rng` (values 0-255)."""
     params, gamma = augmentation_ranges(augmentation)
     if gamma is not None:
-        low, high = np.log(gamma[0]), np.log(gamma[1])
-        exponents = np.exp((rng if gamma_rng is None else gamma_rng).uniform(low, high, (len(images), 1, 1, 3))).astype(
-            np.float32
-        )
-        images = np.float32(255.0) * np.power(images / np.float32(255.0), exponents)
+        if gamma_rng is None:  # the affine draws stay the same with or without a gamma only on a stream of its own
+            raise ValueError("a gamma range needs gamma_rng, a generator apart from the affine draws' rng")
+        uniform = gamma_rng.uniform(size=(len(images), 1, 1, 3)).astype(np.float32)
+        images = apply_gamma(images, gamma_exponents(uniform, gamma, np.exp)).astype(np.float32)
     transforms = random_affine(rng, len(images), images.shape[1], **params)
     if masks is None:
         return warp(images, transforms)
@@ -119,13 +119,16 @@ class TrainingBatches(keras.utils.PyDataset):
         if not self.augment:
             return images, targets
         rng = np.random.default_rng([self.seed, epoch, step])
-        if self.flair_only:  # lgg.data.fill_with_flair, drawn from its own stream so the affine draws stay
-            filled = np.random.default_rng([self.seed, epoch, step, 1]).uniform(size=len(images)) < self.flair_only
-            images[filled] = images[filled][..., [FLAIR_CHANNEL] * 3]
         gamma_rng = np.random.default_rng([self.seed, epoch, step, 2])  # its own stream, as flair_only's
         if targets.ndim == 4:
-            return augment_batch(images, targets, rng, self.augmentation, gamma_rng)
-        return augment_batch(images, None, rng, self.augmentation, gamma_rng), targets
+            images, targets = augment_batch(images, targets, rng, self.augmentation, gamma_rng)
+        else:
+            images = augment_batch(images, None, rng, self.augmentation, gamma_rng)
+        if self.flair_only:  # lgg.data.fill_with_flair, drawn from its own stream so the affine draws stay; after
+            # the gamma, so a filled slice has three equal channels (the same warp for each)
+            filled = np.random.default_rng([self.seed, epoch, step, 1]).uniform(size=len(images)) < self.flair_only
+            images[filled] = images[filled][..., [FLAIR_CHANNEL] * 3]
+        return images, targets
 
 
 class EvaluationBatches(keras.utils.PyDataset):

@@ -269,10 +269,11 @@ def add_arguments(parser):
     `--config FILE` can supply them."""
     for setting in dataclasses.fields(RunConfig):
         meta, flag = setting.metadata, f"--{setting.name.replace('_', '-')}"
-        options = {"default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {_shown(setting.default)})"}
+        help = meta["help"].replace("%", "%%")  # argparse formats help with %: a literal one doubled
+        options = {"default": argparse.SUPPRESS, "help": f"{help} (default: {_shown(setting.default)})"}
         if setting.name == "kind":
             # optional with --config; None (not SUPPRESS: argparse would check that against the choices)
-            parser.add_argument("kind", choices=MODEL_KINDS, nargs="?", default=None, help=meta["help"])
+            parser.add_argument("kind", choices=MODEL_KINDS, nargs="?", default=None, help=help)
             continue
         if setting.type in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)

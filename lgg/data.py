@@ -377,7 +377,10 @@ def augmentation_ranges(augmentation):
     unknown = set(params) - set(AUGMENTATION)
     if unknown:
         raise ValueError(f"unknown augmentation settings {sorted(unknown)}; known: {[*AUGMENTATION, 'gamma']}")
-    if gamma is not None and not 0 < gamma[0] <= gamma[1]:
+    if gamma is not None and not (
+        isinstance(gamma, (tuple, list)) and len(gamma) == 2 and all(isinstance(g, (int, float)) for g in gamma)
+        and 0 < gamma[0] <= gamma[1] < float("inf")
+    ):  # fmt: skip
         raise ValueError(f"gamma must be a range (low, high) with 0 < low <= high; received {gamma!r}")
     return params, gamma
 
@@ -413,7 +416,7 @@ def affine_components(cos, sin, flip, shift_x, shift_y, size):
 
 def augment_batch(images, masks, seed, augmentation=None):
     """Apply one random affine transform per sample, identically to the image and its mask, and with a
-    gamma range (`"strong"`) first a random gamma per sample and channel to the image (`random_gamma`).
+    gamma range (`"strong"`) first a random gamma per sample and channel to the image (`apply_gamma`).
 
     Args:
         images: float32 tensor `(B, S, S, 3)`, values 0-255.
@@ -425,11 +428,12 @@ def augment_batch(images, masks, seed, augmentation=None):
     import tensorflow as tf
 
     params, gamma = augmentation_ranges(augmentation)
-    if gamma is not None:  # drawn from its own stream, so the affine draws stay as they are
-        exponents = random_gamma_exponents(tf.shape(images)[0], tf.random.experimental.stateless_fold_in(seed, 2),
-                                           gamma)  # fmt: skip
-        images = 255.0 * tf.pow(images / 255.0, exponents)
     batch_size, size = tf.shape(images)[0], tf.shape(images)[1]
+    if gamma is not None:  # drawn from its own stream, so the affine draws stay as they are
+        uniform = tf.random.stateless_uniform(
+            tf.stack([batch_size, 1, 1, 3]), tf.random.experimental.stateless_fold_in(seed, 2)
+        )
+        images = apply_gamma(images, gamma_exponents(uniform, gamma, tf.exp))
     transforms = _random_affine(batch_size, tf.cast(size, tf.float32), seed, **params)
     stacked = images if masks is None else tf.concat([images, masks], axis=-1)
     warped = tf.raw_ops.ImageProjectiveTransformV3(
@@ -445,12 +449,18 @@ def augment_batch(images, masks, seed, augmentation=None):
     return warped[..., :3], tf.round(warped[..., 3:])
 
 
-def random_gamma_exponents(batch_size, seed, gamma):
-    """`(B, 1, 1, 3)` exponents drawn log-uniformly in the `gamma` range, one per sample and channel."""
-    import tensorflow as tf
-
+def gamma_exponents(uniform, gamma, exp):
+    """Exponents log-uniform in the `gamma` range from `uniform` draws in [0, 1) (`(B, 1, 1, 3)`: one per
+    sample and channel); `exp` the array library's. Arithmetic only, as `affine_components`: the TensorFlow
+    pipeline and `lgg.batches` share it."""
     low, high = np.log(gamma[0]), np.log(gamma[1])
-    return tf.exp(tf.random.stateless_uniform(tf.stack([batch_size, 1, 1, 3]), seed, low, high))
+    return exp(low + uniform * (high - low))
+
+
+def apply_gamma(images, exponents):
+    """Each channel of each slice (values 0-255) raised to its exponent on the 0-1 scale: dark and bright keep
+    their place, the contrast between them bends."""
+    return 255.0 * (images / 255.0) ** exponents
 
 
 def fill_with_flair(images, seed, share):
@@ -580,11 +590,13 @@ def training_dataset(
         if not augment:
             return batch_images, batch_targets
         batch_seed = tf.cast(tf.stack([seed, epoch * steps + step]), tf.int32)
-        if flair_only:
-            batch_images = fill_with_flair(batch_images, batch_seed, flair_only)
         if segmentation:
-            return augment_batch(batch_images, batch_targets, batch_seed, augmentation)
-        return augment_batch(batch_images, None, batch_seed, augmentation), batch_targets
+            batch_images, batch_targets = augment_batch(batch_images, batch_targets, batch_seed, augmentation)
+        else:
+            batch_images = augment_batch(batch_images, None, batch_seed, augmentation)
+        if flair_only:  # after the gamma, so a filled slice has three equal channels (the same warp for each)
+            batch_images = fill_with_flair(batch_images, batch_seed, flair_only)
+        return batch_images, batch_targets
 
     epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int32).max).flat_map(epoch_batches)
     return epochs.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), steps

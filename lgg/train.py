@@ -469,7 +469,8 @@ def make_datasets(
     (`lgg.batches`, a `keras.utils.PyDataset`: any Keras backend, no TensorFlow needed) or `"auto"`,
     `tf.data` when TensorFlow is the Keras backend and NumPy otherwise. `val_batch_size`: the
     validation batches' size (None: `batch_size`). `flair_only`: the share of training slices made
-    FLAIR only (`lgg.data.fill_with_flair`). `augmentation`: a name of `lgg.data.AUGMENTATIONS`.
+    FLAIR only (`lgg.data.fill_with_flair`). `augmentation`: a name of `lgg.data.AUGMENTATIONS` (or a dict of ranges,
+    `lgg.data.augmentation_ranges`).
     """
     val_batch_size = val_batch_size or batch_size
     if pipeline == "auto":

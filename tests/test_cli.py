@@ -284,3 +284,18 @@ def test_predict_refuses_odd_inputs_naming_them(run_dir, tmp_path):
     assert result.returncode == 2 and odd.name in result.stderr and "expected uint8" in result.stderr
     weights_only = lgg("predict", "--model", run_dir / "best.weights.h5", "--out", tmp_path / "o2", odd, check=False)
     assert weights_only.returncode == 2 and "best.weights.h5" in weights_only.stderr
+
+
+def test_every_command_prints_its_help():
+    """argparse formats help text with `%`: a literal one in a setting's help (`5 %`) once broke `train --help`."""
+    import argparse
+
+    from lgg.__main__ import _parser
+
+    parser = _parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert "train" in commands.choices
+    for name, command in commands.choices.items():
+        text = command.format_help()
+        assert name in text and "--help" in text
+    assert "up to 5 %" in commands.choices["train"].format_help()

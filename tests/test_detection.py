@@ -53,6 +53,14 @@ def test_the_folds_are_checked_before_anything_is_predicted(tmp_path, real_data)
     config = json.loads((runs / "results-unet-bf16-fold3" / "config.json").read_text())
     (runs / "results-unet-bf16-fold3" / "config.json").write_text(json.dumps({**config, "precision": "float32"}))
     refused(runs, "fold3/config.json has precision 'float32', the row unet-bf16-fold3 'mixed_bfloat16'")
+    # a run of the bfloat16 recipe (standard augmentation, said or left unsaid by an older config.json) is no fold
+    # of the candidate with the strong augmentation
+    runs = fold_folders(tmp_path / "augmentation", partition(shipped.case_id), recipe="unet-aug-bf16")
+    config = json.loads((runs / "results-unet-aug-bf16-fold2" / "config.json").read_text())
+    for written in ({**config, "augmentation": "standard"}, {k: v for k, v in config.items() if k != "augmentation"}):
+        (runs / "results-unet-aug-bf16-fold2" / "config.json").write_text(json.dumps(written))
+        with pytest.raises(SystemExit, match="has augmentation 'standard', the row unet-aug-bf16-fold2 'strong'"):
+            detection.fold_runs("unet-aug-bf16", runs, real_data)
     untested = [shipped] + [shipped.assign(split="train")] * 4  # folds 2-5 test nobody
     refused(fold_folders(tmp_path / "untested", untested), "patients of the split are in no fold's test cases")
     absent = partition(shipped.case_id, extra=["TCGA_XX_0001_20000101"])

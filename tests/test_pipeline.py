@@ -78,12 +78,13 @@ def test_pipeline_is_far_faster_than_a_training_step(arrays):
     assert rate > 60, f"input pipeline gives only {rate:.0f} slices/s"
 
 
+@pytest.mark.parametrize("augmentation", ["standard", "strong"])
 @pytest.mark.parametrize("tumor_fraction", [None, 0.5])
-def test_a_resumed_stream_repeats_the_same_epochs(arrays, tumor_fraction):
+def test_a_resumed_stream_repeats_the_same_epochs(arrays, tumor_fraction, augmentation):
     # what makes a resumed run equal an uninterrupted one: epoch e's batches (order, oversampling,
     # augmentation) depend only on (seed, e), not on how many epochs this process has seen
     slices, images, masks = arrays
-    options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction}
+    options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction, "augmentation": augmentation}
     options["has_tumor"] = slices.has_tumor.to_numpy()
     full, steps = data.training_dataset(images, masks, **options)
     resumed, _ = data.training_dataset(images, masks, start_epoch=2, **options)
@@ -116,12 +117,14 @@ def test_numpy_and_tf_pipelines_warp_alike(arrays):
     assert difference.mean() < 0.5 and np.percentile(difference, 99.9) < 12, (difference.mean(), difference.max())
 
 
+@pytest.mark.parametrize("augmentation", ["standard", "strong"])
 @pytest.mark.parametrize("tumor_fraction", [None, 0.5])
-def test_numpy_batches_are_keyed_by_seed_epoch_and_batch(arrays, tumor_fraction):
+def test_numpy_batches_are_keyed_by_seed_epoch_and_batch(arrays, tumor_fraction, augmentation):
     from lgg import batches
 
     slices, images, masks = arrays
-    options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction, "has_tumor": slices.has_tumor.to_numpy()}
+    options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction, "has_tumor": slices.has_tumor.to_numpy(),
+               "augmentation": augmentation}  # fmt: skip
     full = batches.TrainingBatches(images, masks, **options)
     resumed = batches.TrainingBatches(images, masks, start_epoch=2, **options)
     steps = full.steps
@@ -249,7 +252,8 @@ def test_strong_augmentation_draws_a_gamma_per_slice_and_channel_and_wider_affin
             assert fitted.max() - fitted.min() < 2e-3 * fitted.mean()  # one exponent for the whole channel
             exponents.append(float(fitted.mean()))
     assert 0.5 - 1e-3 < min(exponents) and max(exponents) < 2.0 + 1e-3
-    assert np.std(exponents) > 0.1  # drawn per slice and channel, not once
+    exponents = np.log(np.reshape(exponents, (16, 3)))  # log-uniform: uniform in log(0.5)..log(2), sd 0.4
+    assert (exponents.std(axis=0) > 0.15).all() and (exponents.std(axis=1) > 0.05).mean() > 0.7  # per slice, channel
     # the gamma draws do not move the affine draws: the standard masks, with or without a gamma range
     np.testing.assert_array_equal(batch({"gamma": (0.7, 1.5)})[1], batch("standard")[1])
     # the strong ranges move the masks more than the standard ones, from the same slices and draws (the flip,
@@ -273,3 +277,33 @@ def test_an_unknown_augmentation_is_refused_before_any_batch(arrays, pipeline):
         build(images, masks, batch_size=16, augmentation={"gamma": (1.5, 0.7)})
     with pytest.raises(ValueError, match="unknown augmentation settings"):
         build(images, masks, batch_size=16, augmentation={"shear": 0.1})
+
+
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_strong_augmentation_keeps_flair_only_slices_flair_only_and_labels_as_they_are(arrays, pipeline):
+    """The gamma comes before the FLAIR fill: a filled slice keeps three equal channels, as the dataset's FLAIR-only
+    cases have; a classifier's labels pass through untouched."""
+    from lgg import batches
+
+    slices, images, masks = arrays
+    labels = slices.has_tumor.to_numpy(np.float32)
+
+    def first(targets, **options):
+        if pipeline == "numpy":
+            return batches.TrainingBatches(images, targets, batch_size=16, seed=4, augmentation="strong", **options)[0]
+        dataset, _ = data.training_dataset(images, targets, batch_size=16, seed=4, augmentation="strong", **options)
+        return tuple(part.numpy() for part in next(iter(dataset)))
+
+    x, _ = first(masks, flair_only=1.0)
+    assert (x[..., 0] == x[..., 1]).all() and (x[..., 2] == x[..., 1]).all()
+    x, y = first(labels)
+    assert x.shape == (16, 128, 128, 3) and y.shape == (16,) and set(np.unique(y)) <= {0.0, 1.0}
+    assert not np.array_equal(x[..., 0], x[..., 1])  # the channels are their own, each with its gamma
+
+
+def test_a_gamma_without_its_own_stream_is_refused():
+    from lgg import batches
+
+    images = np.zeros((2, 16, 16, 3), np.float32)
+    with pytest.raises(ValueError, match="needs gamma_rng"):
+        batches.augment_batch(images, None, np.random.default_rng(0), "strong")

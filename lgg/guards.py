@@ -7,6 +7,7 @@ Every check raises `ValueError` (a setting), `lgg.data.DatasetError` (a file or 
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -14,6 +15,7 @@ import numbers
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +158,7 @@ def is_ours(folder, marker):
     existed a `config.json` written by `train` beside the `split.csv` and `history.csv` it wrote:
     a config.json copied into a folder of yours does not make it a run)."""
     folder = Path(folder)
-    if (folder / marker).is_file():
+    if (folder / marker).is_file() and not (folder / marker).is_symlink():  # a link is no marker of ours
         return True
     legacy_run = all((folder / name).is_file() for name in ("config.json", "split.csv", "history.csv"))
     if marker == RUN_MARKER and legacy_run:
@@ -211,7 +213,17 @@ def folder_lock(folder):
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     while True:
-        descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:  # never through a link (it would truncate and write its target, wherever that is)
+            descriptor = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            if lock.is_symlink() or error.errno == errno.ELOOP:
+                raise FileExistsError(
+                    f"{lock} is a link, not our lock file: remove it, or choose another folder"
+                ) from None
+            raise
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode) or os.fstat(descriptor).st_nlink > 1:
+            os.close(descriptor)  # a hard link shares its content with a file elsewhere; a FIFO, a device: not ours
+            raise FileExistsError(f"{lock} is not our lock file (another kind of file, or a hard link): remove it")
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -44,14 +44,15 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "unet" / "model
 PREDICTED_SUFFIX = "_pred.tif"  # never the dataset's `_mask.tif`: a prediction cannot replace a manual mask
 PREDICTED_NIFTI_SUFFIX = "_pred.nii.gz"  # the mask of a NIfTI input, on the input's grid
 PREDICT_FILES = ("cases.csv", "predict.json")  # beside the case folders
+PARTIAL = ".partial-"  # the temporary name of a write (lgg.files.atomic_path): a killed run may leave one
 
 
 def case_files(case_id):
     """The names predict writes in the folder of case `case_id` (a compiled pattern, for `fullmatch`), with the
-    temporary names of a write a killed run left."""
+    temporary names of a write a killed run left. Slice numbers as predict writes them: no leading zero."""
     suffixes = "|".join(map(re.escape, (PREDICTED_SUFFIX, "_overlay.png")))
-    ending = rf"(_\d+({suffixes})|_montage\.png|{re.escape(PREDICTED_NIFTI_SUFFIX)})"
-    return re.compile(rf"(\.partial-)?{re.escape(case_id)}{ending}")  # .partial-: lgg.files.atomic_path, killed
+    ending = rf"(_(0|[1-9][0-9]*)({suffixes})|_montage\.png|{re.escape(PREDICTED_NIFTI_SUFFIX)})"
+    return re.compile(rf"({re.escape(PARTIAL)})?{re.escape(case_id)}{ending}", re.ASCII)
 
 
 def _earlier_cases(out_dir):
@@ -61,18 +62,20 @@ def _earlier_cases(out_dir):
     manifest = Path(out_dir) / "predict.json"
     try:
         found = json.loads(manifest.read_text()) if manifest.is_file() and not manifest.is_symlink() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return set()
-    names = [*found.get("planned", []), *found.get("cases", [])] if isinstance(found, dict) else []
+    lists = [found.get(key) for key in ("planned", "cases")] if isinstance(found, dict) else []
+    names = [name for names in lists if isinstance(names, list) for name in names]
     return {name for name in names if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name}
 
 
 def remove_earlier_predictions(out_dir, case_ids):
     """Remove what an earlier predict wrote in `out_dir` (ours: checked by the caller): its `PREDICT_FILES`
-    and, in the case folders its manifest names, the files `case_files` names (a folder left empty goes too).
-    A link of such a name is removed, never followed; anything else stays. Refused before anything is
-    removed: a folder where predict writes a file, and a `case_ids` entry (the cases about to be predicted)
-    that is in the way and not an earlier case folder (a file, or a folder of yours). Returns the names
+    (and their `.partial-` temporaries) and, in the case folders its manifest names, the files `case_files`
+    names (a folder left empty goes too). A link of such a name is removed, never followed; anything else
+    stays. Refused before anything is removed: a folder where predict writes a file, and a `case_ids` entry
+    (the cases about to be predicted) that is in the way and not an earlier case folder (a file, or a folder
+    of yours). The manifest goes last, so a kill midway leaves it naming what is left. Returns the names
     kept, sorted (`case/file` inside a case folder)."""
     import shutil
 
@@ -85,28 +88,34 @@ def remove_earlier_predictions(out_dir, case_ids):
                 f"{path} is in the way of the predictions for case {name} and was not written by predict: move it "
                 "out of --out, or choose another --out"
             )
-    remove, kept = [], []
+
+    def own_file(path):  # a file of ours to remove; a folder where we write a file is refused
+        if path.is_dir() and not path.is_symlink():
+            raise FileExistsError(f"{path} is a folder where predict writes a file; move it out of --out")
+        return path
+
+    top = {*PREDICT_FILES, *(PARTIAL + name for name in PREDICT_FILES)}
+    remove, last, kept = [], [], []
     for path in sorted(out_dir.iterdir()):
         if path.name in (guards.LOCK_FILE, guards.PREDICT_MARKER):
             continue
-        if path.is_symlink() and (path.name in PREDICT_FILES or path.name in earlier):
-            remove.append(path)
-        elif path.name in PREDICT_FILES:
-            if path.is_dir():
-                raise FileExistsError(f"{path} is a folder where predict writes a file; move it out of --out")
+        if path.name in top:
+            last.append(own_file(path))
+        elif path.name in earlier and path.is_symlink():
             remove.append(path)
         elif path.name in earlier and path.is_dir():
             ours = case_files(path.name)
             inside = sorted(path.iterdir())
-            theirs = [entry for entry in inside if not (ours.fullmatch(entry.name) and not entry.is_dir())]
+            mine = [own_file(entry) for entry in inside if ours.fullmatch(entry.name)]
+            theirs = [entry for entry in inside if entry not in mine]
             if theirs:
-                remove += [entry for entry in inside if entry not in theirs]
+                remove += mine
                 kept += [f"{path.name}/{entry.name}" for entry in theirs]
             else:
                 remove.append(path)
         else:
             kept.append(path.name)
-    for path in remove:
+    for path in [*remove, *last]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:

@@ -276,6 +276,53 @@ def test_predict_overwrite_removes_only_what_predict_wrote(capsys, dataset, segm
     assert not (out / second.name).is_symlink() and (out / second.name / f"{second.name}_montage.png").is_file()
 
 
+def test_predict_overwrite_never_writes_through_or_removes_what_is_not_its_own(capsys, dataset, segmenter, tmp_path):
+    """The hostile tester's cases: a link named like a temporary predict writes through (`.partial-predict.json`)
+    or like the lock file had its target overwritten; a folder named like one of predict's files inside a case
+    folder failed the run after the earlier predictions were gone; a slice number predict never writes (`_010`)
+    passed for one of its files; a link named like its file was followed."""
+    first = sorted(dataset.iterdir())[0]
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    victim.write_text("precious")
+    assert run(capsys, "predict", "--model", segmenter, "--out", out, first)[0] == 0
+    case = out / first.name
+    (out / ".partial-predict.json").symlink_to(victim)
+    (out / ".partial-cases.csv").write_text("a killed write")
+    (case / f"{first.name}_010_pred.tif").write_text("yours: predict writes _10")
+    (case / f"{first.name}_1_overlay.png").unlink(missing_ok=True)
+    (case / f"{first.name}_1_overlay.png").symlink_to(tmp_path)  # a link named like ours: unlinked, not followed
+    folder_like_ours = case / f"{first.name}_montage.png"
+    folder_like_ours.unlink(missing_ok=True)
+    folder_like_ours.mkdir()
+    before = checksums(out)
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", out, first, "--overwrite")
+    refused(code, err, str(folder_like_ours), "a folder where predict writes a file")
+    assert checksums(out) == before and (out / "cases.csv").is_file()  # nothing removed
+    folder_like_ours.rmdir()
+    assert run(capsys, "predict", "--model", segmenter, "--out", out, first, "--overwrite")[0] == 0
+    assert victim.read_text() == "precious" and not (out / ".partial-predict.json").exists()
+    assert not (out / ".partial-cases.csv").exists()
+    assert (case / f"{first.name}_010_pred.tif").read_text() == "yours: predict writes _10"
+    assert not (case / f"{first.name}_1_overlay.png").is_symlink() and tmp_path.is_dir()
+    # the lock: a link (dangling or not) or a hard link is refused, its target untouched
+    (out / guards.LOCK_FILE).unlink()
+    (out / guards.LOCK_FILE).symlink_to(victim)
+    refused(*run(capsys, "predict", "--model", segmenter, "--out", out, first, "--overwrite")[::2], "is a link")
+    (out / guards.LOCK_FILE).unlink()
+    (out / guards.LOCK_FILE).symlink_to(tmp_path / "nowhere")
+    refused(*run(capsys, "predict", "--model", segmenter, "--out", out, first, "--overwrite")[::2], "is a link")
+    assert not (tmp_path / "nowhere").exists()
+    (out / guards.LOCK_FILE).unlink()
+    os.link(victim, out / guards.LOCK_FILE)
+    refused(*run(capsys, "predict", "--model", segmenter, "--out", out, first, "--overwrite")[::2], "hard link")
+    assert victim.read_text() == "precious"
+    # a marker that is a link makes no folder ours
+    (out / guards.LOCK_FILE).unlink()
+    (out / guards.PREDICT_MARKER).unlink()
+    (out / guards.PREDICT_MARKER).symlink_to(victim)
+    assert not guards.is_ours(out, guards.PREDICT_MARKER)
+
+
 def test_a_folder_that_another_process_writes_is_refused(capsys, dataset, segmenter, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(

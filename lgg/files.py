@@ -13,10 +13,13 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
 
     The temporary keeps the whole name as its ending (Keras and matplotlib choose the format by it). On failure
-    the previous `path`, if any, is untouched and the temporary is removed.
+    the previous `path`, if any, is untouched and the temporary is removed. A file or link already at the
+    temporary name (a killed write's) is removed first, so nothing is written through a link or a hard link.
     """
     path = Path(path)
     temporary = path.with_name(f".partial-{path.name}")
+    if temporary.is_symlink() or temporary.is_file():  # a killed write's, or a link: written afresh, never through
+        temporary.unlink()
     try:
         yield temporary
         os.replace(temporary, path)

@@ -1,5 +1,8 @@
 """Atomic writes and run folders that are never overwritten silently."""
 
+import json
+import os
+
 import pandas as pd
 import pytest
 
@@ -30,3 +33,20 @@ def test_run_folder_is_not_overwritten_silently(tmp_path):
     (run_dir / "resume").mkdir()  # left by an interrupted run: --overwrite must not resume from it
     assert train.prepare_run_dir(run_dir, overwrite=True) == run_dir
     assert list(run_dir.iterdir()) == [run_dir / ".lgg-run"]  # emptied, and marked as a run folder of ours
+
+
+def test_a_write_never_goes_through_a_link_or_hard_link_at_its_temporary_name(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".partial-a.json").symlink_to(victim)
+    os.link(victim, out / ".partial-b.json")
+    files.save_json({"x": 1}, out / "a.json")
+    files.save_json({"x": 2}, out / "b.json")
+    assert victim.read_text() == "precious"
+    assert json.loads((out / "a.json").read_text()) == {"x": 1} and not (out / "a.json").is_symlink()
+    assert json.loads((out / "b.json").read_text()) == {"x": 2} and sorted(p.name for p in out.iterdir()) == [
+        "a.json",
+        "b.json",
+    ]

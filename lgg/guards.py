@@ -175,7 +175,6 @@ def empty_run_folder(folder):
     `RUN_FOLDERS` name (a link of such a name is removed, never what it points to); anything else stays.
     A folder named like one of our files, or a file like one of our folders, is refused before anything
     is removed: the run would fail writing there. Returns the names kept, sorted."""
-    import shutil
 
     remove, kept = [], []
     for path in sorted(Path(folder).iterdir()):
@@ -195,12 +194,19 @@ def empty_run_folder(folder):
             remove.append(path)
         else:
             kept.append(path.name)
-    for path in remove:
+    remove_paths(remove)
+    return kept
+
+
+def remove_paths(paths):
+    """Remove each path in order: a folder with what it holds, a file or a link (never what a link points to)."""
+    import shutil
+
+    for path in paths:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-    return kept
 
 
 # ----------------------------------------------------------------------------- one writer per folder

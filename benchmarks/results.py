@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lgg.config import HEADLINE, RunConfig
+from lgg.data import FOLD_PATTERN, describe_augmentation
 from lgg.files import atomic_path, copy_file, save_json
 from lgg.train import monitor_for
 
@@ -31,6 +32,25 @@ RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 # recipe (`make train` runs the same). Time limits: about nine hours of CPU for the fourteen table rows (7 x 60 +
 # 5 x 15 + 20 + 20 min, plus evaluation); train one row at a time with --models.
 CLASSIFIER = RunConfig(kind="classifier", backbone="light", max_minutes=15, precision="float32")
+FOLDS = range(1, 6)  # the 5-fold cross-validation by patient; fold 1 of 5 is the patient split every row defaults to
+
+
+def fold_split(k):
+    return HEADLINE.split if k == 1 else f"patient-fold-{k}-of-5"
+
+
+def fold_number(split):
+    """The inverse of `fold_split`: 2 for `patient-fold-2-of-5`, 1 for the patient split."""
+    match = FOLD_PATTERN.fullmatch(split)
+    return int(match.group(1)) if match else 1
+
+
+def recipe_folds(name, config, folds=FOLDS):
+    """The rows of a recipe on the given folds: `name` on fold 1, `name-foldK` on fold K, otherwise `config`."""
+    return {name + (f"-fold{k}" if k > 1 else ""): replace(config, split=fold_split(k)) for k in folds}
+
+
+BF16 = {"precision": "mixed_bfloat16", "jit_compile": False}  # how the bfloat16 rows compute: oneDNN, no XLA
 CONFIGS = {
     "unet": HEADLINE,
     "unet-seed1": replace(HEADLINE, seed=1),  # the same run with another seed: how much is luck
@@ -43,84 +63,48 @@ CONFIGS = {
         tumor_fraction=0.5, max_minutes=20, split="random-slice-leaky", precision="float32"
     ),
     # the other folds of the 5-fold cross-validation by patient (fold 1 of 5 is the `unet` row's split)
-    **{f"unet-fold{k}": replace(HEADLINE, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
+    **recipe_folds("unet", HEADLINE, FOLDS[1:]),
     # the classifier's other folds: its ROC AUC pooled over all 88 patients, each slice scored by a fold model that
     # never saw its patient
-    **{f"classifier-fold{k}": replace(CLASSIFIER, split=f"patient-fold-{k}-of-5") for k in range(2, 6)},
+    **recipe_folds("classifier", CLASSIFIER, FOLDS[1:]),
     # the headline recipe again, the same seed, on another machine (its CPU is in its JSON): what the machine changes,
     # and the same-CPU partner of a candidate run there (`compare_candidate` pairs a candidate with it on that CPU)
-    **{
-        f"unet-again{suffix}": replace(HEADLINE, split=split)
-        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
-    },
+    **recipe_folds("unet-again", HEADLINE),
     # a candidate recipe, compared with the headline case by case on the same folds: Tversky (misses weigh more)
-    "unet-tversky": replace(HEADLINE, dice_loss="tversky"),
-    **{
-        f"unet-tversky-fold{k}": replace(HEADLINE, dice_loss="tversky", split=f"patient-fold-{k}-of-5")
-        for k in range(2, 6)
-    },
+    **recipe_folds("unet-tversky", replace(HEADLINE, dice_loss="tversky")),
     # a candidate recipe for CPUs with bfloat16 instructions (AVX-512 BF16, AMX): bfloat16 compute through oneDNN,
     # without XLA (whose CPU code has no bfloat16 kernels: on an AMX Xeon it ran float32 and bfloat16 at one speed)
-    **{
-        f"unet-bf16{suffix}": replace(HEADLINE, precision="mixed_bfloat16", jit_compile=False, split=split)
-        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
-    },
+    **recipe_folds("unet-bf16", replace(HEADLINE, **BF16)),
     # the bfloat16 recipe again on another machine, as `unet-again` is the headline's: what that CPU gives it in the
     # same 60 minutes, and the same-CPU partner there of the candidates paired with `unet-bf16`
-    **{
-        f"unet-bf16-again{suffix}": replace(HEADLINE, precision="mixed_bfloat16", jit_compile=False, split=split)
-        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
-    },
+    **recipe_folds("unet-bf16-again", replace(HEADLINE, **BF16)),
     # a candidate recipe: the U-Net with a ResNet50 encoder, computed as the bfloat16 candidate and for the same 60
     # minutes, so that it is paired with that recipe's folds. Randomly initialized on every machine (ImageNet weights
     # cannot be downloaded here; folds with and without them would not pool); users with the weights: `train
     # resnet50-unet --encoder-weights imagenet`
-    **{
-        f"resnet50-unet-bf16{suffix}": replace(
-            HEADLINE,
-            kind="resnet50-unet",
-            encoder_weights=None,
-            precision="mixed_bfloat16",
-            jit_compile=False,
-            split=split,
-        )
-        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
-    },
+    **recipe_folds("resnet50-unet-bf16", replace(HEADLINE, kind="resnet50-unet", encoder_weights=None, **BF16)),
     # a candidate recipe for cases lacking sequences (benchmarks/misses.py: the one case at Dice 0 is FLAIR only):
     # a fifth of the training slices made FLAIR only, the dataset's own fill for a missing sequence
-    **{
-        f"unet-flair{suffix}": replace(HEADLINE, flair_only=0.2, split=split)
-        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
-    },
+    **recipe_folds("unet-flair", replace(HEADLINE, flair_only=0.2)),
     # the same, computed as the bfloat16 candidate, so that it is paired with that recipe's folds (on a CPU with
     # bfloat16 instructions, where `train` computes a U-Net in bfloat16)
-    **{
-        f"unet-flair-bf16{suffix}": replace(
-            HEADLINE, flair_only=0.2, precision="mixed_bfloat16", jit_compile=False, split=split
-        )
-        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
-    },
+    **recipe_folds("unet-flair-bf16", replace(HEADLINE, flair_only=0.2, **BF16)),
     # a candidate recipe for the gap between training and test cases (raw per-case Dice 0.90 on its training cases
     # against 0.77 on its test cases for `unet-bf16-again`, fold 1): the strong
     # augmentation (wider affine ranges, a gamma per channel), in bfloat16 as the recipe it is paired with
-    **{
-        f"unet-aug-bf16{suffix}": replace(
-            HEADLINE, augmentation="strong", precision="mixed_bfloat16", jit_compile=False, split=split
-        )
-        for suffix, split in [("", HEADLINE.split)] + [(f"-fold{k}", f"patient-fold-{k}-of-5") for k in range(2, 6)]
-    },
+    **recipe_folds("unet-aug-bf16", replace(HEADLINE, augmentation="strong", **BF16)),
 }
 
 
 def fold_rows(recipe):
     """The five rows of a recipe's cross-validation by patient (fold 1 of 5 is the row without a suffix)."""
-    return (recipe, *(f"{recipe}-fold{k}" for k in range(2, 6)))
+    return tuple(recipe_folds(recipe, HEADLINE))
 
 
 # the fold whose model ships, for every recipe: fixed when the first model shipped (the first fold run after fold 1),
 # before its test figure existed, so that no recipe ships its luckiest fold; a replacement is tested on the same
 # patients
-SHIPPED_SPLIT = "patient-fold-2-of-5"
+SHIPPED_SPLIT = fold_split(2)
 # candidate recipes: prefix -> what changes. Each fold row `<prefix>[-foldK]` is compared case by case with the
 # headline's row of the same fold (`unet[-foldK]`; `PAIRED_WITH` names another recipe for some); they are not rows
 # of the results table and not trained by default.
@@ -132,8 +116,8 @@ CANDIDATES = {
     "resnet50-unet-bf16": "a ResNet50 encoder (randomly initialized) instead of the U-Net's own, both in "
     "mixed_bfloat16 without XLA for 60 minutes",
     "unet-flair-bf16": "a fifth of the training slices made FLAIR only, both in mixed_bfloat16 without XLA",
-    "unet-aug-bf16": "the strong augmentation (rotation up to 20°, shift 10 %, zoom 15 %, a gamma in 0.7-1.5 per "
-    "channel) instead of the standard (10°, 5 %, 5 %), both in mixed_bfloat16 without XLA",
+    "unet-aug-bf16": f"the strong augmentation ({describe_augmentation('strong')}) instead of the standard "
+    f"({describe_augmentation('standard')}), both in mixed_bfloat16 without XLA",
 }
 # the recipe a candidate is paired with, where it is not the headline: the one computed the same way, so that the
 # pair differs only in what the candidate changes
@@ -813,6 +797,50 @@ def readme_table(results):
     return "\n".join(lines)
 
 
+def glance_table(results):
+    """One line per segmentation recipe with test results: its folds run so far, the mean per-case Dice over
+    their patients (each scored by the fold model that never saw it) with its 95 % bootstrap interval, and the
+    paired difference from the recipe it is compared with on the same patients (its `-vs-` file). A mean over
+    some of the folds is not comparable with one over all five; the paired column is."""
+    from lgg import metrics
+
+    lines = [
+        "Each recipe on the patients its fold models never saw (5 folds by patient; fold 1 is the patient split "
+        "of the table below): mean and median per-case Dice over the patients of the folds run so far, the "
+        "cases at Dice 0, and the paired difference from the recipe it is compared with, on the same patients "
+        "(`lgg.metrics.paired_comparison`). A mean over 1-4 folds is not comparable with one over all 5 (the "
+        "folds differ by up to 0.15); the paired column is. Each recipe's change and its folds' CPUs: its lines "
+        "under the table.",
+        "",
+        "| recipe | folds run | patients | mean per-case Dice (95 % CI) | median | cases at Dice 0 | paired with, "
+        "on the same patients: difference (95 % CI), better / worse, Wilcoxon p |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for recipe in ("unet", *CANDIDATES):
+        if CONFIGS[recipe].kind == "classifier":
+            continue
+        folds, cases = _fold_tables(results, recipe, least=1)
+        if not folds:
+            continue
+        low, high = metrics.mean_confidence_interval(cases.case_dice)
+        paired = "—"
+        if recipe in CANDIDATES and comparison_file(recipe).exists():
+            comparison = json.loads(comparison_file(recipe).read_text())
+            c = comparison["paired"]
+            (low_d, high_d), p = c["mean_difference_ci95"], _p_value(c["wilcoxon_p"])
+            paired = (
+                f"`{partner(recipe)}` on {c['cases']}: {c['mean_difference']:+.3f} ({low_d:+.3f} to {high_d:+.3f}), "
+                f"{c['better']} / {c['worse']}, p {p}"
+            )
+        numbers = sorted(fold_number(r["split"]) for r in folds)
+        lines.append(
+            f"| `{recipe}` | {len(folds)} of 5 ({', '.join(map(str, numbers))}) | {len(cases)} | "
+            f"**{cases.case_dice.mean():.3f}** ({low:.3f}–{high:.3f}) | {cases.case_dice.median():.3f} | "
+            f"{int((cases.case_dice == 0).sum())} | {paired} |"
+        )
+    return "\n".join(lines)
+
+
 def gpu_table(gpu):
     """The architecture comparison of `benchmarks/gpu_architectures.py` (`results/gpu/gpu_architectures.json`)."""
     lines = [
@@ -968,6 +996,7 @@ def _replace_between(text, name, body):
 
 def write_readme(results):
     text = _replace_between(README.read_text(), "results", readme_table(results))
+    text = _replace_between(text, "glance", glance_table(results))
     if (RESULTS / "gpu" / "gpu_architectures.json").exists():
         text = _replace_between(
             text, "gpu", gpu_table(json.loads((RESULTS / "gpu" / "gpu_architectures.json").read_text()))

@@ -96,9 +96,8 @@ class RunConfig:
     )
     augmentation: str = _setting(
         "standard",
-        "training augmentation: standard (rotation up to 10 degrees, shift and zoom up to 5 %, horizontal flip) or "
-        "strong (rotation up to 20 degrees, shift up to 10 %, zoom up to 15 %, flip, and a gamma in 0.7-1.5 per "
-        "channel: lgg.data.AUGMENTATIONS)",
+        "training augmentation (lgg.data.AUGMENTATIONS): "
+        + "; or ".join(f"{name} ({data.describe_augmentation(name)})" for name in data.AUGMENTATIONS),
         choices=tuple(data.AUGMENTATIONS),
     )
     max_minutes: float | None = _setting(

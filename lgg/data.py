@@ -365,6 +365,19 @@ AUGMENTATIONS = {
 }  # fmt: skip
 
 
+def describe_augmentation(name):
+    """An augmentation of `AUGMENTATIONS` in words, from its ranges (help texts and results quote this)."""
+    params, gamma = augmentation_ranges(name)
+    words = [
+        f"rotation up to {params['rotation_degrees']:g} degrees",
+        f"shift up to {params['shift_fraction']:.0%}",
+        f"zoom up to {params['zoom_fraction']:.0%}",
+    ]
+    words += ["horizontal flip"] if params["horizontal_flip"] else []
+    words += [f"a gamma in {gamma[0]:g}-{gamma[1]:g} per slice and channel"] if gamma else []
+    return ", ".join(words)
+
+
 def augmentation_ranges(augmentation):
     """`(affine ranges, gamma range or None)` of an augmentation: a name of `AUGMENTATIONS` or a dict of ranges
     (keys as `AUGMENTATION`'s and `gamma`), the ranges not named taken from `AUGMENTATION`."""

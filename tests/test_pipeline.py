@@ -279,6 +279,19 @@ def test_an_unknown_augmentation_is_refused_before_any_batch(arrays, pipeline):
         build(images, masks, batch_size=16, augmentation={"shear": 0.1})
 
 
+def test_the_words_for_an_augmentation_are_its_ranges(monkeypatch):
+    """Help texts and the results' candidate lines quote `describe_augmentation`: it follows the ranges."""
+    assert data.describe_augmentation("standard") == (
+        "rotation up to 10 degrees, shift up to 5%, zoom up to 5%, horizontal flip"
+    )
+    assert data.describe_augmentation("strong").endswith("zoom up to 15%, horizontal flip, a gamma in 0.7-1.5 per "
+                                                         "slice and channel")  # fmt: skip
+    monkeypatch.setitem(data.AUGMENTATIONS, "strong", {**data.AUGMENTATIONS["strong"], "gamma": (0.8, 1.25)})
+    assert "a gamma in 0.8-1.25 per slice" in data.describe_augmentation("strong")
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        data.describe_augmentation("heavy")
+
+
 @pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
 def test_strong_augmentation_keeps_flair_only_slices_flair_only_and_labels_as_they_are(arrays, pipeline):
     """The gamma comes before the FLAIR fill: a filled slice keeps three equal channels, as the dataset's FLAIR-only

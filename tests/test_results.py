@@ -106,6 +106,23 @@ def test_collecting_with_fewer_folds_removes_a_candidates_stale_pooled_file(scra
     assert (results.RESULTS / "unet-cross-validation.json").exists()
 
 
+def test_the_glance_table_says_which_folds_each_mean_rests_on_and_pairs_on_the_same_patients(scratch):
+    candidate(0.05)
+    for name in CANDIDATE[3:]:  # the candidate has run folds 1-3 only
+        (results.RESULTS / f"{name}.json").unlink()
+    found = [json.loads(f.read_text()) for f in results.RESULTS.glob("*.json") if f.stem in results.CONFIGS]
+    comparison = results.recipe_comparison(found, "unet-bf16")
+    lines = {line.split(" | ")[0]: line for line in results.glance_table(found).splitlines() if line.startswith("| `")}
+    assert set(lines) == {"| `unet`", "| `unet-bf16`"}  # recipes without a fold row have no line
+    headline = pd.concat(pd.read_csv(results.RESULTS / name / "test.csv") for name in HEADLINE)
+    ours = pd.concat(pd.read_csv(results.RESULTS / name / "test.csv") for name in CANDIDATE[:3])
+    assert f"| 5 of 5 (1, 2, 3, 4, 5) | 88 | **{headline.case_dice.mean():.3f}** (" in lines["| `unet`"]
+    assert lines["| `unet`"].endswith(" | 1 | — |")  # TCGA_FG_A60K
+    assert f"| 3 of 5 (1, 2, 3) | {22 + 17 + 16} | **{ours.case_dice.mean():.3f}** (" in lines["| `unet-bf16`"]
+    difference = comparison["paired"]["mean_difference"]
+    assert 0.03 < difference < 0.05 + 1e-9 and f"`unet` on 55: {difference:+.3f} (" in lines["| `unet-bf16`"]
+
+
 def test_a_candidate_is_paired_with_the_recipe_it_is_computed_like(scratch):
     """The ResNet50 candidate differs from `unet-bf16` in its encoder only: the pairs are its folds and that
     recipe's, not the headline's."""

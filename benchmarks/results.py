@@ -40,14 +40,22 @@ def fold_split(k):
 
 
 def fold_number(split):
-    """The inverse of `fold_split`: 2 for `patient-fold-2-of-5`, 1 for the patient split."""
+    """The inverse of `fold_split`: 2 for `patient-fold-2-of-5`, 1 for the patient split; any other split is
+    not one of the five folds and is refused."""
     match = FOLD_PATTERN.fullmatch(split)
-    return int(match.group(1)) if match else 1
+    if split == HEADLINE.split or (match and int(match.group(2)) == len(FOLDS)):
+        return int(match.group(1)) if match else 1
+    raise ValueError(f"{split!r} is not one of the {len(FOLDS)} folds by patient")
+
+
+def fold_rows(recipe, folds=FOLDS):
+    """The rows of a recipe's cross-validation by patient: `recipe` on fold 1 of 5, `recipe-foldK` on fold K."""
+    return tuple(recipe + (f"-fold{k}" if k > 1 else "") for k in folds)
 
 
 def recipe_folds(name, config, folds=FOLDS):
-    """The rows of a recipe on the given folds: `name` on fold 1, `name-foldK` on fold K, otherwise `config`."""
-    return {name + (f"-fold{k}" if k > 1 else ""): replace(config, split=fold_split(k)) for k in folds}
+    """`fold_rows(name, folds)` -> `config` on each row's fold split."""
+    return {row: replace(config, split=fold_split(k)) for row, k in zip(fold_rows(name, folds), folds, strict=True)}
 
 
 BF16 = {"precision": "mixed_bfloat16", "jit_compile": False}  # how the bfloat16 rows compute: oneDNN, no XLA
@@ -94,11 +102,6 @@ CONFIGS = {
     # augmentation (wider affine ranges, a gamma per channel), in bfloat16 as the recipe it is paired with
     **recipe_folds("unet-aug-bf16", replace(HEADLINE, augmentation="strong", **BF16)),
 }
-
-
-def fold_rows(recipe):
-    """The five rows of a recipe's cross-validation by patient (fold 1 of 5 is the row without a suffix)."""
-    return tuple(recipe_folds(recipe, HEADLINE))
 
 
 # the fold whose model ships, for every recipe: fixed when the first model shipped (the first fold run after fold 1),
@@ -798,47 +801,71 @@ def readme_table(results):
 
 
 def glance_table(results):
-    """One line per segmentation recipe with test results: its folds run so far, the mean per-case Dice over
-    their patients (each scored by the fold model that never saw it) with its 95 % bootstrap interval, and the
-    paired difference from the recipe it is compared with on the same patients (its `-vs-` file). A mean over
-    some of the folds is not comparable with one over all five; the paired column is."""
+    """One line per segmentation recipe with test results (the headline and the candidates): its folds run so
+    far, the mean per-case Dice over their patients (each scored by the fold model that never saw it; with all
+    five, the figures of `<recipe>-cross-validation.json`), and, from its `-vs-` file, the runs it is paired
+    with on the same patients (its partner recipe's, or that recipe run again on the candidate's CPU), their mean
+    and the paired difference. A mean over some of the folds is not comparable with one over all five; the
+    paired column is."""
     from lgg import metrics
 
-    lines = [
-        "Each recipe on the patients its fold models never saw (5 folds by patient; fold 1 is the patient split "
-        "of the table below): mean and median per-case Dice over the patients of the folds run so far, the "
-        "cases at Dice 0, and the paired difference from the recipe it is compared with, on the same patients "
-        "(`lgg.metrics.paired_comparison`). A mean over 1-4 folds is not comparable with one over all 5 (the "
-        "folds differ by up to 0.15); the paired column is. Each recipe's change and its folds' CPUs: its lines "
-        "under the table.",
-        "",
-        "| recipe | folds run | patients | mean per-case Dice (95 % CI) | median | cases at Dice 0 | paired with, "
-        "on the same patients: difference (95 % CI), better / worse, Wilcoxon p |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for recipe in ("unet", *CANDIDATES):
-        if CONFIGS[recipe].kind == "classifier":
-            continue
         folds, cases = _fold_tables(results, recipe, least=1)
         if not folds:
             continue
-        low, high = metrics.mean_confidence_interval(cases.case_dice)
+        pooled_file = RESULTS / f"{recipe}-cross-validation.json"
+        if len(folds) == len(FOLDS) and pooled_file.exists():  # the pooled file's own figures
+            pooled = json.loads(pooled_file.read_text())
+            mean, median, (low, high) = (
+                pooled["case_dice_mean"],
+                pooled["case_dice_median"],
+                pooled["case_dice_mean_ci95"],
+            )
+        else:
+            mean, median = cases.case_dice.mean(), cases.case_dice.median()
+            low, high = metrics.mean_confidence_interval(cases.case_dice)
         paired = "—"
         if recipe in CANDIDATES and comparison_file(recipe).exists():
             comparison = json.loads(comparison_file(recipe).read_text())
             c = comparison["paired"]
             (low_d, high_d), p = c["mean_difference_ci95"], _p_value(c["wilcoxon_p"])
+            again = [fold_number(split) for _, baseline, split in comparison["folds"] if is_again(baseline)]
+            runs = f" (fold {', '.join(map(str, again))} run again on the candidate's CPU)" if again else ""
             paired = (
-                f"`{partner(recipe)}` on {c['cases']}: {c['mean_difference']:+.3f} ({low_d:+.3f} to {high_d:+.3f}), "
-                f"{c['better']} / {c['worse']}, p {p}"
+                f"`{partner(recipe)}`{runs}: {comparison['headline_case_dice_mean']:.3f} on the same {c['cases']}; "
+                f"{c['mean_difference']:+.3f} ({low_d:+.3f} to {high_d:+.3f}), {c['better']} / {c['worse']}, p {p}"
             )
-        numbers = sorted(fold_number(r["split"]) for r in folds)
-        lines.append(
-            f"| `{recipe}` | {len(folds)} of 5 ({', '.join(map(str, numbers))}) | {len(cases)} | "
-            f"**{cases.case_dice.mean():.3f}** ({low:.3f}–{high:.3f}) | {cases.case_dice.median():.3f} | "
-            f"{int((cases.case_dice == 0).sum())} | {paired} |"
+        complete, numbers = len(folds) == len(FOLDS), sorted(fold_number(r["split"]) for r in folds)
+        rows.append(
+            f"| `{recipe}` | {len(folds)} of {len(FOLDS)} ({', '.join(map(str, numbers))}) | "
+            f"{len(cases)} | {f'**{mean:.3f}**' if complete else f'{mean:.3f}'} ({low:.3f}–{high:.3f}) | "
+            f"{median:.3f} | {int((cases.case_dice == 0).sum())} | {paired} |"
         )
-    return "\n".join(lines)
+    spread = max(
+        (
+            (np.ptp([r["test"]["case_dice_mean"] for r in results if r["name"] in fold_rows(recipe)]), recipe)
+            for recipe in ("unet", *CANDIDATES)
+            if sum(r["name"] in fold_rows(recipe) for r in results) == len(FOLDS)
+        ),
+        default=None,
+    )
+    differ = f" (one recipe's fold means differ by up to {spread[0]:.2f}: `{spread[1]}`)" if spread else ""
+    return "\n".join(
+        [
+            "Each recipe on the patients its fold models never saw (5 folds by patient; fold 1 is the patient split "
+            "of the table below): mean and median per-case Dice over the patients of the folds run so far (in "
+            "bold: all 88), the cases at Dice 0, and the runs it is paired with on the same patients, their mean "
+            "and the paired difference (`lgg.metrics.paired_comparison`). A mean over 1-4 folds is not comparable "
+            f"with one over all 5{differ}; the paired column is. Each recipe's change and its folds' CPUs: its "
+            "lines under the table.",
+            "",
+            "| recipe | folds run | patients | mean per-case Dice (95 % CI) | median | cases at Dice 0 | paired with: "
+            "its mean on the same patients; difference (95 % CI), better / worse, Wilcoxon p |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+        ]
+    )
 
 
 def gpu_table(gpu):
@@ -989,6 +1016,8 @@ def benchmark_table(bench):
 
 def _replace_between(text, name, body):
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"README.md needs one {start} ... {end} pair, in that order, for what it would write there")
     before, rest = text.split(start)
     _, after = rest.split(end)
     return f"{before}{start}\n{body}\n{end}{after}"

@@ -97,7 +97,7 @@ class RunConfig:
     augmentation: str = _setting(
         "standard",
         "training augmentation (lgg.data.AUGMENTATIONS): "
-        + "; or ".join(f"{name} ({data.describe_augmentation(name)})" for name in data.AUGMENTATIONS),
+        + "; ".join(f"{name} ({data.describe_augmentation(name)})" for name in data.AUGMENTATIONS),
         choices=tuple(data.AUGMENTATIONS),
     )
     max_minutes: float | None = _setting(

@@ -370,8 +370,8 @@ def describe_augmentation(name):
     params, gamma = augmentation_ranges(name)
     words = [
         f"rotation up to {params['rotation_degrees']:g} degrees",
-        f"shift up to {params['shift_fraction']:.0%}",
-        f"zoom up to {params['zoom_fraction']:.0%}",
+        f"shift up to {params['shift_fraction'] * 100:g} %",
+        f"zoom up to {params['zoom_fraction'] * 100:g} %",
     ]
     words += ["horizontal flip"] if params["horizontal_flip"] else []
     words += [f"a gamma in {gamma[0]:g}-{gamma[1]:g} per slice and channel"] if gamma else []

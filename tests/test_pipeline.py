@@ -282,9 +282,9 @@ def test_an_unknown_augmentation_is_refused_before_any_batch(arrays, pipeline):
 def test_the_words_for_an_augmentation_are_its_ranges(monkeypatch):
     """Help texts and the results' candidate lines quote `describe_augmentation`: it follows the ranges."""
     assert data.describe_augmentation("standard") == (
-        "rotation up to 10 degrees, shift up to 5%, zoom up to 5%, horizontal flip"
+        "rotation up to 10 degrees, shift up to 5 %, zoom up to 5 %, horizontal flip"
     )
-    assert data.describe_augmentation("strong").endswith("zoom up to 15%, horizontal flip, a gamma in 0.7-1.5 per "
+    assert data.describe_augmentation("strong").endswith("zoom up to 15 %, horizontal flip, a gamma in 0.7-1.5 per "
                                                          "slice and channel")  # fmt: skip
     monkeypatch.setitem(data.AUGMENTATIONS, "strong", {**data.AUGMENTATIONS["strong"], "gamma": (0.8, 1.25)})
     assert "a gamma in 0.8-1.25 per slice" in data.describe_augmentation("strong")

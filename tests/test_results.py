@@ -118,9 +118,15 @@ def test_the_glance_table_says_which_folds_each_mean_rests_on_and_pairs_on_the_s
     ours = pd.concat(pd.read_csv(results.RESULTS / name / "test.csv") for name in CANDIDATE[:3])
     assert f"| 5 of 5 (1, 2, 3, 4, 5) | 88 | **{headline.case_dice.mean():.3f}** (" in lines["| `unet`"]
     assert lines["| `unet`"].endswith(" | 1 | — |")  # TCGA_FG_A60K
-    assert f"| 3 of 5 (1, 2, 3) | {22 + 17 + 16} | **{ours.case_dice.mean():.3f}** (" in lines["| `unet-bf16`"]
+    assert f"| 3 of 5 (1, 2, 3) | {22 + 17 + 16} | {ours.case_dice.mean():.3f} (" in lines["| `unet-bf16`"]
     difference = comparison["paired"]["mean_difference"]
-    assert 0.03 < difference < 0.05 + 1e-9 and f"`unet` on 55: {difference:+.3f} (" in lines["| `unet-bf16`"]
+    headline_on_55 = pd.concat(pd.read_csv(results.RESULTS / name / "test.csv") for name in HEADLINE[:3]).case_dice
+    assert f"| `unet`: {headline_on_55.mean():.3f} on the same 55; {difference:+.3f} (" in lines["| `unet-bf16`"]
+    assert 0.03 < difference < 0.05 + 1e-9 and "**" not in lines["| `unet-bf16`"]
+    with pytest.raises(ValueError, match="not one of the 5 folds"):
+        results.fold_number("patient-fold-2-of-3")
+    with pytest.raises(SystemExit, match="README.md needs one <!-- glance:start -->"):
+        results._replace_between("a README of another shape", "glance", "table")
 
 
 def test_a_candidate_is_paired_with_the_recipe_it_is_computed_like(scratch):
@@ -181,6 +187,16 @@ def test_a_candidate_is_paired_with_its_partner_run_again_on_its_own_cpu(scratch
     assert "unet-bf16" not in results.TABLE_ROWS and "unet-again-fold2" not in results.DEFAULT_RUNS
     label = results.readme_table([r for r in found if r["name"] == "unet-bf16-again"])
     assert "unet, mixed_bfloat16, again on AMD EPYC, no XLA" in label
+    # the glance table names the runs the candidate was paired with and their mean on the same patients
+    (line,) = [line for line in results.glance_table(found).splitlines() if line.startswith("| `resnet50-unet-bf16`")]
+    partner = pd.concat(
+        pd.read_csv(results.RESULTS / name / "test.csv") for name in ("unet-bf16-again", "unet-bf16-fold2")
+    )
+    assert (
+        f"| `unet-bf16` (fold 1 run again on the candidate's CPU): {partner.case_dice.mean():.3f} on the same 39; "
+        in line
+    )
+    assert "| 2 of 5 (1, 2) | 39 | " in line and "**" not in line  # two folds: not bold as the 88-patient means are
 
 
 def test_a_stale_pooled_file_is_refused(scratch):

@@ -831,7 +831,8 @@ def glance_table(results):
             c = comparison["paired"]
             (low_d, high_d), p = c["mean_difference_ci95"], _p_value(c["wilcoxon_p"])
             again = [fold_number(split) for _, baseline, split in comparison["folds"] if is_again(baseline)]
-            runs = f" (fold {', '.join(map(str, again))} run again on the candidate's CPU)" if again else ""
+            which = f"fold{'s' * (len(again) > 1)} {', '.join(map(str, again))}"
+            runs = f" ({which} run again on the candidate's CPU)" if again else ""
             paired = (
                 f"`{partner(recipe)}`{runs}: {comparison['headline_case_dice_mean']:.3f} on the same {c['cases']}; "
                 f"{c['mean_difference']:+.3f} ({low_d:+.3f} to {high_d:+.3f}), {c['better']} / {c['worse']}, p {p}"

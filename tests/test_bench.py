@@ -173,3 +173,28 @@ def test_the_other_benchmarks_never_replace_a_file_they_did_not_write(tmp_path, 
         own = ROOT / "results" / "benchmark.json"
         completed = subprocess.run([*command, "--quick", "--out", str(own)], capture_output=True, text=True, cwd="/")
         assert completed.returncode == 1 and "--quick is a smoke run" in completed.stderr, completed.stderr
+
+
+def test_the_gpu_training_speed_figures_are_what_their_histories_give(tmp_path):
+    """The README's GPU training rates come from `results/gpu/cli/gpu_train_speed.json`, which its own
+    `--summarize` rebuilds from the committed histories; a non-empty OUT is refused before anything runs."""
+    committed = ROOT / "results" / "gpu" / "cli"
+    for path in committed.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "gpu_train_speed.json").unlink()
+    script = ["bash", str(ROOT / "benchmarks" / "gpu_train_speed.sh")]
+    subprocess.run([*script, "--summarize", str(tmp_path)], check=True, capture_output=True, cwd=ROOT)
+    summary = json.loads((tmp_path / "gpu_train_speed.json").read_text())
+    assert summary == json.loads((committed / "gpu_train_speed.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for setting, words in [("b16-128-f32", "{} slices/s at 128² in float32"), ("b16-128-bf16", "and {} in bfloat16"),
+                           ("b32-256-bf16", "{} at 256²")]:  # fmt: skip
+        assert words.format(round(summary["settings"][setting]["median_train_slices_per_s"])) in readme
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    completed = subprocess.run(
+        script, capture_output=True, text=True, cwd=ROOT, env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    )
+    assert completed.returncode == 2 and "is not empty" in completed.stderr, completed.stderr
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    completed = subprocess.run([*script, "--summarize", str(tmp_path / "none")], capture_output=True, text=True)
+    assert completed.returncode == 2 and "no <setting>-history.csv" in completed.stderr, completed.stderr

@@ -1,0 +1,85 @@
+"""What bounds `python -m lgg train unet` on a GPU (Keras on PyTorch): the NumPy batches, the eager step, or neither.
+
+For three settings (128² batch 16, 256² batch 32, 256² batch 64; bfloat16, the strong augmentation, half the
+batch tumor slices) on the training cases of the first 16 cases' patient split, it times apart:
+`lgg.batches.TrainingBatches` drawing batches on one thread, the training step alone
+(`train_on_batch` on one batch already drawn), and `fit` over the batches with 2 (the default) and 8
+worker threads, each for about `SECONDS` (steady state: the first steps of each epoch left out).
+
+    # on the GPU machine, prepared as benchmarks/gpu_train_speed.sh says:
+    python3 .gpu/lgg/restore.py /tmp/lgg --cases 16
+    KERAS_BACKEND=torch python3 benchmarks/gpu_train_bound.py /tmp/lgg OUT 3
+
+Writes `OUT/gpu_train_bound.json` after each setting.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lgg import batches, data, models, train  # noqa: E402
+
+SETTINGS = [(128, 16), (256, 32), (256, 64)]
+
+
+class StepEnds(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.ends = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+
+def main(root, out, seconds=3.0):
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    slices = data.split_table(data.find_slices(root, max_cases=16))
+    rows = slices[slices.split == "train"]
+    draws = {"tumor_fraction": 0.5, "has_tumor": rows["has_tumor"].to_numpy(), "augmentation": "strong"}
+    results = []
+    for size, batch_size in SETTINGS:
+        images, masks = data.load_arrays(rows, size)
+        stream = batches.TrainingBatches(images, masks, batch_size, **draws)
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            stream[count]
+            count += 1
+        pipeline = count * batch_size / (time.perf_counter() - start)
+        model = models.build_model("unet", size, precision="mixed_bfloat16")
+        model = train.compile_model(model, "segmentation", jit_compile=False)
+        images_batch, masks_batch = stream[0]
+        for _ in range(5):
+            model.train_on_batch(images_batch, masks_batch)
+        sync()
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            model.train_on_batch(images_batch, masks_batch)
+            count += 1
+        sync()
+        step = count * batch_size / (time.perf_counter() - start)
+        row = {"image_size": size, "batch_size": batch_size, "pipeline_one_thread_slices_per_s": round(pipeline, 1),
+               "train_on_batch_slices_per_s": round(step, 1)}  # fmt: skip
+        for workers in (2, 8):
+            ends = StepEnds()
+            steps = max(20, int(seconds * step / batch_size))
+            model.fit(batches.TrainingBatches(images, masks, batch_size, workers=workers, **draws),
+                      steps_per_epoch=steps, epochs=2, verbose=0, callbacks=[ends])  # fmt: skip
+            gaps = np.diff(ends.ends)[2:]
+            row[f"fit_workers_{workers}_slices_per_s"] = round(float(batch_size * len(gaps) / gaps.sum()), 1)
+        print(row, flush=True)
+        results.append(row)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        summary = {"backend": keras.backend.backend(), "cpu_cores": os.cpu_count(), "seconds": seconds, "rows": results}
+        (Path(out) / "gpu_train_bound.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 3.0)

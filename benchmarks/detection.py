@@ -3,10 +3,10 @@ scores over a recipe's cross-validation, and compare the ROC AUC with the classi
 
     python benchmarks/detection.py --recipe unet-bf16 --data data
 
-Each fold row of the recipe (`benchmarks/results.py`: `<recipe>`, `<recipe>-fold2` ... `-fold5`) needs its run
-folder `runs/results-<row>/` (`model.h5`, `split.csv`, `postprocess.json`); its model scores the test slices of
-its own split, so that every slice is scored by a model that never saw its patient. A slice's score is an
-aggregate of the probability map the run's post-processing uses (with flip TTA when it chose it): its largest
+Each fold row of the recipe (`benchmarks/results.py`: `<recipe>`, `<recipe>-fold2` ... `-fold5`) is scored from
+its run folder `runs/results-<row>/` (`model.h5`, `split.csv`, `postprocess.json`); its model scores the test
+slices of its own split, so that every slice is scored by a model that never saw its patient. A slice's score is
+an aggregate of the probability map the run's post-processing uses (with flip TTA when it chose it): its largest
 pixel probability, the mean of its 100 largest, or the tumor area of the post-processed mask (`AGGREGATES`).
 Each fold chooses one on its own validation cases (never its test cases; in `lgg.data`'s folds they are test
 cases of another fold, so a choice pooled over the folds would have seen test patients) and scores its test
@@ -17,8 +17,15 @@ probabilities (`results/classifier-cross-validation.csv`, written by `benchmarks
 compared on the slices both scored, paired, with intervals from resampling patients
 (`lgg.metrics.roc_auc_by_patient`).
 
-Written: `results/slice-detection.json` and `results/slice-detection.csv` (one row per test slice: fold, case,
-slice, tumor or not, the chosen score, each aggregate's score), this script's own files, replaced on each run.
+Run folders are not committed, and a session's machine keeps them only until it ends, while a recipe's five
+folds take more than one session to train. So each fold scored from its run folder leaves its validation and
+test slices' scores, every aggregate, in `results/<row>/slice-scores.csv` with the sha256 of the model that
+scored them; a later run takes a fold whose run folder is gone from that file, if `results/<row>.json` scored
+the same model. With fewer than five folds it scores and saves what it has, and stops saying which folds lack.
+
+Written: `results/slice-detection-<recipe>.json` and `.csv` (one row per test slice: fold, case, slice, tumor
+or not, the chosen score, each aggregate's score) and `results/<row>/slice-scores.csv`, this script's own
+files, replaced on each run.
 """
 
 import argparse
@@ -46,6 +53,7 @@ AGGREGATES = {  # a slice's score from its probability map, in the order a tie o
     "area": "the tumor pixels of the post-processed mask (ties broken by the largest probability)",
 }
 TOP = 100
+SCORE_FILE = "slice-scores.csv"  # results/<fold row>/: what a run folder left for a later run
 HOW = (
     "each test slice scored from its fold's U-Net probabilities at 256x256 (flip TTA where the run chose it on "
     "validation cases) by the aggregate with the highest ROC AUC on that fold's own validation slices; the five "
@@ -57,15 +65,25 @@ def segmenter_recipes():
     return sorted(n for n, c in CONFIGS.items() if c.kind != "classifier" and all(r in CONFIGS for r in fold_rows(n)))
 
 
-def fold_runs(recipe, runs_dir, data_dir):
-    """The run folder of each fold row of `recipe`, or a clear error before anything is predicted: each folder a
-    finished run of its row (its files, its `config.json` agreeing with the row, a valid post-processing file), the
-    five test sets together holding each patient of the split once, and every one of them in `data_dir`."""
+def fold_sources(recipe, runs_dir, data_dir, results_dir):
+    """Where each fold row of `recipe` is scored from, checked before anything is predicted -> {row: source}: its
+    run folder `runs_dir/results-<row>/` (a finished run of its row: its files, its `config.json` agreeing with the
+    row, a valid post-processing file), else the scores such a folder left (`committed_scores`), else None. The
+    test cases found are each one fold's, all in `data_dir`, and with all five folds cover every patient."""
     from lgg import data, postprocess
 
-    folders = [Path(runs_dir) / f"results-{row}" for row in fold_rows(recipe)]
-    tested, patients = {}, None
-    for row, folder in zip(fold_rows(recipe), folders, strict=True):
+    sources, tested, patients = {}, {}, None
+    for row in fold_rows(recipe):
+        folder = Path(runs_dir) / f"results-{row}"
+        if not folder.exists():
+            sources[row] = committed_scores(row, results_dir)
+            if sources[row] is not None:
+                test = sources[row]
+                for case in sorted(set(test.case_id[test.split == "test"])):
+                    if case in tested:
+                        raise SystemExit(f"{case} is a test case of both {tested[case]} and {row}: each fold once")
+                    tested[case] = row
+            continue
         missing = [name for name in RUN_FILES if not (folder / name).is_file()]
         if missing:
             raise SystemExit(f"{folder} is not a finished segmenter run of {recipe}: it has no {', '.join(missing)}")
@@ -88,18 +106,51 @@ def fold_runs(recipe, runs_dir, data_dir):
             raise SystemExit(f"{folder / 'split.csv'} is not a split file: it needs the columns case_id and split")
         patients = set(split.case_id) if patients is None else patients
         if set(split.case_id) != patients:
-            raise SystemExit(f"{folder / 'split.csv'} splits other patients than {folders[0] / 'split.csv'}")
+            raise SystemExit(f"{folder / 'split.csv'} splits other patients than the other folds' split.csv")
         for case in sorted(set(split.loc[split["split"] == "test", "case_id"])):
             if case in tested:
                 raise SystemExit(f"{case} is a test case of both {tested[case]} and {folder}: each fold once")
             tested[case] = folder
-    untested = sorted(patients - set(tested))
-    if untested:
-        raise SystemExit(f"{len(untested)} patients of the split are in no fold's test cases: {untested[:4]}")
-    missing = sorted(set(tested) - set(data.find_slices(data_dir).case_id))
+        sources[row] = folder
+    if patients is not None and None not in sources.values():
+        untested = sorted(patients - set(tested))
+        if untested:
+            raise SystemExit(f"{len(untested)} patients of the split are in no fold's test cases: {untested[:4]}")
+    found = data.find_slices(data_dir)
+    missing = sorted(set(tested) - set(found.case_id))
     if missing:
         raise SystemExit(f"{len(missing)} test cases of the {recipe} folds are missing in {data_dir}: {missing[:4]}")
-    return folders
+    for row, source in sources.items():
+        if isinstance(source, pd.DataFrame):
+            labels = source.merge(found, on=["case_id", "slice_index"], how="left", suffixes=("", "_data"))
+            if labels.has_tumor_data.isna().any() or not (labels.has_tumor == labels.has_tumor_data).all():
+                raise SystemExit(f"results/{row}/{SCORE_FILE} has slices that {data_dir} lacks or labels otherwise: "
+                                 "scored on other data")  # fmt: skip
+    return sources
+
+
+def committed_scores(row, results_dir):
+    """The validation and test slice scores a run folder of `row` left in `results/<row>/slice-scores.csv`, with
+    `fold` and `run_split` added; None without the file. Refused unless they are of the model that
+    `results/<row>.json` scored (its `model_sha256`): a run trained again leaves the old scores stale."""
+    file = Path(results_dir) / row / SCORE_FILE
+    if not file.is_file():
+        return None
+    table = pd.read_csv(file)
+    needed = {"split", "case_id", "slice_index", "has_tumor", "model_sha256", *(f"score_{n}" for n in AGGREGATES)}
+    if not needed <= set(table.columns):
+        raise SystemExit(f"{file} lacks the columns {sorted(needed - set(table.columns))}")
+    result_file = Path(results_dir) / f"{row}.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if not result.get("model_sha256"):
+        raise SystemExit(f"{result_file} records no model_sha256 to check {file} against: score the fold "
+                         "from its run folder, or collect that run again (`results.py --collect-only`)")  # fmt: skip
+    if set(table.model_sha256) != {result["model_sha256"]}:
+        raise SystemExit(f"{file} holds the scores of another model than the one results/{row}.json scored: "
+                         "score the fold again from its run folder")  # fmt: skip
+    if set(table.split) != {"val", "test"}:
+        raise SystemExit(f"{file} holds the splits {sorted(set(table.split))}; it needs val and test")
+    return table.assign(fold=row, run_split=result["split"])
 
 
 def aggregate(probabilities, masks):
@@ -192,33 +243,41 @@ def main(argv=None):
     from lgg.data import DatasetError
     from lgg.files import save_csv, save_json
 
+    results_dir = ROOT / "results"
+    tables, per_fold = [], []
     try:
-        folders = fold_runs(args.recipe, args.runs, args.data)
-        tables, choices = [], {}
-        for folder in folders:  # each fold chooses on its own validation slices, then scores its test slices
-            table = segmenter_scores(folder, args.data)
+        sources = fold_sources(args.recipe, args.runs, args.data, results_dir)
+        for row, source in sources.items():  # each fold chooses on its own validation slices, then scores its test
+            if source is None:
+                continue
+            if isinstance(source, Path):
+                table = segmenter_scores(source, args.data)
+                digest = hashlib.sha256((source / "model.h5").read_bytes()).hexdigest()
+                split = json.loads((source / "config.json").read_text())["split"]
+                (results_dir / row).mkdir(parents=True, exist_ok=True)
+                save_csv(table.drop(columns="fold").assign(model_sha256=digest), results_dir / row / SCORE_FILE)
+            else:
+                table, digest, split = source, source.model_sha256.iloc[0], source.run_split.iloc[0]
+                table = table.drop(columns=["model_sha256", "run_split"])
             validation = table[table.split == "val"]
-            chosen, aucs = choose(validation, f"the validation slices of {folder / 'split.csv'}")
-            choices[folder.name.removeprefix("results-")] = {
-                "aggregate": chosen,
-                "validation_slices": len(validation),
-                "validation_patients": int(validation.case_id.nunique()),
-                "validation_roc_auc": aucs,
-            }
+            chosen, aucs = choose(validation, f"the validation slices of {row}")
             test = table[table.split == "test"].drop(columns="split")
             tables.append(test.assign(score=test[f"score_{chosen}"], aggregate=chosen))
-        scores = pd.concat(tables, ignore_index=True)
+            auc = metrics.classification_report(test.has_tumor, test[f"score_{chosen}"])["roc_auc"]
+            per_fold.append({"fold": row, "split": split, "roc_auc": auc, "model_sha256": digest, "aggregate": chosen,
+                             "validation_slices": len(validation),
+                             "validation_patients": int(validation.case_id.nunique()),
+                             "validation_roc_auc": aucs})  # fmt: skip
     except (DatasetError, ValueError, OSError) as error:  # a damaged file or missing data: the message, no trace
         raise SystemExit(str(error)) from None
-    results_dir = ROOT / "results"
-    per_fold = []
-    for folder in folders:
-        fold = scores[scores.fold == folder.name.removeprefix("results-")]
-        split = json.loads((folder / "config.json").read_text())["split"]
-        auc = metrics.classification_report(fold.has_tumor, fold.score)["roc_auc"]
-        digest = hashlib.sha256((folder / "model.h5").read_bytes()).hexdigest()
-        per_fold.append({"fold": fold.fold.iloc[0], "split": split, "roc_auc": auc, "model_sha256": digest,
-                         **choices[fold.fold.iloc[0]]})  # fmt: skip
+    lacking = [row for row, source in sources.items() if source is None]
+    if lacking:
+        raise SystemExit(
+            f"{len(tables)} of {len(sources)} folds of {args.recipe} scored (each one's slices in "
+            f"results/<row>/{SCORE_FILE}); the pooled figures need all of them: {', '.join(lacking)} "
+            f"{'has' if len(lacking) == 1 else 'have'} no run folder in {args.runs} and no {SCORE_FILE}"
+        )
+    scores = pd.concat(tables, ignore_index=True)
     found = {
         "recipe": args.recipe,
         "how": HOW,
@@ -232,8 +291,9 @@ def main(argv=None):
         "per_fold": per_fold,
         "vs_classifier": compare(scores, results_dir / "classifier-cross-validation.csv"),
     }
-    save_csv(scores, results_dir / "slice-detection.csv")
-    save_json(found, results_dir / "slice-detection.json")
+    stem = f"slice-detection-{args.recipe}"
+    save_csv(scores, results_dir / f"{stem}.csv")
+    save_json(found, results_dir / f"{stem}.json")
     s = found["segmenter"]
     for fold in per_fold:
         print(f"{fold['fold']}: {fold['aggregate']} chosen on {fold['validation_slices']} validation slices ("
@@ -245,7 +305,7 @@ def main(argv=None):
         print(f"  vs the classifier on {v['slices']} slices of {v['patients']} patients: {v['roc_auc']:.3f} vs "
               f"{v['baseline_roc_auc']:.3f} ({v['difference']:+.3f}, {v['difference_ci95'][0]:+.3f} to "
               f"{v['difference_ci95'][1]:+.3f})")  # fmt: skip
-    print("Wrote results/slice-detection.json and .csv (`benchmarks/results.py --collect-only`: into the README)")
+    print(f"Wrote results/{stem}.json and .csv (`benchmarks/results.py --collect-only`: into the README)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ results table.
 """
 
 import argparse
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -224,6 +225,8 @@ def collect(name, data_dir):
             float(history["train_slices_per_s"].median()) if "train_slices_per_s" in history else None
         ),
         "time_limit_minutes": config.get("max_minutes"),
+        # the file scored here: what benchmarks/detection.py checks a fold's saved slice scores against
+        "model_sha256": hashlib.sha256((run_dir / "model.h5").read_bytes()).hexdigest(),
         "environment": config["environment"],
         "test": summary,
     }
@@ -415,15 +418,17 @@ def classifier_cross_validation_text(pooled):
 
 
 def slice_detection_text(found):
-    """The line of `benchmarks/detection.py`'s `results/slice-detection.json`: the segmenter as a slice classifier."""
+    """The line of `benchmarks/detection.py`'s `results/slice-detection-<recipe>.json`: the segmenter as a slice
+    classifier."""
     s = found["segmenter"]
     low, high = s["roc_auc_ci95"]
     folds = ", ".join(f"{f['split']} {f['roc_auc']:.3f}" for f in found["per_fold"])
     text = (
         f"**The U-Net as a tumor / no-tumor classifier** (`python benchmarks/detection.py --recipe "
-        f"{found['recipe']}`, `results/slice-detection.json`): {found['how']}. Over the cross-validation of "
-        f"`{found['recipe']}` ({s['patients']} patients, {s['slices']} slices): ROC AUC **{s['roc_auc']:.3f}** "
-        f"(95 % interval {low:.3f}–{high:.3f}, percentile bootstrap over patients). Per fold: {folds}."
+        f"{found['recipe']}`, `results/slice-detection-{found['recipe']}.json`): {found['how']}. Over the "
+        f"cross-validation of `{found['recipe']}` ({s['patients']} patients, {s['slices']} slices): ROC AUC "
+        f"**{s['roc_auc']:.3f}** (95 % interval {low:.3f}–{high:.3f}, percentile bootstrap over patients). Per "
+        f"fold: {folds}."
     )
     if found.get("aggregates"):  # older files: the largest probability for every fold, not chosen
         names = ", ".join(f"`{name}` {what}" for name, what in found["aggregates"].items())
@@ -791,12 +796,11 @@ def readme_table(results):
                 f"({r['best_epoch']}) | {r['training_minutes']} | {t['accuracy']:.3f} | {t['sensitivity']:.3f} | "
                 f"{t['specificity']:.3f} | {t['roc_auc']:.3f} |"
             )
-    for name, text in (
-        ("classifier-cross-validation.json", classifier_cross_validation_text),
-        ("slice-detection.json", slice_detection_text),
-    ):
-        if (RESULTS / name).exists():
-            lines += ["", text(json.loads((RESULTS / name).read_text()))]
+    if (RESULTS / "classifier-cross-validation.json").exists():
+        pooled = json.loads((RESULTS / "classifier-cross-validation.json").read_text())
+        lines += ["", classifier_cross_validation_text(pooled)]
+    for path in sorted(RESULTS.glob("slice-detection-*.json")):  # benchmarks/detection.py, one per recipe
+        lines += ["", slice_detection_text(json.loads(path.read_text()))]
     return "\n".join(lines)
 
 
@@ -1189,7 +1193,6 @@ def ship(name, data_dir, target="unet"):
     `postprocess.json`, `split.csv`) with `MODEL_CARD.md` and `card.json`. A shipped model is
     replaced only by a run whose recipe scores a higher pooled cross-validated mean per-case Dice
     on the same patients (`check_shippable`); shipping the shipped run again brings its card up to date."""
-    import hashlib
     import tempfile
 
     import keras

@@ -2,6 +2,7 @@
 is predicted (finished, each patient tested by one fold, every test case in the data), and the shipped U-Net scores
 the test slices of its own fold (17 real patients) as a classifier would."""
 
+import hashlib
 import json
 import shutil
 import sys
@@ -44,9 +45,12 @@ def partition(cases, extra=()):
 def test_the_folds_are_checked_before_anything_is_predicted(tmp_path, real_data):
     def refused(runs, message):
         with pytest.raises(SystemExit, match=message):
-            detection.fold_runs("unet-bf16", runs, real_data)
+            detection.fold_sources("unet-bf16", runs, real_data, tmp_path / "results")
 
-    refused(tmp_path / "none", "results-unet-bf16 is not a finished segmenter run of unet-bf16: it has no model.h5")
+    (tmp_path / "empty" / "results-unet-bf16").mkdir(parents=True)
+    refused(tmp_path / "empty", "results-unet-bf16 is not a finished segmenter run of unet-bf16: it has no model.h5")
+    nothing = detection.fold_sources("unet-bf16", tmp_path / "none", real_data, tmp_path / "results")
+    assert nothing == dict.fromkeys(detection.fold_rows("unet-bf16"))  # no run folder, no saved scores
     shipped = pd.read_csv(SHIPPED / "split.csv")
     refused(fold_folders(tmp_path / "same", [shipped] * 5), "is a test case of both .*unet-bf16 and .*unet-bf16-fold2")
     runs = fold_folders(tmp_path / "config", partition(shipped.case_id))
@@ -60,7 +64,7 @@ def test_the_folds_are_checked_before_anything_is_predicted(tmp_path, real_data)
     for written in ({**config, "augmentation": "standard"}, {k: v for k, v in config.items() if k != "augmentation"}):
         (runs / "results-unet-aug-bf16-fold2" / "config.json").write_text(json.dumps(written))
         with pytest.raises(SystemExit, match="has augmentation 'standard', the row unet-aug-bf16-fold2 'strong'"):
-            detection.fold_runs("unet-aug-bf16", runs, real_data)
+            detection.fold_sources("unet-aug-bf16", runs, real_data, tmp_path / "results")
     untested = [shipped] + [shipped.assign(split="train")] * 4  # folds 2-5 test nobody
     refused(fold_folders(tmp_path / "untested", untested), "patients of the split are in no fold's test cases")
     absent = partition(shipped.case_id, extra=["TCGA_XX_0001_20000101"])
@@ -132,14 +136,17 @@ def test_the_shipped_unet_scores_its_test_slices_as_a_classifier(real_data):
 
 def test_each_fold_chooses_on_its_validation_slices_not_its_test_slices(tmp_path, monkeypatch):
     """Validation slices that `area` separates and `max` does not, test slices the other way round: `main` must
-    score the test slices with `area`, and say so per fold."""
-    folders = []
-    for k, row in enumerate(detection.fold_rows("unet-bf16")):
+    score the test slices with `area`, and say so per fold. Each fold's slice scores are saved with its model's
+    sha256; once the run folders are gone they give the same pooled figures, but only for the model that
+    `results/<row>.json` scored, and with a fold missing nothing is pooled."""
+    rows = detection.fold_rows("unet-bf16")
+    folders = {}
+    for k, row in enumerate(rows):
         folder = tmp_path / "runs" / f"results-{row}"
         folder.mkdir(parents=True)
         (folder / "model.h5").write_bytes(b"weights of fold %d" % k)
         (folder / "config.json").write_text(json.dumps({"split": f"patient-fold-{k + 1}-of-5"}))
-        folders.append(folder)
+        folders[row] = folder
 
     def scores(folder, data_dir):
         labels = np.tile([0, 1], 10)
@@ -152,14 +159,51 @@ def test_each_fold_chooses_on_its_validation_slices_not_its_test_slices(tmp_path
                                         "score_top100": bad, "score_area": area_score}))  # fmt: skip
         return pd.concat(tables, ignore_index=True).assign(fold=folder.name.removeprefix("results-"))
 
-    monkeypatch.setattr(detection, "fold_runs", lambda recipe, runs, data: folders)
+    real_fold_sources = detection.fold_sources
+    monkeypatch.setattr(detection, "fold_sources", lambda recipe, runs, data, results: dict(folders))
     monkeypatch.setattr(detection, "segmenter_scores", scores)
     monkeypatch.setattr(detection, "ROOT", tmp_path)  # results/ of the scratch folder, not the repository's
-    (tmp_path / "results").mkdir()
-    detection.main(["--recipe", "unet-bf16", "--data", str(tmp_path), "--runs", str(tmp_path / "runs")])
-    found = json.loads((tmp_path / "results" / "slice-detection.json").read_text())
+    results = tmp_path / "results"
+    results.mkdir()
+    command = ["--recipe", "unet-bf16", "--data", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    detection.main(command)
+    written = results / "slice-detection-unet-bf16.json"
+    found = json.loads(written.read_text())
     assert [f["aggregate"] for f in found["per_fold"]] == ["area"] * 5
     assert all(f["validation_roc_auc"] == {"max": 0.5, "top100": 0.5, "area": 1.0} for f in found["per_fold"])
     assert found["segmenter"]["roc_auc"] == 0.5 and found["test_roc_auc_by_aggregate"]["max"] == 1.0
-    table = pd.read_csv(tmp_path / "results" / "slice-detection.csv")
+    table = pd.read_csv(results / "slice-detection-unet-bf16.csv")
     assert len(table) == 100 and (table.score == table.score_area).all() and set(table["aggregate"]) == {"area"}
+    digests = {row: hashlib.sha256(b"weights of fold %d" % k).hexdigest() for k, row in enumerate(rows)}
+    for row in rows:
+        saved = pd.read_csv(results / row / detection.SCORE_FILE)
+        assert len(saved) == 40 and set(saved.model_sha256) == {digests[row]} and set(saved.split) == {"val", "test"}
+
+    # the run folders gone (a later session): the saved scores, checked against results/<row>.json
+    shutil.rmtree(tmp_path / "runs")
+    labels = pd.concat([scores(Path(f"results-{row}"), None) for row in rows])[["case_id", "slice_index", "has_tumor"]]
+    monkeypatch.setattr("lgg.data.find_slices", lambda data_dir: labels)
+    monkeypatch.setattr(detection, "fold_sources", real_fold_sources)
+    for k, row in enumerate(rows):
+        (results / f"{row}.json").write_text(json.dumps({"split": f"patient-fold-{k + 1}-of-5",
+                                                         "model_sha256": digests[row]}))  # fmt: skip
+    before = written.read_text()
+    written.unlink()
+    detection.main(command)
+    assert written.read_text() == before
+    mislabelled = labels.assign(has_tumor=~labels.has_tumor)
+    monkeypatch.setattr("lgg.data.find_slices", lambda data_dir: mislabelled)
+    with pytest.raises(SystemExit, match=f"results/{rows[0]}/slice-scores.csv has slices that .* labels otherwise"):
+        detection.main(command)
+    monkeypatch.setattr("lgg.data.find_slices", lambda data_dir: labels)
+    (results / f"{rows[2]}.json").write_text(json.dumps({"split": "patient-fold-3-of-5", "model_sha256": "0" * 64}))
+    with pytest.raises(SystemExit, match=f"{rows[2]}/slice-scores.csv holds the scores of another model"):
+        detection.main(command)
+    (results / f"{rows[2]}.json").write_text(json.dumps({"split": "patient-fold-3-of-5"}))
+    with pytest.raises(SystemExit, match=f"{rows[2]}.json records no model_sha256"):
+        detection.main(command)
+    shutil.rmtree(results / rows[2])
+    written.unlink()
+    with pytest.raises(SystemExit, match=f"4 of 5 folds of unet-bf16 scored .*{rows[2]} has no run folder"):
+        detection.main(command)
+    assert not written.exists()

@@ -37,7 +37,8 @@ FOLDS = range(1, 6)  # the 5-fold cross-validation by patient; fold 1 of 5 is th
 
 
 def fold_split(k):
-    return HEADLINE.split if k == 1 else f"patient-fold-{k}-of-5"
+    """The split of fold `k` of `FOLDS`: fold 1 is the patient split every row defaults to."""
+    return HEADLINE.split if k == 1 else f"patient-fold-{k}-of-{len(FOLDS)}"
 
 
 def fold_number(split):
@@ -332,6 +333,7 @@ def cross_validation(results, recipe="unet"):
         "folds": [r["name"] for r in folds],
         "splits": [r["split"] for r in folds],
         "cases": int(len(cases)),
+        "split_patients": split_patients(folds[0]),
         "case_dice_mean": float(cases.case_dice.mean()),
         "case_dice_median": float(cases.case_dice.median()),
         "case_dice_mean_ci95": list(metrics.mean_confidence_interval(cases.case_dice)),
@@ -379,6 +381,7 @@ def classifier_cross_validation(results):
         "folds": [r["name"] for r in folds],
         "splits": [r["split"] for r in folds],
         "cases": interval["patients"],
+        "split_patients": split_patients(folds[0]),
         **report,
         "roc_auc_ci95": interval["roc_auc_ci95"],
         "per_fold": [
@@ -409,10 +412,10 @@ def classifier_cross_validation_text(pooled):
     )
     return (
         f"**Cross-validation by patient, the classifier** ({len(pooled['folds'])} of 5 folds run: {pooled['cases']} "
-        f"of the 88 patients, {pooled['slices']} slices, each scored once by the fold model that never saw its "
-        f"patient; `results/classifier-cross-validation.json`, one row per slice in the `.csv`): ROC AUC "
-        f"**{pooled['roc_auc']:.3f}** (95 % interval {low:.3f}–{high:.3f}, percentile bootstrap over patients), "
-        f"accuracy {pooled['accuracy']:.3f}, sensitivity {pooled['sensitivity']:.3f}, specificity "
+        f"of the {pooled['split_patients']} patients, {pooled['slices']} slices, each scored once by the fold model "
+        "that never saw its patient; `results/classifier-cross-validation.json`, one row per slice in the `.csv`): "
+        f"ROC AUC **{pooled['roc_auc']:.3f}** (95 % interval {low:.3f}–{high:.3f}, percentile bootstrap over "
+        f"patients), accuracy {pooled['accuracy']:.3f}, sensitivity {pooled['sensitivity']:.3f}, specificity "
         f"{pooled['specificity']:.3f} at 0.5 (the pooled probabilities of the fold models). Per fold: {folds}."
     )
 
@@ -586,6 +589,12 @@ def _test_counts(result):
     return next(row for row in result["split_counts"] if row["split"] == "test")
 
 
+def split_patients(result):
+    """The patients of a run's split, its training, validation and test cases together: 88 on the shared cases,
+    110 on the whole Kaggle set."""
+    return sum(row["cases"] for row in result["split_counts"])
+
+
 def cross_validation_text(pooled):
     low, high = pooled["case_dice_mean_ci95"]
     recipe = pooled.get("recipe", "unet")
@@ -610,7 +619,8 @@ def cross_validation_text(pooled):
     )
     lines = [
         f"**Cross-validation by patient, {title}** ({len(pooled['folds'])} of 5 folds run: "
-        f"{pooled['cases']} of the 88 patients, each scored once by the fold model that never saw it; "
+        f"{pooled['cases']} of the {pooled['split_patients']} patients, each scored once by the fold model that "
+        "never saw it; "
         f"`results/{recipe}-cross-validation.json`, one row per case in `results/{recipe}-cross-validation.csv`"
         f"{where}): "
         f"mean per-case Dice **{pooled['case_dice_mean']:.3f}** (95 % interval {low:.3f}–{high:.3f}), median "
@@ -685,8 +695,10 @@ def readme_table(results):
     results = [r for r in results if r["name"] in TABLE_ROWS]  # candidate recipes: in their comparison below
     segmenters = [r for r in results if r["model"] != "classifier"]
     classifiers = [r for r in results if r["model"] == "classifier"]
+    patients = sorted({split_patients(r) for r in results if r["split"] == HEADLINE.split})  # one, unless mixed data
     lines = [
-        "Produced by `make results` (`benchmarks/results.py`) on the 88 shared cases, on 2-core CPUs "
+        f"Produced by `make results` (`benchmarks/results.py`) on {' / '.join(map(str, patients))} of the Kaggle "
+        "set's 110 cases, on 2-core CPUs "
         "(AMD EPYC unless the row names another; each run's CPU is in its JSON), no GPU; numbers from "
         "`results/*.json`. Held-out **test** cases of the patient split "
         "unless marked leaky; Dice per case is over each case's whole volume at 256×256, after the "
@@ -860,10 +872,10 @@ def glance_table(results):
         [
             "Each recipe on the patients its fold models never saw (5 folds by patient; fold 1 is the patient split "
             "of the table below): mean and median per-case Dice over the patients of the folds run so far (in "
-            "bold: all 88), the cases at Dice 0, and the runs it is paired with on the same patients, their mean "
-            "and the paired difference (`lgg.metrics.paired_comparison`). A mean over 1-4 folds is not comparable "
-            f"with one over all 5{differ}; the paired column is. Each recipe's change and its folds' CPUs: its "
-            "lines under the table.",
+            "bold: all five folds, every patient), the cases at Dice 0, and the runs it is paired with on the same "
+            "patients, their mean and the paired difference (`lgg.metrics.paired_comparison`). A mean over 1-4 folds "
+            f"is not comparable with one over all 5{differ}; the paired column is. Each recipe's change and its "
+            "folds' CPUs: its lines under the table.",
             "",
             "| recipe | folds run | patients | mean per-case Dice (95 % CI) | median | cases at Dice 0 | paired with: "
             "its mean on the same patients; difference (95 % CI), better / worse, Wilcoxon p |",
@@ -1335,9 +1347,9 @@ def model_card(card):
         f"{size}² and the probabilities back",
         "post-processing": "`postprocess.json` beside it, chosen on the validation cases: "
         + postprocess.describe(test["postprocessing"]),
-        "data": f"the 88 shared cases of the Kaggle set, split `{card['split']}` (`split.csv` beside it): trained on "
-        f"{counts['train']['cases']} patients ({counts['train']['slices']} slices), best epoch chosen on "
-        f"{counts['val']['cases']} validation patients, tested on {counts['test']['cases']} patients "
+        "data": f"{split_patients(card)} of the Kaggle set's 110 cases, split `{card['split']}` (`split.csv` beside "
+        f"it): trained on {counts['train']['cases']} patients ({counts['train']['slices']} slices), best epoch "
+        f"chosen on {counts['val']['cases']} validation patients, tested on {counts['test']['cases']} patients "
         f"({counts['test']['slices']} slices) it never saw",
         "recipe": _recipe_row(card),
         "machine": f"{env.get('cpu_model') or env.get('processor')} ({env.get('machine')}), {env.get('cpu_count')} "

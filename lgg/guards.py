@@ -175,7 +175,6 @@ def empty_run_folder(folder):
     `RUN_FOLDERS` name (a link of such a name is removed, never what it points to); anything else stays.
     A folder named like one of our files, or a file like one of our folders, is refused before anything
     is removed: the run would fail writing there. Returns the names kept, sorted."""
-
     remove, kept = [], []
     for path in sorted(Path(folder).iterdir()):
         if path.name == LOCK_FILE:

@@ -77,7 +77,6 @@ def remove_earlier_predictions(out_dir, case_ids):
     (the cases about to be predicted) that is in the way and not an earlier case folder (a file, or a folder
     of yours). The manifest goes last, so a kill midway leaves it naming what is left. Returns the names
     kept, sorted (`case/file` inside a case folder)."""
-
     out_dir = Path(out_dir)
     earlier = _earlier_cases(out_dir)
     for name in case_ids:

@@ -29,7 +29,6 @@ files, replaced on each run.
 """
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from lgg.files import file_sha256  # noqa: E402
 from results import CONFIGS, fold_rows  # noqa: E402
 
 RUN_FILES = ("model.h5", "split.csv", "postprocess.json", "config.json")
@@ -68,21 +68,26 @@ def segmenter_recipes():
 def fold_sources(recipe, runs_dir, data_dir, results_dir):
     """Where each fold row of `recipe` is scored from, checked before anything is predicted -> {row: source}: its
     run folder `runs_dir/results-<row>/` (a finished run of its row: its files, its `config.json` agreeing with the
-    row, a valid post-processing file), else the scores such a folder left (`committed_scores`), else None. The
-    test cases found are each one fold's, all in `data_dir`, and with all five folds cover every patient."""
+    row, a valid post-processing file, and the model `results/<row>.json` scored, if that records one), else the
+    scores such a folder left (`committed_scores`), else None. The test cases found are each one fold's, all in
+    `data_dir`, and with all five folds cover every patient of the split."""
     from lgg import data, postprocess
 
-    sources, tested, patients = {}, {}, None
+    sources, tested, patients, split_cases = {}, {}, set(), None
+
+    def claim(cases, owner):
+        for case in sorted(cases):
+            if case in tested:
+                raise SystemExit(f"{case} is a test case of both {tested[case]} and {owner}: each fold once")
+            tested[case] = owner
+
     for row in fold_rows(recipe):
         folder = Path(runs_dir) / f"results-{row}"
         if not folder.exists():
             sources[row] = committed_scores(row, results_dir)
             if sources[row] is not None:
-                test = sources[row]
-                for case in sorted(set(test.case_id[test.split == "test"])):
-                    if case in tested:
-                        raise SystemExit(f"{case} is a test case of both {tested[case]} and {row}: each fold once")
-                    tested[case] = row
+                claim(set(sources[row].case_id[sources[row].split == "test"]), row)
+                patients.add(int(sources[row].split_patients.iloc[0]))
             continue
         missing = [name for name in RUN_FILES if not (folder / name).is_file()]
         if missing:
@@ -97,6 +102,11 @@ def fold_sources(recipe, runs_dir, data_dir, results_dir):
             if value != getattr(CONFIGS[row], key):
                 raise SystemExit(f"{folder / 'config.json'} has {key} {value!r}, the row {row} "
                                  f"{getattr(CONFIGS[row], key)!r}: not a run of this recipe")  # fmt: skip
+        result_file = Path(results_dir) / f"{row}.json"
+        scored = json.loads(result_file.read_text()).get("model_sha256") if result_file.is_file() else None
+        if scored and scored != file_sha256(folder / "model.h5"):
+            raise SystemExit(f"{folder / 'model.h5'} is not the model {result_file} scored: collect this run "
+                             "first (`python benchmarks/results.py --collect-only`)")  # fmt: skip
         try:
             postprocess.load(folder / "model.h5")
         except ValueError as error:
@@ -104,53 +114,61 @@ def fold_sources(recipe, runs_dir, data_dir, results_dir):
         split = pd.read_csv(folder / "split.csv")
         if not {"case_id", "split"} <= set(split.columns):
             raise SystemExit(f"{folder / 'split.csv'} is not a split file: it needs the columns case_id and split")
-        patients = set(split.case_id) if patients is None else patients
-        if set(split.case_id) != patients:
+        if split_cases is not None and set(split.case_id) != split_cases:
             raise SystemExit(f"{folder / 'split.csv'} splits other patients than the other folds' split.csv")
-        for case in sorted(set(split.loc[split["split"] == "test", "case_id"])):
-            if case in tested:
-                raise SystemExit(f"{case} is a test case of both {tested[case]} and {folder}: each fold once")
-            tested[case] = folder
+        split_cases = set(split.case_id)
+        claim(set(split.loc[split["split"] == "test", "case_id"]), folder)
+        patients.add(len(split_cases))
         sources[row] = folder
-    if patients is not None and None not in sources.values():
-        untested = sorted(patients - set(tested))
-        if untested:
-            raise SystemExit(f"{len(untested)} patients of the split are in no fold's test cases: {untested[:4]}")
+    if len(patients) > 1:
+        raise SystemExit(f"the {recipe} folds split different numbers of patients ({sorted(patients)}): other data")
+    if all(source is not None for source in sources.values()) and patients != {len(tested)}:
+        untested = sorted(split_cases - set(tested)) if split_cases else []
+        raise SystemExit(f"{max(patients) - len(tested)} patients of the split are in no fold's test cases: "
+                         f"{untested[:4]}")  # fmt: skip
     found = data.find_slices(data_dir)
     missing = sorted(set(tested) - set(found.case_id))
     if missing:
         raise SystemExit(f"{len(missing)} test cases of the {recipe} folds are missing in {data_dir}: {missing[:4]}")
     for row, source in sources.items():
         if isinstance(source, pd.DataFrame):
-            labels = source.merge(found, on=["case_id", "slice_index"], how="left", suffixes=("", "_data"))
-            if labels.has_tumor_data.isna().any() or not (labels.has_tumor == labels.has_tumor_data).all():
-                raise SystemExit(f"results/{row}/{SCORE_FILE} has slices that {data_dir} lacks or labels otherwise: "
-                                 "scored on other data")  # fmt: skip
+            keys = ["case_id", "slice_index"]
+            ours = found.loc[found.case_id.isin(set(source.case_id)), [*keys, "has_tumor"]]
+            both = source[[*keys, "has_tumor"]].merge(ours, on=keys, how="outer", suffixes=("", "_data"))
+            if len(both) != len(source) or len(both) != len(ours) or not (both.has_tumor == both.has_tumor_data).all():
+                raise SystemExit(f"results/{row}/{SCORE_FILE} and {data_dir} disagree on the slices of its cases or "
+                                 "their labels: scored on other data")  # fmt: skip
     return sources
 
 
 def committed_scores(row, results_dir):
     """The validation and test slice scores a run folder of `row` left in `results/<row>/slice-scores.csv`, with
-    `fold` and `run_split` added; None without the file. Refused unless they are of the model that
-    `results/<row>.json` scored (its `model_sha256`): a run trained again leaves the old scores stale."""
+    `fold`, `run_split` and `split_patients` added; None without the file. Refused unless they are of the model
+    that `results/<row>.json` scored (its `model_sha256`: a run trained again leaves the old scores stale), and of
+    as many validation and test cases as it counts."""
     file = Path(results_dir) / row / SCORE_FILE
     if not file.is_file():
         return None
-    table = pd.read_csv(file)
+    table = pd.read_csv(file, float_precision="round_trip")
     needed = {"split", "case_id", "slice_index", "has_tumor", "model_sha256", *(f"score_{n}" for n in AGGREGATES)}
     if not needed <= set(table.columns):
         raise SystemExit(f"{file} lacks the columns {sorted(needed - set(table.columns))}")
     result_file = Path(results_dir) / f"{row}.json"
-    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if not result.get("model_sha256"):
-        raise SystemExit(f"{result_file} records no model_sha256 to check {file} against: score the fold "
-                         "from its run folder, or collect that run again (`results.py --collect-only`)")  # fmt: skip
+    if not result_file.is_file():
+        raise SystemExit(f"{result_file} not found: nothing to check {file} against (it comes with the fold's results)")
+    result = json.loads(result_file.read_text())
+    if not result.get("model_sha256") or "split" not in result or "split_counts" not in result:
+        raise SystemExit(f"{result_file} records no model_sha256, split or split_counts to check {file} against")
     if set(table.model_sha256) != {result["model_sha256"]}:
-        raise SystemExit(f"{file} holds the scores of another model than the one results/{row}.json scored: "
-                         "score the fold again from its run folder")  # fmt: skip
-    if set(table.split) != {"val", "test"}:
-        raise SystemExit(f"{file} holds the splits {sorted(set(table.split))}; it needs val and test")
-    return table.assign(fold=row, run_split=result["split"])
+        raise SystemExit(f"{file} holds the scores of another model than the one {result_file} scored")
+    if table.duplicated(["case_id", "slice_index"]).any():
+        raise SystemExit(f"{file} scores some slices twice")
+    counts = {part["split"]: part["cases"] for part in result["split_counts"]}
+    for part in ("val", "test"):
+        if table.case_id[table.split == part].nunique() != counts.get(part):
+            raise SystemExit(f"{file} holds {table.case_id[table.split == part].nunique()} {part} cases, "
+                             f"{result_file} {counts.get(part)}")  # fmt: skip
+    return table.assign(fold=row, run_split=result["split"], split_patients=sum(counts.values()))
 
 
 def aggregate(probabilities, masks):
@@ -252,7 +270,7 @@ def main(argv=None):
                 continue
             if isinstance(source, Path):
                 table = segmenter_scores(source, args.data)
-                digest = hashlib.sha256((source / "model.h5").read_bytes()).hexdigest()
+                digest = file_sha256(source / "model.h5")
                 split = json.loads((source / "config.json").read_text())["split"]
                 (results_dir / row).mkdir(parents=True, exist_ok=True)
                 save_csv(table.drop(columns="fold").assign(model_sha256=digest), results_dir / row / SCORE_FILE)
@@ -270,12 +288,22 @@ def main(argv=None):
                              "validation_roc_auc": aucs})  # fmt: skip
     except (DatasetError, ValueError, OSError) as error:  # a damaged file or missing data: the message, no trace
         raise SystemExit(str(error)) from None
+    stem = f"slice-detection-{args.recipe}"
     lacking = [row for row, source in sources.items() if source is None]
     if lacking:
+        stale = ""
+        if (results_dir / f"{stem}.json").is_file():  # pooled from models of which one is no longer a fold's
+            earlier = {
+                f["fold"]: f["model_sha256"] for f in json.loads((results_dir / f"{stem}.json").read_text())["per_fold"]
+            }
+            if any(earlier.get(f["fold"]) != f["model_sha256"] for f in per_fold):
+                for suffix in (".json", ".csv"):
+                    (results_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+                stale = f"; results/{stem}.json and .csv, pooled from another model of some fold, removed"
         raise SystemExit(
             f"{len(tables)} of {len(sources)} folds of {args.recipe} scored (each one's slices in "
             f"results/<row>/{SCORE_FILE}); the pooled figures need all of them: {', '.join(lacking)} "
-            f"{'has' if len(lacking) == 1 else 'have'} no run folder in {args.runs} and no {SCORE_FILE}"
+            f"{'has' if len(lacking) == 1 else 'have'} no run folder in {args.runs} and no {SCORE_FILE}{stale}"
         )
     scores = pd.concat(tables, ignore_index=True)
     found = {
@@ -291,7 +319,6 @@ def main(argv=None):
         "per_fold": per_fold,
         "vs_classifier": compare(scores, results_dir / "classifier-cross-validation.csv"),
     }
-    stem = f"slice-detection-{args.recipe}"
     save_csv(scores, results_dir / f"{stem}.csv")
     save_json(found, results_dir / f"{stem}.json")
     s = found["segmenter"]

@@ -38,6 +38,8 @@ class StepEnds(keras.callbacks.Callback):
 
 
 def main(root, out, seconds=3.0):
+    if (Path(out) / "gpu_train_bound.json").exists():  # never written over: a new OUT for a new measurement
+        raise SystemExit(f"{Path(out) / 'gpu_train_bound.json'} exists: choose a new OUT")
     import torch
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -16,9 +16,12 @@
 #   # the summary alone, again, from the histories:
 #   bash benchmarks/gpu_train_speed.sh --summarize results/gpu/cli
 #
-# Writes OUT/machine.txt, OUT/dmon.log (GPU utilization), OUT/<setting>.log, OUT/<setting>-history.csv (lgg's own history: the
-# steady-state `train_slices_per_s` of each epoch) and OUT/gpu_train_speed.json (the median over
-# epochs after the first, per setting).
+# The committed results/gpu/cli came from the first version of this script, whose machine.txt printed the core
+# count and the torch / keras versions bare; what it ran was the same.
+#
+# Writes OUT/machine.txt, OUT/dmon.log (GPU utilization), OUT/<setting>.log, OUT/<setting>-history.csv (lgg's
+# own history: the steady-state `train_slices_per_s` of each epoch) and OUT/gpu_train_speed.json (the median
+# over epochs after the first, per setting). A setting that fails stops the script (exit status 1).
 set -u
 
 summarize() {
@@ -31,6 +34,8 @@ summary = {}
 for history in sorted(out.glob("*-history.csv")):
     rows = list(csv.DictReader(history.open()))
     rates = [float(row["train_slices_per_s"]) for row in rows[1:]]  # the first epoch holds start-up
+    if not rates:
+        sys.exit(f"error: {history} has {len(rows)} epoch(s): no steady-state epoch to summarize")
     summary[history.name.removesuffix("-history.csv")] = {
         "epochs": len(rows),
         "training_s": round(float(rows[-1]["elapsed_s"]), 1),
@@ -46,7 +51,7 @@ EOF
 }
 
 if [ "${1:-}" = "--summarize" ]; then
-    if ! compgen -G "${2:-.}/*-history.csv" > /dev/null; then
+    if [ -z "${2:-}" ] || ! compgen -G "$2/*-history.csv" > /dev/null; then
         echo "error: ${2:-(no folder given)}: no <setting>-history.csv to summarize" >&2
         exit 2
     fi
@@ -60,8 +65,11 @@ if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then  # never write over what this
     exit 2
 fi
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=torch PYTHONUNBUFFERED=1
+scratch=$(mktemp -d)  # the wheels, the data and the run folders: this script's own, removed at the end
+dmon=
+trap 'rm -rf "$scratch"; [ -n "$dmon" ] && kill "$dmon" 2>/dev/null' EXIT
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$scratch/site" .whl/*.whl || exit 1
+export PYTHONPATH=$scratch/site:$PWD KERAS_BACKEND=torch PYTHONUNBUFFERED=1
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     echo "cpu cores: $(nproc)"
@@ -69,7 +77,7 @@ export PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=torch PYTHONUNBUFFERED=1
     lscpu | grep 'Model name'
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-data=$(mktemp -d)  # a folder of its own: never a user's
+data=$scratch/data
 python3 .gpu/lgg/restore.py "$data" --cases 16 --workers 16 || exit 1
 nvidia-smi dmon -s u -d 5 > "$OUT/dmon.log" 2>&1 &  # GPU utilization every 5 s, through all three runs
 dmon=$!
@@ -77,12 +85,15 @@ for setting in "b16-128-f32:--image-size 128 --batch-size 16 --precision float32
     "b16-128-bf16:--image-size 128 --batch-size 16 --precision mixed_bfloat16" \
     "b32-256-bf16:--image-size 256 --batch-size 32 --precision mixed_bfloat16"; do
     name=${setting%%:*}
-    run=$(mktemp -d)/run
+    run=$scratch/$name
     # shellcheck disable=SC2086  # the setting's flags are meant to split
     python3 -m lgg train unet --data "$data" --out "$run" --max-minutes 1.25 --schedule time-cosine ${setting#*:} \
         > "$OUT/$name.log" 2>&1
-    echo "$name: exit status $?"
-    cp "$run/history.csv" "$OUT/$name-history.csv"
+    status=$?
+    echo "$name: exit status $status"
+    if [ "$status" -ne 0 ] || ! cp "$run/history.csv" "$OUT/$name-history.csv"; then
+        echo "error: the $name run failed: $OUT/$name.log says why" >&2
+        exit 1
+    fi
 done
-kill "$dmon"
 summarize "$OUT"

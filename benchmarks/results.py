@@ -12,7 +12,6 @@ results table.
 """
 
 import argparse
-import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -23,7 +22,7 @@ import pandas as pd
 
 from lgg.config import HEADLINE, RunConfig
 from lgg.data import FOLD_PATTERN, describe_augmentation
-from lgg.files import atomic_path, copy_file, save_json
+from lgg.files import atomic_path, copy_file, file_sha256, save_json
 from lgg.train import monitor_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +226,7 @@ def collect(name, data_dir):
         ),
         "time_limit_minutes": config.get("max_minutes"),
         # the file scored here: what benchmarks/detection.py checks a fold's saved slice scores against
-        "model_sha256": hashlib.sha256((run_dir / "model.h5").read_bytes()).hexdigest(),
+        "model_sha256": file_sha256(run_dir / "model.h5"),
         "environment": config["environment"],
         "test": summary,
     }
@@ -1236,7 +1235,7 @@ def ship(name, data_dir, target="unet"):
         with tempfile.TemporaryDirectory() as scratch:  # its tables and plots are not shipped
             measured = evaluate.evaluate_model_file(staging / "model.h5", data_dir, out_dir=scratch)
         facts = {
-            "sha256": hashlib.sha256((staging / "model.h5").read_bytes()).hexdigest(),
+            "sha256": file_sha256(staging / "model.h5"),
             "megabytes": round((staging / "model.h5").stat().st_size / 1e6, 2),
             "parameters": int(model.count_params()),
             "input": list(model.input_shape),

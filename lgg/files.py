@@ -1,6 +1,7 @@
 """Atomic file writes: a crash or interrupt never leaves a half-written model or results file."""
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -62,6 +63,11 @@ def _json_default(value):
 def save_json(obj, path):
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes, in hex: how a model file is named in cards and results."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_csv(frame, path):

@@ -185,7 +185,8 @@ def test_each_fold_chooses_on_its_validation_slices_not_its_test_slices(tmp_path
     monkeypatch.setattr("lgg.data.find_slices", lambda data_dir: labels)
     monkeypatch.setattr(detection, "fold_sources", real_fold_sources)
     for k, row in enumerate(rows):
-        (results / f"{row}.json").write_text(json.dumps({"split": f"patient-fold-{k + 1}-of-5",
+        counts = [{"split": "train", "cases": 30}, {"split": "val", "cases": 10}, {"split": "test", "cases": 10}]
+        (results / f"{row}.json").write_text(json.dumps({"split": f"patient-fold-{k + 1}-of-5", "split_counts": counts,
                                                          "model_sha256": digests[row]}))  # fmt: skip
     before = written.read_text()
     written.unlink()
@@ -193,10 +194,14 @@ def test_each_fold_chooses_on_its_validation_slices_not_its_test_slices(tmp_path
     assert written.read_text() == before
     mislabelled = labels.assign(has_tumor=~labels.has_tumor)
     monkeypatch.setattr("lgg.data.find_slices", lambda data_dir: mislabelled)
-    with pytest.raises(SystemExit, match=f"results/{rows[0]}/slice-scores.csv has slices that .* labels otherwise"):
+    with pytest.raises(
+        SystemExit,
+        match=f"results/{rows[0]}/slice-scores.csv and .* disagree on the slices of its cases or their labels",
+    ):
         detection.main(command)
     monkeypatch.setattr("lgg.data.find_slices", lambda data_dir: labels)
-    (results / f"{rows[2]}.json").write_text(json.dumps({"split": "patient-fold-3-of-5", "model_sha256": "0" * 64}))
+    kept = json.loads((results / f"{rows[2]}.json").read_text())
+    (results / f"{rows[2]}.json").write_text(json.dumps({**kept, "model_sha256": "0" * 64}))
     with pytest.raises(SystemExit, match=f"{rows[2]}/slice-scores.csv holds the scores of another model"):
         detection.main(command)
     (results / f"{rows[2]}.json").write_text(json.dumps({"split": "patient-fold-3-of-5"}))
@@ -207,3 +212,51 @@ def test_each_fold_chooses_on_its_validation_slices_not_its_test_slices(tmp_path
     with pytest.raises(SystemExit, match=f"4 of 5 folds of unet-bf16 scored .*{rows[2]} has no run folder"):
         detection.main(command)
     assert not written.exists()
+
+
+def test_folds_scored_in_an_earlier_session_pool_with_run_folders(tmp_path, real_data):
+    """Three folds from their run folders, two from the slice scores an earlier session left: accepted together (the
+    mixed case once crashed comparing a table with None). Refused: a saved file that lacks a slice of its cases, one
+    that counts other test cases than its results file, and a run folder whose model its results file did not score."""
+    from lgg import data
+
+    shipped = pd.read_csv(SHIPPED / "split.csv")
+    splits = partition(shipped.case_id)
+    runs, results = fold_folders(tmp_path / "runs", splits), tmp_path / "results"
+    slices, rows = data.find_slices(real_data), detection.fold_rows("unet-bf16")
+    for k in (3, 4):
+        shutil.rmtree(runs / f"results-{rows[k]}")
+        test = set(splits[k].case_id[splits[k].split == "test"])
+        val = set(sorted(set(splits[k].case_id) - test)[:3])
+        part = slices[slices.case_id.isin(test | val)]
+        table = part[["case_id", "slice_index", "has_tumor"]].assign(
+            split=np.where(part.case_id.isin(test), "test", "val"),
+            score_max=0.5,
+            score_top100=0.5,
+            score_area=1.0,
+            model_sha256="a" * 64,
+        )
+        (results / rows[k]).mkdir(parents=True)
+        table.to_csv(results / rows[k] / detection.SCORE_FILE, index=False)
+        counts = [{"split": "test", "cases": len(test)}, {"split": "val", "cases": 3},
+                  {"split": "train", "cases": len(splits[k]) - len(test) - 3}]  # fmt: skip
+        result = {"split": f"patient-fold-{k + 1}-of-5", "model_sha256": "a" * 64, "split_counts": counts}
+        (results / f"{rows[k]}.json").write_text(json.dumps(result))
+    sources = detection.fold_sources("unet-bf16", runs, real_data, results)
+    assert [isinstance(source, Path) for source in sources.values()] == [True, True, True, False, False]
+    assert len(sources[rows[3]]) + len(sources[rows[4]]) > 0
+
+    saved = results / rows[4] / detection.SCORE_FILE
+    whole = saved.read_text()
+    pd.read_csv(saved).iloc[1:].to_csv(saved, index=False)  # one slice of its cases left out
+    with pytest.raises(SystemExit, match=f"{rows[4]}/slice-scores.csv and .* disagree on the slices"):
+        detection.fold_sources("unet-bf16", runs, real_data, results)
+    saved.write_text(whole)
+    result = json.loads((results / f"{rows[4]}.json").read_text())
+    result["split_counts"][0]["cases"] += 1
+    (results / f"{rows[4]}.json").write_text(json.dumps(result))
+    with pytest.raises(SystemExit, match=f"holds {result['split_counts'][0]['cases'] - 1} test cases, .*json "):
+        detection.fold_sources("unet-bf16", runs, real_data, results)
+    (results / f"{rows[0]}.json").write_text(json.dumps({"model_sha256": "b" * 64}))
+    with pytest.raises(SystemExit, match=f"results-{rows[0]}/model.h5 is not the model .* scored: collect this run"):
+        detection.fold_sources("unet-bf16", runs, real_data, results)

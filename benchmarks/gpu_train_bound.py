@@ -11,6 +11,12 @@ worker threads, each for about `SECONDS` (steady state: the first steps of each 
     KERAS_BACKEND=torch python3 benchmarks/gpu_train_bound.py /tmp/lgg OUT 3
 
 Writes `OUT/gpu_train_bound.json` after each setting.
+
+    KERAS_BACKEND=torch python3 benchmarks/gpu_train_bound.py /tmp/lgg OUT 3 --compiled
+
+times the step compiled instead (Keras' `jit_compile=True`, which on PyTorch is `torch.compile`; `lgg.train` keeps
+PyTorch eager): the first step, compiling included, and `train_on_batch` after it, at 128² batch 16 and 256²
+batch 32 -> `OUT/gpu_compiled.json`.
 """
 
 import json
@@ -83,5 +89,43 @@ def main(root, out, seconds=3.0):
         (Path(out) / "gpu_train_bound.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def compiled(root, out, seconds=3.0):
+    """The training step through `torch.compile` (Keras' `jit_compile=True`): compile time and slices/s."""
+    if (Path(out) / "gpu_compiled.json").exists():
+        raise SystemExit(f"{Path(out) / 'gpu_compiled.json'} exists: choose a new OUT")
+    import torch
+
+    slices = data.split_table(data.find_slices(root, max_cases=16))
+    rows = slices[slices.split == "train"]
+    draws = {"tumor_fraction": 0.5, "has_tumor": rows["has_tumor"].to_numpy(), "augmentation": "strong"}
+    train.resolve_jit_compile = lambda setting: True  # lgg keeps PyTorch eager; here: torch.compile
+    found = []
+    for size, batch_size in SETTINGS[:2]:
+        images, masks = data.load_arrays(rows, size)
+        stream = batches.TrainingBatches(images, masks, batch_size, **draws)
+        model = train.compile_model(models.build_model("unet", size, precision="mixed_bfloat16"), "segmentation")
+        images_batch, masks_batch = stream[0]
+        start = time.perf_counter()
+        model.train_on_batch(images_batch, masks_batch)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        for _ in range(3):
+            model.train_on_batch(images_batch, masks_batch)
+        torch.cuda.synchronize()
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            model.train_on_batch(images_batch, masks_batch)
+            count += 1
+        torch.cuda.synchronize()
+        rate = count * batch_size / (time.perf_counter() - start)
+        row = {"image_size": size, "batch_size": batch_size, "first_step_s": round(first, 1),
+               "compiled_train_on_batch_slices_per_s": round(rate, 1)}  # fmt: skip
+        print(row, flush=True)
+        found.append(row)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "gpu_compiled.json").write_text(json.dumps({"torch": torch.__version__, "rows": found}, indent=2))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 3.0)
+    arguments = [a for a in sys.argv[1:] if a != "--compiled"]
+    (compiled if "--compiled" in sys.argv else main)(*arguments[:2], *(float(a) for a in arguments[2:3]))

@@ -25,28 +25,26 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lgg import batches, data, models, train  # noqa: E402
-
+os.environ.setdefault("KERAS_BACKEND", "torch")
 SETTINGS = [(128, 16), (256, 32), (256, 64)]
-
-
-class StepEnds(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        self.ends = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.ends.append(time.perf_counter())
 
 
 def main(root, out, seconds=3.0):
     if (Path(out) / "gpu_train_bound.json").exists():  # never written over: a new OUT for a new measurement
         raise SystemExit(f"{Path(out) / 'gpu_train_bound.json'} exists: choose a new OUT")
+    import keras  # loaded once OUT is known to be free: seconds a refusal need not wait
+    import numpy as np
     import torch
+
+    from lgg import batches, data, models, train
+
+    class StepEnds(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     slices = data.split_table(data.find_slices(root, max_cases=16))
@@ -94,6 +92,8 @@ def compiled(root, out, seconds=3.0):
     if (Path(out) / "gpu_compiled.json").exists():
         raise SystemExit(f"{Path(out) / 'gpu_compiled.json'} exists: choose a new OUT")
     import torch
+
+    from lgg import batches, data, models, train
 
     slices = data.split_table(data.find_slices(root, max_cases=16))
     rows = slices[slices.split == "train"]

@@ -198,3 +198,13 @@ def test_the_gpu_training_speed_figures_are_what_their_histories_give(tmp_path):
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     completed = subprocess.run([*script, "--summarize", str(tmp_path / "none")], capture_output=True, text=True)
     assert completed.returncode == 2 and "no <setting>-history.csv" in completed.stderr, completed.stderr
+
+
+@pytest.mark.parametrize("mode, written", [([], "gpu_train_bound.json"), (["--compiled"], "gpu_compiled.json")])
+def test_the_gpu_bound_probe_never_writes_over_an_earlier_result(tmp_path, mode, written):
+    """Its OUT is refused when it already holds the file it would write, before anything is loaded or timed."""
+    (tmp_path / written).write_text("an earlier measurement")
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_train_bound.py"), str(tmp_path / "none"), str(tmp_path)]
+    completed = subprocess.run([*command, *mode], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 1 and f"{written} exists: choose a new OUT" in completed.stderr, completed.stderr
+    assert (tmp_path / written).read_text() == "an earlier measurement"

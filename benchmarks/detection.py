@@ -276,7 +276,7 @@ def main(argv=None):
                 save_csv(table.drop(columns="fold").assign(model_sha256=digest), results_dir / row / SCORE_FILE)
             else:
                 table, digest, split = source, source.model_sha256.iloc[0], source.run_split.iloc[0]
-                table = table.drop(columns=["model_sha256", "run_split"])
+                table = table.drop(columns=["model_sha256", "run_split", "split_patients"])
             validation = table[table.split == "val"]
             chosen, aucs = choose(validation, f"the validation slices of {row}")
             test = table[table.split == "test"].drop(columns="split")

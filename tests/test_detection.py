@@ -188,10 +188,10 @@ def test_each_fold_chooses_on_its_validation_slices_not_its_test_slices(tmp_path
         counts = [{"split": "train", "cases": 30}, {"split": "val", "cases": 10}, {"split": "test", "cases": 10}]
         (results / f"{row}.json").write_text(json.dumps({"split": f"patient-fold-{k + 1}-of-5", "split_counts": counts,
                                                          "model_sha256": digests[row]}))  # fmt: skip
-    before = written.read_text()
+    before, pooled = written.read_text(), (results / "slice-detection-unet-bf16.csv").read_text()
     written.unlink()
     detection.main(command)
-    assert written.read_text() == before
+    assert written.read_text() == before and (results / "slice-detection-unet-bf16.csv").read_text() == pooled
     mislabelled = labels.assign(has_tumor=~labels.has_tumor)
     monkeypatch.setattr("lgg.data.find_slices", lambda data_dir: mislabelled)
     with pytest.raises(

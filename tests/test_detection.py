@@ -127,7 +127,7 @@ def test_the_shipped_unet_scores_its_test_slices_as_a_classifier(real_data):
         assert set(table.case_id[table.split == part]) == set(split.loc[split["split"] == part, "case_id"])
     assert table.score_max.between(0, 1).all() and not table.duplicated(["case_id", "slice_index"]).any()
     assert set(table.fold) == {"unet"}  # the folder's name without "results-"
-    # the model card's fold: the U-Net finds tumor slices far better than chance (0.980 measured here)
+    # the model card's fold: the U-Net finds tumor slices far better than chance (0.977 for unet-aug-bf16-fold2)
     scores = table[table.split == "test"]
     assert roc_auc_score(scores.has_tumor, scores.score_max) > 0.97
     with pytest.raises(SystemExit, match="validation slices of x are all of one kind"):

@@ -102,6 +102,9 @@ CONFIGS = {
     # against 0.77 on its test cases for `unet-bf16-again`, fold 1): the strong
     # augmentation (wider affine ranges, a gamma per channel), in bfloat16 as the recipe it is paired with
     **recipe_folds("unet-aug-bf16", replace(HEADLINE, augmentation="strong", **BF16)),
+    # the two that found the FLAIR-only case on fold 1 (each on the same CPU as its partner), together: paired with
+    # the strong augmentation alone (the shipped recipe), so that the pair differs only in the FLAIR-only slices
+    **recipe_folds("unet-aug-flair-bf16", replace(HEADLINE, augmentation="strong", flair_only=0.2, **BF16)),
 }
 
 
@@ -122,10 +125,17 @@ CANDIDATES = {
     "unet-flair-bf16": "a fifth of the training slices made FLAIR only, both in mixed_bfloat16 without XLA",
     "unet-aug-bf16": f"the strong augmentation ({describe_augmentation('strong')}) instead of the standard "
     f"({describe_augmentation('standard')}), both in mixed_bfloat16 without XLA",
+    "unet-aug-flair-bf16": "a fifth of the training slices made FLAIR only, on top of the strong augmentation, both "
+    "in mixed_bfloat16 without XLA",
 }
 # the recipe a candidate is paired with, where it is not the headline: the one computed the same way, so that the
 # pair differs only in what the candidate changes
-PAIRED_WITH = {"resnet50-unet-bf16": "unet-bf16", "unet-flair-bf16": "unet-bf16", "unet-aug-bf16": "unet-bf16"}
+PAIRED_WITH = {
+    "resnet50-unet-bf16": "unet-bf16",
+    "unet-flair-bf16": "unet-bf16",
+    "unet-aug-bf16": "unet-bf16",
+    "unet-aug-flair-bf16": "unet-aug-bf16",
+}
 
 CANDIDATE_ROWS = {name for prefix in CANDIDATES for name in fold_rows(prefix)}
 TABLE_ROWS = [name for name in CONFIGS if name not in CANDIDATE_ROWS]

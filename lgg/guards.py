@@ -8,7 +8,6 @@ Every check raises `ValueError` (a setting), `lgg.data.DatasetError` (a file or 
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import numbers
@@ -17,6 +16,12 @@ import re
 import socket
 import stat
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; msvcrt's byte-range lock, which Windows also drops when its holder dies
+    fcntl = None
+    import msvcrt
 
 import numpy as np
 
@@ -209,17 +214,48 @@ def remove_paths(paths):
 
 
 # ----------------------------------------------------------------------------- one writer per folder
+# Windows locks a byte range, and another process cannot read a locked byte: the lock is taken on one byte far
+# past the holder's note (its pid and host, at the start of the file), so that the refusal can name the holder
+WINDOWS_LOCK_OFFSET = 1 << 20
+
+
+def _lock(descriptor):
+    """Lock the open lock file for this process, or raise `BlockingIOError` if another process holds it."""
+    if fcntl is not None:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    os.lseek(descriptor, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+    try:
+        msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+    except OSError as error:  # held elsewhere (EACCES / EDEADLOCK)
+        raise BlockingIOError(errno.EACCES, "locked by another process") from error
+    finally:
+        os.lseek(descriptor, 0, os.SEEK_SET)  # the note is written at the start, never next to the locked byte
+
+
+def _unlock(descriptor):
+    """Release what `_lock` took (flock goes with the descriptor; Windows asks for an explicit unlock)."""
+    if fcntl is None:
+        os.lseek(descriptor, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
+
+
 @contextlib.contextmanager
 def folder_lock(folder):
-    """Hold an exclusive `flock` on `folder/.lgg-lock` while writing into `folder`; a second writer
-    is refused, naming the process that holds it. The kernel drops the lock when its holder dies, so
-    a killed run never blocks the next one; the file itself stays (every check ignores it)."""
+    """Hold an exclusive lock on `folder/.lgg-lock` while writing into `folder` (`flock`; on Windows a
+    byte-range lock); a second writer is refused, naming the process that holds it. The system drops
+    the lock when its holder dies, so a killed run never blocks the next one; the file itself stays
+    (every check ignores it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     while True:
         try:  # never through a link (it would truncate and write its target, wherever that is)
-            descriptor = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+            if lock.is_symlink():  # what O_NOFOLLOW refuses, checked first where it does not exist (Windows)
+                raise OSError(errno.ELOOP, "a link")
+            flags = os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+            descriptor = os.open(lock, flags, 0o644)
         except OSError as error:
             if lock.is_symlink() or error.errno == errno.ELOOP:
                 raise FileExistsError(
@@ -230,7 +266,7 @@ def folder_lock(folder):
             os.close(descriptor)  # a hard link shares its content with a file elsewhere; a FIFO, a device: not ours
             raise FileExistsError(f"{lock} is not our lock file (another kind of file, or a hard link): remove it")
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(descriptor)
         except BlockingIOError:
             os.close(descriptor)
             try:
@@ -247,12 +283,14 @@ def folder_lock(folder):
             same = False
         if same:
             break
+        _unlock(descriptor)
         os.close(descriptor)  # the file was replaced between open and lock: take the new one
     try:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
         yield folder
     finally:
+        _unlock(descriptor)
         os.close(descriptor)  # releases the lock
 
 

@@ -346,6 +346,55 @@ def test_a_folder_that_another_process_writes_is_refused(capsys, dataset, segmen
         pass
 
 
+class FakeMsvcrt:
+    """Windows' byte-range lock as `msvcrt.locking` behaves: a range locked through one descriptor is refused
+    to every other (as to another process); unlocking releases it."""
+
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self):
+        self.held, self.calls = {}, []
+
+    def locking(self, descriptor, mode, length):
+        where = (os.fstat(descriptor).st_ino, os.lseek(descriptor, 0, os.SEEK_CUR), length)
+        self.calls.append((mode, where[1]))
+        if mode == self.LK_NBLCK:
+            if self.held.get(where, descriptor) != descriptor:
+                raise PermissionError(13, "Permission denied")
+            self.held[where] = descriptor
+        elif self.held.pop(where, None) != descriptor:
+            raise PermissionError(13, "Permission denied")
+
+
+def test_the_folder_lock_works_where_there_is_no_flock(tmp_path, monkeypatch):
+    """Windows has neither `fcntl` nor `O_NOFOLLOW` (importing `fcntl` stopped every command there): the lock
+    is msvcrt's, on a byte far past the holder's note, so that a second writer can read whom to wait for."""
+    script = "import sys, types; sys.modules['fcntl'] = None; sys.modules['msvcrt'] = types.ModuleType('msvcrt')\n" \
+        "import lgg.guards; assert lgg.guards.fcntl is None"  # fmt: skip
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)  # no fcntl: imports
+    fake = FakeMsvcrt()
+    monkeypatch.setattr(guards, "fcntl", None)
+    monkeypatch.setattr(guards, "msvcrt", fake, raising=False)
+    monkeypatch.delattr(os, "O_NOFOLLOW")
+    out = tmp_path / "out"
+    with guards.folder_lock(out):
+        lock = out / guards.LOCK_FILE
+        assert json.loads(lock.read_text())["pid"] == os.getpid()  # the note at the start, readable
+        assert lock.stat().st_size < 1000  # not written next to the locked byte, a megabyte in
+        with pytest.raises(FileExistsError, match=f"in use by process {os.getpid()} on "):
+            with guards.folder_lock(out):
+                pass
+    assert {offset for _, offset in fake.calls} == {guards.WINDOWS_LOCK_OFFSET} and not fake.held
+    with guards.folder_lock(out):  # released on leaving
+        assert len(fake.held) == 1
+    (out / guards.LOCK_FILE).unlink()
+    (out / guards.LOCK_FILE).symlink_to(tmp_path / "victim")  # without O_NOFOLLOW, checked before opening
+    with pytest.raises(FileExistsError, match="is a link, not our lock file"):
+        with guards.folder_lock(out):
+            pass
+    assert not (tmp_path / "victim").exists()
+
+
 def test_a_killed_predict_is_visibly_partial(capsys, dataset, segmenter, tmp_path, monkeypatch):
     from lgg import predict
 

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up INFO lines would bury a one-line refusal
+# the command line only writes figures to files: without a display backend chosen, matplotlib takes the desktop's
+# (macOS, Tk on Windows), and the web page draws in a worker thread, where a macOS window aborts the server
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 from lgg import config, guards  # noqa: E402
 from lgg.data import DatasetError  # noqa: E402

@@ -161,8 +161,8 @@ def case_slice_files(case_dir):
     guards.check_case_id(case_dir.name, case_dir)
     images, masks = {}, {}
     for path in sorted(case_dir.iterdir()):
-        if path.suffix.lower() not in (".tif", ".tiff"):
-            continue
+        if path.suffix.lower() not in (".tif", ".tiff") or path.name.startswith("._"):
+            continue  # `._<name>`: macOS's metadata beside each file on USB and network drives, not a slice
         match = SLICE_FILE.match(path.name)
         if match is None or match["case_id"] != case_dir.name:
             raise DatasetError(f"{path}: expected files named {case_dir.name}_<n>.tif and {case_dir.name}_<n>_mask.tif")

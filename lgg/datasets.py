@@ -37,7 +37,11 @@ def download_kaggle(dest="data"):
             )
         print(f"Dataset at {root}; {link} already points there")
         return link
-    link.symlink_to(root.resolve(), target_is_directory=True)
+    try:
+        link.symlink_to(root.resolve(), target_is_directory=True)
+    except OSError as error:  # Windows lets only administrators and Developer Mode make links
+        print(f"Dataset at {root}; not linked as {link} ({error.strerror or error}): use --data {root.parent}")
+        return root
     print(f"Dataset at {root}; linked as {link}")
     return link
 

@@ -227,7 +227,9 @@ def _lock(descriptor):
     os.lseek(descriptor, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
     try:
         msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
-    except OSError as error:  # held elsewhere (EACCES / EDEADLOCK)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EDEADLOCK):  # a drive without locks: say so, not "in use"
+            raise
         raise BlockingIOError(errno.EACCES, "locked by another process") from error
     finally:
         os.lseek(descriptor, 0, os.SEEK_SET)  # the note is written at the start, never next to the locked byte
@@ -277,8 +279,8 @@ def folder_lock(folder):
                 f"{folder} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"(lock {lock}); wait for it to finish"
             ) from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(descriptor).st_ino
+        try:  # (Windows cannot replace an open file, nor is its file id always the same through both calls)
+            same = fcntl is None or os.stat(lock).st_ino == os.fstat(descriptor).st_ino
         except FileNotFoundError:
             same = False
         if same:

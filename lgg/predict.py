@@ -129,9 +129,12 @@ def overlay_image(image, predicted, truth=None):
 
 
 def _write_png(path, image):
-    with atomic_path(path) as temporary:  # the temporary keeps the .png ending OpenCV goes by
-        if not cv2.imwrite(str(temporary), image):
-            raise OSError(f"could not write {path}")
+    # encoded in memory and written by Python: OpenCV's own file writer fails on Windows paths that are not ASCII
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise OSError(f"could not encode {path} as PNG")
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data.tobytes())
 
 
 def _gather(inputs, sequences=None):

@@ -1,6 +1,7 @@
 """The loader on the real restored cases (exact counts) and on small cases with broken files."""
 
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -35,6 +36,41 @@ def test_parent_and_outer_folders_are_found(real_data, tmp_path):
     (tmp_path / "lgg-mri-segmentation").mkdir()
     (tmp_path / "lgg-mri-segmentation" / "kaggle_3m").symlink_to(real_data)
     assert data.find_dataset_root(tmp_path).name == "kaggle_3m"
+
+
+def test_macos_metadata_beside_the_slices_is_not_a_slice(real_data, tmp_path):
+    """A case copied by a Mac to a USB or network drive gets a `._<name>` file beside each file; it used to
+    stop training as a misnamed slice."""
+    case = sorted(path for path in real_data.iterdir() if path.is_dir())[0]
+    copy = tmp_path / "kaggle_3m" / case.name
+    shutil.copytree(case, copy)
+    for path in sorted(copy.iterdir()):
+        (copy / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    images, masks = data.case_slice_files(copy)
+    expected_images, expected_masks = data.case_slice_files(case)
+    assert sorted(images) == sorted(expected_images) and sorted(masks) == sorted(expected_masks)
+    assert all(not Path(path).name.startswith("._") for path in [*images.values(), *masks.values()])
+    assert len(data.find_slices(tmp_path)) == len(expected_images)
+
+
+def test_a_download_that_cannot_be_linked_says_where_it_is(tmp_path, monkeypatch, capsys):
+    """Windows makes links for administrators and Developer Mode only: the download is not lost for that."""
+    import kagglehub
+
+    from lgg import datasets
+
+    downloaded = tmp_path / "cache" / "lgg-mri-segmentation"
+    write_case(downloaded / "kaggle_3m")
+    monkeypatch.setattr(kagglehub, "dataset_download", lambda name: str(downloaded))
+
+    def no_links(self, target, target_is_directory=False):
+        raise OSError(1314, "A required privilege is not held by the client")
+
+    monkeypatch.setattr(Path, "symlink_to", no_links)
+    found = datasets.download_kaggle(tmp_path / "data")
+    assert found == downloaded / "kaggle_3m" and not (tmp_path / "data" / "kaggle_3m").exists()
+    out = capsys.readouterr().out
+    assert "not linked" in out and f"--data {downloaded}" in out
 
 
 def test_channels_keep_the_stored_order(real_slices):

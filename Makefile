@@ -4,18 +4,31 @@ PYTHON := .venv/bin/python
 DATA ?= data
 RUNS ?= runs
 
-.PHONY: setup demo app train test test-fast lint format results bench clean
+.PHONY: setup setup-dev demo app train test test-fast lint format results bench clean
 
-# the environment is (re)installed when requirements.txt or pyproject.toml is newer than its stamp
+# the environment is (re)installed when requirements.txt or pyproject.toml is newer than its stamp; the tests, the
+# linter and the PyTorch backend (requirements-dev.txt) only for `make test`, `lint`, `format` and CI.
+# BASE_PYTHON: the interpreter the environment is made from (make demo BASE_PYTHON=python3.12)
+BASE_PYTHON ?= python3
 INSTALLED := .venv/.lgg-installed
+DEV_INSTALLED := .venv/.lgg-dev-installed
 $(INSTALLED): requirements.txt pyproject.toml
-	python3 -m venv .venv
+	@$(BASE_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "$(BASE_PYTHON) is Python $$($(BASE_PYTHON) -c 'import platform; print(platform.python_version())');" \
+	  "this project needs 3.11 or later: make $(MAKECMDGOALS) BASE_PYTHON=python3.11 (or newer)" >&2; exit 1; }
+	$(BASE_PYTHON) -m venv .venv
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	$(PYTHON) -m pip install --quiet --no-deps --editable .
 	touch $(INSTALLED)
 
+$(DEV_INSTALLED): requirements-dev.txt $(INSTALLED)
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	touch $(DEV_INSTALLED)
+
 setup: $(INSTALLED)
+
+setup-dev: $(DEV_INSTALLED)
 
 # Real data in data/ if present (restored from ../shared/lgg on team machines), else the SYNTHETIC demo set.
 demo: setup
@@ -39,18 +52,18 @@ train: setup
 	$(PYTHON) -m lgg train unet --data $(DATA) --out $(RUNS)/unet --image-size 128 --tumor-fraction 0.5 --max-minutes 60 \
 	  --schedule time-cosine --snapshot-minutes 15 30 45 60 --precision float32
 
-lint: setup
+lint: setup-dev
 	$(PYTHON) -m ruff check lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
 	$(PYTHON) -m ruff format --check lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
 
-format: setup  # rewrite the code in the project's style (what `make lint` checks)
+format: setup-dev  # rewrite the code in the project's style (what `make lint` checks)
 	$(PYTHON) -m ruff check --fix lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
 	$(PYTHON) -m ruff format lgg tests benchmarks U_Net ResNet50_plus_UNet Classification
 
 test: lint
 	$(PYTHON) -m pytest -q --durations=15
 
-test-fast: setup  # everything but the slow end-to-end tests (training, notebooks)
+test-fast: setup-dev  # everything but the slow end-to-end tests (training, notebooks)
 	$(PYTHON) -m pytest -q -m "not slow"
 
 results: setup

@@ -47,7 +47,7 @@ def run_torch(arguments, tmp_path):
 @pytest.mark.slow
 def test_train_on_the_torch_backend_and_load_under_tensorflow(real_data, tmp_path):
     if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode:
-        pytest.fail("torch is not installed: pip install -r requirements.txt")
+        pytest.fail("torch is not installed: pip install -r requirements-dev.txt (make setup-dev)")
     run_dir = tmp_path / "run"
     train = ["-c", TRAIN, "train", "unet", "--data", str(real_data.parent), "--out", str(run_dir)]
     train += ["--max-cases", "6", "--epochs", "2", "--image-size", "32", "--base-filters", "4", "--batch-size", "8"]

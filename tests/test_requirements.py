@@ -1,7 +1,11 @@
 """The lock (`requirements.txt`) installs on the platforms users have: `tensorflow-cpu` has no macOS wheels, so a
 Mac gets `tensorflow` of the same version; every other pin is the same everywhere, and `pyproject.toml`'s
-ranges admit the pinned TensorFlow."""
+ranges admit the pinned TensorFlow. What only the tests need (`requirements-dev.txt`: the test tools, the linter,
+and PyTorch with its CUDA libraries) stays out of it, and nothing users run imports it."""
 
+import ast
+import importlib.metadata
+import json
 import tomllib
 from pathlib import Path
 
@@ -12,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PLATFORMS = {"linux": "x86_64", "win32": "AMD64", "darwin": "arm64"}
 
 
-def pins():
-    lines = (line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines())
-    return [Requirement(line) for line in lines if line]
+def lines(name):
+    return [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines() if line.split("#")[0].strip()]
+
+
+def pins(name="requirements.txt"):
+    return [Requirement(line) for line in lines(name) if not line.startswith("-")]
 
 
 def chosen(platform):
@@ -42,3 +49,38 @@ def test_every_other_pin_is_exact_and_the_same_on_every_platform():
     assert others["linux"] == others["win32"] == others["darwin"]
     assert all(str(pin.specifier).startswith("==") for pin in pins()), [str(p) for p in pins() if p.marker is None]
     assert all(pin.marker is None for pin in pins() if not pin.name.startswith("tensorflow"))
+
+
+def test_the_development_lock_adds_exact_pins_to_the_users_lock_and_repeats_none():
+    assert lines("requirements-dev.txt")[0] == "-r requirements.txt"
+    assert [line for line in lines("requirements-dev.txt") if line.startswith("-")] == ["-r requirements.txt"]
+    development = pins("requirements-dev.txt")
+    assert all(str(pin.specifier).startswith("==") and pin.marker is None for pin in development)
+    assert not {pin.name for pin in development} & {pin.name for pin in pins()}
+    assert {"torch", "pytest", "ruff"} <= {pin.name for pin in development}
+
+
+def imported_modules(source):
+    modules = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules.add(node.module.split(".")[0])
+    return modules
+
+
+def test_nothing_users_run_imports_what_only_the_development_lock_installs():
+    """The package and the notebooks run from `requirements.txt` alone (`make demo`, the notebooks, the page)."""
+    sources = {path: path.read_text() for path in (ROOT / "lgg").glob("*.py")}
+    for notebook in ROOT.glob("*/*.ipynb"):
+        cells = json.loads(notebook.read_text())["cells"]
+        code = [line for cell in cells if cell["cell_type"] == "code" for line in "".join(cell["source"]).splitlines()]
+        sources[notebook] = "\n".join(line for line in code if not line.lstrip().startswith(("%", "!")))
+    assert len(sources) > 10 and any(path.suffix == ".ipynb" for path in sources)
+    development = {pin.name for pin in pins("requirements-dev.txt")}
+    distributions = importlib.metadata.packages_distributions()
+    for path, source in sources.items():
+        for module in imported_modules(source):
+            needs = {Requirement(name).name for name in distributions.get(module, [])}
+            assert not needs & development, f"{path.relative_to(ROOT)} imports {module} ({needs & development})"

@@ -16,6 +16,9 @@ $(INSTALLED): requirements.txt pyproject.toml
 	@$(BASE_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 	  echo "$(BASE_PYTHON) is Python $$($(BASE_PYTHON) -c 'import platform; print(platform.python_version())');" \
 	  "this project needs 3.11 or later: make $(MAKECMDGOALS) BASE_PYTHON=python3.11 (or newer)" >&2; exit 1; }
+	@if [ -x $(PYTHON) ] && ! $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+	  echo ".venv was made with Python $$($(PYTHON) -c 'import platform; print(platform.python_version())')," \
+	  "below 3.11, and venv keeps it: remove .venv (rm -rf .venv) and run make again" >&2; exit 1; fi
 	$(BASE_PYTHON) -m venv .venv
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt

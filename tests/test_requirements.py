@@ -11,6 +11,7 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORMS = {"linux": "x86_64", "win32": "AMD64", "darwin": "arm64"}
@@ -70,17 +71,42 @@ def imported_modules(source):
     return modules
 
 
+def closure(names):
+    """The distributions `names` install, following each installed one's requirements (markers without extras)."""
+    seen, todo = set(), [canonicalize_name(name) for name in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
 def test_nothing_users_run_imports_what_only_the_development_lock_installs():
-    """The package and the notebooks run from `requirements.txt` alone (`make demo`, the notebooks, the page)."""
-    sources = {path: path.read_text() for path in (ROOT / "lgg").glob("*.py")}
+    """The package, the notebooks and the benchmarks `make bench` / `make results` run work from `requirements.txt`
+    alone; only the GPU scripts (`benchmarks/gpu_*`, run where PyTorch is) may import PyTorch."""
+    files = [*(ROOT / "lgg").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    sources = {path: path.read_text() for path in files if not path.name.startswith("gpu_")}
     for notebook in ROOT.glob("*/*.ipynb"):
         cells = json.loads(notebook.read_text())["cells"]
         code = [line for cell in cells if cell["cell_type"] == "code" for line in "".join(cell["source"]).splitlines()]
         sources[notebook] = "\n".join(line for line in code if not line.lstrip().startswith(("%", "!")))
-    assert len(sources) > 10 and any(path.suffix == ".ipynb" for path in sources)
-    development = {pin.name for pin in pins("requirements-dev.txt")}
+    assert len(sources) > 20 and sum(path.suffix == ".ipynb" for path in sources) == 3
+    development_pins = [pin.name for pin in pins("requirements-dev.txt")]
+    installed = [name for name in development_pins if list(importlib.metadata.distributions(name=name))]
+    assert installed == development_pins, "make setup-dev installs what this test reads"
+    development_only = closure(development_pins) - closure(pin.name for pin in pins())
+    assert {"torch", "pytest", "sympy"} <= development_only  # what they pull in counts too
     distributions = importlib.metadata.packages_distributions()
     for path, source in sources.items():
         for module in imported_modules(source):
-            needs = {Requirement(name).name for name in distributions.get(module, [])}
-            assert not needs & development, f"{path.relative_to(ROOT)} imports {module} ({needs & development})"
+            needs = {canonicalize_name(name) for name in distributions.get(module, [module])} & development_only
+            assert not needs, f"{path.relative_to(ROOT)} imports {module}: {needs}"

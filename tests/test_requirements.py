@@ -5,13 +5,14 @@ and PyTorch with its CUDA libraries) stays out of it, and nothing users run impo
 
 import ast
 import importlib.metadata
-import json
 import tomllib
 from pathlib import Path
 
+import nbformat
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from test_notebooks import NOTEBOOKS, code_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORMS = {"linux": "x86_64", "win32": "AMD64", "darwin": "arm64"}
@@ -95,9 +96,8 @@ def test_nothing_users_run_imports_what_only_the_development_lock_installs():
     alone; only the GPU scripts (`benchmarks/gpu_*`, run where PyTorch is) may import PyTorch."""
     files = [*(ROOT / "lgg").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
     sources = {path: path.read_text() for path in files if not path.name.startswith("gpu_")}
-    for notebook in ROOT.glob("*/*.ipynb"):
-        cells = json.loads(notebook.read_text())["cells"]
-        code = [line for cell in cells if cell["cell_type"] == "code" for line in "".join(cell["source"]).splitlines()]
+    for notebook in NOTEBOOKS.values():
+        code = [line for cell in code_cells(nbformat.read(notebook, as_version=4)) for line in cell.source.splitlines()]
         sources[notebook] = "\n".join(line for line in code if not line.lstrip().startswith(("%", "!")))
     assert len(sources) > 20 and sum(path.suffix == ".ipynb" for path in sources) == 3
     development_pins = [pin.name for pin in pins("requirements-dev.txt")]

@@ -173,7 +173,7 @@ def precision_by_default(jit_compile, kind="unet", replicas=1):
     there), no GPU visible and XLA off (XLA's CPU code has no bfloat16 kernels of its own); float32
     elsewhere.
 
-    Measured for the U-Net (README, Results and Speed): on a 2-core Intel Xeon with AMX 1.9x the
+    Measured for the U-Net (README, Speed; results/EXPERIMENTS.md): on a 2-core Intel Xeon with AMX 1.9x the
     training slices per second, and on the two folds trained both ways on that CPU (39 test patients)
     the same test Dice after the same 60 minutes (+0.017, -0.001), reached sooner; on a 2-core AMD EPYC
     (Zen 5) with AVX-512 BF16 and no AMX 1.6x (`benchmarks/precision.py`, `results/precision-amd-epyc.json`).

@@ -1,20 +1,26 @@
-"""The cases the cross-validated U-Net misses: which cases lack an MRI sequence, and a look at each case
-scored 0.
+"""The cases a cross-validated recipe misses: which cases lack an MRI sequence, and a look at each case
+it scores 0 (or under `--below`).
 
 The dataset fills a sequence a case lacks with its FLAIR (the pre-contrast or post-contrast channel of
 every slice is then a copy of the FLAIR channel). This script finds those cases in the data, joins them
-with the per-case Dice of the pooled cross-validation (`results/unet-cross-validation.csv`), and draws
-every case at Dice 0 there: its tumor slices and the slices a U-Net that never saw the case marks, in
-the three channels, the true outline green and the predicted one red.
+with the per-case Dice of a recipe's pooled cross-validation (`results/<recipe>-cross-validation.csv`),
+and draws every case at Dice 0 there (every case under `--below D`): its tumor slices and the slices a
+U-Net that never saw the case marks, in the three channels, the true outline green and the predicted
+one red.
 
     python benchmarks/misses.py --data data --model runs/results-unet-again/model.h5
+    python benchmarks/misses.py --data data --recipe unet-aug-bf16 --below 0.5 --fold-models
 
-Writes `results/missing_sequences.csv` (one row per case), `results/missing_sequences.json` (per group:
-cases, mean per-case Dice) and `results/misses/<case>.png`. `--model` must be a run whose split kept the
-drawn case out of its training and validation cases (its `split.csv` says so; anything else is refused).
+Writes `results/missing_sequences-<recipe>.csv` (one row per case), `results/missing_sequences-<recipe>.json`
+(per group: cases, mean per-case Dice; what was drawn) and `results/misses/<recipe>/<case>.png`.
+`--model` draws every case with one model; `--fold-models` draws each with the fold model that scored it
+in the cross-validation (`runs/results-<fold row>/model.h5`). Either way the model must be a run whose
+split kept the drawn case out of its training and validation cases (its `split.csv` says so; anything
+else is refused, before anything is written).
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from lgg import data, guards, plots  # noqa: E402
 from lgg.files import save_csv, save_json  # noqa: E402
 
-RESULTS = ROOT / "results"
+RESULTS, RUNS = ROOT / "results", ROOT / "runs"
 PRE, FLAIR, POST = range(3)  # lgg.data.CHANNELS
 GROUPS = {  # (pre-contrast is FLAIR, post-contrast is FLAIR) -> what the case lacks
     (False, False): "all three sequences",
@@ -87,6 +93,12 @@ def check_unseen(model_path, case_ids):
         )
 
 
+def _shown(path):
+    """A path as the figures and tables name it: inside the repository, relative to it (no machine's layout)."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def draw_case(model_path, case_slices, dice, save_path):
     """The case's tumor slices (evenly spread, at most half the rows) and the slices the model marks
     without tumor there; each row the three channels with the true (green) and predicted (red) outlines.
@@ -113,10 +125,11 @@ def draw_case(model_path, case_slices, dice, save_path):
     keep_tumor = tumor[np.linspace(0, len(tumor) - 1, min(len(tumor), ROWS_PER_FIGURE - len(keep_marked))).astype(int)]
     rows = sorted(set(keep_tumor) | set(keep_marked))
     titles = [f"slice {numbers[i]}: true {true_area[i]} px, predicted {predicted_area[i]} px" for i in rows]
-    title = f"{case_id}: per-case Dice {dice:.2f} in the cross-validation, {own_dice:.2f} by {model_path}"
+    shown = _shown(model_path)
+    title = f"{case_id}: per-case Dice {dice:.2f} in the cross-validation, {own_dice:.2f} by {shown}"
     plots.plot_channel_outlines(images[rows], masks[rows], predicted[rows], titles, title, save_path)
     return {
-        "model": str(model_path),
+        "model": shown,
         "model_case_dice": own_dice,
         "tumor_slices": [int(numbers[i]) for i in tumor],
         "largest_tumor_px": int(true_area.max()),
@@ -129,16 +142,34 @@ def draw_case(model_path, case_slices, dice, save_path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
-    parser.add_argument("--model", help="a U-Net run's model.h5 that never saw the cases at Dice 0 (to draw them)")
+    parser.add_argument(
+        "--recipe", default="unet", help="whose cross-validation: results/<recipe>-cross-validation.csv (default: unet)"
+    )
+    parser.add_argument(
+        "--below",
+        type=guards.argparse_type(guards.positive, "--below", maximum=1),
+        help="draw every case under this per-case Dice (default: the cases at Dice 0)",
+    )
+    drawing = parser.add_mutually_exclusive_group()
+    drawing.add_argument("--model", help="one U-Net run's model.h5 that never saw the drawn cases")
+    drawing.add_argument(
+        "--fold-models",
+        action="store_true",
+        help="draw each case with the fold model that scored it: runs/results-<fold row>/model.h5",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder of the tables and figures (default: results)")
     args = parser.parse_args(argv)
     try:
         guards.check_apart(args.out, [args.data])  # tables and figures never land among the data
     except FileExistsError as error:
         parser.error(str(error))
-    pooled = RESULTS / "unet-cross-validation.csv"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.recipe):  # it names files: a row name of benchmarks/results.py
+        parser.error(f"--recipe must be a recipe's name, such as unet-aug-bf16; received {args.recipe!r}")
+    pooled = RESULTS / f"{args.recipe}-cross-validation.csv"
     if not pooled.is_file():
-        parser.error(f"{pooled} is missing: `python benchmarks/results.py --collect-only` writes it")
+        parser.error(
+            f"{pooled} is missing: `python benchmarks/results.py --collect-only` writes it from the five folds"
+        )
     cross_validation = pd.read_csv(pooled)[["case_id", "case_dice", "fold"]]
     slices = data.find_slices(args.data)
     missing = sorted(set(cross_validation["case_id"]) - set(slices["case_id"]))
@@ -148,15 +179,25 @@ def main(argv=None):
     if left_out:  # e.g. the full Kaggle download: 110 cases, of which the cross-validation scored 88
         print(f"{len(left_out)} cases of {args.data} are not in the cross-validation; left out")
     slices = slices[slices["case_id"].isin(cross_validation["case_id"])]
-    missed = sorted(cross_validation.loc[cross_validation["case_dice"] == 0, "case_id"])
-    if args.model:
+    drawn_rows = cross_validation[
+        cross_validation["case_dice"] < args.below if args.below else cross_validation["case_dice"] == 0
+    ].sort_values("case_dice")
+    models = {}  # case -> the model that draws it
+    if args.model or args.fold_models:
+        for case_id, fold in zip(drawn_rows["case_id"], drawn_rows["fold"]):
+            models[case_id] = Path(args.model) if args.model else RUNS / f"results-{fold}" / "model.h5"
         try:
-            check_unseen(args.model, missed)  # before anything is written
+            for case_id, model in models.items():
+                check_unseen(model, [case_id])  # before anything is written
         except ValueError as error:
             parser.error(str(error))
     table = sequence_copies(slices).merge(cross_validation, on="case_id", how="inner", validate="one_to_one")
+    options = [f"--recipe {args.recipe}"] + ([f"--below {args.below:g}"] if args.below else [])
+    options += [f"--model {args.model}"] if args.model else ["--fold-models"] if args.fold_models else []
     summary = {
-        "command": "python benchmarks/misses.py" + (f" --model {args.model}" if args.model else ""),
+        "command": "python benchmarks/misses.py " + " ".join(options),
+        "recipe": args.recipe,
+        "drawn_below": args.below,
         "cases": int(len(table)),
         "cases_left_out": left_out,
         "groups": by_group(table),
@@ -165,17 +206,24 @@ def main(argv=None):
     for name, group in summary["groups"].items():
         print(f"{name}: {group['cases']} cases, mean per-case Dice {group['case_dice_mean']:.3f}")
     out = Path(args.out)
-    if args.model:
-        (out / "misses").mkdir(parents=True, exist_ok=True)
-        for case_id in missed:
+    figures = out / "misses" / args.recipe
+    if models:
+        figures.mkdir(parents=True, exist_ok=True)
+        for case_id, model in models.items():
             row = table.loc[table["case_id"] == case_id].iloc[0]
-            path = out / "misses" / f"{case_id}.png"
-            drawn = draw_case(args.model, slices[slices["case_id"] == case_id], row["case_dice"], path)
-            summary["drawn"][case_id] = {"figure": f"misses/{path.name}", "sequences": row["sequences"], **drawn}
+            path = figures / f"{case_id}.png"
+            drawn = draw_case(model, slices[slices["case_id"] == case_id], row["case_dice"], path)
+            summary["drawn"][case_id] = {
+                "figure": path.relative_to(out).as_posix(),
+                "sequences": row["sequences"],
+                "case_dice": float(row["case_dice"]),
+                "fold": row["fold"],
+                **drawn,
+            }
             print(f"Drew {path}")
     out.mkdir(parents=True, exist_ok=True)
-    save_csv(table, out / "missing_sequences.csv")
-    save_json(summary, out / "missing_sequences.json")
+    save_csv(table, out / f"missing_sequences-{args.recipe}.csv")
+    save_json(summary, out / f"missing_sequences-{args.recipe}.json")
 
 
 if __name__ == "__main__":

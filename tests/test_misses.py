@@ -49,3 +49,26 @@ def test_a_case_is_drawn_only_by_a_model_that_never_saw_it(real_data, tmp_path, 
     with pytest.raises(SystemExit):
         misses.main(["--data", str(real_data), "--out", str(inside)])
     assert "apart from the data" in capsys.readouterr().err and not inside.exists()
+
+
+def test_a_recipe_and_a_threshold_are_refused_at_the_door(real_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    for argv, message in (
+        (["--recipe", "../unet"], "--recipe must be a recipe's name"),
+        (["--recipe", "no-such-recipe"], "no-such-recipe-cross-validation.csv is missing"),
+        (["--below", "0"], "--below: must be greater than 0"),
+        (["--below", "1.5"], "--below: must be at most 1"),
+        (["--below", "nan"], "--below: must be a finite number"),
+        (["--model", "a.h5", "--fold-models"], "not allowed with argument"),
+    ):
+        with pytest.raises(SystemExit):
+            misses.main(["--data", str(real_data), "--out", str(out), *argv])
+        assert message in capsys.readouterr().err, argv
+    # each case under 0.5 drawn by the fold model that scored it: runs/results-<fold>/model.h5, absent here
+    monkeypatch.setattr(misses, "RUNS", tmp_path / "runs")
+    argv = ["--data", str(real_data), "--out", str(out), "--recipe", "unet-aug-bf16", "--below", "0.5", "--fold-models"]
+    with pytest.raises(SystemExit):
+        misses.main(argv)
+    # the lowest first: TCGA_DU_7018 (0.29 in results/unet-aug-bf16-cross-validation.csv), scored by fold 5
+    assert "runs/results-unet-aug-bf16-fold5/model.h5: no such model file" in capsys.readouterr().err
+    assert not out.exists()  # refused before any table or figure is written

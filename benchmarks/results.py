@@ -697,7 +697,8 @@ def _postprocessing(test):
 
 
 def _p_value(p):
-    return "< 0.001" if p < 0.001 else f"= {p:.2f}" if p >= 0.01 else f"= {p:.3f}"
+    """Two decimals from 0.1 up, three below it, so that 0.054 never reads as 0.05."""
+    return "< 0.001" if p < 0.001 else f"= {p:.2f}" if p >= 0.1 else f"= {p:.3f}"
 
 
 def readme_table(results):

@@ -65,8 +65,12 @@ def plot_channel_outlines(images, true_masks, predicted_masks, titles, title, sa
             _outline(axis, np.squeeze(predicted_masks[row]), PREDICTED_COLOUR)
             axis.set_title(f"{titles[row]}\n{name}" if channel == 0 else name, fontsize=8)
             axis.axis("off")
-    figure.suptitle(f"{title}\ntrue outline green, predicted red", fontsize=9)
-    return _finish(figure, save_path)
+    title = f"{title}\ntrue outline green, predicted red"
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - (0.2 * title.count("\n") + 0.3) / figure.get_figheight()))  # room for it
+    if save_path is not None:
+        save_figure(figure, save_path)
+    return figure
 
 
 def plot_overlays(images, true_masks, probabilities, titles, threshold=0.5, save_path=None, columns=4):

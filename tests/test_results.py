@@ -408,3 +408,14 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
     assert calls.pop() == (tmp_path / "results-unet-fold4", {"overwrite": False, "resume": False, "verbose": 2})
     with pytest.raises(SystemExit):
         results.main(["--collect-only", "--retrain"])
+
+
+def test_a_p_value_near_the_usual_lines_keeps_the_digit_that_tells_which_side():
+    assert [results._p_value(p) for p in (0.0004, 0.005, 0.0543, 0.094, 0.1, 0.237)] == [
+        "< 0.001",
+        "= 0.005",
+        "= 0.054",
+        "= 0.094",
+        "= 0.10",
+        "= 0.24",
+    ]

@@ -11,8 +11,15 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def markdown_files():
-    tracked = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return sorted(ROOT / name for name in tracked.stdout.split() if not name.startswith("tests/"))
+    try:
+        listed = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
+        names = listed.stdout.split()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (a zip of the repository)
+        skipped = {".git", ".venv", "runs"}
+        names = [
+            p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.md") if not skipped & set(p.relative_to(ROOT).parts)
+        ]
+    return sorted(ROOT / name for name in names if not name.startswith("tests/"))
 
 
 def anchors(path):

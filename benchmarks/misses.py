@@ -20,7 +20,6 @@ else is refused, before anything is written).
 """
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -29,6 +28,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from detection import segmenter_recipes  # noqa: E402  (the recipes with five fold rows, as detection.py takes them)
 
 from lgg import data, guards, plots  # noqa: E402
 from lgg.files import save_csv, save_json  # noqa: E402
@@ -167,8 +169,10 @@ def main(argv=None):
         guards.check_apart(args.out, [args.data])  # tables and figures never land among the data
     except FileExistsError as error:
         parser.error(str(error))
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.recipe):  # it names files: a row name of benchmarks/results.py
-        parser.error(f"--recipe must be a recipe's name, such as unet-aug-bf16; received {args.recipe!r}")
+    if args.recipe not in segmenter_recipes():  # it also names files: only the recipes benchmarks/results.py has
+        parser.error(
+            f"--recipe {args.recipe!r} is not a segmenter recipe with folds; choose from {segmenter_recipes()}"
+        )
     pooled = RESULTS / f"{args.recipe}-cross-validation.csv"
     if not pooled.is_file():
         parser.error(

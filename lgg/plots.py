@@ -10,8 +10,8 @@ from lgg.files import save_figure
 TRUE_COLOUR, PREDICTED_COLOUR = "lime", "red"
 
 
-def _finish(figure, save_path):
-    figure.tight_layout()
+def _finish(figure, save_path, top=1.0):
+    figure.tight_layout(rect=(0, 0, 1, top))  # above `top` (a fraction of the height): room for a long suptitle
     if save_path is not None:
         save_figure(figure, save_path)
     return figure
@@ -67,10 +67,7 @@ def plot_channel_outlines(images, true_masks, predicted_masks, titles, title, sa
             axis.axis("off")
     title = f"{title}\ntrue outline green, predicted red"
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout(rect=(0, 0, 1, 1 - (0.2 * title.count("\n") + 0.3) / figure.get_figheight()))  # room for it
-    if save_path is not None:
-        save_figure(figure, save_path)
-    return figure
+    return _finish(figure, save_path, top=1 - (0.2 * title.count("\n") + 0.3) / figure.get_figheight())
 
 
 def plot_overlays(images, true_masks, probabilities, titles, threshold=0.5, save_path=None, columns=4):

@@ -54,8 +54,7 @@ def test_a_case_is_drawn_only_by_a_model_that_never_saw_it(real_data, tmp_path, 
 def test_a_recipe_and_a_threshold_are_refused_at_the_door(real_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     for argv, message in (
-        (["--recipe", "../unet"], "--recipe must be a recipe's name"),
-        (["--recipe", "no-such-recipe"], "no-such-recipe-cross-validation.csv is missing"),
+        (["--recipe", "../unet"], "--recipe '../unet' is not a segmenter recipe with folds"),
         (["--below", "0"], "--below: must be greater than 0"),
         (["--below", "1.5"], "--below: must be at most 1"),
         (["--below", "nan"], "--below: must be a finite number"),
@@ -64,6 +63,11 @@ def test_a_recipe_and_a_threshold_are_refused_at_the_door(real_data, tmp_path, c
         with pytest.raises(SystemExit):
             misses.main(["--data", str(real_data), "--out", str(out), *argv])
         assert message in capsys.readouterr().err, argv
+    with monkeypatch.context() as patch:  # a recipe whose folds are not all collected: no pooled table yet
+        patch.setattr(misses, "RESULTS", tmp_path / "no-results")
+        with pytest.raises(SystemExit):
+            misses.main(["--data", str(real_data), "--out", str(out), "--recipe", "unet"])
+        assert "no-results/unet-cross-validation.csv is missing" in capsys.readouterr().err
     # each case under 0.5 drawn by the fold model that scored it: runs/results-<fold>/model.h5, absent here
     monkeypatch.setattr(misses, "RUNS", tmp_path / "runs")
     argv = ["--data", str(real_data), "--out", str(out), "--recipe", "unet-aug-bf16", "--below", "0.5", "--fold-models"]

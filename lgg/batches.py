@@ -70,8 +70,8 @@ class TrainingBatches(keras.utils.PyDataset):
     Args:
         images: uint8 array `(N, S, S, 3)`.
         targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
-        batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch, flair_only, augmentation: as
-            `training_dataset`.
+        batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch, flair_only, augmentation,
+            tumor_cases: as `training_dataset`.
         workers: threads preparing batches (OpenCV releases the GIL). Defaults to `2`.
     """
 
@@ -88,13 +88,18 @@ class TrainingBatches(keras.utils.PyDataset):
         workers=2,
         flair_only=0.0,
         augmentation="standard",
+        tumor_cases=None,
     ):
         super().__init__(workers=workers, use_multiprocessing=False)
         augmentation_ranges(augmentation)  # a wrong name or range refused here, not in a worker
         self.images, self.targets = np.asarray(images), np.asarray(targets)
         self.batch_size, self.seed, self.augment, self.start_epoch = batch_size, seed, augment, start_epoch
         self.tumor_fraction, self.flair_only, self.augmentation = tumor_fraction, flair_only, augmentation
-        self.pools = tumor_pools(tumor_fraction, has_tumor) if tumor_fraction is not None else None
+        if tumor_cases is not None and tumor_fraction is None:
+            raise ValueError("tumor_cases draws the tumor share of each batch case first: it needs tumor_fraction")
+        self.pools, self.weights = None, None
+        if tumor_fraction is not None:
+            *self.pools, self.weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases)
         self.steps = int(np.ceil(len(self.images) / batch_size))
 
     @property
@@ -110,6 +115,8 @@ class TrainingBatches(keras.utils.PyDataset):
             return np.concatenate([order, order[: count - len(order)]])
         tumor = rng.uniform(size=count) < self.tumor_fraction
         picks = [pool[rng.integers(0, len(pool), count)] for pool in self.pools]
+        if self.weights is not None:  # the tumor slices case first (lgg.data.tumor_pools)
+            picks[0] = self.pools[0][rng.choice(len(self.pools[0]), count, p=self.weights)]
         return np.where(tumor, picks[0], picks[1])
 
     def __getitem__(self, index):

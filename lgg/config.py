@@ -88,6 +88,12 @@ class RunConfig:
     tumor_fraction: float | None = _setting(
         None, "oversample tumor slices to this share of each batch (None: as they come)", (guards.probability, {})
     )
+    tumor_sampling: str = _setting(
+        "slice",
+        "how the tumor share of each batch is drawn (with tumor_fraction): slice (every tumor slice equally often) "
+        "or case (a case first, each equally often, then one of its tumor slices: small tumors as often as large)",
+        choices=data.TUMOR_SAMPLINGS,
+    )
     flair_only: float = _setting(
         0.0,
         "share of training slices whose pre- and post-contrast channels are replaced by FLAIR, as the dataset "
@@ -179,6 +185,10 @@ class RunConfig:
         if late:
             raise ValueError(
                 f"snapshot_minutes {late} lie past max_minutes {self.max_minutes:g}: the run stops before them"
+            )
+        if self.tumor_sampling != "slice" and self.tumor_fraction is None:
+            raise ValueError(
+                f"tumor_sampling {self.tumor_sampling!r} draws the tumor share of each batch: it needs tumor_fraction"
             )
         if self.schedule == "time-cosine" and self.max_minutes is None:
             raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")

@@ -502,15 +502,31 @@ def _gather(images, targets, index, static_batch):
     return tf.cast(batch_images, tf.float32), tf.cast(batch_targets, tf.float32)
 
 
-def tumor_pools(tumor_fraction, has_tumor):
+TUMOR_SAMPLINGS = ("slice", "case")  # how the tumor share of a batch is drawn: `tumor_pools`
+
+
+def tumor_pools(tumor_fraction, has_tumor, cases=None):
     """The indices of the tumor slices and of the tumor-free ones, for drawing `tumor_fraction` of
-    each batch from the first; refuses a fraction outside (0, 1) or slices of one kind only."""
+    each batch from the first, and the probability of each tumor slice in that draw: None (every tumor
+    slice equally likely) without `cases`; with `cases` (the case id of every slice), a case drawn
+    uniformly among those with tumor, then one of its tumor slices, so that a case with 3 tumor slices
+    is drawn as often as one with 30 (`tumor_sampling="case"`; brain-segmentation-pytorch draws a
+    patient first too). Refuses a fraction outside (0, 1), slices of one kind only, or `cases` of
+    another length."""
     if has_tumor is None or not 0 < tumor_fraction < 1:
         raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
     has_tumor = np.asarray(has_tumor, bool)
     if has_tumor.all() or not has_tumor.any():
         raise ValueError("tumor_fraction needs slices both with and without tumor")
-    return np.flatnonzero(has_tumor), np.flatnonzero(~has_tumor)
+    tumor = np.flatnonzero(has_tumor)
+    if cases is None:
+        return tumor, np.flatnonzero(~has_tumor), None
+    cases = np.asarray(cases)
+    if cases.shape != has_tumor.shape:
+        raise ValueError(f"cases needs one case id per slice: {cases.shape} for {has_tumor.shape} slices")
+    _, case_of_slice, slices_of_case = np.unique(cases[tumor], return_inverse=True, return_counts=True)
+    weights = 1.0 / (slices_of_case[case_of_slice] * len(slices_of_case))
+    return tumor, np.flatnonzero(~has_tumor), weights
 
 
 def evaluation_dataset(images, targets, batch_size=16):
@@ -541,6 +557,7 @@ def training_dataset(
     start_epoch=0,
     flair_only=0.0,
     augmentation="standard",
+    tumor_cases=None,
 ):
     """A `tf.data` pipeline of training batches over slices decoded in memory.
 
@@ -566,6 +583,9 @@ def training_dataset(
             channels are replaced by FLAIR (`fill_with_flair`). Defaults to `0` (none).
         augmentation: with `augment`, a name of `AUGMENTATIONS` or a dict of ranges (`augment_batch`).
             Defaults to `"standard"`.
+        tumor_cases: array `(N,)` of case ids, or None. With `tumor_fraction`, the tumor slices are
+            drawn case first (`tumor_pools`): each case with tumor equally often, whatever its number of
+            tumor slices. Defaults to `None` (every tumor slice equally often).
 
     Returns:
         `(dataset, steps_per_epoch)`.
@@ -576,8 +596,13 @@ def training_dataset(
     augmentation_ranges(augmentation)  # a wrong name or range refused here, not inside the pipeline
     segmentation = targets.ndim == 4
     steps = int(np.ceil(len(images) / batch_size))
+    if tumor_cases is not None and tumor_fraction is None:
+        raise ValueError("tumor_cases draws the tumor share of each batch case first: it needs tumor_fraction")
     if tumor_fraction is not None:
-        pools = [tf.constant(pool) for pool in tumor_pools(tumor_fraction, has_tumor)]
+        *pools, weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases)
+        pools = [tf.constant(pool) for pool in pools]
+        if weights is not None:
+            log_weights = tf.constant(np.log(weights)[None], tf.float32)
     count = steps * batch_size  # every batch full: static shapes, so XLA compiles the step once
 
     def epoch_indices(epoch):
@@ -592,6 +617,8 @@ def training_dataset(
             tf.gather(pool, tf.random.stateless_uniform([count], draw, 0, tf.shape(pool, tf.int64)[0], tf.int64))
             for pool, draw in zip(pools, (draws[1], draws[2]))
         ]
+        if weights is not None:  # the tumor slices case first: a categorical draw over them, from the same key
+            picks[0] = tf.gather(pools[0], tf.random.stateless_categorical(log_weights, count, draws[1])[0])
         return tf.where(tumor, picks[0], picks[1])
 
     def epoch_batches(epoch):

@@ -460,6 +460,7 @@ def make_datasets(
     val_batch_size=None,
     flair_only=0.0,
     augmentation="standard",
+    tumor_sampling="slice",
 ):
     """Decode the train and val slices into memory and wrap them in batch pipelines.
 
@@ -470,7 +471,8 @@ def make_datasets(
     `tf.data` when TensorFlow is the Keras backend and NumPy otherwise. `val_batch_size`: the
     validation batches' size (None: `batch_size`). `flair_only`: the share of training slices made
     FLAIR only (`lgg.data.fill_with_flair`). `augmentation`: a name of `lgg.data.AUGMENTATIONS` (or a dict of ranges,
-    `lgg.data.augmentation_ranges`).
+    `lgg.data.augmentation_ranges`). `tumor_sampling`: with `tumor_fraction`, `"slice"` (every tumor slice equally
+    often) or `"case"` (a case first, then one of its tumor slices; `lgg.data.tumor_pools`).
     """
     val_batch_size = val_batch_size or batch_size
     if pipeline == "auto":
@@ -490,8 +492,11 @@ def make_datasets(
     else:
         train_targets = train_rows["has_tumor"].to_numpy(np.float32)
         val_targets = val_rows["has_tumor"].to_numpy(np.float32)
+    if tumor_sampling not in data.TUMOR_SAMPLINGS:
+        raise ValueError(f"tumor_sampling must be one of {data.TUMOR_SAMPLINGS}; received {tumor_sampling!r}")
+    tumor_cases = train_rows["case_id"].to_numpy() if tumor_sampling == "case" else None
     draws = {"seed": seed, "tumor_fraction": tumor_fraction, "has_tumor": train_rows["has_tumor"].to_numpy(),
-             "flair_only": flair_only, "augmentation": augmentation}  # fmt: skip
+             "flair_only": flair_only, "augmentation": augmentation, "tumor_cases": tumor_cases}  # fmt: skip
     if pipeline == "numpy":
         from lgg import batches
 
@@ -572,7 +577,8 @@ def _train_run(config, slices, run, distribution, jit_setting, val_batch_sizes):
     start_epoch = ResumeCheckpoint.next_epoch(run_dir / "resume") if resume else 0  # the data stream resumes too
     train_data, steps, val_data = make_datasets(slices, task, image_size, c.batch_size, seed, c.tumor_fraction,
                                                 start_epoch, val_batch_size=val_batch_sizes[0],
-                                                flair_only=c.flair_only, augmentation=c.augmentation)  # fmt: skip
+                                                flair_only=c.flair_only, augmentation=c.augmentation,
+                                                tumor_sampling=c.tumor_sampling)  # fmt: skip
     fused = keras.backend.backend() == "tensorflow"  # TensorFlow's fused batch normalization (models.py)
     with distribution.scope():
         model = models.build_model(kind, image_size, c.encoder_weights, c.base_filters, c.backbone, c.attention,

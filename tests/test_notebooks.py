@@ -117,6 +117,41 @@ def test_code_cells_read_every_setting_from_config(name):
         assert 'split="' not in cell.source, f"{name}: code cell {index} fixes the split"
 
 
+def make_datasets_settings(source):
+    """The settings (RunConfig fields) that the `make_datasets` calls in `source` pass, by keyword or by place."""
+    import dataclasses
+    import inspect
+
+    from lgg.train import make_datasets
+
+    places = list(inspect.signature(make_datasets).parameters)
+    fields = {setting.name for setting in dataclasses.fields(RunConfig)}
+    calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+             and getattr(node.func, "attr", getattr(node.func, "id", None)) == "make_datasets"]  # fmt: skip
+    assert calls, "no make_datasets call"
+    return [({places[i] for i in range(len(call.args))} | {k.arg for k in call.keywords}) & fields for call in calls]
+
+
+@pytest.mark.parametrize("name", [*NOTEBOOKS, "lgg.train"])
+def test_every_data_setting_reaches_make_datasets(name):
+    """Each setting `make_datasets` takes is passed from the config, in every notebook and in `train`: one left out
+    would train with its default while config.json records the value asked for (tumor_sampling, flair_only...)."""
+    import dataclasses
+    import inspect
+
+    from lgg import train
+
+    if name in NOTEBOOKS:
+        source = "\n".join(cell.source for cell in code_cells(nbformat.read(NOTEBOOKS[name], as_version=4)))
+    else:
+        source = inspect.getsource(train)  # train_run's call
+    fields = {setting.name for setting in dataclasses.fields(RunConfig)}
+    wanted = set(inspect.signature(train.make_datasets).parameters) & fields
+    assert {"tumor_fraction", "tumor_sampling", "flair_only", "augmentation"} <= wanted
+    for passed in make_datasets_settings(source):
+        assert passed == wanted, f"{name}: make_datasets is not given {sorted(wanted - passed)}"
+
+
 def test_notebooks_refuse_a_precision_they_do_not_build(tmp_path):
     from lgg import notebook
 

@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lgg import data
@@ -58,6 +59,85 @@ def test_oversampling_reaches_the_requested_tumor_share(arrays):
     drawn = np.concatenate([(y.numpy().reshape(len(y), -1).max(axis=1) > 0) for _, y in dataset.take(8 * steps)])
     assert has_tumor.mean() < 0.45
     assert drawn.mean() == pytest.approx(0.5, abs=0.08)
+
+
+@pytest.fixture(scope="module")
+def unequal_cases(real_data):
+    """Two real cases, the one with the fewest tumor slices of the first twelve and the one with the most (3 and
+    11): what drawing the tumor share case first evens out."""
+    slices = data.find_slices(real_data, max_cases=12)
+    counts = slices.groupby("case_id").has_tumor.sum()
+    rows = slices[slices.case_id.isin([counts.idxmin(), counts.idxmax()])].reset_index(drop=True)
+    images, masks = data.load_arrays(rows, 64)
+    return rows, images, masks, counts.idxmin()
+
+
+def drawn_shares(rows, images, batches, case):
+    """The share of tumor slices among the slices drawn in `batches` (unaugmented), and of those the share from
+    `case`: each drawn slice found by its bytes among the slices (a tumor slice's are unique)."""
+    index = {}
+    for number, image in enumerate(images):
+        index.setdefault(image.tobytes(), []).append(number)
+    tumor, from_case = [], []
+    for x in batches:
+        for image in np.asarray(x).astype(np.uint8):
+            numbers = index[image.tobytes()]
+            tumor.append(bool(rows.has_tumor[numbers].any()))
+            if tumor[-1]:
+                assert len(numbers) == 1, "two slices alike, one with tumor"
+                from_case.append(rows.case_id[numbers[0]] == case)
+    assert len(from_case) > 300
+    return np.mean(tumor), np.mean(from_case)
+
+
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_case_first_sampling_draws_each_case_equally_often(unequal_cases, pipeline):
+    """`tumor_sampling="case"` (`tumor_cases`): a case with 3 tumor slices is drawn as often as one with 11 (half
+    the tumor draws each), where drawing slices alike gives it 3 in 14; the tumor share of a batch stays 0.5."""
+    from lgg import batches
+
+    rows, images, masks, few = unequal_cases
+    options = {"batch_size": 16, "seed": 2, "augment": False, "tumor_fraction": 0.5, "has_tumor": rows.has_tumor}
+    shares = {}
+    for cases in (None, rows.case_id.to_numpy()):
+        if pipeline == "tf.data":
+            dataset, steps = data.training_dataset(images, masks, tumor_cases=cases, **options)
+            drawn = [x.numpy() for x, _ in dataset.take(20 * steps)]
+        else:
+            stream = batches.TrainingBatches(images, masks, tumor_cases=cases, **options)
+            drawn = [stream[i][0] for i in range(20 * stream.steps)]
+        shares["slice" if cases is None else "case"] = drawn_shares(rows, images, drawn, few)
+    assert shares["slice"][1] == pytest.approx(3 / 14, abs=0.07)  # slice by slice: the larger case dominates
+    assert shares["case"][1] == pytest.approx(0.5, abs=0.07)  # case first: each case half of the tumor draws
+    assert shares["slice"][0] == pytest.approx(0.5, abs=0.08) and shares["case"][0] == pytest.approx(0.5, abs=0.08)
+
+
+def test_tumor_pools_weigh_every_case_alike(unequal_cases):
+    rows, _, _, few = unequal_cases
+    tumor, free, weights = data.tumor_pools(0.5, rows.has_tumor, rows.case_id)
+    assert sorted(np.concatenate([tumor, free])) == list(range(len(rows)))
+    assert weights.sum() == pytest.approx(1.0)
+    per_case = pd.Series(weights).groupby(rows.case_id.to_numpy()[tumor]).sum()
+    np.testing.assert_allclose(per_case.to_numpy(), 0.5)
+    assert data.tumor_pools(0.5, rows.has_tumor)[2] is None  # without cases: every tumor slice alike
+    with pytest.raises(ValueError, match="one case id per slice"):
+        data.tumor_pools(0.5, rows.has_tumor, rows.case_id[:-1])
+
+
+def test_case_first_sampling_without_a_tumor_share_is_refused(unequal_cases):
+    from lgg import batches
+    from lgg.config import RunConfig
+
+    rows, images, masks, _ = unequal_cases
+    with pytest.raises(ValueError, match="needs tumor_fraction"):
+        data.training_dataset(images, masks, has_tumor=rows.has_tumor, tumor_cases=rows.case_id)
+    with pytest.raises(ValueError, match="needs tumor_fraction"):
+        batches.TrainingBatches(images, masks, has_tumor=rows.has_tumor, tumor_cases=rows.case_id)
+    with pytest.raises(ValueError, match="tumor_sampling 'case' draws the tumor share"):
+        RunConfig(tumor_sampling="case")
+    with pytest.raises(ValueError, match="tumor_sampling must be one of"):
+        RunConfig(tumor_fraction=0.5, tumor_sampling="patient")
+    assert RunConfig(tumor_fraction=0.5, tumor_sampling="case").tumor_sampling == "case"
 
 
 def test_evaluation_pipeline_keeps_order(arrays):

@@ -45,8 +45,8 @@ RUN_FILES = ("model.h5", "split.csv", "postprocess.json", "config.json")
 # what tells a run's row: (a key a config.json may lack is not compared, except those whose absence means their
 # default: runs from before the setting existed trained that way)
 RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes", "encoder_weights", "flair_only",
-               "augmentation")  # fmt: skip
-ABSENT_MEANS = {"flair_only": 0.0, "augmentation": "standard"}
+               "augmentation", "tumor_sampling")  # fmt: skip
+ABSENT_MEANS = {"flair_only": 0.0, "augmentation": "standard", "tumor_sampling": "slice"}
 AGGREGATES = {  # a slice's score from its probability map, in the order a tie on validation is settled
     "max": "the largest pixel probability",
     "top100": "the mean of the 100 largest pixel probabilities",

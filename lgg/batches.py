@@ -14,7 +14,15 @@ import cv2
 import keras
 import numpy as np
 
-from lgg.data import FLAIR_CHANNEL, affine_components, apply_gamma, augmentation_ranges, gamma_exponents, tumor_pools
+from lgg.data import (
+    FLAIR_CHANNEL,
+    affine_components,
+    apply_gamma,
+    augmentation_ranges,
+    check_tumor_sampling,
+    gamma_exponents,
+    tumor_pools,
+)
 
 
 def random_affine(rng, batch_size, size, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
@@ -95,11 +103,10 @@ class TrainingBatches(keras.utils.PyDataset):
         self.images, self.targets = np.asarray(images), np.asarray(targets)
         self.batch_size, self.seed, self.augment, self.start_epoch = batch_size, seed, augment, start_epoch
         self.tumor_fraction, self.flair_only, self.augmentation = tumor_fraction, flair_only, augmentation
-        if tumor_cases is not None and tumor_fraction is None:
-            raise ValueError("tumor_cases draws the tumor share of each batch case first: it needs tumor_fraction")
-        self.pools, self.weights = None, None
+        check_tumor_sampling("slice" if tumor_cases is None else "case", tumor_fraction)
+        self.pools, self.tumor_weights = None, None
         if tumor_fraction is not None:
-            *self.pools, self.weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases)
+            *self.pools, self.tumor_weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases)
         self.steps = int(np.ceil(len(self.images) / batch_size))
 
     @property
@@ -115,8 +122,8 @@ class TrainingBatches(keras.utils.PyDataset):
             return np.concatenate([order, order[: count - len(order)]])
         tumor = rng.uniform(size=count) < self.tumor_fraction
         picks = [pool[rng.integers(0, len(pool), count)] for pool in self.pools]
-        if self.weights is not None:  # the tumor slices case first (lgg.data.tumor_pools)
-            picks[0] = self.pools[0][rng.choice(len(self.pools[0]), count, p=self.weights)]
+        if self.tumor_weights is not None:  # the tumor slices case first (lgg.data.tumor_pools)
+            picks[0] = self.pools[0][rng.choice(len(self.pools[0]), count, p=self.tumor_weights)]
         return np.where(tumor, picks[0], picks[1])
 
     def __getitem__(self, index):

@@ -186,10 +186,7 @@ class RunConfig:
             raise ValueError(
                 f"snapshot_minutes {late} lie past max_minutes {self.max_minutes:g}: the run stops before them"
             )
-        if self.tumor_sampling != "slice" and self.tumor_fraction is None:
-            raise ValueError(
-                f"tumor_sampling {self.tumor_sampling!r} draws the tumor share of each batch: it needs tumor_fraction"
-            )
+        data.check_tumor_sampling(self.tumor_sampling, self.tumor_fraction)
         if self.schedule == "time-cosine" and self.max_minutes is None:
             raise ValueError("schedule 'time-cosine' needs max_minutes (--max-minutes)")
         if self.attention and self.kind != "resnet50-unet":

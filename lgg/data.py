@@ -505,6 +505,18 @@ def _gather(images, targets, index, static_batch):
 TUMOR_SAMPLINGS = ("slice", "case")  # how the tumor share of a batch is drawn: `tumor_pools`
 
 
+def check_tumor_sampling(tumor_sampling, tumor_fraction):
+    """Refuse a `tumor_sampling` not in `TUMOR_SAMPLINGS`, or one other than `"slice"` without a tumor share to
+    draw (`tumor_fraction`)."""
+    if tumor_sampling not in TUMOR_SAMPLINGS:
+        raise ValueError(f"tumor_sampling must be one of {TUMOR_SAMPLINGS}; received {tumor_sampling!r}")
+    if tumor_sampling != "slice" and tumor_fraction is None:
+        raise ValueError(
+            f"tumor_sampling {tumor_sampling!r} draws the tumor share of each batch: it needs tumor_fraction "
+            "(--tumor-fraction)"
+        )
+
+
 def tumor_pools(tumor_fraction, has_tumor, cases=None):
     """The indices of the tumor slices and of the tumor-free ones, for drawing `tumor_fraction` of
     each batch from the first, and the probability of each tumor slice in that draw: None (every tumor
@@ -596,8 +608,7 @@ def training_dataset(
     augmentation_ranges(augmentation)  # a wrong name or range refused here, not inside the pipeline
     segmentation = targets.ndim == 4
     steps = int(np.ceil(len(images) / batch_size))
-    if tumor_cases is not None and tumor_fraction is None:
-        raise ValueError("tumor_cases draws the tumor share of each batch case first: it needs tumor_fraction")
+    check_tumor_sampling("slice" if tumor_cases is None else "case", tumor_fraction)
     if tumor_fraction is not None:
         *pools, weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases)
         pools = [tf.constant(pool) for pool in pools]

@@ -479,6 +479,7 @@ def make_datasets(
         pipeline = "tf.data" if keras.backend.backend() == "tensorflow" else "numpy"
     if pipeline not in ("tf.data", "numpy"):
         raise ValueError(f"pipeline must be 'auto', 'tf.data' or 'numpy'; received {pipeline!r}")
+    data.check_tumor_sampling(tumor_sampling, tumor_fraction)  # before minutes of decoding
     train_rows, val_rows = slices[slices.split == "train"], slices[slices.split == "val"]
     started = time.perf_counter()
     train_images, train_masks = data.load_arrays(train_rows, image_size)
@@ -492,8 +493,6 @@ def make_datasets(
     else:
         train_targets = train_rows["has_tumor"].to_numpy(np.float32)
         val_targets = val_rows["has_tumor"].to_numpy(np.float32)
-    if tumor_sampling not in data.TUMOR_SAMPLINGS:
-        raise ValueError(f"tumor_sampling must be one of {data.TUMOR_SAMPLINGS}; received {tumor_sampling!r}")
     tumor_cases = train_rows["case_id"].to_numpy() if tumor_sampling == "case" else None
     draws = {"seed": seed, "tumor_fraction": tumor_fraction, "has_tumor": train_rows["has_tumor"].to_numpy(),
              "flair_only": flair_only, "augmentation": augmentation, "tumor_cases": tumor_cases}  # fmt: skip

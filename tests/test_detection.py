@@ -65,6 +65,15 @@ def test_the_folds_are_checked_before_anything_is_predicted(tmp_path, real_data)
         (runs / "results-unet-aug-bf16-fold2" / "config.json").write_text(json.dumps(written))
         with pytest.raises(SystemExit, match="has augmentation 'standard', the row unet-aug-bf16-fold2 'strong'"):
             detection.fold_sources("unet-aug-bf16", runs, real_data, tmp_path / "results")
+    # nor one drawing its tumor slices slice by slice (said, or left unsaid before the setting) a fold of the candidate
+    # drawing them case first
+    runs = fold_folders(tmp_path / "sampling", partition(shipped.case_id), recipe="unet-aug-flair-case-bf16")
+    row = "unet-aug-flair-case-bf16-fold4"
+    config = json.loads((runs / f"results-{row}" / "config.json").read_text())
+    for written in ({**config, "tumor_sampling": "slice"}, {k: v for k, v in config.items() if k != "tumor_sampling"}):
+        (runs / f"results-{row}" / "config.json").write_text(json.dumps(written))
+        with pytest.raises(SystemExit, match=f"has tumor_sampling 'slice', the row {row} 'case'"):
+            detection.fold_sources("unet-aug-flair-case-bf16", runs, real_data, tmp_path / "results")
     untested = [shipped] + [shipped.assign(split="train")] * 4  # folds 2-5 test nobody
     refused(fold_folders(tmp_path / "untested", untested), "patients of the split are in no fold's test cases")
     absent = partition(shipped.case_id, extra=["TCGA_XX_0001_20000101"])

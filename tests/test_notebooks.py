@@ -129,6 +129,11 @@ def make_datasets_settings(source):
     calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "make_datasets"]  # fmt: skip
     assert calls, "no make_datasets call"
+    for call in calls:  # a setting by keyword is read from the config (`config.<name>`, `c.<name>`), not a literal
+        for keyword in call.keywords:
+            if keyword.arg in fields:
+                value = keyword.value
+                assert isinstance(value, ast.Attribute) and value.attr == keyword.arg, ast.unparse(keyword)
     return [({places[i] for i in range(len(call.args))} | {k.arg for k in call.keywords}) & fields for call in calls]
 
 

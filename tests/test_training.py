@@ -119,8 +119,9 @@ def test_a_time_budget_is_not_cut_short_by_the_default_epoch_count(small_arrays,
     assert seen == [100, 100_000, 3]
 
 
-def test_train_run_trains_with_the_augmentation_and_flair_share_it_records(real_data, tmp_path, monkeypatch):
-    """`train --augmentation strong --flair-only 0.3`: the batches are drawn with what config.json records."""
+def test_train_run_trains_with_the_augmentation_flair_share_and_sampling_it_records(real_data, tmp_path, monkeypatch):
+    """`train --augmentation strong --flair-only 0.3 --tumor-fraction 0.5 --tumor-sampling case`: the batches are drawn
+    with what config.json records."""
     import json
 
     from lgg import train
@@ -134,7 +135,9 @@ def test_train_run_trains_with_the_augmentation_and_flair_share_it_records(real_
     monkeypatch.setattr(train, "make_datasets", record)
     with pytest.raises(KeyboardInterrupt):
         train.train_run("unet", real_data.parent, tmp_path / "run", max_cases=12, image_size=32, epochs=1,
-                        augmentation="strong", flair_only=0.3, verbose=0)  # fmt: skip
-    assert seen["augmentation"] == "strong" and seen["flair_only"] == 0.3
+                        augmentation="strong", flair_only=0.3, tumor_fraction=0.5, tumor_sampling="case",
+                        verbose=0)  # fmt: skip
+    assert seen["augmentation"] == "strong" and seen["flair_only"] == 0.3 and seen["tumor_sampling"] == "case"
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["augmentation"] == "strong" and recorded["flair_only"] == 0.3
+    assert recorded["tumor_fraction"] == 0.5 and recorded["tumor_sampling"] == "case"

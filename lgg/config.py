@@ -91,7 +91,7 @@ class RunConfig:
     tumor_sampling: str = _setting(
         "slice",
         "how the tumor share of each batch is drawn (with tumor_fraction): slice (every tumor slice equally often) "
-        "or case (a case first, each equally often, then one of its tumor slices: small tumors as often as large)",
+        "or case (a case first, each equally often, then one of its tumor slices: few tumor slices as often as many)",
         choices=data.TUMOR_SAMPLINGS,
     )
     flair_only: float = _setting(

@@ -121,10 +121,12 @@ class TrainingBatches(keras.utils.PyDataset):
             order = rng.permutation(len(self.images))
             return np.concatenate([order, order[: count - len(order)]])
         tumor = rng.uniform(size=count) < self.tumor_fraction
-        picks = [pool[rng.integers(0, len(pool), count)] for pool in self.pools]
-        if self.tumor_weights is not None:  # the tumor slices case first (lgg.data.tumor_pools)
-            picks[0] = self.pools[0][rng.choice(len(self.pools[0]), count, p=self.tumor_weights)]
-        return np.where(tumor, picks[0], picks[1])
+        tumor_pool, free_pool = self.pools
+        if self.tumor_weights is None:
+            tumor_picks = tumor_pool[rng.integers(0, len(tumor_pool), count)]
+        else:  # the tumor slices case first (lgg.data.tumor_pools)
+            tumor_picks = tumor_pool[rng.choice(len(tumor_pool), count, p=self.tumor_weights)]
+        return np.where(tumor, tumor_picks, free_pool[rng.integers(0, len(free_pool), count)])
 
     def __getitem__(self, index):
         epoch, step = self.start_epoch + index // self.steps, index % self.steps

@@ -530,15 +530,15 @@ def tumor_pools(tumor_fraction, has_tumor, cases=None):
     has_tumor = np.asarray(has_tumor, bool)
     if has_tumor.all() or not has_tumor.any():
         raise ValueError("tumor_fraction needs slices both with and without tumor")
-    tumor = np.flatnonzero(has_tumor)
+    tumor, free = np.flatnonzero(has_tumor), np.flatnonzero(~has_tumor)
     if cases is None:
-        return tumor, np.flatnonzero(~has_tumor), None
+        return tumor, free, None
     cases = np.asarray(cases)
     if cases.shape != has_tumor.shape:
         raise ValueError(f"cases needs one case id per slice: {cases.shape} for {has_tumor.shape} slices")
     _, case_of_slice, slices_of_case = np.unique(cases[tumor], return_inverse=True, return_counts=True)
     weights = 1.0 / (slices_of_case[case_of_slice] * len(slices_of_case))
-    return tumor, np.flatnonzero(~has_tumor), weights
+    return tumor, free, weights
 
 
 def evaluation_dataset(images, targets, batch_size=16):
@@ -624,13 +624,15 @@ def training_dataset(
             return tf.concat([order, order[: count - len(images)]], 0)
         draws = tf.random.experimental.stateless_split(key, 3)
         tumor = tf.random.stateless_uniform([count], draws[0]) < tumor_fraction
-        picks = [
-            tf.gather(pool, tf.random.stateless_uniform([count], draw, 0, tf.shape(pool, tf.int64)[0], tf.int64))
-            for pool, draw in zip(pools, (draws[1], draws[2]))
-        ]
-        if weights is not None:  # the tumor slices case first: a categorical draw over them, from the same key
-            picks[0] = tf.gather(pools[0], tf.random.stateless_categorical(log_weights, count, draws[1])[0])
-        return tf.where(tumor, picks[0], picks[1])
+
+        def uniform(pool, draw):
+            return tf.gather(pool, tf.random.stateless_uniform([count], draw, 0, tf.shape(pool, tf.int64)[0], tf.int64))
+
+        if weights is None:
+            tumor_picks = uniform(pools[0], draws[1])
+        else:  # the tumor slices case first: a categorical draw over them, from the same key
+            tumor_picks = tf.gather(pools[0], tf.random.stateless_categorical(log_weights, count, draws[1])[0])
+        return tf.where(tumor, tumor_picks, uniform(pools[1], draws[2]))
 
     def epoch_batches(epoch):
         batches = tf.data.Dataset.from_tensor_slices(epoch_indices(epoch)).batch(batch_size, drop_remainder=True)

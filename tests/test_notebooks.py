@@ -5,6 +5,8 @@ exactly as a user would run it, with only the values of its `parameters` cell ov
 """
 
 import ast
+import dataclasses
+import inspect
 import json
 import math
 import subprocess
@@ -106,7 +108,6 @@ def test_code_cells_read_every_setting_from_config(name):
     """After the setup cell builds `config`, a setting is read as `config.<field>`: a bare `epochs` or a
     literal `split="patient"` would train one thing while `config.json` records another. (The syntax
     tree, not the tokens: names inside f-strings count too, on every Python version.)"""
-    import dataclasses
 
     fields = {setting.name for setting in dataclasses.fields(RunConfig)}
     cells = code_cells(nbformat.read(NOTEBOOKS[name], as_version=4))
@@ -117,15 +118,11 @@ def test_code_cells_read_every_setting_from_config(name):
         assert 'split="' not in cell.source, f"{name}: code cell {index} fixes the split"
 
 
-def make_datasets_settings(source):
-    """The settings (RunConfig fields) that the `make_datasets` calls in `source` pass, by keyword or by place."""
-    import dataclasses
-    import inspect
-
+def make_datasets_settings(source, fields):
+    """The settings (of `fields`) that the `make_datasets` calls in `source` pass, by keyword or by place."""
     from lgg.train import make_datasets
 
     places = list(inspect.signature(make_datasets).parameters)
-    fields = {setting.name for setting in dataclasses.fields(RunConfig)}
     calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "make_datasets"]  # fmt: skip
     assert calls, "no make_datasets call"
@@ -141,9 +138,6 @@ def make_datasets_settings(source):
 def test_every_data_setting_reaches_make_datasets(name):
     """Each setting `make_datasets` takes is passed from the config, in every notebook and in `train`: one left out
     would train with its default while config.json records the value asked for (tumor_sampling, flair_only...)."""
-    import dataclasses
-    import inspect
-
     from lgg import train
 
     if name in NOTEBOOKS:
@@ -153,7 +147,7 @@ def test_every_data_setting_reaches_make_datasets(name):
     fields = {setting.name for setting in dataclasses.fields(RunConfig)}
     wanted = set(inspect.signature(train.make_datasets).parameters) & fields
     assert {"tumor_fraction", "tumor_sampling", "flair_only", "augmentation"} <= wanted
-    for passed in make_datasets_settings(source):
+    for passed in make_datasets_settings(source, fields):
         assert passed == wanted, f"{name}: make_datasets is not given {sorted(wanted - passed)}"
 
 

@@ -574,7 +574,7 @@ def recipe_comparison_text(comparison):
         for f in comparison["per_fold"]
     )
     other = comparison.get("paired_with", "unet")  # older files: the headline
-    versus = "the headline recipe" if other == "unet" else f"the `{other}` recipe"
+    versus = "the baseline recipe `unet`" if other == "unet" else f"the `{other}` recipe"
     text = (
         f"**Candidate recipe `{comparison['candidate']}`** ({comparison['change']}), paired with {versus} "
         f"on the same {p['cases']} patients ({len(comparison['folds'])} of 5 folds; "
@@ -587,7 +587,7 @@ def recipe_comparison_text(comparison):
         ours, theirs = ({p["minutes"]: p["case_dice_mean"] for p in comparison[f"{who}_after_minutes"]}
                         for who in ("candidate", "headline"))  # fmt: skip
         points = ", ".join(f"{ours[m]:.3f} vs {theirs[m]:.3f} after {m:g} min" for m in sorted(set(ours) & set(theirs)))
-        text += f" After N minutes, candidate vs {'headline' if other == 'unet' else f'`{other}`'}: {points}."
+        text += f" After N minutes, candidate vs `{other}`: {points}."
     return text
 
 
@@ -722,7 +722,8 @@ def readme_table(results):
     lines = [
         f"Produced by `make results` (`benchmarks/results.py`) on {' / '.join(map(str, patients))} of the Kaggle "
         "set's 110 cases, on 2-core CPUs "
-        "(AMD EPYC unless the row names another; each run's CPU is in its JSON), no GPU; numbers from "
+        "(AMD EPYC or Intel Xeon: a run's JSON names its CPU from the bfloat16 runs on, `results/EXPERIMENTS.md` "
+        "the earlier ones'), no GPU; numbers from "
         "`results/*.json`. Held-out **test** cases of the patient split "
         "unless marked leaky; Dice per case is over each case's whole volume at 256×256, after the "
         "post-processing chosen on the validation cases (raw = threshold 0.5, nothing else).",
@@ -1362,7 +1363,8 @@ def model_card(card):
     low, high = cv["case_dice_mean_ci95"]
     size = card["image_size"]
     rows = {
-        "file": f"`{card['file']}`, {card['megabytes']} MB, sha256 `{card['sha256']}`",
+        "file": f"`{card['file']}`, {card['megabytes']} MB, sha256 `{card['sha256']}` (saved again without the "
+        f"optimizer state: the run's own `model.h5`, whose sha256 `results/{card['run']}.json` records, differs)",
         "architecture": f"U-Net (Ronneberger 2015), {card['parameters'] / 1e6:.2f} M parameters",
         "contract": f"raw slices, float32 in [0, 255], shape (N, {size}, {size}, 3), channels pre-contrast, FLAIR, "
         f"post-contrast (preprocessing inside the model) -> (N, {size}, {size}, 1) tumor probabilities; loads with "

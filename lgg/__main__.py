@@ -90,6 +90,12 @@ def _parser():
     )
     for name, sequence in (("pre", "pre-contrast"), ("flair", "FLAIR"), ("post", "post-contrast")):
         predict.add_argument(f"--{name}", default=None, help=f"a 3-D NIfTI of the {sequence} sequence (all three)")
+    predict.add_argument(
+        "--fill-from-flair",
+        action="store_true",
+        help="with --flair: fill a missing --pre / --post with the FLAIR, as the Kaggle set fills a sequence a "
+        "case lacks (a model trained with --flair-only, such as the shipped one, is measured on such cases)",
+    )
     predict.add_argument("--model", default=None, help="model.h5 (default: the shipped models/unet/model.h5)")
     predict.add_argument("--out", required=True)
     predict.add_argument(
@@ -238,6 +244,7 @@ def main(argv=None):
                 args.slice_thickness_mm,
                 args.overwrite,
                 sequences={"pre": args.pre, "flair": args.flair, "post": args.post},
+                fill_from_flair=args.fill_from_flair,
             )
         elif args.command == "app":
             from lgg.app import serve

@@ -177,6 +177,7 @@ def _summary(rows, seconds):
             else f"tumor area {row['tumor_area_px_total']} px (the .tif slices carry no voxel size)"
         )
         lines.append(f"- {row['case_id']}: tumor on {row['tumor_slices']} of {row['slices']} slices, {size}")
+        lines += [f"  - Warning: {warning}" for warning in filter(None, row.get("warnings", "").split("; "))]
     return "\n".join(lines)
 
 
@@ -207,8 +208,10 @@ class Segmenter:
                 text = re.sub(rf"\S*/request-[^/\s]+/in/{re.escape(copy)}\b", upload, text)
         return re.sub(r"\S*/request-[^/\s]+/(in|out)/((pre|flair|post)/)?", "", text)
 
-    def run(self, files, pre=None, flair=None, post=None):
-        """-> (slice pictures with labels, summary markdown, montage path or None, files to download)."""
+    def run(self, files, pre=None, flair=None, post=None, fill_from_flair=False):
+        """-> (slice pictures with labels, summary markdown, montage path or None, files to download).
+        `fill_from_flair`: a missing pre- or post-contrast file is filled with the FLAIR (`predict`'s
+        --fill-from-flair)."""
         start = time.perf_counter()
         folder = self._new_folder()
         self.names = {}
@@ -217,7 +220,13 @@ class Segmenter:
             inputs, sequences = arrange(files, sequences, folder / "in", self.names)
             collected = []
             out = predict.predict_paths(
-                None, inputs, folder / "out", sequences=sequences, predictor=self.predictor, collect=collected
+                None,
+                inputs,
+                folder / "out",
+                sequences=sequences,
+                predictor=self.predictor,
+                collect=collected,
+                fill_from_flair=fill_from_flair,
             )
         finally:  # the uploads' copies are not needed past this point (the results stay for their download)
             shutil.rmtree(folder / "in", ignore_errors=True)
@@ -244,9 +253,9 @@ def _first_tumor_slice(pictures):
 def build(segmenter):
     import gradio as gr
 
-    def segment(files, pre, flair, post):
+    def segment(files, pre, flair, post, fill_from_flair):
         try:
-            pictures, summary, montage, downloads = segmenter.run(files, pre, flair, post)
+            pictures, summary, montage, downloads = segmenter.run(files, pre, flair, post, fill_from_flair)
         except (data.DatasetError, ValueError, OSError, RuntimeError, NotImplementedError) as error:
             raise gr.Error(segmenter.message(error), print_exception=False) from None
         except Exception as error:  # a case nobody foresaw: still a message on the page, and the app serves on
@@ -284,6 +293,10 @@ def build(segmenter):
                     pre = gr.File(label="pre-contrast", elem_id="pre")
                     flair = gr.File(label="FLAIR", elem_id="flair")
                     post = gr.File(label="post-contrast", elem_id="post")
+                    fill = gr.Checkbox(
+                        label="Only FLAIR? Fill a missing pre- or post-contrast with it (as the Kaggle set does)",
+                        elem_id="fill-from-flair",
+                    )
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
                 summary = gr.Markdown(elem_id="summary")
                 downloads = gr.File(label="Download: mask and all outputs", file_count="multiple", elem_id="downloads")
@@ -295,7 +308,7 @@ def build(segmenter):
                 picture = gr.Image(label="Predicted outline (red) on FLAIR", elem_id="slice", type="numpy")
                 montage = gr.Image(label="Tumor slices", elem_id="montage", type="filepath")
         shown = [pictures, slider, picture, slice_label, summary, montage, downloads]
-        button.click(clear, None, shown).then(segment, [upload, pre, flair, post], shown)
+        button.click(clear, None, shown).then(segment, [upload, pre, flair, post, fill], shown)
         slider.change(show, [pictures, slider], [picture, slice_label])
     return page
 

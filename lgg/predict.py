@@ -137,10 +137,11 @@ def _write_png(path, image):
         temporary.write_bytes(data.tobytes())
 
 
-def _gather(inputs, sequences=None):
+def _gather(inputs, sequences=None, fill_from_flair=False):
     """Group input paths into `case_id -> [(slice_index, image_path, mask_path or None)]`, or
     `case_id -> volumes.Volume` for a 4-D NIfTI file and for `sequences` (a dict of the three
-    3-D files by `volumes.SEQUENCES` name; the case is named after the FLAIR file).
+    3-D files by `volumes.SEQUENCES` name; the case is named after the FLAIR file; `fill_from_flair`:
+    a missing pre- or post-contrast file is filled with the FLAIR, see `volumes.load_sequences`).
 
     A case found twice (two inputs holding it) or a slice number given twice is refused with
     both paths named: nothing is merged or dropped silently."""
@@ -188,7 +189,9 @@ def _gather(inputs, sequences=None):
         else:
             raise FileNotFoundError(f"input not found: {item}")
     if sequences and any(path is not None for path in sequences.values()):
-        add_volume(volumes.load_sequences(**sequences))
+        add_volume(volumes.load_sequences(**sequences, fill_from_flair=fill_from_flair))
+    elif fill_from_flair:
+        raise volumes.VolumeError("--fill-from-flair fills the sequences missing beside --flair FILE: give --flair")
     if not cases:
         raise data.DatasetError(f"no slices found in {', '.join(map(str, inputs)) or 'no inputs'}")
     return {
@@ -262,12 +265,14 @@ def predict_paths(
     sequences=None,
     predictor=None,
     collect=None,
+    fill_from_flair=False,
 ):
     """Predict every case in `inputs` (and the NIfTI `sequences`, a dict with keys `pre`, `flair`,
-    `post`) into `out_dir`. A `predictor` from `load_predictor` replaces the model arguments; a
+    `post`; with `fill_from_flair` a missing pre- or post-contrast is filled with the FLAIR) into
+    `out_dir`. A `predictor` from `load_predictor` replaces the model arguments; a
     `collect` list receives `(case_id, slice_indices, images, predicted masks, cases.csv row)` per case."""
     out_dir = Path(out_dir)
-    cases = _gather(inputs, sequences)
+    cases = _gather(inputs, sequences, fill_from_flair)
     volume_files = [path for case in cases.values() if isinstance(case, volumes.Volume) for path in case.sources]
     slice_cases = {case_id: entries for case_id, entries in cases.items() if not isinstance(entries, volumes.Volume)}
     # apart from the inputs, the folders holding their case folders (an output folder there would pass for

@@ -133,7 +133,7 @@ def _need_three(path, what):
     return VolumeError(
         f"{path}: {what}; the model needs three co-registered sequences in the training order "
         f"({', '.join(data.CHANNELS)}): a 4-D NIfTI with those three on its last axis, or three 3-D "
-        "files given as --pre, --flair and --post"
+        "files given as --pre, --flair and --post (a FLAIR alone: --flair FILE --fill-from-flair)"
     )
 
 
@@ -147,18 +147,33 @@ def load_4d(path, case_id=None):
     return _volume(case_id or case_id_of(path), voxels, _reference(image), (Path(path),))
 
 
-def load_sequences(pre=None, flair=None, post=None, case_id=None):
-    """Three co-registered 3-D NIfTI files, one per sequence (same shape and affine)."""
+FILLED_WARNING = (
+    "{filled} filled with FLAIR (--fill-from-flair), as the Kaggle set fills a sequence a case lacks: "
+    "expect a lower Dice from a model not trained with FLAIR-only slices (--flair-only)"
+)
+
+
+def load_sequences(pre=None, flair=None, post=None, case_id=None, fill_from_flair=False):
+    """Three co-registered 3-D NIfTI files, one per sequence (same shape and affine). With
+    `fill_from_flair`, a missing pre- or post-contrast file is replaced by the FLAIR, as the Kaggle set
+    fills a sequence a case lacks (4 of its 110 cases are FLAIR only); the volume's warnings say so."""
     given = dict(zip(SEQUENCES, (pre, flair, post)))
     missing = [name for name, path in given.items() if path is None]
-    if missing:
-        have = ", ".join(f"--{name} {path}" for name, path in given.items() if path is not None) or "nothing"
+    have = ", ".join(f"--{name} {path}" for name, path in given.items() if path is not None) or "nothing"
+    if fill_from_flair and flair is None:
         raise VolumeError(
-            f"given {have}; missing {', '.join('--' + name for name in missing)}: the model was trained on all "
-            f"three sequences ({', '.join(data.CHANNELS)}) and cannot segment from fewer"
+            f"given {have}; --fill-from-flair fills the sequences missing beside --flair FILE: give --flair"
+        )
+    if missing and not fill_from_flair:
+        raise VolumeError(
+            f"given {have}; missing {', '.join('--' + name for name in missing)}: the model takes three sequences "
+            f"({', '.join(data.CHANNELS)}); to fill the missing ones with the FLAIR, as the Kaggle set does for "
+            "cases that lack them, add --fill-from-flair"
         )
     loaded = {}
     for name, path in given.items():
+        if path is None:
+            continue
         image, voxels = _load(path)
         if voxels.ndim != 3:
             raise VolumeError(f"--{name} {path}: shape {voxels.shape}, expected one 3-D sequence")
@@ -172,14 +187,19 @@ def load_sequences(pre=None, flair=None, post=None, case_id=None):
                 f"{np.abs(image.affine - flair_image.affine).max():.3g}): co-register them first"
             )
     for first, second in (("pre", "flair"), ("pre", "post"), ("flair", "post")):
-        if np.array_equal(loaded[first][1], loaded[second][1]):
+        if first in loaded and second in loaded and np.array_equal(loaded[first][1], loaded[second][1]):
             raise VolumeError(
                 f"--{first} {given[first]} and --{second} {given[second]} hold the same image: "
                 "each sequence must be its own file"
+                + (" (for a missing one, leave it out and add --fill-from-flair)" if "flair" in (first, second) else "")
             )
-    voxels = np.stack([loaded[name][1] for name in SEQUENCES], axis=-1)
-    sources = tuple(Path(given[name]) for name in SEQUENCES)
-    return _volume(case_id or case_id_of(flair), voxels, _reference(flair_image), sources)
+    voxels = np.stack([loaded.get(name, loaded["flair"])[1] for name in SEQUENCES], axis=-1)
+    sources = tuple(Path(given[name] or flair) for name in SEQUENCES)
+    volume = _volume(case_id or case_id_of(flair), voxels, _reference(flair_image), sources)
+    if missing:
+        filled = " and ".join(dict(zip(SEQUENCES, data.CHANNELS))[name] for name in missing)
+        volume.warnings.insert(0, FILLED_WARNING.format(filled=filled))
+    return volume
 
 
 def _reference(image):

@@ -218,3 +218,30 @@ def test_uploads_are_arranged_or_refused_by_name(real_data, tmp_path):
         (tmp_path / folder / "scan.nii.gz").write_bytes(b"x")
     with pytest.raises(app.UploadError, match="scan.nii.gz and scan.nii.gz: two uploads of the same name"):
         app.arrange([tmp_path / "a" / "scan.nii.gz", tmp_path / "b" / "scan.nii.gz"], {}, tmp_path / "in7")
+
+
+def test_a_flair_alone_is_segmented_when_asked_to_fill_the_others(server, browser, real_data, tmp_path):
+    case = "TCGA_HT_A61B_19991127"  # FLAIR only in the Kaggle set; its FLAIR spans 0-255: the NIfTI maps back exactly
+    flair = tmp_path / f"{case}_flair.nii.gz"
+    voxels = as_ras(kaggle_volume(real_data, case))[..., 1].astype(np.float32)
+    nib.save(nib.Nifti1Image(voxels, np.diag([*SPACING, 1.0])), flair)
+    rows = []
+    predict.predict_paths(None, [real_data / case], tmp_path / "cli", collect=rows)
+    tumor = rows[0][-1]["tumor_area_px_total"]
+    assert tumor > 1000  # a real tumor, not two empty masks agreeing
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server, wait_until="domcontentloaded")
+    page.wait_for_selector("#segment", timeout=60_000)
+    page.click("text=Three 3-D NIfTI files, one per sequence")
+    page.locator("#flair input[type=file]").set_input_files(str(flair))
+    page.wait_for_selector(f"#flair :text('{flair.name}')", timeout=30_000)
+    page.click("#segment")  # not ticked: refused, saying how to ask
+    toast = page.wait_for_selector("[data-testid=toast-text]", timeout=120_000).inner_text()
+    assert "missing --pre, --post" in toast and "--fill-from-flair" in toast, toast
+    page.locator("#fill-from-flair input[type=checkbox]").check()
+    page.click("#segment")
+    page.wait_for_selector("#summary :text('segmented in')", timeout=120_000)
+    summary = page.locator("#summary").inner_text()
+    assert "Warning: pre-contrast and post-contrast filled with FLAIR" in summary, summary
+    assert f"{tumor * np.prod(SPACING) / 1000:.2f} ml" in summary, summary  # the .tif slices' mask, voxel for voxel
+    page.close()

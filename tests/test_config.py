@@ -6,6 +6,7 @@ import json
 import platform
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,13 @@ import tensorflow as tf
 
 from lgg import config, train
 from lgg.__main__ import _parser
-from lgg.config import HEADLINE, RunConfig
+from lgg.config import HEADLINE, SHIPPED_RECIPE, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import results  # noqa: E402
+
+PRECISION_LEFT = {"precision": None, "jit_compile": None}  # to the machine, as `train` without those options
 
 
 def parse_train(words):
@@ -136,16 +141,19 @@ def joined_lines(text):
     return re.sub(r"\\\n\s*", " ", text).splitlines()
 
 
-def test_the_headline_command_of_the_makefile_and_readme_is_the_headline_config():
+def test_the_training_commands_of_the_makefile_and_readme_are_the_shipped_and_baseline_configs():
     makefile = joined_lines((ROOT / "Makefile").read_text())
     command = makefile[makefile.index("train: setup") + 1].replace("$(PYTHON)", "python")
     words = shlex.split(command.replace("$(DATA)", "data").replace("$(RUNS)", "runs"))
-    assert parse_train(words[words.index("train") + 1 :]) == HEADLINE
+    assert parse_train(words[words.index("train") + 1 :]) == SHIPPED_RECIPE
     readme = [line for line in joined_lines((ROOT / "README.md").read_text()) if "lgg train unet" in line]
-    headline = [line for line in readme if "--out runs/unet " in line]
-    assert headline, "the README shows the headline training command"
-    words = shlex.split(headline[0].split("#")[0])
-    assert parse_train(words[words.index("train") + 1 :]) == HEADLINE
+    for out, recipe in (("runs/unet", SHIPPED_RECIPE), ("runs/unet-baseline", HEADLINE)):
+        shown = [line for line in readme if f"--out {out} " in line]
+        assert len(shown) == 1, f"the README shows the training command of {out} once"
+        words = shlex.split(shown[0].split("#")[0])
+        assert parse_train(words[words.index("train") + 1 :]) == recipe
+    # the shipped recipe is what its cross-validation row trained, less the precision the row names
+    assert dataclasses.replace(results.CONFIGS["unet-aug-flair-bf16"], **PRECISION_LEFT) == SHIPPED_RECIPE
 
 
 def test_values_from_a_file_are_converted_or_refused_never_passed_through(tmp_path):

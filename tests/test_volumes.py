@@ -98,6 +98,32 @@ def test_three_3d_sequences_give_the_same_as_the_4d_volume(real_data, predictor,
     assert row.tumor_voxels == tif_prediction[1].tumor_area_px_total
 
 
+def test_a_flair_alone_filled_gives_the_masks_of_a_flair_only_kaggle_case(real_data, predictor, tmp_path):
+    case = "TCGA_HT_A61B_19991127"  # FLAIR only (the set filled its pre and post with it), spanning 0-255
+    slices = kaggle_volume(real_data, case)
+    assert (slices[..., 0] == slices[..., 1]).all() and (slices[..., 2] == slices[..., 1]).all()
+    tifs = predict.predict_paths(None, [real_data / case], tmp_path / "tif", predictor=predictor)
+    tif_row = pd.read_csv(tifs / "cases.csv").iloc[0]
+    assert tif_row.tumor_area_px_total > 1000  # a real tumor, not two empty masks agreeing
+    affine = np.diag([*SPACING, 1.0])
+    flair = tmp_path / "in" / f"{case}.nii.gz"
+    flair.parent.mkdir()
+    nib.save(nib.Nifti1Image(as_ras(slices)[..., 1].astype(np.float32) * 7.5 + 20, affine), flair)
+    with pytest.raises(volumes.VolumeError, match="add --fill-from-flair"):
+        predict.predict_paths(None, [], tmp_path / "refused", sequences={"flair": flair}, predictor=predictor)
+    assert not (tmp_path / "refused").exists()
+
+    out = predict.predict_paths(None, [], tmp_path / "out", sequences={"pre": None, "flair": flair, "post": None},
+                                predictor=predictor, fill_from_flair=True)  # fmt: skip
+    mask = np.asarray(nib.load(out / case / f"{case}{predict.PREDICTED_NIFTI_SUFFIX}").dataobj)
+    tif_masks = [tifffile.imread(tifs / case / f"{case}_{n}{predict.PREDICTED_SUFFIX}") > 0
+                 for n in range(1, len(slices) + 1)]  # fmt: skip
+    np.testing.assert_array_equal(volumes.ras_to_planes(mask) > 0, np.stack(tif_masks))  # voxel for voxel
+    row = pd.read_csv(out / "cases.csv").iloc[0]
+    assert row.tumor_voxels == tif_row.tumor_area_px_total
+    assert row.warnings.startswith("pre-contrast and post-contrast filled with FLAIR (--fill-from-flair)")
+
+
 @pytest.mark.parametrize("shape", [(240, 240, 5), (200, 256, 4), (300, 180, 3), (160, 160, 2)])
 def test_masks_go_back_to_any_grid(shape, tmp_path):
     """A mask drawn on the volume's grid, carried to the model's 256 x 256 view and back, lands where it
@@ -199,6 +225,9 @@ def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
         ("needle.nii.gz",): "expected planes of at least 32 x 32",
         ("--pre", "flair.nii.gz", "--flair", "flair.nii.gz", "--post", "flair.nii.gz"): "hold the same image",
         ("--flair", "flair.nii.gz"): "missing --pre, --post",
+        ("--pre", "pre.nii.gz", "--fill-from-flair"): "give --flair",
+        ("good.nii.gz", "--fill-from-flair"): "give --flair",
+        ("--pre", "flair.nii.gz", "--flair", "flair.nii.gz", "--fill-from-flair"): "leave it out and add --fill",
         ("--pre", "pre.nii.gz", "--flair", "flair.nii.gz", "--post", "moved.nii.gz"): "not on the same grid",
     }
     for args, message in cases.items():

@@ -91,9 +91,10 @@ def main(argv=None):
     parser.add_argument("--recipe", required=True, choices=recipes, help="a recipe with five fold rows")
     args = parser.parse_args(argv)
 
-    from lgg import metrics
+    from misses import sequence_copies  # which sequences each case has (the dataset's copies of its FLAIR)
 
-    sequences = pd.read_csv(RESULTS / f"missing_sequences-{args.recipe}.csv").set_index("case_id")["sequences"]
+    from lgg import data, metrics
+
     missing = [row for row in fold_rows(args.recipe) if not (RUNS / f"results-{row}" / "model.h5").is_file()]
     if missing:
         raise SystemExit(f"no run folder for {', '.join(missing)} in {RUNS}: train them first (benchmarks/results.py)")
@@ -106,11 +107,13 @@ def main(argv=None):
             f"{row}: {table['dice_as_given'].mean():.3f} as given, {table['dice_flair_alone'].mean():.3f} FLAIR alone"
         )
     table = pd.concat(tables, ignore_index=True)
+    slices = data.find_slices(args.data)
+    sequences = sequence_copies(slices[slices["case_id"].isin(table["case_id"])]).set_index("case_id")["sequences"]
     table["sequences"] = table["case_id"].map(sequences)
     given = table[["case_id"]].assign(case_dice=table["dice_as_given"])
     alone = table[["case_id"]].assign(case_dice=table["dice_flair_alone"])
     summary = {
-        "command": f"python benchmarks/flair_alone.py --recipe {args.recipe}",
+        "command": f"python benchmarks/flair_alone.py --data {args.data} --recipe {args.recipe}",
         "recipe": args.recipe,
         "how": "each fold's test cases scored by its model (mean per-case Dice at 256x256, the run's "
         "post-processing) as given and with pre- and post-contrast replaced by the FLAIR",

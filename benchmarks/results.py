@@ -28,9 +28,10 @@ from lgg.train import monitor_for
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS, README = ROOT / "runs", ROOT / "results", ROOT / "README.md"
 # name -> RunConfig (lgg.config: every setting not named is its default; every row in float32, as measured, except
-# the bfloat16 rows, rather than the precision `train` would pick on the machine). `unet` is the README's headline
-# recipe (`make train` runs the same). Time limits: about nine hours of CPU for the fourteen table rows (7 x 60 +
-# 5 x 15 + 20 + 20 min, plus evaluation); train one row at a time with --models.
+# the bfloat16 rows, rather than the precision `train` would pick on the machine). `unet` is the baseline recipe
+# (lgg.config.HEADLINE); `make train` runs the shipped model's (lgg.config.SHIPPED_RECIPE). Time limits: about
+# nine hours of CPU for the fourteen table rows (7 x 60 + 5 x 15 + 20 + 20 min, plus evaluation); train one row at a
+# time with --models.
 CLASSIFIER = RunConfig(kind="classifier", backbone="light", max_minutes=15, precision="float32")
 FOLDS = range(1, 6)  # the 5-fold cross-validation by patient; fold 1 of 5 is the patient split every row defaults to
 

@@ -89,7 +89,9 @@ def _parser():
         "pre-contrast, FLAIR, post-contrast)",
     )
     for name, sequence in (("pre", "pre-contrast"), ("flair", "FLAIR"), ("post", "post-contrast")):
-        predict.add_argument(f"--{name}", default=None, help=f"a 3-D NIfTI of the {sequence} sequence (all three)")
+        predict.add_argument(
+            f"--{name}", default=None, help=f"a 3-D NIfTI of the {sequence} sequence (all three, or --fill-from-flair)"
+        )
     predict.add_argument(
         "--fill-from-flair",
         action="store_true",

@@ -30,6 +30,7 @@ SLICE_SUFFIXES = (".tif", ".tiff", ".png")
 MAX_UNZIPPED_BYTES = 2 * 1024**3  # a Kaggle case is ~10 MB; refuse zip bombs
 KEEP_SECONDS = 3600  # earlier requests' folders are removed after an hour
 DISPLAY_SIZE = 512
+FILL_BOX = '"Only FLAIR?"'  # the checkbox that asks for predict's --fill-from-flair, as messages name it
 
 
 class UploadError(ValueError):
@@ -206,6 +207,8 @@ class Segmenter:
         for copy, upload in self.names.items():  # the renamed copies (slices/upload_3.tif, zip1/...) by their upload
             if copy.startswith(("slices/", "zip")):
                 text = re.sub(rf"\S*/request-[^/\s]+/in/{re.escape(copy)}\b", upload, text)
+        text = text.replace("--flair FILE --fill-from-flair", f"the FLAIR file with {FILL_BOX} ticked")
+        text = text.replace("add --fill-from-flair", f"tick {FILL_BOX}")
         return re.sub(r"\S*/request-[^/\s]+/(in|out)/((pre|flair|post)/)?", "", text)
 
     def run(self, files, pre=None, flair=None, post=None, fill_from_flair=False):
@@ -226,7 +229,7 @@ class Segmenter:
                 sequences=sequences,
                 predictor=self.predictor,
                 collect=collected,
-                fill_from_flair=fill_from_flair,
+                fill_from_flair=bool(fill_from_flair and sequences),  # a box left ticked never refuses a 4-D scan
             )
         finally:  # the uploads' copies are not needed past this point (the results stay for their download)
             shutil.rmtree(folder / "in", ignore_errors=True)
@@ -294,7 +297,7 @@ def build(segmenter):
                     flair = gr.File(label="FLAIR", elem_id="flair")
                     post = gr.File(label="post-contrast", elem_id="post")
                     fill = gr.Checkbox(
-                        label="Only FLAIR? Fill a missing pre- or post-contrast with it (as the Kaggle set does)",
+                        label=f"{FILL_BOX[1:-1]} Fill a missing pre- or post-contrast with it (as the Kaggle set does)",
                         elem_id="fill-from-flair",
                     )
                 button = gr.Button("Segment", variant="primary", elem_id="segment")

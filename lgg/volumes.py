@@ -156,7 +156,7 @@ FILLED_WARNING = (
 def load_sequences(pre=None, flair=None, post=None, case_id=None, fill_from_flair=False):
     """Three co-registered 3-D NIfTI files, one per sequence (same shape and affine). With
     `fill_from_flair`, a missing pre- or post-contrast file is replaced by the FLAIR, as the Kaggle set
-    fills a sequence a case lacks (4 of its 110 cases are FLAIR only); the volume's warnings say so."""
+    fills a sequence a case lacks (4 of the 88 shared cases are FLAIR only); the volume's warnings say so."""
     given = dict(zip(SEQUENCES, (pre, flair, post)))
     missing = [name for name, path in given.items() if path is None]
     have = ", ".join(f"--{name} {path}" for name, path in given.items() if path is not None) or "nothing"
@@ -194,8 +194,9 @@ def load_sequences(pre=None, flair=None, post=None, case_id=None, fill_from_flai
                 + (" (for a missing one, leave it out and add --fill-from-flair)" if "flair" in (first, second) else "")
             )
     voxels = np.stack([loaded.get(name, loaded["flair"])[1] for name in SEQUENCES], axis=-1)
-    sources = tuple(Path(given[name] or flair) for name in SEQUENCES)
-    volume = _volume(case_id or case_id_of(flair), voxels, _reference(flair_image), sources)
+    per_channel = tuple(Path(given[name] or flair) for name in SEQUENCES)  # a filled channel: the FLAIR file
+    sources = tuple(path for name, path in zip(SEQUENCES, per_channel) if name in loaded)  # each file once
+    volume = _volume(case_id or case_id_of(flair), voxels, _reference(flair_image), sources, per_channel)
     if missing:
         filled = " and ".join(dict(zip(SEQUENCES, data.CHANNELS))[name] for name in missing)
         volume.warnings.insert(0, FILLED_WARNING.format(filled=filled))
@@ -213,17 +214,20 @@ def _reference(image):
     return type(image)(np.zeros(image.shape[:3], np.uint8), image.affine, header)
 
 
-def _volume(case_id, voxels, reference, sources):
+def _volume(case_id, voxels, reference, sources, per_channel=None):
+    """`per_channel`: the file each channel came from, for messages (default: `sources`, one per channel, or one
+    file for all three)."""
     guards.check_case_id(case_id, sources[0])
+    per_channel = per_channel or (sources * len(data.CHANNELS) if len(sources) == 1 else sources)
     columns, rows, slices = _to_ras(np.empty(voxels.shape[:3], np.uint8), reference.affine).shape
     if slices > MAX_SLICES or min(rows, columns) < MIN_PLANE:
         raise VolumeError(
             f"{sources[0]}: axial planes of {columns} x {rows} voxels, {slices} of them; expected planes of at least "
             f"{MIN_PLANE} x {MIN_PLANE} and at most {MAX_SLICES} slices (an axial MRI volume of a head)"
         )
-    for channel, name in enumerate(data.CHANNELS):
+    for channel in sorted(range(len(data.CHANNELS)), key=lambda c: c != data.FLAIR_CHANNEL):  # FLAIR first
         if voxels[..., channel].min() == voxels[..., channel].max():
-            raise VolumeError(f"{sources[min(channel, len(sources) - 1)]}: the {name} sequence is constant")
+            raise VolumeError(f"{per_channel[channel]}: the {data.CHANNELS[channel]} sequence is constant")
     images = to_slices(to_uint8(_to_ras(voxels, reference.affine)))
     return Volume(case_id, images, reference, sources, geometry_warnings(reference))
 

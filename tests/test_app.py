@@ -237,7 +237,7 @@ def test_a_flair_alone_is_segmented_when_asked_to_fill_the_others(server, browse
     page.wait_for_selector(f"#flair :text('{flair.name}')", timeout=30_000)
     page.click("#segment")  # not ticked: refused, saying how to ask
     toast = page.wait_for_selector("[data-testid=toast-text]", timeout=120_000).inner_text()
-    assert "missing --pre, --post" in toast and "--fill-from-flair" in toast, toast
+    assert "missing --pre, --post" in toast and f"tick {app.FILL_BOX}" in toast, toast  # the page's words
     page.locator("#fill-from-flair input[type=checkbox]").check()
     page.click("#segment")
     page.wait_for_selector("#summary :text('segmented in')", timeout=120_000)

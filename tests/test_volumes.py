@@ -122,6 +122,7 @@ def test_a_flair_alone_filled_gives_the_masks_of_a_flair_only_kaggle_case(real_d
     row = pd.read_csv(out / "cases.csv").iloc[0]
     assert row.tumor_voxels == tif_row.tumor_area_px_total
     assert row.warnings.startswith("pre-contrast and post-contrast filled with FLAIR (--fill-from-flair)")
+    assert row.input == str(flair)  # the file read, once
 
 
 @pytest.mark.parametrize("shape", [(240, 240, 5), (200, 256, 4), (300, 180, 3), (160, 160, 2)])
@@ -200,6 +201,7 @@ def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
     nib.save(nib.Nifti1Image(np.stack([one, one], axis=-1), affine), folder / "two.nii.gz")
     nib.save(nib.Nifti1Image(np.stack([one] * 3, axis=-1), affine), folder / "good.nii.gz")
     nib.save(nib.Nifti1Image(one, np.diag([1.0, 1.0, 1.5, 1.0])), folder / "moved.nii.gz")
+    nib.save(nib.Nifti1Image(np.full_like(one, 7.0), affine), folder / "const.nii.gz")
     nan = one.copy()
     nan[1, 1, 1] = np.nan
     nib.save(nib.Nifti1Image(np.stack([nan] * 3, axis=-1), affine), folder / "nan.nii.gz")
@@ -227,6 +229,7 @@ def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
         ("--flair", "flair.nii.gz"): "missing --pre, --post",
         ("--pre", "pre.nii.gz", "--fill-from-flair"): "give --flair",
         ("good.nii.gz", "--fill-from-flair"): "give --flair",
+        ("--fill-from-flair", "--flair", "const.nii.gz"): "the FLAIR sequence is constant",
         ("--pre", "flair.nii.gz", "--flair", "flair.nii.gz", "--fill-from-flair"): "leave it out and add --fill",
         ("--pre", "pre.nii.gz", "--flair", "flair.nii.gz", "--post", "moved.nii.gz"): "not on the same grid",
     }

@@ -96,7 +96,7 @@ def _parser():
         "--fill-from-flair",
         action="store_true",
         help="with --flair: fill a missing --pre / --post with the FLAIR, as the Kaggle set fills a sequence a "
-        "case lacks (a model trained with --flair-only, such as the shipped one, is measured on such cases)",
+        "case lacks (at a cost in Dice, measured for the shipped model: README, Your own scans)",
     )
     predict.add_argument("--model", default=None, help="model.h5 (default: the shipped models/unet/model.h5)")
     predict.add_argument("--out", required=True)

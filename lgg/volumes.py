@@ -149,7 +149,7 @@ def load_4d(path, case_id=None):
 
 FILLED_WARNING = (
     "{filled} filled with FLAIR (--fill-from-flair), as the Kaggle set fills a sequence a case lacks: "
-    "expect a lower Dice from a model not trained with FLAIR-only slices (--flair-only)"
+    "expect a lower Dice than from all three sequences (the shipped model's cost is in the README)"
 )
 
 

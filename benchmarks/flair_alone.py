@@ -27,17 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from detection import segmenter_recipes  # noqa: E402  (the recipes with five fold rows, as detection.py takes them)
+
 from lgg.files import save_csv, save_json  # noqa: E402
-from results import CONFIGS, fold_rows  # noqa: E402
+from results import fold_rows  # noqa: E402
 
 RESULTS, RUNS = ROOT / "results", ROOT / "runs"
-FLAIR = 1  # lgg.data.CHANNELS
 TOLERANCE = 5e-3  # per-case Dice "as given" against the committed test.csv: same code, a few pixels may round apart
 
 
 def flair_alone(images):
     """Slices (N, H, W, 3) with the pre- and post-contrast channels replaced by the FLAIR channel."""
-    return np.repeat(np.asarray(images)[..., FLAIR : FLAIR + 1], 3, axis=-1)
+    from lgg.data import FLAIR_CHANNEL
+
+    return np.repeat(np.asarray(images)[..., FLAIR_CHANNEL : FLAIR_CHANNEL + 1], 3, axis=-1)
 
 
 def score_fold(model_path, data_dir, cases=None):
@@ -83,12 +86,9 @@ def check_reproduced(table, committed_csv):
 
 
 def main(argv=None):
-    recipes = sorted(
-        n for n, c in CONFIGS.items() if c.kind != "classifier" and all(r in CONFIGS for r in fold_rows(n))
-    )
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
-    parser.add_argument("--recipe", required=True, choices=recipes, help="a recipe with five fold rows")
+    parser.add_argument("--recipe", required=True, choices=segmenter_recipes(), help="a recipe with five fold rows")
     args = parser.parse_args(argv)
 
     from misses import sequence_copies  # which sequences each case has (the dataset's copies of its FLAIR)

@@ -114,6 +114,12 @@ CONFIGS = {
         "unet-aug-flair-case-bf16",
         replace(HEADLINE, augmentation="strong", flair_only=0.2, tumor_sampling="case", **BF16),
     ),
+    # the shipped recipe again with another seed (weights, shuffling, augmentation), on the same CPU type as its
+    # seed-0 folds: how much of a pooled figure is luck, and the second member of a same-recipe ensemble per fold
+    # (benchmarks/ensemble.py)
+    **recipe_folds(
+        "unet-aug-flair-seed1-bf16", replace(HEADLINE, augmentation="strong", flair_only=0.2, seed=1, **BF16)
+    ),
 }
 
 
@@ -139,6 +145,8 @@ CANDIDATES = {
     "unet-aug-flair-case-bf16": "the tumor half of each batch drawn a case first (every case equally often, then one "
     "of its tumor slices) instead of slice by slice, both with the strong augmentation and a fifth of the slices "
     "FLAIR only, in mixed_bfloat16 without XLA",
+    "unet-aug-flair-seed1-bf16": "seed 1 instead of 0 (weights, shuffling, augmentation), the recipe otherwise the "
+    "same (the strong augmentation, a fifth of the slices FLAIR only, mixed_bfloat16 without XLA)",
 }
 # the recipe a candidate is paired with, where it is not the headline: the one computed the same way, so that the
 # pair differs only in what the candidate changes
@@ -148,6 +156,7 @@ PAIRED_WITH = {
     "unet-aug-bf16": "unet-bf16",
     "unet-aug-flair-bf16": "unet-aug-bf16",
     "unet-aug-flair-case-bf16": "unet-aug-flair-bf16",
+    "unet-aug-flair-seed1-bf16": "unet-aug-flair-bf16",
 }
 
 CANDIDATE_ROWS = {name for prefix in CANDIDATES for name in fold_rows(prefix)}

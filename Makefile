@@ -33,8 +33,15 @@ setup: $(INSTALLED)
 
 setup-dev: $(DEV_INSTALLED)
 
-# Real data in data/ if present (restored from ../shared/lgg on team machines), else the SYNTHETIC demo set.
+# Real data in data/ if present (restored from ../shared/lgg on team machines), else the SYNTHETIC demo set. Its two run
+# folders are recorded as made by it ($(RUNS)/.made-by-demo-NAME) before anything is written there; a folder of that
+# name that it did not make is refused, not overwritten.
+DEMO_FOLDERS = demo-predict demo-unet
 demo: setup
+	@for name in $(DEMO_FOLDERS); do \
+	  if [ -e $(RUNS)/$$name ] && [ ! -f $(RUNS)/.made-by-demo-$$name ]; then \
+	    echo "$(RUNS)/$$name exists and make demo did not make it: move it away (make demo writes only its own folders)"; \
+	    exit 1; fi; mkdir -p $(RUNS) && touch $(RUNS)/.made-by-demo-$$name; done
 	@if [ -d $(DATA)/kaggle_3m ]; then echo "Using the real data in $(DATA)/kaggle_3m"; \
 	elif [ -f ../shared/lgg/restore.py ]; then $(PYTHON) ../shared/lgg/restore.py $(DATA); \
 	else echo "No dataset in $(DATA)/: using a SYNTHETIC demo set (see data/README.md for the real one)"; \
@@ -76,12 +83,16 @@ results: setup
 bench: setup
 	$(PYTHON) benchmarks/bench.py --data $(DATA) --out results/benchmark.json
 
-# only what make itself created, by its marks: the environment (its stamp) and the demo's run folders (the marks
-# train and predict leave), never other runs, a hand-made .venv or a folder of yours of the same name
+# only what make itself created, by its records: the environment (its stamp) and, in the folders make demo made (its
+# records), what train and predict wrote there; never other runs, a hand-made .venv, or files of yours (kept, named)
+CLEAN_FOLDER = import sys; from lgg.guards import clean_made_folder; kept = clean_made_folder(sys.argv[1]); \
+  print(f"kept {sys.argv[1]}: it holds files make demo did not write: {kept}" if kept else f"removed {sys.argv[1]}")
 clean:
+	@for name in $(DEMO_FOLDERS); do folder=$(RUNS)/$$name; record=$(RUNS)/.made-by-demo-$$name; \
+	  if [ -f $$record ] && [ ! -e $$folder ]; then rm -f $$record; \
+	  elif [ -f $$record ] && [ -x $(PYTHON) ]; then \
+	    $(PYTHON) -c '$(CLEAN_FOLDER)' $$folder && { [ -e $$folder ] || rm -f $$record; }; \
+	  elif [ -e $$folder ]; then echo "kept $$folder: make demo did not make it (or no $(PYTHON) to clean it with)"; fi; \
+	done
 	@if [ -f $(INSTALLED) ]; then rm -rf .venv; echo "removed .venv"; \
 	elif [ -e .venv ]; then echo "kept .venv: make setup did not make it (no $(INSTALLED))"; fi
-	@for pair in $(RUNS)/demo-unet:.lgg-run $(RUNS)/demo-predict:.lgg-predict; do \
-	  folder=$${pair%%:*}; mark=$${pair##*:}; \
-	  if [ -f "$$folder/$$mark" ]; then rm -rf "$$folder"; echo "removed $$folder"; \
-	  elif [ -e "$$folder" ]; then echo "kept $$folder: make demo did not make it (no $$mark)"; fi; done

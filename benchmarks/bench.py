@@ -730,6 +730,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_replaces_like(out, quick, fused_batchnorm):
+    """An existing benchmark is replaced only by one of its kind: a full run not by a --quick smoke run, and a
+    run with TensorFlow's fused batch normalization not by one with Keras' own, nor the reverse (the README
+    reads `results/benchmark.json` as the fused one, `benchmark-stock-batchnorm.json` as the stock one)."""
+    if not Path(out).is_file():
+        return
+    settings = json.loads(Path(out).read_text()).get("settings", {})
+    if quick and settings.get("quick") is False:
+        raise SystemExit(f"{out} holds a full benchmark; a --quick smoke run does not replace it: give another --out")
+    if settings.get("fused_batchnorm", True) != fused_batchnorm:
+        raise SystemExit(
+            f"{out} holds a benchmark with {'fused' if settings.get('fused_batchnorm', True) else 'stock'} batch "
+            f"normalization; this one would be {'fused' if fused_batchnorm else 'stock'}: give another --out "
+            "(results/benchmark-stock-batchnorm.json for --stock-batchnorm)"
+        )
+
+
 def main(argv=None):
     args = parse_args(argv)
     FUSED_BATCHNORM["on"] = not args.stock_batchnorm
@@ -740,6 +757,7 @@ def main(argv=None):
         memory_worker(args.data, args.batch_size, args.steps or MEMORY_STEPS, args.memory_worker)
         return
     check_own_json(args.out, ("machine", "settings", "side_by_side"), "benchmarks/bench.py")  # before measuring
+    check_replaces_like(args.out, quick=args.quick, fused_batchnorm=not args.stock_batchnorm)
     quick = QUICK if args.quick else {}
     size = args.image_size or quick.get("image_size", IMAGE_SIZE)
     cases = args.cases or quick.get("cases", CASES)

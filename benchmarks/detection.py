@@ -39,14 +39,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from lgg.files import file_sha256  # noqa: E402
-from results import CONFIGS, fold_rows  # noqa: E402
+from results import CONFIGS, fold_rows, recipe_mismatch  # noqa: E402
 
 RUN_FILES = ("model.h5", "split.csv", "postprocess.json", "config.json")
-# what tells a run's row: (a key a config.json may lack is not compared, except those whose absence means their
-# default: runs from before the setting existed trained that way)
-RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes", "encoder_weights", "flair_only",
-               "augmentation", "tumor_sampling")  # fmt: skip
-ABSENT_MEANS = {"flair_only": 0.0, "augmentation": "standard", "tumor_sampling": "slice"}
 AGGREGATES = {  # a slice's score from its probability map, in the order a tie on validation is settled
     "max": "the largest pixel probability",
     "top100": "the mean of the 100 largest pixel probabilities",
@@ -93,15 +88,9 @@ def fold_sources(recipe, runs_dir, data_dir, results_dir):
         if missing:
             raise SystemExit(f"{folder} is not a finished segmenter run of {recipe}: it has no {', '.join(missing)}")
         config = json.loads((folder / "config.json").read_text())
-        for key in RECIPE_KEYS:
-            if key == "encoder_weights" and CONFIGS[row].kind == "unet":  # no encoder: `train` records None
-                continue
-            if key not in config and key not in ABSENT_MEANS:
-                continue
-            value = config.get(key, ABSENT_MEANS.get(key))
-            if value != getattr(CONFIGS[row], key):
-                raise SystemExit(f"{folder / 'config.json'} has {key} {value!r}, the row {row} "
-                                 f"{getattr(CONFIGS[row], key)!r}: not a run of this recipe")  # fmt: skip
+        mismatch = recipe_mismatch(config, row)
+        if mismatch:
+            raise SystemExit(f"{folder / 'config.json'} {mismatch}")
         result_file = Path(results_dir) / f"{row}.json"
         scored = json.loads(result_file.read_text()).get("model_sha256") if result_file.is_file() else None
         if scored and scored != file_sha256(folder / "model.h5"):

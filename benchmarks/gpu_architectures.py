@@ -13,7 +13,8 @@ encoder starts from random weights.
     # on the GPU machine (needs keras, namex, optree as wheels; see the closing note of issue 5):
     KERAS_BACKEND=torch python benchmarks/gpu_architectures.py run --arrays .gpu/arrays.npz --out OUT
 
-Writes `OUT/gpu_architectures.json` (one entry per model) and `OUT/<model>_history.csv`.
+Writes, into a new or empty folder OUT, `OUT/gpu_architectures.json` (one entry per model; until the last model
+is done, the models so far in `OUT/.partial-gpu_architectures.json`) and `OUT/<model>_history.csv`.
 """
 
 import argparse
@@ -51,6 +52,15 @@ def prepare(data_dir, out, image_size=128):
     with atomic_path(out) as temporary:  # ends in .npz like `out`, so numpy adds nothing to the name
         np.savez_compressed(temporary, **arrays)
     print(f"wrote {out}: {Path(out).stat().st_size / 1e6:.1f} MB", {s: len(arrays[f"{s}_images"]) for s in SPLITS})
+
+
+def is_arrays_file(path):
+    """An `.npz` that `prepare` wrote (it may be written again), not another file."""
+    try:
+        with np.load(path) as found:
+            return {"image_size", "train_images", "test_native_masks"} <= set(found.files)
+    except (OSError, ValueError):
+        return False
 
 
 def _probabilities(model, images, native_size=256):
@@ -143,10 +153,12 @@ def run(arrays_path, out, minutes, models_to_run):
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, {device}")
     results = {"device": device, "keras": keras.__version__, "backend": keras.backend.backend(),
                "minutes_per_model": minutes, "models": []}  # fmt: skip
+    partial = out / ".partial-gpu_architectures.json"  # the models done so far, should the machine be taken back
     for kind in models_to_run:
         results["models"].append(run_one(kind, arrays, out, minutes))
         print(json.dumps({k: v for k, v in results["models"][-1].items() if not k.startswith("test_")}, indent=1))
-        save_json(results, out / "gpu_architectures.json")
+        save_json(results, partial)
+    partial.replace(out / "gpu_architectures.json")
 
 
 def main(argv=None):
@@ -164,9 +176,22 @@ def main(argv=None):
     go.add_argument("--minutes", type=minutes, default=2.5, help="training time per model")
     go.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.models.split(",") if name not in MODELS] if args.command == "run" else []
+    names = args.models.split(",") if args.command == "run" else []
+    unknown = [name for name in names if name not in MODELS]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
+    if len(set(names)) < len(names):
+        parser.error(f"--models names a model twice ({args.models}): each is trained once")
+    if (
+        args.command == "run"
+        and Path(args.out).exists()
+        and (not Path(args.out).is_dir() or any(Path(args.out).iterdir()))
+    ):
+        parser.error(f"--out {args.out} exists and is not an empty folder: the comparison writes a new one")
+    if args.command == "prepare" and not args.out.endswith(".npz"):
+        parser.error(f"--out {args.out}: the arrays file ends in .npz (numpy would add it to the name)")
+    if args.command == "prepare" and Path(args.out).exists() and not is_arrays_file(args.out):
+        parser.error(f"--out {args.out} exists and is not an arrays file of this script: choose another")
     if args.command == "prepare":
         prepare(args.data, args.out)
     else:

@@ -180,6 +180,38 @@ def comparison_file(prefix):
     return RESULTS / f"{prefix}-vs-{partner(prefix)}.json"
 
 
+# what tells a run's row: (a key a config.json may lack is not compared, except those whose absence means their
+# default: runs from before the setting existed trained that way)
+RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes", "encoder_weights", "flair_only",
+               "augmentation", "tumor_sampling")  # fmt: skip
+ABSENT_MEANS = {"flair_only": 0.0, "augmentation": "standard", "tumor_sampling": "slice"}
+
+
+def recipe_mismatch(config, name):
+    """How a run's `config.json` (a dict) differs from the row `name`'s recipe, as the end of a sentence, or None
+    for a run of it. A row asking for ImageNet weights matches a run that had to start without them (`train`
+    records what it used; the table says so)."""
+    row = CONFIGS[name]
+    for key in RECIPE_KEYS:
+        if key == "encoder_weights" and (row.kind == "unet" or row.encoder_weights is not None):
+            continue  # no encoder (`train` records None), or weights asked for that a machine may lack
+        if key not in config and key not in ABSENT_MEANS:
+            continue
+        value = config.get(key, ABSENT_MEANS.get(key))
+        if value != getattr(row, key):
+            return f"has {key} {value!r}, the row {name} {getattr(row, key)!r}: not a run of this recipe"
+    return None
+
+
+def check_recipe(run_dir, name):
+    """Refuse a run folder whose `config.json` is not of the row `name` (a recipe edited since, a folder copied
+    back under another name): resumed, scored or collected, it would stand in the results as that row."""
+    file = Path(run_dir) / "config.json"
+    mismatch = recipe_mismatch(json.loads(file.read_text()), name) if file.is_file() else None
+    if mismatch:
+        raise SystemExit(f"{file} {mismatch} (nothing was changed; move the folder away, or --retrain)")
+
+
 def train(name, data_dir, retrain=False):
     """Train the row `name` into `runs/results-<name>/`, picking up where a cut-off batch left it: a scored run
     is kept, an interrupted one continues (`--resume`), one whose model was exported but not scored is scored,
@@ -189,6 +221,8 @@ def train(name, data_dir, retrain=False):
 
     run_dir = RUNS / f"results-{name}"
     interrupted = (run_dir / "resume" / "state.json").is_file()
+    if not retrain:
+        check_recipe(run_dir, name)
     if not retrain and not interrupted:
         if (run_dir / "test_summary.json").is_file():
             print(f"{name}: {run_dir} holds a finished run; kept (--retrain trains it again)")
@@ -222,6 +256,7 @@ def collect(name, data_dir):
     if not (run_dir / "test_summary.json").exists():
         committed = RESULTS / f"{name}.json"
         return json.loads(committed.read_text()) if committed.exists() else None
+    check_recipe(run_dir, name)
     config = json.loads((run_dir / "config.json").read_text())
     history = pd.read_csv(run_dir / "history.csv")
     summary = json.loads((run_dir / "test_summary.json").read_text())
@@ -992,9 +1027,10 @@ def ours_line(both, machine):
 
 def benchmark_table(bench):
     """The README's speed section, from `results/benchmark.json` (written by `make bench`); None for a
-    smoke run (`--quick`) or a file of the benchmark before it timed steady-state steps."""
+    smoke run (`--quick`), a run with Keras' own batch normalization (`--stock-batchnorm`: `train` uses the fused
+    kernel), or a file of the benchmark before it timed steady-state steps."""
     machine, settings = bench["machine"], bench["settings"]
-    if settings.get("quick") or "timing" not in settings:
+    if settings.get("quick") or settings.get("fused_batchnorm") is False or "timing" not in settings:
         return None
     peak = bench["matmul"]["float32"]["gflops"]
     flags = ", ".join(flag for flag, present in machine["cpu_flags"].items() if present) or "none of those checked"
@@ -1245,6 +1281,12 @@ def ship(name, data_dir, target="unet"):
 
     from lgg import evaluate
 
+    retired = MODELS / f".{target}-retired"
+    if retired.is_dir() and not (MODELS / target).exists():  # cut off between the two renames below
+        raise ValueError(
+            f"{retired} holds the shipped model that an interrupted --ship set aside, and models/{target} is missing: "
+            f"move it back first (mv {retired} {MODELS / target}); nothing was changed"
+        )
     result, pooled, shipped, against = check_shippable(name, data_dir, target)
     run_dir, folder = RUNS / f"results-{name}", MODELS / target
     again = shipped is not None and shipped["run"] == name
@@ -1282,8 +1324,7 @@ def ship(name, data_dir, target="unet"):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if folder.exists():
-        retired = MODELS / f".{target}-retired"
-        shutil.rmtree(retired, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)  # a finished swap's leftover: models/<target> is in place
         folder.rename(retired)
         staging.rename(folder)
         shutil.rmtree(retired)

@@ -312,6 +312,8 @@ def evaluate_model_file(
         split_path = split_file or model_path.parent / "split.csv"
         refuse_missing_cases(slices, split_path, scored, data_dir, out_dir, model_path.parent)
     own_split = split_file is None or Path(split_file).resolve() == (model_path.parent / "split.csv").resolve()
+    if not own_split and split_name in ("test", "val"):
+        refuse_seen_cases(model_path, slices, split_name, split_file, tune)
     differ = " and ".join(
         flag for flag, given in [("--threshold", threshold is not None), ("--split-file", not own_split)] if given
     )
@@ -355,6 +357,25 @@ def evaluate_snapshots(run_dir, data_dir):
     curve = pd.DataFrame(rows)
     save_csv(curve, run_dir / "snapshots" / "curve.csv")
     return curve
+
+
+def refuse_seen_cases(model_path, slices, split_name, split_file, tune):
+    """Refuse, before anything is written, a `split_file` whose `split_name` cases (and, when tuning, validation
+    cases) include cases the model's own run trained on (or, for a test score, chose its epoch and post-processing
+    on): their score would be reported as held out and flatter the model."""
+    checks = [(split_name, ("train", "val") if split_name == "test" else ("train",))]
+    if tune and split_name != "val":
+        checks.append(("val", ("train",)))
+    for part, seen_as in checks:
+        seen = cases_trained_on(model_path, slices.loc[slices.split == part, "case_id"].unique(), seen_as)
+        if seen:
+            more = "..." if len(seen) > 3 else ""
+            raise ValueError(
+                f"{len(seen)} of the cases {split_file} puts in '{part}' were {' or '.join(seen_as)} cases of "
+                f"{model_path}'s own run ({model_path.parent / 'split.csv'}): {seen[:3]}{more}; a score on them "
+                f"would flatter the model. Give a split whose {part} cases it never saw, or --split all to score "
+                "every case knowingly"
+            )
 
 
 def cases_trained_on(model_path, case_ids, parts=("train",)):

@@ -202,6 +202,33 @@ def empty_run_folder(folder):
     return kept
 
 
+def clean_made_folder(folder):
+    """`make clean` on a folder `make demo` made: what train or predict wrote there is removed (`empty_run_folder`,
+    `predict.remove_earlier_predictions`: only their own files, never through a link), anything else stays, and
+    the folder itself goes only when nothing else is left. A folder in use (its lock held) or that neither
+    command marked is left alone. Returns the names kept, sorted (empty: the folder is gone)."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    marker = next((marker for marker in (RUN_MARKER, PREDICT_MARKER) if is_ours(folder, marker)), None)
+    if marker is None:
+        return sorted(path.name for path in folder.iterdir())
+    with folder_lock(folder):
+        if marker == RUN_MARKER:
+            empty_run_folder(folder)
+        else:
+            from lgg.predict import remove_earlier_predictions
+
+            remove_earlier_predictions(folder, [])
+    kept = sorted(path.name for path in folder.iterdir() if path.name not in (marker, LOCK_FILE))
+    if kept:
+        mark_folder(folder, marker)  # still the folder of that command (emptying it removed its marker)
+    else:
+        remove_paths(list(folder.iterdir()))
+        folder.rmdir()
+    return kept
+
+
 def remove_paths(paths):
     """Remove each path in order: a folder with what it holds, a file or a link (never what a link points to)."""
     import shutil

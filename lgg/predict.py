@@ -275,6 +275,12 @@ def predict_paths(
     cases = _gather(inputs, sequences, fill_from_flair)
     volume_files = [path for case in cases.values() if isinstance(case, volumes.Volume) for path in case.sources]
     slice_cases = {case_id: entries for case_id, entries in cases.items() if not isinstance(entries, volumes.Volume)}
+    if not slice_cases and (pixel_spacing_mm is not None or slice_thickness_mm is not None):
+        raise ValueError(
+            "--pixel-spacing-mm and --slice-thickness-mm size .tif slices, which carry no voxel size; a NIfTI "
+            f"volume's comes from its header, and every input here is one ({', '.join(map(str, volume_files[:3]))}): "
+            "leave them out"
+        )
     # apart from the inputs, the folders holding their case folders (an output folder there would pass for
     # a case the next time the data is read) and the model files (which --overwrite would delete)
     case_folders = {path.parent for entries in slice_cases.values() for _, path, _ in entries}

@@ -5,6 +5,7 @@ runs, that every rate is a steady-state rate of real steps, and that the README'
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_the_precision_benchmark_refuses_a_nonsense_setting_before_it_measures(t
 @pytest.mark.parametrize(
     "setting, words",
     [(["--models", "unet,foo"], "unknown --models ['foo']"), (["--minutes", "0"], "--minutes"),
-     (["--minutes", "-1"], "--minutes")],
+     (["--minutes", "-1"], "--minutes"), (["--models", "unet,unet"], "names a model twice")],
 )  # fmt: skip
 def test_the_gpu_comparison_refuses_a_model_it_does_not_know_or_no_time(tmp_path, capsys, setting, words):
     """`--models unet,foo` trained "foo" as a ResNet50 U-Net under that name; `--minutes 0` divided by zero."""
@@ -119,6 +120,34 @@ def test_the_gpu_comparison_refuses_a_model_it_does_not_know_or_no_time(tmp_path
         gpu_architectures.main(["run", "--arrays", str(tmp_path / "a.npz"), "--out", str(tmp_path / "o"), *setting])
     assert stop.value.code == 2 and words in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_gpu_comparison_never_replaces_what_it_did_not_write(tmp_path, capsys):
+    """`run --out` into a folder of results replaced its gpu_architectures.json model by model (the committed
+    three-model file by a one-model one); `prepare --out x` (no .npz) crashed after decoding, leaving
+    `.partial-x.npz`, and replaced any file at --out."""
+    import gpu_architectures
+
+    earlier = tmp_path / "results-gpu"
+    earlier.mkdir()
+    (earlier / "gpu_architectures.json").write_text('{"models": ["three"]}')
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for command, words in [
+        (["run", "--arrays", str(tmp_path / "a.npz"), "--out", str(earlier)], "is not an empty folder"),
+        (["run", "--arrays", str(tmp_path / "a.npz"), "--out", str(notes)], "is not an empty folder"),
+        (["prepare", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "arrays")], "ends in .npz"),
+        (["prepare", "--data", str(tmp_path / "none"), "--out", str(notes.with_suffix(".npz"))], None),
+    ]:
+        if words is None:  # a file of another kind where the arrays would go
+            notes.with_suffix(".npz").write_text("mine too")
+            words = "is not an arrays file of this script"
+        with pytest.raises(SystemExit) as stop:
+            gpu_architectures.main(command)
+        assert stop.value.code == 2 and words in capsys.readouterr().err
+    assert (earlier / "gpu_architectures.json").read_text() == '{"models": ["three"]}'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.npz", "notes.txt", "results-gpu"]
+    assert notes.read_text() == "mine" and notes.with_suffix(".npz").read_text() == "mine too"
 
 
 @pytest.mark.slow
@@ -173,6 +202,21 @@ def test_the_other_benchmarks_never_replace_a_file_they_did_not_write(tmp_path, 
         own = ROOT / "results" / "benchmark.json"
         completed = subprocess.run([*command, "--quick", "--out", str(own)], capture_output=True, text=True, cwd="/")
         assert completed.returncode == 1 and "--quick is a smoke run" in completed.stderr, completed.stderr
+        # a full run is replaced only by its kind: not by a smoke run, and fused and stock batch normalization
+        # never replace each other (the README reads results/benchmark.json as the fused one)
+        for name in ("benchmark.json", "benchmark-stock-batchnorm.json"):
+            shutil.copy(ROOT / "results" / name, tmp_path / name)
+        for flags, words in [
+            (["--stock-batchnorm", "--out", tmp_path / "benchmark.json"], "with fused batch normalization"),
+            (["--out", tmp_path / "benchmark-stock-batchnorm.json"], "with stock batch normalization"),
+            (["--quick", "--out", tmp_path / "benchmark-stock-batchnorm.json"], "holds a full benchmark"),
+        ]:
+            completed = subprocess.run([*command, *map(str, flags)], capture_output=True, text=True, cwd=ROOT)
+            assert completed.returncode == 1 and words in completed.stderr, completed.stderr
+        for name in ("benchmark.json", "benchmark-stock-batchnorm.json"):
+            assert (tmp_path / name).read_bytes() == (ROOT / "results" / name).read_bytes()
+        stock = json.loads((ROOT / "results" / "benchmark-stock-batchnorm.json").read_text())
+        assert results.benchmark_table(stock) is None  # not the README's speed section
 
 
 def test_the_gpu_training_speed_figures_are_what_their_histories_give(tmp_path):

@@ -4,6 +4,7 @@ is written. Built from the committed results (the headline's five folds, 88 real
 the headline's fold rows also stand as the rows of the candidate `unet-bf16`, shifted where a test needs a
 better or worse candidate."""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -267,6 +268,19 @@ def test_a_failure_after_the_door_leaves_the_shipped_model_and_no_staging(scratc
     assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]
 
 
+def test_a_ship_cut_off_between_its_renames_is_undone_by_hand_not_by_the_next_ship(scratch, real_data):
+    """A --ship killed after setting the shipped model aside and before putting the new one in place left no
+    models/unet: the next --ship found no card, so shipped any recipe without the comparison, and deleted the
+    set-aside model for good."""
+    candidate(0.05)
+    (results.MODELS / "unet").rename(results.MODELS / ".unet-retired")
+    before = {path.name: path.read_bytes() for path in (results.MODELS / ".unet-retired").iterdir()}
+    with pytest.raises(ValueError, match="interrupted --ship set aside"):
+        results.ship("unet-bf16-fold2", real_data)
+    assert sorted(path.name for path in results.MODELS.iterdir()) == [".unet-retired"]
+    assert {path.name: path.read_bytes() for path in (results.MODELS / ".unet-retired").iterdir()} == before
+
+
 def test_a_model_file_over_the_size_limit_is_not_shipped(scratch, real_data, monkeypatch):
     candidate(0.05)
     monkeypatch.setattr(results, "MAX_MEGABYTES", 7)  # the shipped U-Net's weights are 7.8 MB
@@ -408,6 +422,41 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
     assert calls.pop() == (tmp_path / "results-unet-fold4", {"overwrite": False, "resume": False, "verbose": 2})
     with pytest.raises(SystemExit):
         results.main(["--collect-only", "--retrain"])
+
+
+def test_a_run_folder_of_another_recipe_is_neither_resumed_scored_nor_collected(monkeypatch, tmp_path):
+    """A folder under a row's name holding a run of other settings (the recipe edited since, a folder copied
+    back under another row's name) was resumed with the row's settings, scored, or collected as that row."""
+    import lgg.evaluate
+    import lgg.train
+
+    calls = []
+    monkeypatch.setattr(lgg.train, "train_run", lambda config, data, out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(lgg.evaluate, "evaluate_model_file", lambda model, data, **kw: calls.append((model, kw)))
+    monkeypatch.setattr(results, "RUNS", tmp_path)
+    name = "unet-aug-flair-bf16-fold2"
+    run_dir = tmp_path / f"results-{name}"
+    (run_dir / "resume").mkdir(parents=True)
+    settings = dataclasses.asdict(results.CONFIGS[name])
+    (run_dir / "config.json").write_text(json.dumps(settings | {"seed": 1}))
+    for leave in ("resume/state.json", "model.h5", "test_summary.json"):  # resumed, scored, kept
+        (run_dir / leave).write_text("{}")
+        with pytest.raises(SystemExit, match=f"has seed 1, the row {name} 0: not a run of this recipe"):
+            results.train(name, "data")
+        if leave == "resume/state.json":
+            (run_dir / leave).unlink()
+    with pytest.raises(SystemExit, match="has seed 1"):
+        results.collect(name, "data")
+    assert calls == []
+    results.train(name, "data", retrain=True)  # asked for: trained again over it
+    assert calls.pop() == (run_dir, {"overwrite": True, "resume": False, "verbose": 2})
+    (run_dir / "config.json").write_text(json.dumps(settings | {"augmentation": "standard"}))
+    with pytest.raises(SystemExit, match="has augmentation 'standard'"):
+        results.collect(name, "data")
+    (run_dir / "config.json").write_text(json.dumps(settings))
+    (run_dir / "test_summary.json").unlink()
+    results.train(name, "data")  # its own recipe: the exported model is scored
+    assert calls.pop() == (run_dir / "model.h5", {"tune": True})
 
 
 def test_a_p_value_near_the_usual_lines_keeps_the_digit_that_tells_which_side():

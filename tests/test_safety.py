@@ -472,6 +472,31 @@ def test_a_split_file_without_case_ids_is_refused(capsys, dataset, segmenter, tm
     refused(code, err, "case_id")
 
 
+def test_a_split_file_scoring_the_models_own_training_cases_is_refused(capsys, dataset, segmenter, tmp_path):
+    """`evaluate --split-file` of another run (another fold) scored the model's own training cases as its
+    test cases, and reported them as held out."""
+    first, second = sorted(os.listdir(dataset))
+    run_dir = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    shutil.copy(segmenter, run_dir / "model.h5")
+    other = tmp_path / "other-split.csv"
+    for own, theirs, flags, words in [
+        (["train", "val"], ["test", "val"], [], ["1 of the cases", "'test' were train or val cases", first]),
+        (["train", "val"], ["val", "test"], [], ["'test' were train or val cases", second]),
+        (["train", "val"], ["val", "test"], ["--split", "val"], ["'val' were train cases", first]),
+        (["test", "train"], ["test", "val"], ["--tune-postprocessing"], ["'val' were train cases", second]),
+        (["test", "train"], ["test", "train"], [], None),  # its test case is the run's own: scored
+    ]:
+        pd.DataFrame({"case_id": [first, second], "split": own}).to_csv(run_dir / "split.csv", index=False)
+        pd.DataFrame({"case_id": [first, second], "split": theirs}).to_csv(other, index=False)
+        code, _, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, "--split-file",
+                           other, "--out", tmp_path / "scores", *flags)  # fmt: skip
+        if words is None:
+            assert code in (0, None), err
+        else:
+            refused(code, err, *words)
+            assert not (tmp_path / "scores").exists()
+
+
 @pytest.mark.parametrize(
     "case_id, words",
     [
@@ -643,22 +668,54 @@ def test_a_run_whose_export_failed_resumes_instead_of_training_again(capsys, mon
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [0, 1]
 
 
+def make(tmp_path, target):
+    """`make -s TARGET` in a copy of the Makefile, the package importable by this interpreter."""
+    command = ["make", "-s", target, f"PYTHON={sys.executable}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env)
+
+
 def test_make_clean_removes_only_what_make_made(tmp_path):
-    """`make clean` removed .venv and runs/demo-* whatever they were: now only the environment `make setup`
-    stamped and the demo folders train / predict marked."""
+    """`make clean` removed runs/demo-unet whenever `train` had marked it: every run does, so a run of yours
+    trained into that folder (or notes beside the demo's files) went with it. Now only folders `make demo`
+    recorded as its own, and in them only what train / predict wrote; the environment only with its stamp."""
     shutil.copy(Path(__file__).resolve().parent.parent / "Makefile", tmp_path / "Makefile")
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / "mine").write_text("a hand-made environment")
-    guards.mark_folder(tmp_path / "runs" / "demo-unet", guards.RUN_MARKER)
-    (tmp_path / "runs" / "demo-predict").mkdir()
-    (tmp_path / "runs" / "demo-predict" / "notes.txt").write_text("years of work")
-    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
-    assert (tmp_path / ".venv" / "mine").is_file() and (tmp_path / "runs" / "demo-predict" / "notes.txt").is_file()
-    assert not (tmp_path / "runs" / "demo-unet").exists()
-    (tmp_path / ".venv" / ".lgg-installed").touch()
-    guards.mark_folder(tmp_path / "runs" / "demo-predict", guards.PREDICT_MARKER)
-    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
-    assert not (tmp_path / ".venv").exists() and not (tmp_path / "runs" / "demo-predict").exists()
+    runs = tmp_path / "runs"
+    yours = guards.mark_folder(runs / "demo-unet", guards.RUN_MARKER)  # a run of yours: train marks every run
+    (yours / "model.h5").write_text("your hour of training")
+    (runs / "demo-predict").mkdir()
+    (runs / "demo-predict" / "notes.txt").write_text("years of work")
+    done = make(tmp_path, "clean")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / ".venv" / "mine").is_file() and (runs / "demo-predict" / "notes.txt").is_file()
+    assert (yours / "model.h5").read_text() == "your hour of training" and "kept runs/demo-unet" in done.stdout
+    # make demo refuses a folder of that name it did not make, before reading or writing anything
+    for name in ("requirements.txt", "pyproject.toml", ".venv/.lgg-installed"):
+        (tmp_path / name).touch()
+    refused = make(tmp_path, "demo")
+    assert refused.returncode != 0 and "make demo did not make it" in refused.stdout
+    assert not (tmp_path / "data").exists() and (yours / "model.h5").is_file()
+    # folders make demo recorded: what train and predict wrote goes, your notes stay (and the folder with them)
+    shutil.rmtree(runs)
+    run = guards.mark_folder(runs / "demo-unet", guards.RUN_MARKER)
+    for name in ("model.h5", "history.csv", "config.json"):
+        (run / name).write_text("the demo's")
+    (run / "notes.txt").write_text("yours")
+    predicted = guards.mark_folder(runs / "demo-predict", guards.PREDICT_MARKER)
+    (predicted / "predict.json").write_text(json.dumps({"planned": ["CASE_A"], "status": "complete"}))
+    (predicted / "cases.csv").write_text("case_id\nCASE_A\n")
+    for name in ("CASE_A_1_pred.tif", "CASE_A_1_overlay.png", "CASE_A_montage.png"):
+        guards.mark_folder(predicted / "CASE_A", name)
+    for name in ("demo-unet", "demo-predict"):
+        (runs / f".made-by-demo-{name}").touch()
+    done = make(tmp_path, "clean")
+    assert done.returncode == 0, done.stderr
+    assert sorted(path.name for path in run.iterdir()) == [guards.LOCK_FILE, guards.RUN_MARKER, "notes.txt"]
+    assert "kept runs/demo-unet" in done.stdout and (runs / ".made-by-demo-demo-unet").is_file()
+    assert not predicted.exists() and not (runs / ".made-by-demo-demo-predict").exists()
+    assert not (tmp_path / ".venv").exists()  # stamped by make setup (above)
 
 
 def test_a_second_demo_set_replaces_the_first_whole(capsys, tmp_path):

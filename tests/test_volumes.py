@@ -232,6 +232,8 @@ def test_volumes_the_model_cannot_use_are_refused_by_name(capsys, tmp_path):
         ("--fill-from-flair", "--flair", "const.nii.gz"): "the FLAIR sequence is constant",
         ("--pre", "flair.nii.gz", "--flair", "flair.nii.gz", "--fill-from-flair"): "leave it out and add --fill",
         ("--pre", "pre.nii.gz", "--flair", "flair.nii.gz", "--post", "moved.nii.gz"): "not on the same grid",
+        ("--pixel-spacing-mm", "1", "good.nii.gz"): "a NIfTI volume's comes from its header",
+        ("--pixel-spacing-mm", "1", "--slice-thickness-mm", "5", "good.nii.gz"): "leave them out",
     }
     for args, message in cases.items():
         code, _, error = run(capsys, "predict", *[folder / a if a.endswith((".nii", ".gz")) else a for a in args],

@@ -270,15 +270,27 @@ def _unlock(descriptor):
             msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
 
 
+_HELD_LOCKS = {}  # (pid, lock file) -> how many `folder_lock` blocks of this process hold it now
+
+
 @contextlib.contextmanager
 def folder_lock(folder):
     """Hold an exclusive lock on `folder/.lgg-lock` while writing into `folder` (`flock`; on Windows a
     byte-range lock); a second writer is refused, naming the process that holds it. The system drops
     the lock when its holder dies, so a killed run never blocks the next one; the file itself stays
-    (every check ignores it)."""
+    (every check ignores it). Within the process that holds it, taking it again is allowed (a notebook holds its
+    run folder's lock from its first cell, and its later cells call functions that take it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
+    held = (os.getpid(), lock.resolve())
+    if held in _HELD_LOCKS:
+        _HELD_LOCKS[held] += 1
+        try:
+            yield folder
+        finally:
+            _HELD_LOCKS[held] -= 1
+        return
     while True:
         try:  # never through a link (it would truncate and write its target, wherever that is)
             if lock.is_symlink():  # what O_NOFOLLOW refuses, checked first where it does not exist (Windows)
@@ -317,8 +329,10 @@ def folder_lock(folder):
     try:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        _HELD_LOCKS[held] = 1
         yield folder
     finally:
+        _HELD_LOCKS.pop(held, None)
         _unlock(descriptor)
         os.close(descriptor)  # releases the lock
 

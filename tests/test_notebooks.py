@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from lgg import data
 from lgg.config import SHIPPED_RECIPE, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +166,34 @@ def test_notebooks_refuse_a_precision_they_do_not_build(tmp_path):
     with pytest.raises(ValueError, match="notebooks train in float32"):
         notebook.start(config, tmp_path / "data", tmp_path / "run", overwrite=False)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_notebook_without_its_data_leaves_the_earlier_run_and_holds_the_run_folder(tmp_path, real_data):
+    """The notebooks emptied the earlier run in out_dir (overwrite = True, their default) and only then found the
+    dataset missing; and they wrote into the run folder without its lock, so a `train` or a second kernel writing
+    there was not refused."""
+    from lgg import guards, notebook
+
+    config = RunConfig(precision="float32")
+    run = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    (run / "model.h5").write_text("an hour of training")
+    with pytest.raises(data.DatasetError):
+        notebook.start(config, tmp_path / "no-data", run, overwrite=True)
+    assert (run / "model.h5").read_text() == "an hour of training"
+    assert notebook.start(config, real_data, run, overwrite=True) == run
+    assert not (run / "model.h5").exists()  # overwrite: the earlier run's files go, now that the data is there
+    held = f"in use by process {os.getpid()}"
+    check = [sys.executable, "-c", "import sys; from lgg import guards; guards.folder_lock(sys.argv[1]).__enter__()"]
+    taken = subprocess.run([*check, str(run)], capture_output=True, text=True)  # another process: refused
+    assert taken.returncode != 0 and held in taken.stderr, taken.stderr
+    with guards.folder_lock(run):  # the notebook's later cells (two-stage, predict) take it again: allowed
+        pass
+    other = tmp_path / "other"
+    assert notebook.start(config, real_data, other, overwrite=False) == other  # the cell again: the first let go
+    assert subprocess.run([*check, str(run)], capture_output=True).returncode == 0
+    taken = subprocess.run([*check, str(other)], capture_output=True, text=True)
+    assert taken.returncode != 0 and held in taken.stderr, taken.stderr
+    notebook._RUN_FOLDER_LOCK.close()
 
 
 def write_untrained_segmenter(path):

@@ -85,14 +85,13 @@ bench: setup
 
 # only what make itself created, by its records: the environment (its stamp) and, in the folders make demo made (its
 # records), what train and predict wrote there; never other runs, a hand-made .venv, or files of yours (kept, named)
-CLEAN_FOLDER = import sys; from lgg.guards import clean_made_folder; kept = clean_made_folder(sys.argv[1]); \
-  print(f"kept {sys.argv[1]}: it holds files make demo did not write: {kept}" if kept else f"removed {sys.argv[1]}")
+CLEAN_FOLDER = import sys; from lgg.guards import clean_command; sys.exit(clean_command(sys.argv[1]))
 clean:
-	@for name in $(DEMO_FOLDERS); do folder=$(RUNS)/$$name; record=$(RUNS)/.made-by-demo-$$name; \
+	@status=0; for name in $(DEMO_FOLDERS); do folder=$(RUNS)/$$name; record=$(RUNS)/.made-by-demo-$$name; \
 	  if [ -f $$record ] && [ ! -e $$folder ]; then rm -f $$record; \
 	  elif [ -f $$record ] && [ -x $(PYTHON) ]; then \
-	    $(PYTHON) -c '$(CLEAN_FOLDER)' $$folder && { [ -e $$folder ] || rm -f $$record; }; \
+	    if $(PYTHON) -c '$(CLEAN_FOLDER)' $$folder; then [ -e $$folder ] || rm -f $$record; else status=1; fi; \
 	  elif [ -e $$folder ]; then echo "kept $$folder: make demo did not make it (or no $(PYTHON) to clean it with)"; fi; \
-	done
+	done; exit $$status
 	@if [ -f $(INSTALLED) ]; then rm -rf .venv; echo "removed .venv"; \
 	elif [ -e .venv ]; then echo "kept .venv: make setup did not make it (no $(INSTALLED))"; fi

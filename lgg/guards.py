@@ -205,8 +205,9 @@ def empty_run_folder(folder):
 def clean_made_folder(folder):
     """`make clean` on a folder `make demo` made: what train or predict wrote there is removed (`empty_run_folder`,
     `predict.remove_earlier_predictions`: only their own files, never through a link), anything else stays, and
-    the folder itself goes only when nothing else is left. A folder in use (its lock held) or that neither
-    command marked is left alone. Returns the names kept, sorted (empty: the folder is gone)."""
+    the folder itself goes only when nothing else is left. A folder that neither command marked is left alone; one
+    in use (its lock held by another process) is refused (`FileExistsError`). Returns the names kept, sorted (empty:
+    the folder is gone)."""
     folder = Path(folder)
     if not folder.is_dir() or folder.is_symlink():
         return []
@@ -227,6 +228,18 @@ def clean_made_folder(folder):
         remove_paths(list(folder.iterdir()))
         folder.rmdir()
     return kept
+
+
+def clean_command(folder):
+    """What `make clean` runs on a folder `make demo` made: `clean_made_folder`, saying what it did. Returns 0, or 1
+    when the folder is in use (a train or predict writing there holds its lock): then nothing is removed."""
+    try:
+        kept = clean_made_folder(folder)
+    except FileExistsError as error:  # the lock is held by another process, or its lock file is not ours
+        print(f"kept {folder}: {error}")
+        return 1
+    print(f"kept {folder}: it holds files make demo did not write: {kept}" if kept else f"removed {folder}")
+    return 0
 
 
 def remove_paths(paths):

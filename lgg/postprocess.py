@@ -90,17 +90,34 @@ def candidates():
         yield {"threshold": threshold, "min_component_px": min_px, "largest_3d": largest, "hflip_tta": tta}
 
 
-def score_settings(slices, true_masks, probabilities, probabilities_tta=None):
-    """Summary metrics of every candidate setting, one row each (TTA rows need `probabilities_tta`)."""
-    rows = []
+def _reports(slices, true_masks, probabilities, probabilities_tta):
+    """`(settings, per_case, summary)` of every candidate setting (TTA ones need `probabilities_tta`)."""
     for settings in candidates():
         if settings["hflip_tta"] and probabilities_tta is None:
             continue
         source = probabilities_tta if settings["hflip_tta"] else probabilities
         predicted = masks_from_probabilities(source, slices["case_id"], settings, slices.get("slice_index"))
-        _, summary = metrics.segmentation_report(slices, true_masks, source, predicted=predicted)
-        rows.append({**settings, **{k: summary[k] for k in metrics.SEGMENTATION_SUMMARY_KEYS}})
+        yield settings, *metrics.segmentation_report(slices, true_masks, source, predicted=predicted)
+
+
+def score_settings(slices, true_masks, probabilities, probabilities_tta=None):
+    """Summary metrics of every candidate setting, one row each (TTA rows need `probabilities_tta`)."""
+    rows = [
+        {**settings, **{key: summary[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS}}
+        for settings, _, summary in _reports(slices, true_masks, probabilities, probabilities_tta)
+    ]
     return pd.DataFrame(rows)
+
+
+def case_dice_by_setting(slices, true_masks, probabilities, probabilities_tta=None):
+    """The Dice of every case under every candidate setting: one row per setting and case (the
+    setting's keys, `case_id`, `case_dice`), so that a choice can be made over cases pooled from
+    several runs (`benchmarks/pooled_postprocessing.py`)."""
+    tables = [
+        per_case[["case_id", "case_dice"]].assign(**settings)
+        for settings, per_case, _ in _reports(slices, true_masks, probabilities, probabilities_tta)
+    ]
+    return pd.concat(tables, ignore_index=True)[[*RAW, "case_id", "case_dice"]]
 
 
 def choose(table, tolerance=0.001):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -116,6 +117,34 @@ def test_train_writes_the_whole_run_folder(run_dir):
     assert list(curve["minutes"]) == [0] and curve["epoch"].iloc[0] == 1
     split = pd.read_csv(run_dir / "split.csv")
     assert split.groupby("case_id")["split"].nunique().max() == 1 and set(split.split) == {"train", "val", "test"}
+
+
+def test_pooled_post_processing_leaves_out_the_folds_test_patients(run_dir, real_data, tmp_path):
+    """benchmarks/pooled_postprocessing.py: the run's own choice, rescored from the grid, gives its test_cases.csv
+    again; a second fold whose validation patients are this one's test patients (and the other way round) gives
+    this fold nothing: its choice rests on its own validation cases alone, as train's did."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import pooled_postprocessing as pooled
+
+    from lgg import postprocess
+
+    grid = pooled.run_grid(run_dir, real_data)  # raises when the run's choice does not reproduce its test figures
+    assert len(grid) == len(list(postprocess.candidates())) * grid.drop_duplicates(["split", "case_id"]).shape[0]
+    swapped = grid.assign(fold="other", split=grid["split"].map({"val": "test", "test": "val"}))
+    choice, cases = pooled.pooled_choice(pd.concat([grid, swapped]), run_dir.name)
+    assert cases == pd.read_csv(run_dir / "split.csv").query("split == 'val'").case_id.nunique()
+    assert choice == postprocess.load(run_dir / "model.h5")
+    result = pooled.compare(grid, [run_dir])
+    assert result["pooled_vs_own"]["mean_difference"] == 0 and result["cases"] == len(
+        pd.read_csv(run_dir / "test_cases.csv")
+    )
+    for runs, words in (
+        ([run_dir], "two or more"),
+        ([run_dir, run_dir], "named twice"),
+        ([run_dir, tmp_path], "not a finished"),
+    ):
+        with pytest.raises(SystemExit, match=words):
+            pooled.check_runs(runs)
 
 
 @pytest.mark.slow

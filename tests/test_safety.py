@@ -720,6 +720,32 @@ def test_make_clean_removes_only_what_make_made(tmp_path):
     assert not (tmp_path / ".venv").exists()  # stamped by make setup (above)
 
 
+@pytest.mark.parametrize("name, marker", [("demo-unet", guards.RUN_MARKER), ("demo-predict", guards.PREDICT_MARKER)])
+def test_make_clean_leaves_a_demo_folder_in_use_whole(tmp_path, name, marker):
+    """A demo folder whose lock another process holds (a train or predict writing there): `make clean` stopped with
+    a traceback; now it says so, removes nothing, and keeps the environment that process may be running from."""
+    shutil.copy(Path(__file__).resolve().parent.parent / "Makefile", tmp_path / "Makefile")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / ".lgg-installed").touch()
+    run = guards.mark_folder(tmp_path / "runs" / name, marker)
+    (run / "model.h5").write_text("the demo's, being written")
+    (tmp_path / "runs" / f".made-by-demo-{name}").touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from lgg import guards; import time\nwith guards.folder_lock({str(run)!r}):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = make(tmp_path, "clean")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0 and f"in use by process {holder.pid}" in done.stdout, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and (run / "model.h5").is_file() and (tmp_path / ".venv").is_dir()
+    assert (tmp_path / "runs" / f".made-by-demo-{name}").is_file()
+
+
 def test_a_second_demo_set_replaces_the_first_whole(capsys, tmp_path):
     """`demo-data --cases 3` then `--cases 1` left the two extra cases of the first set beside the new one."""
     for cases in (3, 1):

@@ -5,15 +5,17 @@ what that changes against each fold's own choice, patient by patient.
         runs/results-unet-aug-flair-160-bf16 runs/results-unet-aug-flair-160-bf16-fold2
 
 `train` chooses the threshold, the small-component removal, the largest 3-D component and flip TTA
-on its own fold's validation cases (5-12 patients), and on so few one small tumor can decide it: one
-test case scored 0.739, 0.000 and 0.846 under three settings, each chosen by some fold
-(`results/EXPERIMENTS.md`, seed 1). Here every run folder (one per fold, each a finished segmenter
-run on another split) scores every candidate setting on every one of its validation and test cases
+on its own fold's validation cases (5-12 patients), and on so few one small tumor can tip it: the
+seed-1 model of the shipped recipe's fold 1 chose threshold 0.6 and the largest 3-D component
+without flip TTA, which kept a false alarm and scored TCGA_CS_5395 0 (the seed-0 model: 0.739;
+`results/EXPERIMENTS.md`). Here every run folder (one per fold of one recipe, each a finished
+segmenter run) scores every candidate setting on every one of its validation and test cases
 (`lgg.postprocess.case_dice_by_setting`). Then, for each fold, the setting is chosen
 (`lgg.postprocess.choose`, as `train` chooses) on the validation cases of all the folds together,
-leaving out that fold's test patients wherever they were another fold's validation case, so that
-no test patient has a say in the setting it is scored with; and that fold's test cases are scored
-with it. nnU-Net decides its post-processing once over its cross-validation in the same spirit.
+leaving out that fold's test patients wherever they were another fold's validation case, and that
+fold's test cases are scored with it: no test patient's own score enters the choice it is scored
+with (the other folds' models did train on it, as in any cross-validation). nnU-Net decides its
+post-processing once over its cross-validation in the same spirit.
 
 Written, never over anything that exists: `results/pooled-postprocessing-<name>.csv` (the Dice of
 every case, validation and test, under every setting, per fold: any other rule can be checked from
@@ -22,6 +24,7 @@ their test figures; pooled over the folds the per-case comparison, pooled choice
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -29,28 +32,56 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results import RECIPE_KEYS  # noqa: E402
+
 SETTING = ["threshold", "min_component_px", "largest_3d", "hflip_tta"]
-SAME_DICE = 1e-6  # the fold's own choice rescored here against the test_cases.csv its run wrote
+RUN_FILES = ("model.h5", "config.json", "split.csv", "postprocess.json", "val_postprocessing.csv", "test_cases.csv")
+# the run's own figures rescored here: the same on the CPU that scored them; elsewhere a probability at the
+# threshold may flip a few pixels (`lgg.evaluate`: probabilities differ by about 1e-5 between CPUs)
+SAME_DICE = 0.01
 
 
 def read_split(run):
-    return pd.read_csv(run / "split.csv")[["case_id", "split"]].drop_duplicates("case_id")
+    table = pd.read_csv(run / "split.csv")
+    if not {"case_id", "split"} <= set(table.columns):
+        raise SystemExit(f"{run / 'split.csv'} is not a split file: it needs the columns case_id and split")
+    return table[["case_id", "split"]].drop_duplicates("case_id")
 
 
 def check_runs(runs):
-    """Finished segmenter run folders, each once, with disjoint test patients; or a clear error."""
+    """Finished segmenter run folders of one recipe, each once, splitting the same patients with disjoint test
+    patients, each with validation cases and a readable post-processing; or a clear error."""
+    from lgg import postprocess
+
     if len(runs) < 2:
         raise SystemExit("give the run folders of two or more folds: one fold's choice is its own")
     if len({run.resolve() for run in runs}) < len(runs):
         raise SystemExit(f"a run folder is named twice ({', '.join(map(str, runs))}): give each fold once")
-    tested = {}
+    if len({run.name for run in runs}) < len(runs):
+        raise SystemExit("two run folders have the same name: the tables tell folds apart by it")
+    tested, recipe, patients = {}, None, None
     for run in runs:
         if (run / "test_slices.csv").is_file():
             raise SystemExit(f"{run} is a classifier's run: only segmenters have a post-processing")
-        for name in ("model.h5", "split.csv", "test_cases.csv", "postprocess.json"):
-            if not (run / name).is_file():
-                raise SystemExit(f"{run} is not a finished run folder: it has no {name}")
+        missing = [name for name in RUN_FILES if not (run / name).is_file()]
+        if missing:
+            raise SystemExit(f"{run} is not a finished segmenter run folder: it has no {', '.join(missing)}")
+        try:
+            postprocess.load(run / "model.h5")
+            config = json.loads((run / "config.json").read_text())
+        except ValueError as error:
+            raise SystemExit(f"{run}: {error}") from None
+        this = {key: config.get(key) for key in RECIPE_KEYS if key != "split"}
+        if recipe is not None and this != recipe:
+            differ = sorted(key for key in this if this[key] != recipe[key])
+            raise SystemExit(f"{run} is of another recipe than {runs[0]} (config.json differs in {differ}): pool the "
+                             "folds of one recipe")  # fmt: skip
+        recipe = this
         split = read_split(run)
+        if patients is not None and set(split.case_id) != patients:
+            raise SystemExit(f"{run / 'split.csv'} splits other patients than {runs[0] / 'split.csv'}")
+        patients = set(split.case_id)
         for case in split.query("split == 'test'").case_id:
             if case in tested:
                 raise SystemExit(f"{case} is a test patient of both {tested[case]} and {run}: give each fold once")
@@ -65,9 +96,15 @@ def run_grid(run, data_dir):
     from lgg import data, evaluate, postprocess
     from lgg.inference import predict_with_mirror
 
-    slices = evaluate.slices_with_split(data_dir, run / "split.csv")
-    evaluate.refuse_missing_cases(slices, run / "split.csv", ("val", "test"), data_dir, run, run)
-    model = evaluate.load_model(run / "model.h5")
+    try:
+        slices = evaluate.slices_with_split(data_dir, run / "split.csv")
+        wanted = read_split(run).query("split in ('val', 'test')").case_id
+        missing = sorted(set(wanted) - set(slices.case_id))
+        if missing:
+            raise SystemExit(f"{len(missing)} validation / test cases of {run} are not in {data_dir}: {missing[:4]}")
+        model = evaluate.load_model(run / "model.h5")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{run}: {error}") from None
     grids = []
     for split in ("val", "test"):
         rows = slices[slices["split"] == split]
@@ -75,17 +112,37 @@ def run_grid(run, data_dir):
         plain, tta = predict_with_mirror(model, images)
         grids.append(postprocess.case_dice_by_setting(rows, masks, plain, tta).assign(split=split))
     grid = pd.concat(grids, ignore_index=True).assign(fold=run.name)
-    own = test_dice(grid, postprocess.load(run / "model.h5"))
-    written = pd.read_csv(run / "test_cases.csv").set_index("case_id")["case_dice"]
-    if set(own.index) != set(written.index) or (own - written.loc[own.index]).abs().max() > SAME_DICE:
-        raise SystemExit(f"{run}: its own post-processing does not give its test_cases.csv again here (another "
-                         "dataset, or the model file changed since it was scored); nothing was written")  # fmt: skip
+    check_against_run(grid, run)
     return grid
+
+
+def check_against_run(grid, run):
+    """The run's own figures again from `grid`: its validation grid (`val_postprocessing.csv`, setting by setting)
+    and its test cases under its own choice (`test_cases.csv`); else the data, the model or the CPU differ."""
+    from lgg import postprocess
+
+    validation = grid[grid["split"] == "val"].groupby(SETTING)["case_dice"].mean()
+    written = pd.read_csv(run / "val_postprocessing.csv").set_index(SETTING)["case_dice_mean"]
+    own = test_dice(grid, postprocess.load(run / "model.h5"))
+    tested = pd.read_csv(run / "test_cases.csv").set_index("case_id")["case_dice"]
+    if (
+        set(validation.index) != set(written.index)
+        or (validation - written.loc[validation.index]).abs().max() > SAME_DICE
+        or set(own.index) != set(tested.index)
+        or (own - tested.loc[own.index]).abs().max() > SAME_DICE
+    ):
+        raise SystemExit(f"{run}: its model does not give its val_postprocessing.csv and test_cases.csv again here "
+                         "(other data, a model file changed since, or another CPU by more than a few pixels); "
+                         "nothing was written")  # fmt: skip
 
 
 def test_dice(grid, settings):
     """Per-case test Dice (indexed by case_id) of one fold's grid under `settings`."""
-    chosen = grid[(grid["split"] == "test") & (grid[SETTING] == pd.Series(settings)[SETTING]).all(axis=1)]
+    test = grid[grid["split"] == "test"]
+    chosen = test[(test[SETTING] == pd.Series(settings)[SETTING]).all(axis=1)]
+    if len(chosen) != test["case_id"].nunique():
+        raise SystemExit(f"the setting {settings} is not one that was scored ({len(chosen)} rows for "
+                         f"{test['case_id'].nunique()} test cases)")  # fmt: skip
     return chosen.set_index("case_id")["case_dice"]
 
 
@@ -143,8 +200,6 @@ def main(argv=None):
         raise SystemExit(f"--name may hold letters, digits and _ . + - only; received {args.name!r}")
     runs = [Path(run) for run in args.runs]
     check_runs(runs)
-    if len({run.name for run in runs}) < len(runs):
-        raise SystemExit("two run folders have the same name: the tables tell folds apart by it")
     table_path = ROOT / "results" / f"pooled-postprocessing-{args.name}.csv"
     result_path = table_path.with_suffix(".json")
     for path in (table_path, result_path):
@@ -166,6 +221,9 @@ def main(argv=None):
         "cases of all the folds together, less the fold's test patients",
         **compare(grid, runs),
     }
+    for path in (table_path, result_path):  # again: another run of this script may have written them meanwhile
+        if path.exists():
+            raise SystemExit(f"{path} appeared while this ran: nothing was written")
     save_csv(grid[["fold", "split", "case_id", *SETTING, "case_dice"]].round({"case_dice": 5}), table_path)
     save_json(result, result_path)
     paired = result["pooled_vs_own"]

@@ -214,28 +214,33 @@ def clean_made_folder(folder):
     marker = next((marker for marker in (RUN_MARKER, PREDICT_MARKER) if is_ours(folder, marker)), None)
     if marker is None:
         return sorted(path.name for path in folder.iterdir())
-    with folder_lock(folder):
+    with folder_lock(folder):  # held until only the lock file is left: a train starting meanwhile loses nothing
         if marker == RUN_MARKER:
             empty_run_folder(folder)
         else:
             from lgg.predict import remove_earlier_predictions
 
             remove_earlier_predictions(folder, [])
-    kept = sorted(path.name for path in folder.iterdir() if path.name not in (marker, LOCK_FILE))
-    if kept:
-        mark_folder(folder, marker)  # still the folder of that command (emptying it removed its marker)
-    else:
-        remove_paths(list(folder.iterdir()))
+        kept = sorted(path.name for path in folder.iterdir() if path.name not in (marker, LOCK_FILE))
+        if kept:
+            mark_folder(folder, marker)  # still the folder of that command (emptying it removed its marker)
+            return kept
+        remove_paths([path for path in folder.iterdir() if path.name != LOCK_FILE])
+    try:  # (the lock file goes once released: Windows removes no open file); a folder in use again stays
+        (folder / LOCK_FILE).unlink(missing_ok=True)
         folder.rmdir()
-    return kept
+    except OSError:
+        return sorted(path.name for path in folder.iterdir())
+    return []
 
 
 def clean_command(folder):
     """What `make clean` runs on a folder `make demo` made: `clean_made_folder`, saying what it did. Returns 0, or 1
-    when the folder is in use (a train or predict writing there holds its lock): then nothing is removed."""
+    when it refused the folder (in use: a train or predict writing there holds its lock; or its lock file is not
+    ours): then nothing is removed."""
     try:
         kept = clean_made_folder(folder)
-    except FileExistsError as error:  # the lock is held by another process, or its lock file is not ours
+    except FileExistsError as error:  # the lock held by another process, or a lock file that is not ours
         print(f"kept {folder}: {error}")
         return 1
     print(f"kept {folder}: it holds files make demo did not write: {kept}" if kept else f"removed {folder}")

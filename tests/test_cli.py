@@ -12,6 +12,8 @@ import pytest
 
 from lgg import data, metrics, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/pooled_postprocessing.py
+
 # The run scored its test cases with the model in memory (XLA where `train` uses it); these commands reload
 # model.h5 (plain kernels), whose probabilities differ by ~1e-5, so a pixel at the threshold can flip: a case Dice
 # moves by ~1e-4 at most. A scoring error moves it by far more.
@@ -120,28 +122,33 @@ def test_train_writes_the_whole_run_folder(run_dir):
 
 
 def test_pooled_post_processing_leaves_out_the_folds_test_patients(run_dir, real_data, tmp_path):
-    """benchmarks/pooled_postprocessing.py: the run's own choice, rescored from the grid, gives its test_cases.csv
-    again; a second fold whose validation patients are this one's test patients (and the other way round) gives
-    this fold nothing: its choice rests on its own validation cases alone, as train's did."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    """benchmarks/pooled_postprocessing.py: the run's own figures rescored from the grid give its
+    val_postprocessing.csv and test_cases.csv again; of the other folds' validation cases, those that are this
+    fold's test patients are left out of its choice, the others count."""
     import pooled_postprocessing as pooled
 
     from lgg import postprocess
 
-    grid = pooled.run_grid(run_dir, real_data)  # raises when the run's choice does not reproduce its test figures
+    grid = pooled.run_grid(run_dir, real_data)  # raises when the run's own figures do not come out again
     assert len(grid) == len(list(postprocess.candidates())) * grid.drop_duplicates(["split", "case_id"]).shape[0]
-    swapped = grid.assign(fold="other", split=grid["split"].map({"val": "test", "test": "val"}))
+    validation_cases = pd.read_csv(run_dir / "split.csv").query("split == 'val'").case_id.nunique()
+    # a fold whose validation patients are this one's test patients: they are left out, the choice is the run's own
+    swapped = grid.assign(fold="swapped", split=grid["split"].map({"val": "test", "test": "val"}))
     choice, cases = pooled.pooled_choice(pd.concat([grid, swapped]), run_dir.name)
-    assert cases == pd.read_csv(run_dir / "split.csv").query("split == 'val'").case_id.nunique()
-    assert choice == postprocess.load(run_dir / "model.h5")
+    assert cases == validation_cases and choice == postprocess.load(run_dir / "model.h5")
+    # a fold whose validation patients are not: they count (the same scores twice: the same choice)
+    again = grid.assign(fold="again")
+    choice, cases = pooled.pooled_choice(pd.concat([grid, swapped, again]), run_dir.name)
+    assert cases == 2 * validation_cases and choice == postprocess.load(run_dir / "model.h5")
     result = pooled.compare(grid, [run_dir])
-    assert result["pooled_vs_own"]["mean_difference"] == 0 and result["cases"] == len(
-        pd.read_csv(run_dir / "test_cases.csv")
-    )
+    assert result["pooled_vs_own"]["mean_difference"] == 0
+    assert result["cases"] == len(pd.read_csv(run_dir / "test_cases.csv"))
+    with pytest.raises(SystemExit, match="not one that was scored"):
+        pooled.test_dice(grid, {**postprocess.RAW, "threshold": 0.55})
     for runs, words in (
         ([run_dir], "two or more"),
         ([run_dir, run_dir], "named twice"),
-        ([run_dir, tmp_path], "not a finished"),
+        ([run_dir, tmp_path / "x"], "not a finished"),
     ):
         with pytest.raises(SystemExit, match=words):
             pooled.check_runs(runs)

@@ -2,6 +2,7 @@
 left alone, settings refused at the door (exit 2, one line, nothing written), inputs identified, not
 guessed. The commands run in this process (`lgg.__main__.main`), so each check costs milliseconds."""
 
+import contextlib
 import hashlib
 import json
 import math
@@ -323,23 +324,30 @@ def test_predict_overwrite_never_writes_through_or_removes_what_is_not_its_own(c
     assert not guards.is_ours(out, guards.PREDICT_MARKER)
 
 
-def test_a_folder_that_another_process_writes_is_refused(capsys, dataset, segmenter, tmp_path):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def lock_held_elsewhere(folder):
+    """Another process holding `folder`'s lock until the block ends (then killed: the kernel drops its lock)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from lgg import guards; import time\nwith guards.folder_lock({str(out)!r}):\n"
+        [sys.executable, "-c", f"from lgg import guards; import time\nwith guards.folder_lock({str(folder)!r}):\n"
          "    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_folder_that_another_process_writes_is_refused(capsys, dataset, segmenter, tmp_path):
+    out = tmp_path / "out"
+    with lock_held_elsewhere(out) as holder:
         with pytest.raises(FileExistsError, match=f"in use by process {holder.pid}"):
             with guards.folder_lock(out):
                 pass
         code, _, err = run(capsys, "predict", "--model", segmenter, "--out", out, sorted(dataset.iterdir())[0])
         refused(code, err, "in use by process")
-    finally:
-        holder.kill()  # a killed holder: the kernel drops its lock
-        holder.wait()
     with guards.folder_lock(out):
         assert json.loads((out / guards.LOCK_FILE).read_text())["pid"] == os.getpid()
     with guards.folder_lock(out):  # released on leaving
@@ -730,17 +738,8 @@ def test_make_clean_leaves_a_demo_folder_in_use_whole(tmp_path, name, marker):
     run = guards.mark_folder(tmp_path / "runs" / name, marker)
     (run / "model.h5").write_text("the demo's, being written")
     (tmp_path / "runs" / f".made-by-demo-{name}").touch()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"from lgg import guards; import time\nwith guards.folder_lock({str(run)!r}):\n"
-         "    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run) as holder:
         done = make(tmp_path, "clean")
-    finally:
-        holder.kill()
-        holder.wait()
     assert done.returncode != 0 and f"in use by process {holder.pid}" in done.stdout, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and (run / "model.h5").is_file() and (tmp_path / ".venv").is_dir()
     assert (tmp_path / "runs" / f".made-by-demo-{name}").is_file()

@@ -41,7 +41,8 @@ demo: setup
 	@for name in $(DEMO_FOLDERS); do \
 	  if [ -e $(RUNS)/$$name ] && [ ! -f $(RUNS)/.made-by-demo-$$name ]; then \
 	    echo "$(RUNS)/$$name exists and make demo did not make it: move it away (make demo writes only its own folders)"; \
-	    exit 1; fi; mkdir -p $(RUNS) && touch $(RUNS)/.made-by-demo-$$name; done
+	    exit 1; fi; done
+	@mkdir -p $(RUNS) && for name in $(DEMO_FOLDERS); do touch $(RUNS)/.made-by-demo-$$name; done
 	@if [ -d $(DATA)/kaggle_3m ]; then echo "Using the real data in $(DATA)/kaggle_3m"; \
 	elif [ -f ../shared/lgg/restore.py ]; then $(PYTHON) ../shared/lgg/restore.py $(DATA); \
 	else echo "No dataset in $(DATA)/: using a SYNTHETIC demo set (see data/README.md for the real one)"; \

@@ -19,6 +19,7 @@ from lgg.data import (
     affine_components,
     apply_gamma,
     augmentation_ranges,
+    check_batch_size,
     check_tumor_sampling,
     gamma_exponents,
     tumor_pools,
@@ -101,6 +102,7 @@ class TrainingBatches(keras.utils.PyDataset):
         super().__init__(workers=workers, use_multiprocessing=False)
         augmentation_ranges(augmentation)  # a wrong name or range refused here, not in a worker
         self.images, self.targets = np.asarray(images), np.asarray(targets)
+        check_batch_size(batch_size, len(self.images))
         self.batch_size, self.seed, self.augment, self.start_epoch = batch_size, seed, augment, start_epoch
         self.tumor_fraction, self.flair_only, self.augmentation = tumor_fraction, flair_only, augmentation
         check_tumor_sampling("slice" if tumor_cases is None else "case", tumor_fraction)

@@ -29,6 +29,13 @@ class DatasetError(ValueError):
     """A dataset file or folder that is missing, unreadable or not what the Kaggle set holds."""
 
 
+def dataset_candidates(data_dir):
+    """The folders `find_dataset_root` looks in for the case folders, in its order: `data_dir` itself, its
+    `kaggle_3m/`, and the `kaggle_3m/` of the `lgg-mri-segmentation/` folder Kaggle's archive unpacks to."""
+    data_dir = Path(data_dir)
+    return (data_dir, data_dir / "kaggle_3m", data_dir / "lgg-mri-segmentation" / "kaggle_3m")
+
+
 def find_dataset_root(data_dir, with_masks=True):
     """Return the folder holding the case folders: `data_dir` itself, or a `kaggle_3m` inside it.
 
@@ -42,7 +49,7 @@ def find_dataset_root(data_dir, with_masks=True):
             f"data folder not found: {data_dir}. Download the dataset with `python -m lgg download` "
             "(Kaggle account needed) or make a synthetic demo set with `python -m lgg demo-data`."
         )
-    for candidate in (data_dir, data_dir / "kaggle_3m", data_dir / "lgg-mri-segmentation" / "kaggle_3m"):
+    for candidate in dataset_candidates(data_dir):
         if candidate.is_dir() and any(candidate.glob("*/*_mask.tif" if with_masks else "*/*.tif")):
             return candidate
     if not with_masks:
@@ -65,6 +72,8 @@ def _read_tif(path, expected_shapes, pixels=True):
     path = Path(path)
     try:
         with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) != 1:  # a stack would be read as its first page, the others dropped unsaid
+                raise DatasetError(f"{path}: holds {len(tif.pages)} pages; a slice is a one-page .tif")
             page = tif.pages[0]
             if page.shape not in expected_shapes or page.dtype != np.uint8:
                 raise DatasetError(
@@ -86,10 +95,13 @@ def read_image(path):
     return _read_tif(path, [(NATIVE_SIZE, NATIVE_SIZE, 3)])
 
 
+# a few re-saved masks carry colour channels; the first one is the mask
+MASK_SHAPES = [(NATIVE_SIZE, NATIVE_SIZE), (NATIVE_SIZE, NATIVE_SIZE, 3), (NATIVE_SIZE, NATIVE_SIZE, 4)]
+
+
 def read_mask(path):
     """Read one mask as uint8 `(256, 256)` with values 0 and 1, or raise `DatasetError`."""
-    # a few re-saved masks carry colour channels; the first one is the mask
-    mask = _read_tif(path, [(NATIVE_SIZE, NATIVE_SIZE), (NATIVE_SIZE, NATIVE_SIZE, 3), (NATIVE_SIZE, NATIVE_SIZE, 4)])
+    mask = _read_tif(path, MASK_SHAPES)
     if mask.ndim == 3:
         mask = mask[..., 0]
     values = np.unique(mask)
@@ -505,6 +517,17 @@ def _gather(images, targets, index, static_batch):
 TUMOR_SAMPLINGS = ("slice", "case")  # how the tumor share of a batch is drawn: `tumor_pools`
 
 
+def check_batch_size(batch_size, training_slices):
+    """Refuse a batch of more slices than there are to train on: an epoch is one permutation of them
+    (its last batch topped up with its first slices), which such a batch cannot fill (it once waited
+    forever for a batch that never came)."""
+    if batch_size > training_slices:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {training_slices} training slices: give a batch size of at "
+            f"most {training_slices} (--batch-size), or more cases"
+        )
+
+
 def check_tumor_sampling(tumor_sampling, tumor_fraction):
     """Refuse a `tumor_sampling` not in `TUMOR_SAMPLINGS`, or one other than `"slice"` without a tumor share to
     draw (`tumor_fraction`)."""
@@ -607,6 +630,7 @@ def training_dataset(
     images, targets = np.asarray(images), np.asarray(targets)
     augmentation_ranges(augmentation)  # a wrong name or range refused here, not inside the pipeline
     segmentation = targets.ndim == 4
+    check_batch_size(batch_size, len(images))
     steps = int(np.ceil(len(images) / batch_size))
     check_tumor_sampling("slice" if tumor_cases is None else "case", tumor_fraction)
     if tumor_fraction is not None:

@@ -125,20 +125,27 @@ def _inside(path, folder):
 
 def check_apart(out_dir, inputs, flag="--out"):
     """Refuse an output folder equal to, inside, or holding one of the input paths (a dataset,
-    a case folder, a slice's folder): outputs must never land on inputs."""
+    a case folder, a slice's folder): outputs must never land on inputs. A folder input counts
+    with the dataset folders under it (`lgg.data.dataset_candidates`), each where it really is:
+    `data/kaggle_3m` may be a link to a dataset elsewhere."""
+    from lgg.data import dataset_candidates
+
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{flag} {out_dir} is a file, not a folder")
     for item in map(Path, inputs):
         if not item.exists():
             continue  # a missing input is reported by whoever reads it
-        folder = item.resolve() if item.is_dir() else item.resolve().parent
-        if _inside(out, folder) or _inside(folder, out):
-            relation = "is" if out == folder else "lies inside" if _inside(out, folder) else "holds"
-            raise FileExistsError(
-                f"{flag} {out_dir} {relation} the input folder {item if item.is_dir() else folder}: "
-                "choose an output folder apart from the data"
-            )
+        shown = [item] if item.is_dir() else [item.resolve().parent]
+        if item.is_dir():
+            shown += [candidate for candidate in dataset_candidates(item)[1:] if candidate.is_dir()]
+        for name in shown:
+            folder = name.resolve()
+            if _inside(out, folder) or _inside(folder, out):
+                relation = "is" if out == folder else "lies inside" if _inside(out, folder) else "holds"
+                raise FileExistsError(
+                    f"{flag} {out_dir} {relation} the input folder {name}: choose an output folder apart from the data"
+                )
 
 
 def check_not_within(out_dir, paths, flag="--out"):
@@ -238,6 +245,10 @@ def clean_command(folder):
     """What `make clean` runs on a folder `make demo` made: `clean_made_folder`, saying what it did. Returns 0, or 1
     when it refused the folder (in use: a train or predict writing there holds its lock; or its lock file is not
     ours): then nothing is removed."""
+    path = Path(folder)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):  # not the folder make demo made: left alone
+        print(f"kept {folder}: a {'link' if path.is_symlink() else 'file'}, not the folder make demo made")
+        return 0
     try:
         kept = clean_made_folder(folder)
     except FileExistsError as error:  # the lock held by another process, or a lock file that is not ours

@@ -173,7 +173,12 @@ def _gather(inputs, sequences=None, fill_from_flair=False):
                 else sorted(path for path in data.find_dataset_root(item, with_masks=False).iterdir() if path.is_dir())
             )
             for case_dir in case_dirs:
-                images, _ = data.case_slice_files(case_dir)
+                images, masks = data.case_slice_files(case_dir)
+                if not images:  # as `train` reads a dataset: no case folder passed over unsaid
+                    raise data.DatasetError(f"{case_dir}: case folder holds no slices ({case_dir.name}_<n>.tif)")
+                orphan = min(set(masks) - set(images), default=None)
+                if orphan is not None:
+                    raise data.DatasetError(f"{masks[orphan]}: its image {case_dir.name}_{orphan}.tif is missing")
                 for index, path in images.items():
                     add(case_dir.name, index, path, case_dir.resolve())
         elif item.exists() and not item.is_file():
@@ -194,6 +199,12 @@ def _gather(inputs, sequences=None, fill_from_flair=False):
         raise volumes.VolumeError("--fill-from-flair fills the sequences missing beside --flair FILE: give --flair")
     if not cases:
         raise data.DatasetError(f"no slices found in {', '.join(map(str, inputs)) or 'no inputs'}")
+    clash = sorted(set(cases) & set(PREDICT_FILES))  # its folder would take the place of predict's own file
+    if clash:
+        raise data.DatasetError(
+            f"{sources[clash[0]]}: case id {clash[0]!r} is the name of a file predict writes beside the case folders; "
+            "rename the case"
+        )
     return {
         case_id: entries if isinstance(entries, volumes.Volume) else [(i, *entries[i]) for i in sorted(entries)]
         for case_id, entries in sorted(cases.items())
@@ -304,9 +315,11 @@ def predict_paths(
     guards.check_output_folder(out_dir, guards.PREDICT_MARKER, overwrite, "predict")
     if predictor is None:
         predictor = load_predictor(model_path, threshold, classifier_path, gate_threshold)
-    for entries in slice_cases.values():  # every slice's header, before earlier predictions are replaced
-        for _, path, _ in entries:
+    for entries in slice_cases.values():  # every slice's and mask's header, before earlier predictions are replaced
+        for _, path, mask in entries:
             data.check_header(path, [(data.NATIVE_SIZE, data.NATIVE_SIZE, 3)])
+            if mask is not None:
+                data.check_header(mask, data.MASK_SHAPES)
     inputs = [str(item) for item in inputs]
     inputs += [str(path) for path in volume_files if str(path) not in inputs]
     with guards.folder_lock(out_dir):

@@ -142,6 +142,29 @@ def test_case_first_sampling_without_a_tumor_share_is_refused(unequal_cases):
     assert RunConfig(tumor_fraction=0.5, tumor_sampling="case").tumor_sampling == "case"
 
 
+def test_a_batch_larger_than_the_training_slices_is_refused_not_waited_for(arrays, real_data, tmp_path, capsys):
+    """`train --batch-size 4096` on 89 training slices printed "Decoded" and then waited forever: an epoch, one
+    permutation topped up with its first slices, never filled one batch. Now refused, by `train` before decoding."""
+    from lgg import batches
+
+    _, images, masks = arrays
+    for make in (data.training_dataset, batches.TrainingBatches):
+        with pytest.raises(ValueError, match=f"batch size {2 * len(images) + 1} is larger than the {len(images)}"):
+            make(images, masks, batch_size=2 * len(images) + 1)
+    dataset, steps = data.training_dataset(images, masks, batch_size=len(images), augment=False)
+    assert steps == 1 and next(iter(dataset))[0].shape[0] == len(images)  # all of them: one full batch
+    from lgg.__main__ import main
+
+    try:
+        code = main(["train", "unet", "--data", str(real_data), "--out", str(tmp_path / "run"), "--max-cases", "3",
+                     "--batch-size", "4096", "--epochs", "1"])  # fmt: skip
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and "batch size 4096 is larger than the" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "model.h5").exists()
+
+
 def test_evaluation_pipeline_keeps_order(arrays):
     _, images, masks = arrays
     dataset = data.evaluation_dataset(images, masks, batch_size=7)

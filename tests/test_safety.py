@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from conftest import write_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -107,6 +108,28 @@ def test_train_overwrite_never_empties_the_data_or_a_folder_that_is_not_a_run(ca
     for name, text in [("config.json", '{"kind": "unet", "environment": {}}'), ("split.csv", ""), ("history.csv", "")]:
         (legacy / name).write_text(text)
     assert guards.is_ours(legacy, guards.RUN_MARKER) and not guards.is_ours(users, guards.RUN_MARKER)
+
+
+def test_no_output_lands_in_a_dataset_reached_through_a_link(capsys, dataset, segmenter, tmp_path):
+    """`data/kaggle_3m` as a link to the dataset (as `restore.py` or a shared drive leaves it): `train` and
+    `evaluate` once took `--out data/kaggle_3m/run`, wrote their results there, and every later read of the
+    dataset failed on a case folder holding no slices."""
+    data_dir = tmp_path / "linked"
+    data_dir.mkdir()
+    (data_dir / "kaggle_3m").symlink_to(dataset, target_is_directory=True)
+    run_dir = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    shutil.copy(segmenter, run_dir / "model.h5")
+    pd.DataFrame({"case_id": sorted(os.listdir(dataset)), "split": ["test", "val"]}).to_csv(run_dir / "split.csv")
+    before = checksums(dataset)
+    for command in (
+        ["train", "unet", "--data", data_dir, "--out", data_dir / "kaggle_3m" / "run"],
+        ["evaluate", "--model", run_dir / "model.h5", "--data", data_dir, "--out", data_dir / "kaggle_3m" / "scores"],
+        ["train", "unet", "--data", data_dir, "--out", dataset / "run"],  # the dataset where it really is
+    ):
+        code, _, err = run(capsys, *command)
+        refused(code, err, "input folder", "kaggle_3m")
+    assert checksums(dataset) == before and sorted(os.listdir(dataset)) == sorted(os.listdir(data_dir / "kaggle_3m"))
+    assert not any(path.name in ("run", "scores") for path in dataset.iterdir())
 
 
 def test_resume_on_a_finished_run_changes_nothing(capsys, real_data, tmp_path):
@@ -548,6 +571,50 @@ def test_a_tree_without_masks_is_predicted(capsys, segmenter, tmp_path):
     assert pd.read_csv(tmp_path / "o" / "cases.csv").slices.tolist() == [2]
 
 
+def test_predict_passes_over_no_case_folder_and_no_page(capsys, segmenter, tmp_path):
+    """The hostile tester's cases: `predict` on a dataset folder skipped, unsaid, a case folder without slices (one
+    of PNGs, or of masks alone) that `train` refuses; a two-page .tif was read as its first page; a case named like
+    predict's own `cases.csv` made a folder of that name and failed with an OS error."""
+    root = tmp_path / "scans" / "kaggle_3m"
+    write_case(root, slices=2)
+    (root / "CASE_B").mkdir()
+    (root / "CASE_B" / "CASE_B_1.png").write_bytes(b"not a slice")
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", root.parent)
+    refused(code, err, "CASE_B", "holds no slices")
+    shutil.rmtree(root / "CASE_B")
+    lone = write_case(root, "CASE_C", slices=2)
+    (lone / "CASE_C_1.tif").unlink()  # its mask stays, without the slice it outlines
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", root.parent)
+    refused(code, err, "CASE_C_1_mask.tif", "missing")
+    shutil.rmtree(lone)
+    image = tifffile.imread(root / "TCGA_XX_0001_20000101" / "TCGA_XX_0001_20000101_1.tif")
+    stack = tmp_path / "stack" / "STACK_1.tif"
+    stack.parent.mkdir()
+    tifffile.imwrite(stack, np.stack([image, image]), photometric="rgb")
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", stack)
+    refused(code, err, str(stack), "2 pages")
+    named = tmp_path / "named" / "cases.csv_1.tif"
+    named.parent.mkdir()
+    tifffile.imwrite(named, image, photometric="rgb")
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", tmp_path / "o", named)
+    refused(code, err, "'cases.csv'", "rename")
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_overwrite_checks_every_mask_before_removing_the_earlier_predictions(capsys, segmenter, tmp_path):
+    """A mask of the wrong shape beside a slice was found only while predicting, after `--overwrite` had removed
+    the earlier predictions: the folder was left with a failed manifest and nothing else."""
+    first = write_case(tmp_path / "in", slices=1)
+    out = tmp_path / "out"
+    assert run(capsys, "predict", "--model", segmenter, "--out", out, first)[0] == 0
+    before = checksums(out)
+    second = write_case(tmp_path / "in", "TCGA_XX_0002_20000101", slices=1)
+    tifffile.imwrite(second / "TCGA_XX_0002_20000101_1_mask.tif", np.zeros((128, 128), np.uint8))
+    code, _, err = run(capsys, "predict", "--model", segmenter, "--out", out, "--overwrite", second)
+    refused(code, err, "TCGA_XX_0002_20000101_1_mask.tif", "(128, 128)")
+    assert checksums(out) == before
+
+
 def test_an_out_that_is_a_file_is_refused(capsys, dataset, segmenter, tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("mine")
@@ -743,6 +810,32 @@ def test_make_clean_leaves_a_demo_folder_in_use_whole(tmp_path, name, marker):
     assert done.returncode != 0 and f"in use by process {holder.pid}" in done.stdout, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and (run / "model.h5").is_file() and (tmp_path / ".venv").is_dir()
     assert (tmp_path / "runs" / f".made-by-demo-{name}").is_file()
+
+
+def test_make_clean_and_demo_say_what_they_did_with_a_link_or_a_refusal(tmp_path):
+    """A recorded demo folder replaced by a link to a folder of yours: `make clean` left it (right) but said
+    "removed"; and a `make demo` refused for its second folder had already recorded the first as its own."""
+    shutil.copy(Path(__file__).resolve().parent.parent / "Makefile", tmp_path / "Makefile")
+    yours = tmp_path / "thesis"
+    yours.mkdir()
+    (yours / "chapter1.tex").write_text("years of work")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "demo-unet").symlink_to(yours, target_is_directory=True)
+    (runs / ".made-by-demo-demo-unet").touch()
+    done = make(tmp_path, "clean")
+    assert done.returncode == 0, done.stderr
+    assert "kept runs/demo-unet: a link" in done.stdout and "removed runs/demo-unet" not in done.stdout
+    assert (yours / "chapter1.tex").read_text() == "years of work" and (runs / "demo-unet").is_symlink()
+    shutil.rmtree(runs)
+    runs.mkdir()
+    (runs / "demo-unet").mkdir()  # not recorded: make demo refuses it, and records nothing
+    for name in ("requirements.txt", "pyproject.toml", ".venv/.lgg-installed"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    refused = make(tmp_path, "demo")
+    assert refused.returncode != 0 and "make demo did not make it" in refused.stdout
+    assert not list(runs.glob(".made-by-demo-*"))
 
 
 def test_a_second_demo_set_replaces_the_first_whole(capsys, tmp_path):

@@ -39,7 +39,7 @@ setup-dev: $(DEV_INSTALLED)
 DEMO_FOLDERS = demo-predict demo-unet
 demo: setup
 	@for name in $(DEMO_FOLDERS); do \
-	  if [ -e $(RUNS)/$$name ] && [ ! -f $(RUNS)/.made-by-demo-$$name ]; then \
+	  if [ -L $(RUNS)/$$name ] || { [ -e $(RUNS)/$$name ] && [ ! -f $(RUNS)/.made-by-demo-$$name ]; }; then \
 	    echo "$(RUNS)/$$name exists and make demo did not make it: move it away (make demo writes only its own folders)"; \
 	    exit 1; fi; done
 	@mkdir -p $(RUNS) && for name in $(DEMO_FOLDERS); do touch $(RUNS)/.made-by-demo-$$name; done

@@ -40,7 +40,8 @@ class UploadError(ValueError):
 def _unzip(archive, folder, budget):
     """Extract a zip into `folder`, refusing members that would land outside it and more than `budget[0]`
     bytes in all (the request's remaining allowance, decreased here). Returns what `predict` reads:
-    the folder, or for a zip of loose slices a folder per case, plus any NIfTI volumes inside."""
+    the folders holding its slices (for a zip of loose slices, a folder made per case), then any NIfTI
+    volumes inside."""
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = [info for info in bundle.infolist() if not info.is_dir()]
@@ -70,8 +71,9 @@ def _unzip(archive, folder, budget):
             if (case_dir / path.name).exists():
                 raise UploadError(f"{archive.name}: {path.name} twice")
             path.rename(case_dir / path.name)
-    has_slices = any(folder.rglob("*.tif")) or any(folder.rglob("*.tiff"))
-    return ([folder] if has_slices else []) + volumes_inside
+    # the case folders themselves: a folder the moves left empty, or one of volumes, is no case without slices
+    slices = [path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in (".tif", ".tiff")]
+    return sorted({path.parent for path in slices}) + volumes_inside
 
 
 def _png_as_tif(path, target):

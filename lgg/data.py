@@ -523,8 +523,8 @@ def check_batch_size(batch_size, training_slices):
     forever for a batch that never came)."""
     if batch_size > training_slices:
         raise ValueError(
-            f"batch size {batch_size} is larger than the {training_slices} training slices: give a batch size of at "
-            f"most {training_slices} (--batch-size), or more cases"
+            f"batch size {batch_size} is larger than the {training_slices} training slices: give a batch size "
+            f"(batch_size, --batch-size) of at most {training_slices}, or more cases (max_cases, --max-cases)"
         )
 
 

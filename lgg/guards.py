@@ -126,11 +126,11 @@ def _inside(path, folder):
 def check_apart(out_dir, inputs, flag="--out"):
     """Refuse an output folder equal to, inside, or holding one of the input paths (a dataset,
     a case folder, a slice's folder): outputs must never land on inputs. A folder input counts
-    with the dataset folders under it (`lgg.data.dataset_candidates`), each where it really is:
-    `data/kaggle_3m` may be a link to a dataset elsewhere."""
+    with the dataset folders under it (`lgg.data.dataset_candidates`), and paths are compared both
+    where they really are and as named: `data/kaggle_3m`, or a case folder in it, may be a link."""
     from lgg.data import dataset_candidates
 
-    out = Path(out_dir).resolve()
+    out, as_named = Path(out_dir).resolve(), Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{flag} {out_dir} is a file, not a folder")
     for item in map(Path, inputs):
@@ -140,12 +140,13 @@ def check_apart(out_dir, inputs, flag="--out"):
         if item.is_dir():
             shown += [candidate for candidate in dataset_candidates(item)[1:] if candidate.is_dir()]
         for name in shown:
-            folder = name.resolve()
-            if _inside(out, folder) or _inside(folder, out):
-                relation = "is" if out == folder else "lies inside" if _inside(out, folder) else "holds"
-                raise FileExistsError(
-                    f"{flag} {out_dir} {relation} the input folder {name}: choose an output folder apart from the data"
-                )
+            for output, folder in ((out, name.resolve()), (as_named, Path(os.path.abspath(name)))):
+                if _inside(output, folder) or _inside(folder, output):
+                    relation = "is" if output == folder else "lies inside" if _inside(output, folder) else "holds"
+                    raise FileExistsError(
+                        f"{flag} {out_dir} {relation} the input folder {name}: choose an output folder apart from the "
+                        "data"
+                    )
 
 
 def check_not_within(out_dir, paths, flag="--out"):
@@ -254,7 +255,13 @@ def clean_command(folder):
     except FileExistsError as error:  # the lock held by another process, or a lock file that is not ours
         print(f"kept {folder}: {error}")
         return 1
-    print(f"kept {folder}: it holds files make demo did not write: {kept}" if kept else f"removed {folder}")
+    kept = [name for name in kept if name != LOCK_FILE]
+    if not path.exists():
+        print(f"removed {folder}")
+    elif kept:
+        print(f"kept {folder}: it holds files make demo did not write: {kept}")
+    else:  # empty, or only a lock file: neither train nor predict marked it, so it is not emptied as theirs
+        print(f"kept {folder}: neither train nor predict marked it as theirs")
     return 0
 
 

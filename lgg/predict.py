@@ -199,7 +199,8 @@ def _gather(inputs, sequences=None, fill_from_flair=False):
         raise volumes.VolumeError("--fill-from-flair fills the sequences missing beside --flair FILE: give --flair")
     if not cases:
         raise data.DatasetError(f"no slices found in {', '.join(map(str, inputs)) or 'no inputs'}")
-    clash = sorted(set(cases) & set(PREDICT_FILES))  # its folder would take the place of predict's own file
+    # its folder would take the place of predict's own file (on macOS and Windows, whatever the letter case)
+    clash = sorted(case_id for case_id in cases if case_id.casefold() in PREDICT_FILES)
     if clash:
         raise data.DatasetError(
             f"{sources[clash[0]]}: case id {clash[0]!r} is the name of a file predict writes beside the case folders; "

@@ -533,6 +533,7 @@ def train_run(config, data_dir, out_dir, overwrite=False, resume=False, verbose=
         check_run_dir(out_dir, overwrite, resume, inputs)
     slices = data.split_table(data.find_slices(data_dir, max_cases=config.max_cases), config.split, config.seed)
     data.check_split_counts(slices)  # before any file is written
+    data.check_batch_size(config.batch_size, int((slices.split == "train").sum()))  # and before --overwrite empties
     if resume and distribution.is_chief:
         check_same_split(slices, Path(out_dir) / "split.csv")
     distribution.start()  # a multi-worker run waits here for every worker

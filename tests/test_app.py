@@ -189,14 +189,18 @@ def test_uploads_are_arranged_or_refused_by_name(real_data, tmp_path):
     Image.fromarray(images[11][..., 1]).save(slices / "grey.png")  # FLAIR alone: not the three sequences
     with pytest.raises(app.UploadError, match="grey.png: a PNG of mode L; expected 8-bit RGB"):
         app.arrange([slices / "grey.png"], {}, tmp_path / "in2b")
-    # a zip of loose slices (no case folder), with Windows separators, holding a NIfTI too: all found
+    # a zip of loose slices (no case folder), with Windows separators, holding a NIfTI too: all found, and the
+    # folder the slices came out of (left empty) or one holding a volume is not passed on as a case without slices
     with zipfile.ZipFile(tmp_path / "loose.zip", "w") as bundle:
         for name in (f"{CASE}_12.tif", f"{CASE}_12_mask.tif"):
             bundle.write(real_data / CASE / name, f"export\\{name}")
-        bundle.writestr("scan.nii.gz", b"x")
+        bundle.writestr("volumes/scan.nii.gz", b"x")
     inputs, _ = app.arrange([tmp_path / "loose.zip"], {}, tmp_path / "in2c")
-    assert [path.name for path in inputs] == ["zip1", "scan.nii.gz"]
+    assert [path.name for path in inputs] == [CASE, "scan.nii.gz"]
     assert (tmp_path / "in2c" / "zip1" / CASE / f"{CASE}_12.tif").is_file()
+    from lgg import predict
+
+    assert [index for index, _, _ in predict._gather(inputs[:1])[CASE]] == [12]
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as bundle:
         bundle.writestr("../../outside.tif", b"x")
     with pytest.raises(app.UploadError, match="points outside the archive"):

@@ -149,20 +149,27 @@ def test_a_batch_larger_than_the_training_slices_is_refused_not_waited_for(array
 
     _, images, masks = arrays
     for make in (data.training_dataset, batches.TrainingBatches):
-        with pytest.raises(ValueError, match=f"batch size {2 * len(images) + 1} is larger than the {len(images)}"):
-            make(images, masks, batch_size=2 * len(images) + 1)
+        for size in (len(images) + 1, 2 * len(images) + 1):  # one more than the slices; and where it hung
+            with pytest.raises(ValueError, match=f"batch size {size} is larger than the {len(images)}"):
+                make(images, masks, batch_size=size)
     dataset, steps = data.training_dataset(images, masks, batch_size=len(images), augment=False)
     assert steps == 1 and next(iter(dataset))[0].shape[0] == len(images)  # all of them: one full batch
+    from lgg import guards
     from lgg.__main__ import main
 
-    try:
-        code = main(["train", "unet", "--data", str(real_data), "--out", str(tmp_path / "run"), "--max-cases", "3",
-                     "--batch-size", "4096", "--epochs", "1"])  # fmt: skip
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err
-    assert code == 2 and "batch size 4096 is larger than the" in err and "Traceback" not in err, err
-    assert not (tmp_path / "run" / "model.h5").exists()
+    earlier = guards.mark_folder(tmp_path / "earlier", guards.RUN_MARKER)  # a finished run, --overwrite given
+    (earlier / "model.h5").write_text("an hour of training")
+    for out, extra in [(tmp_path / "run", []), (earlier, ["--overwrite"])]:
+        try:
+            code = main(["train", "unet", "--data", str(real_data), "--out", str(out), "--max-cases", "3",
+                         "--batch-size", "4096", "--epochs", "1", *extra])  # fmt: skip
+        except SystemExit as stop:
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2 and "batch size 4096 is larger than the" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert sorted(path.name for path in earlier.iterdir()) == [guards.RUN_MARKER, "model.h5"]
+    assert (earlier / "model.h5").read_text() == "an hour of training"
 
 
 def test_evaluation_pipeline_keeps_order(arrays):

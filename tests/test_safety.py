@@ -121,8 +121,14 @@ def test_no_output_lands_in_a_dataset_reached_through_a_link(capsys, dataset, se
     shutil.copy(segmenter, run_dir / "model.h5")
     pd.DataFrame({"case_id": sorted(os.listdir(dataset)), "split": ["test", "val"]}).to_csv(run_dir / "split.csv")
     before = checksums(dataset)
+    case = sorted(os.listdir(dataset))[0]
+    linked_case = tmp_path / "linked-case"
+    linked_case.mkdir()
+    (linked_case / "kaggle_3m").mkdir()
+    (linked_case / "kaggle_3m" / case).symlink_to(dataset / case, target_is_directory=True)
     for command in (
         ["train", "unet", "--data", data_dir, "--out", data_dir / "kaggle_3m" / "run"],
+        ["train", "unet", "--data", linked_case, "--out", linked_case / "kaggle_3m" / case / "run"],
         ["evaluate", "--model", run_dir / "model.h5", "--data", data_dir, "--out", data_dir / "kaggle_3m" / "scores"],
         ["train", "unet", "--data", data_dir, "--out", dataset / "run"],  # the dataset where it really is
     ):
@@ -130,6 +136,7 @@ def test_no_output_lands_in_a_dataset_reached_through_a_link(capsys, dataset, se
         refused(code, err, "input folder", "kaggle_3m")
     assert checksums(dataset) == before and sorted(os.listdir(dataset)) == sorted(os.listdir(data_dir / "kaggle_3m"))
     assert not any(path.name in ("run", "scores") for path in dataset.iterdir())
+    assert not (dataset / case / "run").exists()
 
 
 def test_resume_on_a_finished_run_changes_nothing(capsys, real_data, tmp_path):
@@ -827,12 +834,21 @@ def test_make_clean_and_demo_say_what_they_did_with_a_link_or_a_refusal(tmp_path
     assert done.returncode == 0, done.stderr
     assert "kept runs/demo-unet: a link" in done.stdout and "removed runs/demo-unet" not in done.stdout
     assert (yours / "chapter1.tex").read_text() == "years of work" and (runs / "demo-unet").is_symlink()
-    shutil.rmtree(runs)
-    runs.mkdir()
-    (runs / "demo-unet").mkdir()  # not recorded: make demo refuses it, and records nothing
     for name in ("requirements.txt", "pyproject.toml", ".venv/.lgg-installed"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).touch()
+    refused = make(tmp_path, "demo")  # recorded, but a link now: train --overwrite would empty it through the link
+    assert refused.returncode != 0 and "make demo did not make it" in refused.stdout
+    assert (yours / "chapter1.tex").read_text() == "years of work"
+    (runs / "demo-unet").unlink()
+    (runs / "demo-unet").mkdir()  # recorded, empty and unmarked (a demo cut off before train wrote): kept, said so
+    done = make(tmp_path, "clean")
+    assert "kept runs/demo-unet: neither train nor predict" in done.stdout and (runs / "demo-unet").is_dir()
+    shutil.rmtree(runs)
+    runs.mkdir()
+    (runs / "demo-unet").mkdir()  # not recorded: make demo refuses it, and records nothing
+    (tmp_path / ".venv").mkdir()  # make clean removed the environment it stamped
+    (tmp_path / ".venv" / ".lgg-installed").touch()
     refused = make(tmp_path, "demo")
     assert refused.returncode != 0 and "make demo did not make it" in refused.stdout
     assert not list(runs.glob(".made-by-demo-*"))

@@ -72,14 +72,14 @@ def _read_tif(path, expected_shapes, pixels=True):
     path = Path(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) != 1:  # a stack would be read as its first page, the others dropped unsaid
-                raise DatasetError(f"{path}: holds {len(tif.pages)} pages; a slice is a one-page .tif")
             page = tif.pages[0]
             if page.shape not in expected_shapes or page.dtype != np.uint8:
                 raise DatasetError(
                     f"{path}: expected uint8 of shape {' or '.join(map(str, expected_shapes))}; "
                     f"found {page.dtype} of shape {page.shape}"
                 )
+            if len(tif.pages) != 1:  # a stack of slices would be read as its first page, the others dropped unsaid
+                raise DatasetError(f"{path}: holds {len(tif.pages)} pages; a slice is a one-page .tif")
             return page.asarray() if pixels else None
     except DatasetError:
         raise

@@ -203,6 +203,11 @@ def _refuse_ignored_options(parser, args):
 
 def main(argv=None):
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    for arg in argv:  # argparse takes `--flag=--` as the flag given no value at all: `--snapshot-minutes=--` then
+        flag, given, value = arg.partition("=")  # trained with the defaults and no epoch limit
+        if flag.startswith("--") and given and value == "--":
+            parser.error(f"argument {flag}: '--' is not a value")
     args = parser.parse_args(argv)
     if args.command == "predict" and not args.inputs and not (args.pre or args.flair or args.post):
         parser.error("predict needs inputs (.tif slices, folders, 4-D NIfTI files) or --pre, --flair and --post")

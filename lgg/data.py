@@ -136,12 +136,6 @@ def find_slices(data_dir, max_cases=None):
     rows = []
     for case_dir in case_dirs:
         images, masks = case_slice_files(case_dir)
-        if not images and not masks:
-            raise DatasetError(f"{case_dir}: case folder holds no slices")
-        for index in sorted(images.keys() ^ masks.keys()):
-            present = images.get(index) or masks.get(index)
-            missing = "mask" if index in images else "image"
-            raise DatasetError(f"{present}: its {missing} is missing")
         report_gaps(case_dir.name, images)
         rows += [
             {
@@ -163,10 +157,11 @@ def find_slices(data_dir, max_cases=None):
     return slices
 
 
-def case_slice_files(case_dir):
+def case_slice_files(case_dir, with_masks=True):
     """`(images, masks)`: slice number -> path of one case folder's `.tif` files. Refuses, naming the
     file, a case id unusable as a file name, a file named unlike the case, anything but a regular
-    file (a FIFO would hang the reader), and two files for one slice number (`_7` and `_07`)."""
+    file (a FIFO would hang the reader), two files for one slice number (`_7` and `_07`), a folder
+    without slices, and a mask without its slice (or, `with_masks`, a slice without its mask)."""
     from lgg import guards
 
     case_dir = Path(case_dir)
@@ -185,6 +180,11 @@ def case_slice_files(case_dir):
         if index in found:
             raise DatasetError(f"{found[index]} and {path.name}: two files for slice {index} of {case_dir.name}")
         found[index] = path
+    if not images and not masks:
+        raise DatasetError(f"{case_dir}: case folder holds no slices")
+    for index in sorted(images.keys() ^ masks.keys() if with_masks else masks.keys() - images.keys()):
+        present = images.get(index) or masks.get(index)
+        raise DatasetError(f"{present}: its {'mask' if index in images else 'image'} is missing")
     return images, masks
 
 

@@ -173,12 +173,7 @@ def _gather(inputs, sequences=None, fill_from_flair=False):
                 else sorted(path for path in data.find_dataset_root(item, with_masks=False).iterdir() if path.is_dir())
             )
             for case_dir in case_dirs:
-                images, masks = data.case_slice_files(case_dir)
-                if not images:  # as `train` reads a dataset: no case folder passed over unsaid
-                    raise data.DatasetError(f"{case_dir}: case folder holds no slices ({case_dir.name}_<n>.tif)")
-                orphan = min(set(masks) - set(images), default=None)
-                if orphan is not None:
-                    raise data.DatasetError(f"{masks[orphan]}: its image {case_dir.name}_{orphan}.tif is missing")
+                images, _ = data.case_slice_files(case_dir, with_masks=False)  # no case folder passed over unsaid
                 for index, path in images.items():
                     add(case_dir.name, index, path, case_dir.resolve())
         elif item.exists() and not item.is_file():

@@ -480,7 +480,6 @@ def make_datasets(
         raise ValueError(f"pipeline must be 'auto', 'tf.data' or 'numpy'; received {pipeline!r}")
     data.check_tumor_sampling(tumor_sampling, tumor_fraction)  # before minutes of decoding
     train_rows, val_rows = slices[slices.split == "train"], slices[slices.split == "val"]
-    data.check_batch_size(batch_size, len(train_rows))
     started = time.perf_counter()
     train_images, train_masks = data.load_arrays(train_rows, image_size)
     val_images, val_masks = data.load_arrays(val_rows, image_size)

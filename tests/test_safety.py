@@ -158,7 +158,8 @@ def test_demo_data_is_never_mixed_into_real_data(capsys, dataset):
 
 # ----------------------------------------------------------------------------- settings at the door
 # flag -> (command prefix, values it must refuse besides nan, inf, -inf, text and negatives)
-TRAIN = ("train", "unet", "--out")
+# a data folder that is not there: a value let through fails on it at once, never trains on the real data
+TRAIN = ("train", "unet", "--data", "no-such-data", "--out")
 PREDICT = ("predict", "x.tif", "--model", "m.h5", "--out")
 NUMERIC_FLAGS = {
     "--epochs": (TRAIN, [0, 1.5, 1e9]),
@@ -199,6 +200,16 @@ def test_every_numeric_flag_refuses_nonsense_in_one_line_writing_nothing(capsys,
     code, _, err = run(capsys, *prefix, out, f"{flag}={value}")  # `=`: argparse would take `-inf` for a flag
     refused(code, err, flag)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--snapshot-minutes", "--epochs", "--threshold"])
+def test_a_flag_given_the_end_of_options_as_its_value_is_refused(capsys, tmp_path, flag):
+    """`--snapshot-minutes=--`, drawn by the test above: argparse read it as the flag given no value, and `train`
+    ran with the defaults and no epoch limit (the test suite waited for it)."""
+    prefix = NUMERIC_FLAGS[flag][0]
+    code, _, err = run(capsys, *prefix, tmp_path / "out", f"{flag}=--")
+    refused(code, err, flag, "'--' is not a value")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,8 @@ def recipe_folds(name, config, folds=FOLDS):
 
 
 BF16 = {"precision": "mixed_bfloat16", "jit_compile": False}  # how the bfloat16 rows compute: oneDNN, no XLA
+# the recipe that ships (models/unet): the strong augmentation and a fifth of the slices FLAIR only, in bfloat16
+SHIPPED = replace(HEADLINE, augmentation="strong", flair_only=0.2, **BF16)
 CONFIGS = {
     "unet": HEADLINE,
     "unet-seed1": replace(HEADLINE, seed=1),  # the same run with another seed: how much is luck
@@ -105,37 +107,31 @@ CONFIGS = {
     **recipe_folds("unet-aug-bf16", replace(HEADLINE, augmentation="strong", **BF16)),
     # the two that found the FLAIR-only case on fold 1 (each on the same CPU as its partner), together: paired with
     # the strong augmentation alone (the shipped recipe), so that the pair differs only in the FLAIR-only slices
-    **recipe_folds("unet-aug-flair-bf16", replace(HEADLINE, augmentation="strong", flair_only=0.2, **BF16)),
+    **recipe_folds("unet-aug-flair-bf16", SHIPPED),
     # the shipped recipe again on another machine, as `unet-again` is the headline's: on an AMX Xeon it runs about
     # 1.5 times the epochs of its Zen 4 folds in the 60 minutes, and it is the same-CPU partner of candidates run there
-    **recipe_folds("unet-aug-flair-bf16-again", replace(HEADLINE, augmentation="strong", flair_only=0.2, **BF16)),
+    **recipe_folds("unet-aug-flair-bf16-again", SHIPPED),
     # a candidate recipe for the small tumors (the smallest quarter of the 88 cases by tumor volume scores 0.74 in
     # the shipped recipe's cross-validation, the other three 0.83-0.88): the tumor half of each batch drawn a case
     # first, so that a case with 3 tumor slices is seen as often as one with 30; on top of the two above, paired
     # with them, so that the pair differs only in how the tumor slices are drawn
     **recipe_folds(
         "unet-aug-flair-case-bf16",
-        replace(HEADLINE, augmentation="strong", flair_only=0.2, tumor_sampling="case", **BF16),
+        replace(SHIPPED, tumor_sampling="case"),
     ),
     # the shipped recipe again with another seed (weights, shuffling, augmentation), on the same CPU type as its
     # seed-0 folds: how much of a pooled figure is luck, and the second member of a same-recipe ensemble per fold
     # (benchmarks/ensemble.py)
-    **recipe_folds(
-        "unet-aug-flair-seed1-bf16", replace(HEADLINE, augmentation="strong", flair_only=0.2, seed=1, **BF16)
-    ),
+    **recipe_folds("unet-aug-flair-seed1-bf16", replace(SHIPPED, seed=1)),
     # the shipped recipe at 160x160 instead of 128x128 (1.56 times the pixels a step): for the small tumors (the
     # smallest quarter of the 88 scores 0.74; the true masks taken to 128 and back score 0.968, to 160 0.978), for
     # CPUs fast enough in bfloat16 (AMX) to give it about the epochs the shipped recipe had on a Zen 4 in 60 minutes
-    **recipe_folds(
-        "unet-aug-flair-160-bf16", replace(HEADLINE, augmentation="strong", flair_only=0.2, image_size=160, **BF16)
-    ),
+    **recipe_folds("unet-aug-flair-160-bf16", replace(SHIPPED, image_size=160)),
     # the shipped recipe with twice the filters at every level (32 at the first, 7.8 M parameters, Buda et al.'s
     # width): for the large tumors it under-segments (TCGA_DU_7018 0.34, 73,567 true pixels against 16,767 found);
     # on a CPU with AMX it trains at 40 slices/s at 128x128 against 92 for 16 filters (24 filters: 19, oneDNN's
     # bfloat16 kernels want channels in multiples of 32), so about 60 epochs in 60 minutes there
-    **recipe_folds(
-        "unet-aug-flair-w32-bf16", replace(HEADLINE, augmentation="strong", flair_only=0.2, base_filters=32, **BF16)
-    ),
+    **recipe_folds("unet-aug-flair-w32-bf16", replace(SHIPPED, base_filters=32)),
 }
 
 

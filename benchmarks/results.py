@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lgg.config import HEADLINE, RunConfig
+from lgg.config import HEADLINE, SHIPPED_RECIPE, RunConfig
 from lgg.data import FOLD_PATTERN, describe_augmentation
 from lgg.files import atomic_path, copy_file, file_sha256, save_json
 from lgg.train import monitor_for
@@ -61,8 +61,8 @@ def recipe_folds(name, config, folds=FOLDS):
 
 
 BF16 = {"precision": "mixed_bfloat16", "jit_compile": False}  # how the bfloat16 rows compute: oneDNN, no XLA
-# the recipe that ships (models/unet): the strong augmentation and a fifth of the slices FLAIR only, in bfloat16
-SHIPPED = replace(HEADLINE, augmentation="strong", flair_only=0.2, **BF16)
+# the recipe that ships (models/unet, `lgg.config.SHIPPED_RECIPE`) as it was measured: in bfloat16
+SHIPPED = replace(SHIPPED_RECIPE, **BF16)
 CONFIGS = {
     "unet": HEADLINE,
     "unet-seed1": replace(HEADLINE, seed=1),  # the same run with another seed: how much is luck

@@ -40,29 +40,29 @@ def remove_small_components(masks, min_pixels):
     return kept
 
 
-def largest_component_3d(volume):
-    """Keep the largest 26-connected region of one case's mask volume `(slices, H, W)`."""
+def label_3d(volume, slice_indices=None):
+    """The 26-connected regions of one case's mask volume `(slices, H, W)` -> `(labels, count)`, as
+    `scipy.ndimage.label` gives them. With `slice_indices` (the slices' numbers, in order), the slices
+    on either side of missing numbers are not neighbours: a blank slice is put between them, so no
+    region is joined across the gap."""
     volume = np.asarray(volume, bool)
-    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    breaks = np.array([], int)
+    if slice_indices is not None:
+        breaks = np.flatnonzero(np.diff(np.asarray(slice_indices)) != 1) + 1
+    labels, count = ndimage.label(np.insert(volume, breaks, False, axis=0), structure=np.ones((3, 3, 3), bool))
+    return np.delete(labels, breaks + np.arange(len(breaks)), axis=0), count
+
+
+def largest_component_3d(volume, slice_indices=None):
+    """Keep the largest 26-connected region of one case's mask volume `(slices, H, W)` (`label_3d`;
+    with `slice_indices`, never joined across missing slices)."""
+    volume = np.asarray(volume, bool)
+    labels, count = label_3d(volume, slice_indices)
     if count <= 1:
         return volume
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == sizes.argmax()
-
-
-def largest_component_across_gaps(volume, slice_indices):
-    """`largest_component_3d` of one case whose slices carry the numbers `slice_indices` (in
-    order): where numbers are missing, the slices on either side are not neighbours, so a blank
-    slice is put between them and no region is joined across the gap."""
-    slice_indices = np.asarray(slice_indices)
-    breaks = np.flatnonzero(np.diff(slice_indices) != 1) + 1
-    if not len(breaks):
-        return largest_component_3d(volume)
-    volume = np.asarray(volume, bool)
-    padded = np.insert(volume, breaks, False, axis=0)
-    kept = largest_component_3d(padded)
-    return np.delete(kept, breaks + np.arange(len(breaks)), axis=0)
 
 
 def masks_from_probabilities(probabilities, case_ids, settings=None, slice_indices=None):
@@ -76,10 +76,8 @@ def masks_from_probabilities(probabilities, case_ids, settings=None, slice_indic
         case_ids = np.asarray(case_ids)
         for case_id in pd.unique(case_ids):
             rows = case_ids == case_id
-            if slice_indices is None:
-                masks[rows] = largest_component_3d(masks[rows])
-            else:
-                masks[rows] = largest_component_across_gaps(masks[rows], np.asarray(slice_indices)[rows])
+            numbers = None if slice_indices is None else np.asarray(slice_indices)[rows]
+            masks[rows] = largest_component_3d(masks[rows], numbers)
     return masks
 
 

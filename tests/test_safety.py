@@ -495,7 +495,7 @@ def test_gaps_in_slice_numbers_are_reported_and_never_joined(capsys, tmp_path):
     volume = np.zeros((4, 8, 8), bool)
     volume[1, 2:4, 2:4] = True  # slice 2: 4 px
     volume[2, 2:5, 2:5] = True  # slice 4: 9 px
-    kept = postprocess.largest_component_across_gaps(volume, [1, 2, 4, 5])
+    kept = postprocess.largest_component_3d(volume, [1, 2, 4, 5])
     assert kept[2].sum() == 9 and kept[1].sum() == 0
     assert postprocess.largest_component_3d(volume)[1].sum() == 4  # adjacent slices would have joined them
 

@@ -66,15 +66,19 @@ def regions(probabilities, true_mask, slice_numbers, settings):
     return table, {"all": mask, **{rule: labels == ids[index] for rule, index in choice.items()}}
 
 
-def score_run(run, data_dir, only_cases=None):
-    """`(regions, dice)` of a run folder's validation and test cases: a row per region, a row per case and rule."""
-    from lgg import data, evaluate, metrics, postprocess
-    from lgg.inference import predict_with_mirror
+def read_run(run, data_dir, only_cases=None):
+    """`(settings, slices)` of a run folder: its post-processing and its validation and test slices in `data_dir`
+    (only `only_cases`, each of which must be one), in case and slice order; or a clear error naming the run."""
+    from lgg import evaluate, postprocess
 
+    if (run / "test_slices.csv").is_file():
+        raise SystemExit(f"{run} is a classifier's run: only a segmenter's predictions have regions")
+    missing = [name for name in RUN_FILES if not (run / name).is_file()]
+    if missing:
+        raise SystemExit(f"{run} is not a segmenter run folder: it has no {', '.join(missing)}")
     try:
         settings = postprocess.load(run / "model.h5")
         slices = evaluate.slices_with_split(data_dir, run / "split.csv")
-        model = evaluate.load_model(run / "model.h5")
     except (OSError, ValueError) as error:
         raise SystemExit(f"{run}: {error}") from None
     slices = slices[slices["split"].isin(["val", "test"])].sort_values(["case_id", "slice_index"])
@@ -83,6 +87,18 @@ def score_run(run, data_dir, only_cases=None):
         if unknown:
             raise SystemExit(f"{run}: {unknown} are not validation or test cases of its split.csv in {data_dir}")
         slices = slices[slices["case_id"].isin(only_cases)]
+    return settings, slices
+
+
+def score_run(run, settings, slices):
+    """`(regions, dice)` of a run folder's `slices` (`read_run`): a row per region, a row per case and rule."""
+    from lgg import data, evaluate, metrics
+    from lgg.inference import predict_with_mirror
+
+    try:
+        model = evaluate.load_model(run / "model.h5")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{run}: {error}") from None
     found, scored = [], []
     for split, rows in slices.groupby("split"):
         images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
@@ -138,10 +154,7 @@ def main(argv=None):
     runs = [Path(run) for run in args.runs]
     if len({run.name for run in runs}) < len(runs):
         raise SystemExit("two run folders have the same name: the tables tell runs apart by it")
-    for run in runs:
-        missing = [name for name in RUN_FILES if not (run / name).is_file()]
-        if missing:
-            raise SystemExit(f"{run} is not a segmenter run folder: it has no {', '.join(missing)}")
+    inputs = [read_run(run, args.data, args.cases) for run in runs]  # every run checked before any prediction
     table_path = RESULTS / f"components-{args.name}.csv"
     result_path = table_path.with_suffix(".json")
     for path in (table_path, result_path):
@@ -151,9 +164,9 @@ def main(argv=None):
     from lgg.files import save_csv, save_json
 
     found, scored = [], []
-    for run in runs:
+    for run, (settings, slices) in zip(runs, inputs, strict=True):
         print(f"Listing the predicted regions of the validation and test cases of {run}", flush=True)
-        regions_of_run, dice_of_run = score_run(run, args.data, args.cases)
+        regions_of_run, dice_of_run = score_run(run, settings, slices)
         found.append(regions_of_run)
         scored.append(dice_of_run)
     found, scored = pd.concat(found, ignore_index=True), pd.concat(scored, ignore_index=True)

@@ -21,21 +21,26 @@ SHIPPED = ROOT / "models" / "unet"
 
 def test_each_rule_keeps_its_region_and_gaps_are_never_joined():
     probabilities = np.zeros((4, 16, 16), np.float32)
-    probabilities[0, 2:4, 2:4] = 1.0  # a small confident region: 4 px, peak 1.0
-    probabilities[1:3, 8:12, 8:12] = 0.9  # a larger, less confident one: 32 px, sum 28.8
+    probabilities[0, 2:4, 2:4] = 1.0  # the tumor: 4 px, the highest peak
+    probabilities[1:3, 8:12, 8:12] = 0.9  # the most voxels: 32 px ...
+    probabilities[2, 12:16, 12:16] = 0.6  # ... and 16 touching it diagonally: one region of 48 px, sum 38.4
+    probabilities[3, 0:6, 0:7] = 0.99  # slice 5: 42 px, sum 41.6, the most probability
     probabilities[3, 8:10, 8:10] = 0.95  # slice 5, after the missing slice 4: its own region (4 px), never joined
-    probabilities[2, 12:16, 12:16] = 0.6  # touches the 32 px region diagonally: joined into it (48 px)
     true = probabilities == 1.0
     settings = {**postprocess.RAW, "threshold": 0.5}
     table, kept = components.regions(probabilities, true, np.array([1, 2, 3, 5]), settings)
-    assert table["voxels"].tolist() == [4, 48, 4]
-    assert table[["first_slice", "last_slice"]].values.tolist() == [[1, 1], [2, 3], [5, 5]]
-    assert table["true_voxels_inside"].tolist() == [4, 0, 0]
-    assert kept["all"].sum() == 56
+    assert table["voxels"].tolist() == [4, 48, 42, 4]
+    assert table[["first_slice", "last_slice"]].values.tolist() == [[1, 1], [2, 3], [5, 5], [5, 5]]
+    assert table["true_voxels_inside"].tolist() == [4, 0, 0, 0]
+    assert kept["all"].sum() == 98
     assert kept["voxels"].sum() == 48 and not kept["voxels"][true].any()  # the step drops the tumor
-    assert kept["probability_sum"].sum() == 48
+    assert kept["voxels"][1:3, 8:12, 8:12].all()
+    assert kept["probability_sum"].sum() == 42 and kept["probability_sum"][3, 0:6, 0:7].all()
     assert (kept["peak"] == true).all()  # the highest peak keeps it
     assert (kept["voxels"] == postprocess.largest_component_3d(probabilities >= 0.5, [1, 2, 3, 5])).all()
+    probabilities[3, 0:6, 0:7] = 1.0  # two peaks of 1.0: the one with more probability is kept
+    _, kept = components.regions(probabilities, true, np.array([1, 2, 3, 5]), settings)
+    assert kept["peak"].sum() == 42
     empty, kept = components.regions(np.zeros((2, 8, 8), np.float32), np.zeros((2, 8, 8), bool), [1, 2], settings)
     assert empty.empty and all(not mask.any() for mask in kept.values())
 
@@ -54,7 +59,7 @@ def test_the_step_scores_as_evaluate_on_real_cases(real_data, tmp_path, monkeypa
     assert "shipped test (2 cases)" in capsys.readouterr().out
     result = json.loads((tmp_path / "results" / "components-t.json").read_text())
     regions = pd.read_csv(tmp_path / "results" / "components-t.csv")
-    assert set(regions.case_id) <= set(cases) and (regions.voxels > 0).all()
+    assert len(regions) and set(regions.case_id) <= set(cases) and (regions.voxels > 0).all()
     [row] = result["mean_case_dice"]
     # the step's rule is `lgg.postprocess` with the largest 3-D component switched on, scored as `evaluate` does
     settings = {**postprocess.load(run / "model.h5"), "largest_3d": True}
@@ -69,10 +74,14 @@ def test_the_step_scores_as_evaluate_on_real_cases(real_data, tmp_path, monkeypa
     assert row["all"] == pytest.approx(scored.table["case_dice"].mean(), abs=1e-4)
 
     before = (tmp_path / "results" / "components-t.json").read_bytes()
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    (classifier / "test_slices.csv").write_text("case_id\n")
     for bad, message in (
         (argv, "exists: choose another --name"),
         (["--name", "u", str(tmp_path / "nowhere")], "is not a segmenter run folder: it has no model.h5"),
         (["--name", "../u", str(run)], "--name may hold letters"),
+        (["--name", "u", str(run), str(classifier)], "is a classifier's run"),
         (["--data", str(real_data), "--name", "u", str(run), "--cases", "TCGA_XX_0000"], "are not validation or test"),
     ):
         with pytest.raises(SystemExit, match=message):

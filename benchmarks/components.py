@@ -19,7 +19,6 @@ which the rules differ).
 """
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -149,19 +148,15 @@ def main(argv=None):
         "--cases", nargs="+", metavar="CASE", help="only these validation / test cases (after the run folders)"
     )
     args = parser.parse_args(argv)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", args.name):
-        raise SystemExit(f"--name may hold letters, digits and _ . + - only; received {args.name!r}")
+    from lgg.files import check_new_results, save_csv, save_json
+
+    table_path = RESULTS / f"components-{args.name}.csv"
+    result_path = table_path.with_suffix(".json")
+    check_new_results(args.name, [table_path, result_path])
     runs = [Path(run) for run in args.runs]
     if len({run.name for run in runs}) < len(runs):
         raise SystemExit("two run folders have the same name: the tables tell runs apart by it")
     inputs = [read_run(run, args.data, args.cases) for run in runs]  # every run checked before any prediction
-    table_path = RESULTS / f"components-{args.name}.csv"
-    result_path = table_path.with_suffix(".json")
-    for path in (table_path, result_path):
-        if path.exists():
-            raise SystemExit(f"{path} exists: choose another --name (nothing was changed)")
-
-    from lgg.files import save_csv, save_json
 
     found, scored = [], []
     for run, (settings, slices) in zip(runs, inputs, strict=True):
@@ -178,9 +173,7 @@ def main(argv=None):
         "voxels (the step), the most summed probability, the highest peak probability",
         **summarize(scored),
     }
-    for path in (table_path, result_path):  # again: another run of this script may have written them meanwhile
-        if path.exists():
-            raise SystemExit(f"{path} appeared while this ran: nothing was written")
+    check_new_results(args.name, [table_path, result_path], written=True)
     columns = ["run", "split", "case_id", "region", "voxels", "probability_sum", "peak_probability", "first_slice",
                "last_slice", "true_voxels_inside"]  # fmt: skip
     save_csv(found[columns], table_path)

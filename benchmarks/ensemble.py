@@ -8,7 +8,9 @@ patient by patient, against the first (the headline recipe's) model of each fold
 Each `--fold` names run folders (from `train` or `benchmarks/results.py`) with the same `split.csv`,
 so that no model saw the test patients. Per fold, the averaged model (`lgg.models.average_models`:
 one input, one output, a single `.h5`) chooses its post-processing on that fold's validation cases,
-exactly as a training run does, and is scored on its test cases. Written: `runs/ensemble-<name>/`
+exactly as a training run does, and is scored on its test cases. Models trained at different sides
+(a 128x128 and a 160x160 U-Net) are averaged at the dataset's 256x256, each member resizing inside
+the ensemble as `lgg` resizes for it alone. Written: `runs/ensemble-<name>/`
 (one folder per fold: `model.h5`, the post-processing, the per-case table; built in
 `runs/.partial-ensemble-<name>/` and renamed when every fold is done) and
 `results/ensemble-<name>.json` (pooled per-case Dice of the ensemble and of each member, and the
@@ -20,7 +22,6 @@ same fold can, on that fold's test patients.
 """
 
 import argparse
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -72,10 +73,13 @@ def check_cases(folds, data_dir):
 
 def ensemble_fold(runs, data_dir, out_dir):
     from lgg import evaluate, models
+    from lgg.data import NATIVE_SIZE
     from lgg.files import save_model
 
     slices = evaluate.slices_with_split(data_dir, runs[0] / "split.csv")
-    ensemble = models.average_models([evaluate.load_model(run / "model.h5") for run in runs])
+    members = [evaluate.load_model(run / "model.h5") for run in runs]
+    mixed = len({member.input_shape[1] for member in members}) > 1  # e.g. a 128x128 and a 160x160 U-Net
+    ensemble = models.average_models(members, size=NATIVE_SIZE if mixed else None)
     out_dir.mkdir(parents=True)
     settings = evaluate.tune_postprocessing(ensemble, slices, out_dir)
     evaluation = evaluate.score(ensemble, slices, "test", postprocessing=settings)
@@ -96,18 +100,14 @@ def main(argv=None):
     sizes = {len(runs) for runs in folds}
     if min(sizes) < 2 or len(sizes) > 1:
         raise SystemExit(f"each --fold needs the same number (two or more) of run folders; received {sorted(sizes)}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", args.name):
-        raise SystemExit(f"--name may hold letters, digits and _ . + - only; received {args.name!r}")
+    from lgg import metrics
+    from lgg.files import check_new_results, save_json
+
+    out_root, result_path = ROOT / "runs" / f"ensemble-{args.name}", ROOT / "results" / f"ensemble-{args.name}.json"
+    check_new_results(args.name, [out_root, result_path])
     for runs in folds:
         check_fold(runs)
     check_cases(folds, args.data)
-    out_root, result_path = ROOT / "runs" / f"ensemble-{args.name}", ROOT / "results" / f"ensemble-{args.name}.json"
-    for path in (out_root, result_path):
-        if path.exists():
-            raise SystemExit(f"{path} exists: choose another --name (nothing was changed)")
-
-    from lgg import metrics
-    from lgg.files import save_json
 
     ensemble, members = [], [[] for _ in folds[0]]
     staging = out_root.with_name(f".partial-{out_root.name}")  # renamed to runs/ensemble-NAME once all folds are in
@@ -119,6 +119,7 @@ def main(argv=None):
             ensemble.append(ensemble_fold(runs, args.data, staging / f"fold-{index}"))
             for member, run in zip(members, runs):
                 member.append(pd.read_csv(run / "test_cases.csv"))
+        check_new_results(args.name, [out_root, result_path], written=True)
     except BaseException:  # nothing half-done stays behind: the staging folder is this run's own
         shutil.rmtree(staging, ignore_errors=True)
         raise

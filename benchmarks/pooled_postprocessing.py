@@ -25,7 +25,6 @@ their test figures; pooled over the folds the per-case comparison, pooled choice
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -196,17 +195,13 @@ def main(argv=None):
     parser.add_argument("--name", required=True, help="names results/pooled-postprocessing-NAME.{csv,json}")
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
     args = parser.parse_args(argv)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", args.name):
-        raise SystemExit(f"--name may hold letters, digits and _ . + - only; received {args.name!r}")
-    runs = [Path(run) for run in args.runs]
-    check_runs(runs)
+    from lgg.files import check_new_results, save_csv, save_json
+
     table_path = ROOT / "results" / f"pooled-postprocessing-{args.name}.csv"
     result_path = table_path.with_suffix(".json")
-    for path in (table_path, result_path):
-        if path.exists():
-            raise SystemExit(f"{path} exists: choose another --name (nothing was changed)")
-
-    from lgg.files import save_csv, save_json
+    check_new_results(args.name, [table_path, result_path])
+    runs = [Path(run) for run in args.runs]
+    check_runs(runs)
 
     grids = []
     for run in runs:
@@ -221,9 +216,7 @@ def main(argv=None):
         "cases of all the folds together, less the fold's test patients",
         **compare(grid, runs),
     }
-    for path in (table_path, result_path):  # again: another run of this script may have written them meanwhile
-        if path.exists():
-            raise SystemExit(f"{path} appeared while this ran: nothing was written")
+    check_new_results(args.name, [table_path, result_path], written=True)
     save_csv(grid[["fold", "split", "case_id", *SETTING, "case_dice"]].round({"case_dice": 5}), table_path)
     save_json(result, result_path)
     paired = result["pooled_vs_own"]

@@ -52,6 +52,22 @@ def check_own_json(path, keys, writer):
             raise SystemExit(f"{path} exists and is not a file of {writer}: choose another --out")
 
 
+def check_new_results(name, paths, written=False):
+    """Refuse (SystemExit, naming it; nothing changed) a benchmark's `--name` that is not a plain name (letters,
+    digits, `_ . + -`, not leading: it becomes part of file names), or any of the `paths` it names that exists:
+    a named result is written once, never over another. Call it before measuring, and again with `written=True`
+    just before writing, since another run of the script may have written them meanwhile."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise SystemExit(f"--name may hold letters, digits and _ . + - only; received {name!r}")
+    for path in paths:
+        if Path(path).exists():
+            if written:
+                raise SystemExit(f"{path} appeared while this ran: nothing was written")
+            raise SystemExit(f"{path} exists: choose another --name (nothing was changed)")
+
+
 def _json_default(value):
     if isinstance(value, (np.integer, np.floating, np.bool_)):
         return value.item()

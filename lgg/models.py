@@ -358,25 +358,49 @@ def _build_model(kind, image_size, encoder_weights, base_filters, backbone, atte
     raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")
 
 
-def average_models(members, name="ensemble"):
+def average_models(members, name="ensemble", size=None):
     """One model that averages the output probabilities of `members` (the nnU-Net way of ensembling).
 
-    It keeps the contract of a single model: one input (raw slices, the members' shape), one output
-    of the same shape, every member inside with its own preprocessing, stock layers only, so the
-    `.h5` loads with `keras.models.load_model(path, compile=False)` anywhere.
+    It keeps the contract of a single model: one input (raw slices), one output of the same side,
+    every member inside with its own preprocessing, stock layers only, so the `.h5` loads with
+    `keras.models.load_model(path, compile=False)` anywhere.
+
+    Members of one side are averaged at that side. Members trained at different sides (a 128x128
+    and a 160x160 U-Net) need `size`, the side of the ensemble's slices (the dataset's native 256):
+    each member smaller than that sees its slices shrunk inside the model by area averaging, as
+    `lgg` shrinks them for a single model (`cv2.INTER_AREA`; the same numbers to float rounding),
+    and its probabilities are taken back to `size` bilinearly, as `lgg` takes them back to 256
+    (`cv2.INTER_LINEAR`), so each member computes what it computes alone, and the average is of
+    probabilities at one side.
     """
     members = list(members)
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two models; received {len(members)}")
-    for index, member in enumerate(members[1:], start=2):
-        if member.input_shape != members[0].input_shape or member.output_shape != members[0].output_shape:
-            raise ValueError(
-                f"model {index} takes {member.input_shape} -> {member.output_shape}, model 1 takes "
-                f"{members[0].input_shape} -> {members[0].output_shape}: an ensemble needs one shape"
-            )
-    inputs = keras.Input(shape=members[0].input_shape[1:], name="slice")
-    outputs = [
-        keras.Model(member.input, member.output, name=f"member{index}")(inputs)
-        for index, member in enumerate(members, start=1)
-    ]
+    first = members[0]
+    for index, member in enumerate(members, start=1):
+        shape_in, shape_out = tuple(member.input_shape[1:]), tuple(member.output_shape[1:])
+        if len(shape_in) != 3 or shape_in[0] is None or shape_in[0] != shape_in[1] or shape_out != (*shape_in[:2], 1):
+            raise ValueError(f"model {index} takes {member.input_shape} -> {member.output_shape}: an ensemble "
+                             "averages segmenters (square slices in, a probability a pixel out)")  # fmt: skip
+        if shape_in[2] != first.input_shape[-1]:
+            raise ValueError(f"model {index} takes {shape_in[2]} channels, model 1 {first.input_shape[-1]}: an "
+                             "ensemble needs one input")  # fmt: skip
+    sides = sorted({member.input_shape[1] for member in members})
+    if size is None:
+        if len(sides) > 1:
+            raise ValueError(f"the models take slices of {sides} pixels a side: an ensemble needs one shape, or a "
+                             "`size` its slices have (e.g. 256) to which each member's are resized")  # fmt: skip
+        size = sides[0]
+    if not isinstance(size, int) or isinstance(size, bool) or size < sides[-1]:
+        raise ValueError(f"size must be a whole number of pixels no smaller than any member's side ({sides[-1]}); "
+                         f"received {size!r}")  # fmt: skip
+    inputs = keras.Input(shape=(size, size, first.input_shape[-1]), name="slice")
+    outputs = []
+    for index, member in enumerate(members, start=1):
+        side, inner = member.input_shape[1], keras.Model(member.input, member.output, name=f"member{index}")
+        if side == size:
+            outputs.append(inner(inputs))
+            continue
+        shrunk = layers.Resizing(side, side, interpolation="area", name=f"member{index}_in")(inputs)
+        outputs.append(layers.Resizing(size, size, interpolation="bilinear", name=f"member{index}_out")(inner(shrunk)))
     return keras.Model(inputs, layers.Average(name="mean_probability")(outputs), name=name)

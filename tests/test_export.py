@@ -124,3 +124,35 @@ def test_an_ensemble_is_one_model_that_averages_its_members_and_loads_anywhere(t
         models.average_models([trained, models.build_unet((32, 32, 3), base_filters=4, depth=3)])
     with pytest.raises(ValueError, match="at least two"):
         models.average_models([trained])
+
+
+def test_an_ensemble_of_two_sides_computes_what_each_member_computes_through_lgg(trained_unet, tmp_path):
+    """A 64x64 and a 32x32 U-Net averaged at 64: inside the model the small one's slices are shrunk and its
+    probabilities taken back as `lgg.inference` does for it alone (cv2 area, then bilinear), and the `.h5`
+    loads without the package."""
+    from lgg import inference
+
+    trained, images, run_dir = trained_unet
+    small = models.build_unet((32, 32, 3), base_filters=4, depth=3, name="small")
+    with pytest.raises(ValueError, match="one shape"):
+        models.average_models([trained, small])
+    with pytest.raises(ValueError, match="no smaller than any member"):
+        models.average_models([trained, small], size=48)
+    with pytest.raises(ValueError, match="segmenters"):
+        models.average_models([trained, models.build_classifier((64, 64, 3))], size=64)
+    ensemble = models.average_models([evaluate.load_model(run_dir / "model.h5"), small], size=64)
+    assert ensemble.input_shape == (None, 64, 64, 3) and ensemble.output_shape == (None, 64, 64, 1)
+    pixels = images.astype("uint8")
+    alone = [inference.predict_probabilities(model, pixels) for model in (trained, small)]
+    assert np.abs(alone[1] - alone[0]).max() > 0.01  # the members differ, so the average tells them apart
+    expected = (alone[0] + alone[1]) / 2
+    np.testing.assert_allclose(inference.predict_probabilities(ensemble, pixels), expected, atol=SAME_MODEL)
+    train.export_model(ensemble, tmp_path)
+    np.save(tmp_path / "x.npy", pixels.astype("float32"))
+    script = textwrap.dedent(f"""
+        import numpy as np, keras
+        model = keras.models.load_model({str(tmp_path / "model.h5")!r}, compile=False)
+        np.save({str(tmp_path / "y.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy")[..., 0], expected, atol=SAME_MODEL)

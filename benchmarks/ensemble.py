@@ -71,15 +71,24 @@ def check_cases(folds, data_dir):
         raise SystemExit(f"these test cases are in more than one --fold: {twice[:5]}; give each fold once")
 
 
-def ensemble_fold(runs, data_dir, out_dir):
+def build_ensemble(runs):
+    """The averaged model of one fold's runs, or a clear error (before any prediction: every fold is built first)."""
     from lgg import evaluate, models
     from lgg.data import NATIVE_SIZE
+
+    members = [evaluate.load_model(run / "model.h5") for run in runs]
+    mixed = len({member.input_shape[1] for member in members}) > 1  # e.g. a 128x128 and a 160x160 U-Net
+    try:
+        return models.average_models(members, size=NATIVE_SIZE if mixed else None)
+    except ValueError as error:
+        raise SystemExit(f"{', '.join(map(str, runs))}: {error}") from None
+
+
+def ensemble_fold(ensemble, runs, data_dir, out_dir):
+    from lgg import evaluate
     from lgg.files import save_model
 
     slices = evaluate.slices_with_split(data_dir, runs[0] / "split.csv")
-    members = [evaluate.load_model(run / "model.h5") for run in runs]
-    mixed = len({member.input_shape[1] for member in members}) > 1  # e.g. a 128x128 and a 160x160 U-Net
-    ensemble = models.average_models(members, size=NATIVE_SIZE if mixed else None)
     out_dir.mkdir(parents=True)
     settings = evaluate.tune_postprocessing(ensemble, slices, out_dir)
     evaluation = evaluate.score(ensemble, slices, "test", postprocessing=settings)
@@ -100,7 +109,6 @@ def main(argv=None):
     sizes = {len(runs) for runs in folds}
     if min(sizes) < 2 or len(sizes) > 1:
         raise SystemExit(f"each --fold needs the same number (two or more) of run folders; received {sorted(sizes)}")
-    from lgg import metrics
     from lgg.files import check_new_results, save_json
 
     out_root, result_path = ROOT / "runs" / f"ensemble-{args.name}", ROOT / "results" / f"ensemble-{args.name}.json"
@@ -108,21 +116,24 @@ def main(argv=None):
     for runs in folds:
         check_fold(runs)
     check_cases(folds, args.data)
+    averaged = [build_ensemble(runs) for runs in folds]  # a member that cannot be averaged: refused here
 
     ensemble, members = [], [[] for _ in folds[0]]
     staging = out_root.with_name(f".partial-{out_root.name}")  # renamed to runs/ensemble-NAME once all folds are in
     if staging.exists():
         raise SystemExit(f"{staging} exists (left by an interrupted run of this script): remove it first")
     try:
-        for index, runs in enumerate(folds, start=1):
+        for index, (runs, model) in enumerate(zip(folds, averaged), start=1):
             print(f"Fold {index}: averaging {', '.join(str(run) for run in runs)}", flush=True)
-            ensemble.append(ensemble_fold(runs, args.data, staging / f"fold-{index}"))
+            ensemble.append(ensemble_fold(model, runs, args.data, staging / f"fold-{index}"))
             for member, run in zip(members, runs):
                 member.append(pd.read_csv(run / "test_cases.csv"))
         check_new_results(args.name, [out_root, result_path], written=True)
     except BaseException:  # nothing half-done stays behind: the staging folder is this run's own
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    from lgg import metrics
+
     ensemble, members = pd.concat(ensemble, ignore_index=True), [pd.concat(m, ignore_index=True) for m in members]
     result = {
         "name": args.name,

@@ -358,6 +358,35 @@ def _build_model(kind, image_size, encoder_weights, base_filters, backbone, atte
     raise ValueError(f"model kind must be one of {MODEL_KINDS}; received {kind!r}")
 
 
+def resize_matrix(source, target):
+    """`(source, target)` float32: resizing one axis of `source` pixels to `target` as `cv2` does it in
+    `lgg` (`INTER_AREA` to shrink slices, `INTER_LINEAR` to take probabilities back up). Both are
+    linear and separable, so each column is `cv2.resize` of a unit signal, and a resize of an image is
+    this matrix applied along its width and then its height."""
+    import cv2
+    import numpy as np
+
+    interpolation = cv2.INTER_AREA if target < source else cv2.INTER_LINEAR
+    unit = np.eye(source, dtype=np.float32)
+    return np.stack([cv2.resize(row[None, :], (target, 1), interpolation=interpolation)[0] for row in unit])
+
+
+def _resize(x, source, target, name):
+    """`(N, source, source, C)` -> `(N, target, target, C)` with `resize_matrix` along the width, then the height:
+    two fixed `Dense` layers and three `Permute`s, stock layers that compute the same on every backend (Keras's
+    `Resizing` has no area interpolation outside TensorFlow)."""
+    matrix = resize_matrix(source, target)
+    x = layers.Permute((1, 3, 2), name=f"{name}_width_last")(x)  # (N, H, C, W)
+    width = layers.Dense(target, use_bias=False, trainable=False, name=f"{name}_width")
+    x = width(x)  # (N, H, C, target)
+    x = layers.Permute((3, 2, 1), name=f"{name}_height_last")(x)  # (N, target, C, H)
+    height = layers.Dense(target, use_bias=False, trainable=False, name=f"{name}_height")
+    x = height(x)  # (N, target, C, target): the last axis is the height now
+    for dense in (width, height):
+        dense.set_weights([matrix])
+    return layers.Permute((3, 1, 2), name=f"{name}_channels_last")(x)  # (N, target, target, C)
+
+
 def average_models(members, name="ensemble", size=None):
     """One model that averages the output probabilities of `members` (the nnU-Net way of ensembling).
 
@@ -367,12 +396,13 @@ def average_models(members, name="ensemble", size=None):
 
     Members of one side are averaged at that side. Members trained at different sides (a 128x128
     and a 160x160 U-Net) need `size`, the side of the ensemble's slices (the dataset's native 256):
-    each member smaller than that sees its slices shrunk inside the model by area averaging, as
-    `lgg` shrinks them for a single model (`cv2.INTER_AREA`; the same numbers to float rounding),
-    and its probabilities are taken back to `size` bilinearly, as `lgg` takes them back to 256
-    (`cv2.INTER_LINEAR`), so each member computes what it computes alone, and the average is of
-    probabilities at one side.
+    inside the model each member smaller than that shrinks the slices as `lgg` shrinks them for it
+    alone (`cv2.INTER_AREA`) and takes its probabilities back to `size` as `lgg` takes them back to
+    256 (`cv2.INTER_LINEAR`), both as fixed matrices (`resize_matrix`); the one difference is that
+    `lgg` rounds a shrunk slice to whole grey levels (uint8) and the model does not.
     """
+    import operator
+
     members = list(members)
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two models; received {len(members)}")
@@ -391,16 +421,19 @@ def average_models(members, name="ensemble", size=None):
             raise ValueError(f"the models take slices of {sides} pixels a side: an ensemble needs one shape, or a "
                              "`size` its slices have (e.g. 256) to which each member's are resized")  # fmt: skip
         size = sides[0]
-    if not isinstance(size, int) or isinstance(size, bool) or size < sides[-1]:
-        raise ValueError(f"size must be a whole number of pixels no smaller than any member's side ({sides[-1]}); "
-                         f"received {size!r}")  # fmt: skip
+    try:
+        size = operator.index(size)  # a whole number (numpy's too), not 256.0 or True
+    except TypeError:
+        size = None
+    if size is None or isinstance(size, bool) or size < sides[-1]:
+        raise ValueError(f"size must be a whole number of pixels no smaller than any member's side ({sides[-1]})")
     inputs = keras.Input(shape=(size, size, first.input_shape[-1]), name="slice")
     outputs = []
     for index, member in enumerate(members, start=1):
         side, inner = member.input_shape[1], keras.Model(member.input, member.output, name=f"member{index}")
         if side == size:
             outputs.append(inner(inputs))
-            continue
-        shrunk = layers.Resizing(side, side, interpolation="area", name=f"member{index}_in")(inputs)
-        outputs.append(layers.Resizing(size, size, interpolation="bilinear", name=f"member{index}_out")(inner(shrunk)))
+        else:
+            shrunk = _resize(inputs, size, side, f"member{index}_in")
+            outputs.append(_resize(inner(shrunk), side, size, f"member{index}_out"))
     return keras.Model(inputs, layers.Average(name="mean_probability")(outputs), name=name)

@@ -97,6 +97,26 @@ def test_an_ensemble_refuses_a_run_twice_a_classifier_and_another_split(tmp_path
     assert not (ROOT / "runs" / "ensemble-x").exists() and not (ROOT / "results" / "ensemble-x.json").exists()
 
 
+def test_an_ensemble_of_two_sides_is_averaged_at_256_and_one_larger_is_refused_before_any_prediction(tmp_path):
+    import ensemble
+
+    from lgg import models
+    from lgg.files import save_model
+
+    def run(name, side):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_model(models.build_unet((side, side, 3), base_filters=4, depth=3), folder / "model.h5")
+        return folder
+
+    small, medium, large = run("small", 32), run("medium", 48), run("large", 288)
+    averaged = ensemble.build_ensemble([small, medium])
+    assert averaged.input_shape == (None, 256, 256, 3) and averaged.output_shape == (None, 256, 256, 1)
+    assert ensemble.build_ensemble([small, run("again", 32)]).input_shape == (None, 32, 32, 3)  # one side: its own
+    with pytest.raises(SystemExit, match="large: size must be a whole number of pixels no smaller than any member"):
+        ensemble.build_ensemble([small, large])
+
+
 def test_the_precision_benchmark_refuses_a_nonsense_setting_before_it_measures(tmp_path):
     out = tmp_path / "precision.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--out", str(out)]

@@ -126,33 +126,51 @@ def test_an_ensemble_is_one_model_that_averages_its_members_and_loads_anywhere(t
         models.average_models([trained])
 
 
-def test_an_ensemble_of_two_sides_computes_what_each_member_computes_through_lgg(trained_unet, tmp_path):
-    """A 64x64 and a 32x32 U-Net averaged at 64: inside the model the small one's slices are shrunk and its
-    probabilities taken back as `lgg.inference` does for it alone (cv2 area, then bilinear), and the `.h5`
-    loads without the package."""
+def test_an_ensemble_of_two_sides_computes_what_each_member_computes_alone(trained_unet, tmp_path):
+    """A 64x64 and a 48x48 U-Net averaged at 64: inside the model the small one's slices are shrunk and its
+    probabilities taken back as `lgg` does for it alone (cv2 area, then bilinear: 64 -> 48 is no whole factor,
+    where area and bilinear differ), and the `.h5` gives the same on PyTorch, without the package."""
+    import os
+
+    import cv2
+
     from lgg import inference
 
     trained, images, run_dir = trained_unet
-    small = models.build_unet((32, 32, 3), base_filters=4, depth=3, name="small")
+    small = models.build_unet((48, 48, 3), base_filters=4, depth=3, name="small")
     with pytest.raises(ValueError, match="one shape"):
         models.average_models([trained, small])
     with pytest.raises(ValueError, match="no smaller than any member"):
-        models.average_models([trained, small], size=48)
+        models.average_models([trained, small], size=40)
+    with pytest.raises(ValueError, match="whole number"):
+        models.average_models([trained, small], size=64.0)
     with pytest.raises(ValueError, match="segmenters"):
         models.average_models([trained, models.build_classifier((64, 64, 3))], size=64)
-    ensemble = models.average_models([evaluate.load_model(run_dir / "model.h5"), small], size=64)
+    ensemble = models.average_models([evaluate.load_model(run_dir / "model.h5"), small], size=np.int64(64))
     assert ensemble.input_shape == (None, 64, 64, 3) and ensemble.output_shape == (None, 64, 64, 1)
+
+    def small_alone(interpolation):  # the small member as lgg runs it, on float slices (no uint8 rounding)
+        shrunk = np.stack([cv2.resize(image, (48, 48), interpolation=interpolation) for image in images])
+        return inference.resize_probabilities(small.predict(shrunk, verbose=0)[..., 0], 64)
+
+    expected = (trained.predict(images, verbose=0)[..., 0] + small_alone(cv2.INTER_AREA)) / 2
+    got = ensemble.predict(images, verbose=0)[..., 0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # the test tells the shrink apart: bilinear instead of area moves the average by far more than its bar
+    assert np.abs((trained.predict(images, verbose=0)[..., 0] + small_alone(cv2.INTER_LINEAR)) / 2 - got).max() > 1e-3
+    # through lgg (which rounds a shrunk slice to uint8): within the same-model bar
     pixels = images.astype("uint8")
-    alone = [inference.predict_probabilities(model, pixels) for model in (trained, small)]
-    assert np.abs(alone[1] - alone[0]).max() > 0.01  # the members differ, so the average tells them apart
-    expected = (alone[0] + alone[1]) / 2
-    np.testing.assert_allclose(inference.predict_probabilities(ensemble, pixels), expected, atol=SAME_MODEL)
+    through_lgg = [inference.predict_probabilities(model, pixels) for model in (trained, small)]
+    np.testing.assert_allclose(inference.predict_probabilities(ensemble, pixels), sum(through_lgg) / 2, atol=SAME_MODEL)
     train.export_model(ensemble, tmp_path)
-    np.save(tmp_path / "x.npy", pixels.astype("float32"))
+    np.save(tmp_path / "x.npy", images)
     script = textwrap.dedent(f"""
-        import numpy as np, keras
+        import sys, numpy as np, keras
+        assert keras.backend.backend() == "torch"
         model = keras.models.load_model({str(tmp_path / "model.h5")!r}, compile=False)
         np.save({str(tmp_path / "y.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+        assert not any(name == "lgg" or name.startswith("lgg.") for name in sys.modules), "lgg was imported"
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy")[..., 0], expected, atol=SAME_MODEL)
+    environment = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True, env=environment)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy")[..., 0], got, atol=SAME_MODEL)

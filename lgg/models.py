@@ -401,32 +401,26 @@ def average_models(members, name="ensemble", size=None):
     256 (`cv2.INTER_LINEAR`), both as fixed matrices (`resize_matrix`); the one difference is that
     `lgg` rounds a shrunk slice to whole grey levels (uint8) and the model does not.
     """
-    import operator
+    import numbers
+
+    from lgg.inference import model_task
 
     members = list(members)
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two models; received {len(members)}")
-    first = members[0]
     for index, member in enumerate(members, start=1):
-        shape_in, shape_out = tuple(member.input_shape[1:]), tuple(member.output_shape[1:])
-        if len(shape_in) != 3 or shape_in[0] is None or shape_in[0] != shape_in[1] or shape_out != (*shape_in[:2], 1):
-            raise ValueError(f"model {index} takes {member.input_shape} -> {member.output_shape}: an ensemble "
-                             "averages segmenters (square slices in, a probability a pixel out)")  # fmt: skip
-        if shape_in[2] != first.input_shape[-1]:
-            raise ValueError(f"model {index} takes {shape_in[2]} channels, model 1 {first.input_shape[-1]}: an "
-                             "ensemble needs one input")  # fmt: skip
+        if model_task(member) != "segmentation":  # model_task refuses any shape but (N, S, S, 3) in
+            raise ValueError(f"model {index} outputs {member.output_shape}: an ensemble averages segmenters")
+    first = members[0]
     sides = sorted({member.input_shape[1] for member in members})
     if size is None:
         if len(sides) > 1:
             raise ValueError(f"the models take slices of {sides} pixels a side: an ensemble needs one shape, or a "
                              "`size` its slices have (e.g. 256) to which each member's are resized")  # fmt: skip
         size = sides[0]
-    try:
-        size = operator.index(size)  # a whole number (numpy's too), not 256.0 or True
-    except TypeError:
-        size = None
-    if size is None or isinstance(size, bool) or size < sides[-1]:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < sides[-1]:
         raise ValueError(f"size must be a whole number of pixels no smaller than any member's side ({sides[-1]})")
+    size = int(size)
     inputs = keras.Input(shape=(size, size, first.input_shape[-1]), name="slice")
     outputs = []
     for index, member in enumerate(members, start=1):

@@ -14,7 +14,9 @@ the ensemble as `lgg` resizes for it alone. Written: `runs/ensemble-<name>/`
 (one folder per fold: `model.h5`, the post-processing, the per-case table; built in
 `runs/.partial-ensemble-<name>/` and renamed when every fold is done) and
 `results/ensemble-<name>.json` (pooled per-case Dice of the ensemble and of each member, and the
-paired comparison with the first member). Nothing that exists is overwritten.
+paired comparison with the first member) with `results/ensemble-<name>.csv` beside it (one row per test
+patient: its fold, the ensemble's Dice and each member's, so that ensembles measured on other folds can
+be pooled and paired case by case). Nothing that exists is overwritten.
 
 Why same-split ensembles: averaging the 5 cross-validation fold models (nnU-Net's way) cannot be
 scored on these 88 patients, since each of them trained 4 of the 5 models; two models trained on the
@@ -97,6 +99,19 @@ def ensemble_fold(ensemble, runs, data_dir, out_dir):
     return evaluation.table
 
 
+def per_case_table(ensemble, members, folds):
+    """One row per test patient: `case_id`, `fold` (1 for the first --fold), the ensemble's `case_dice` and
+    each member's (`member_1_case_dice`, ...), matched by case (a member missing a case is an error)."""
+    table = ensemble[["case_id", "case_dice"]].assign(fold=folds.to_numpy())[["case_id", "fold", "case_dice"]]
+    for index, member in enumerate(members, start=1):
+        dice = member.set_index("case_id").case_dice
+        missing = sorted(set(table.case_id) - set(dice.index))
+        if missing:
+            raise ValueError(f"member {index} has no test score for {missing[:5]}")
+        table[f"member_{index}_case_dice"] = dice.loc[table.case_id].to_numpy()
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fold", action="append", nargs="+", required=True, metavar="RUN",
@@ -112,7 +127,8 @@ def main(argv=None):
     from lgg.files import check_new_results, save_json
 
     out_root, result_path = ROOT / "runs" / f"ensemble-{args.name}", ROOT / "results" / f"ensemble-{args.name}.json"
-    check_new_results(args.name, [out_root, result_path])
+    table_path = result_path.with_suffix(".csv")
+    check_new_results(args.name, [out_root, result_path, table_path])
     for runs in folds:
         check_fold(runs)
     check_cases(folds, args.data)
@@ -128,13 +144,16 @@ def main(argv=None):
             ensemble.append(ensemble_fold(model, runs, args.data, staging / f"fold-{index}"))
             for member, run in zip(members, runs):
                 member.append(pd.read_csv(run / "test_cases.csv"))
-        check_new_results(args.name, [out_root, result_path], written=True)
+        check_new_results(args.name, [out_root, result_path, table_path], written=True)
     except BaseException:  # nothing half-done stays behind: the staging folder is this run's own
         shutil.rmtree(staging, ignore_errors=True)
         raise
     from lgg import metrics
+    from lgg.files import save_csv
 
+    folds_of = [pd.Series(index, index=table.index) for index, table in enumerate(ensemble, start=1)]
     ensemble, members = pd.concat(ensemble, ignore_index=True), [pd.concat(m, ignore_index=True) for m in members]
+    table = per_case_table(ensemble, members, pd.concat(folds_of, ignore_index=True))
     result = {
         "name": args.name,
         "folds": [[str(run) for run in runs] for runs in folds],
@@ -148,6 +167,7 @@ def main(argv=None):
         "ensemble_vs_each_member": [metrics.paired_comparison(ensemble, m) for m in members],
     }
     staging.rename(out_root)
+    save_csv(table, table_path)
     save_json(result, result_path)
     paired = result["ensemble_vs_first_member"]
     low, high = paired["mean_difference_ci95"]

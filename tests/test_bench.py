@@ -117,6 +117,28 @@ def test_an_ensemble_of_two_sides_is_averaged_at_256_and_one_larger_is_refused_b
         ensemble.build_ensemble([small, large])
 
 
+def test_an_ensembles_per_case_table_keeps_each_patients_fold_and_each_members_own_score():
+    import ensemble
+    import pandas as pd
+
+    def tables(recipe):  # two folds' committed per-case tables of one recipe, in the order ensemble.py pools them
+        return [pd.read_csv(ROOT / "results" / f"{recipe}-fold{k}" / "test.csv") for k in (3, 4)]
+
+    first, second = tables("unet-aug-flair-bf16-again"), tables("unet-aug-flair-160-bf16")
+    second = [table.sample(frac=1, random_state=0) for table in second]  # a member's rows in another order
+    folds = pd.concat([pd.Series(k, index=t.index) for k, t in zip((1, 2), first)], ignore_index=True)
+    table = ensemble.per_case_table(pd.concat(first, ignore_index=True), [pd.concat(first), pd.concat(second)], folds)
+    assert list(table.columns) == ["case_id", "fold", "case_dice", "member_1_case_dice", "member_2_case_dice"]
+    assert len(table) == 16 + 18 and table.case_id.is_unique and list(table.fold.value_counts()[[1, 2]]) == [16, 18]
+    assert (table.case_dice == table.member_1_case_dice).all()
+    member = pd.concat(second).set_index("case_id").case_dice
+    assert np.allclose(table.member_2_case_dice, member.loc[table.case_id]) and not np.allclose(
+        table.member_2_case_dice, table.member_1_case_dice, atol=1e-3
+    )
+    with pytest.raises(ValueError, match="member 2 has no test score for"):
+        ensemble.per_case_table(table, [pd.concat(first), second[0]], folds)
+
+
 def test_the_precision_benchmark_refuses_a_nonsense_setting_before_it_measures(tmp_path):
     out = tmp_path / "precision.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--out", str(out)]

@@ -1502,7 +1502,7 @@ def main(argv=None):
     parser.add_argument("--data", default=str(ROOT / "data"))
     parser.add_argument(
         "--models",
-        default=",".join(DEFAULT_RUNS),
+        default=None,
         help=f"comma-separated, of {list(CONFIGS)} (default: the table's rows; candidate recipes and "
         "rows run again on another machine (-again) only when named)",
     )
@@ -1523,6 +1523,13 @@ def main(argv=None):
         "--refresh-card", action="store_true", help="update the shipped model's card with the pooled figures"
     )
     args = parser.parse_args(argv)
+    if args.ship or args.refresh_card:  # each does one thing and returns: the others would be dropped silently
+        flags = [("--ship", args.ship), ("--refresh-card", args.refresh_card), ("--models", args.models),
+                 ("--collect-only", args.collect_only), ("--train-only", args.train_only),
+                 ("--retrain", args.retrain)]  # fmt: skip
+        given = [flag for flag, value in flags if value]
+        if len(given) > 1:
+            parser.error(f"{given[0]} does that alone; {', '.join(given[1:])} would be ignored: give them separately")
     if args.ship:
         ship(args.ship, args.data)
         return
@@ -1533,7 +1540,7 @@ def main(argv=None):
         parser.error("--collect-only and --train-only contradict each other: give one")
     if args.collect_only and args.retrain:
         parser.error("--retrain trains, --collect-only does not: give one")
-    names = args.models.split(",")
+    names = (args.models or ",".join(DEFAULT_RUNS)).split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {list(CONFIGS)}")

@@ -111,7 +111,7 @@ def _parser():
         "--gate-threshold",
         type=_flag("--gate-threshold", _PROBABILITY),
         default=None,
-        help="default: two_stage.json, else 0.5",
+        help="default: the two_stage.json beside --model (chosen for this classifier), else 0.5",
     )
     predict.add_argument(
         "--pixel-spacing-mm",
@@ -178,6 +178,8 @@ def _train_settings(parser, args):
     recorded = json.loads(Path(source).read_text()).get("data_dir") if source else None
     if recorded is not None and not isinstance(recorded, str):
         parser.error(f"{source}: data_dir must be a folder name; received {recorded!r}")
+    if recorded is not None and args.data is None and not Path(recorded).exists():
+        parser.error(f"{source} records data_dir {recorded!r}, not there (read from {Path.cwd()}): pass --data")
     return settings, args.data or recorded or "data"
 
 
@@ -191,6 +193,14 @@ def _refuse_ignored_options(parser, args):
             parser.error(
                 f"evaluate --classifier scores the segmenter run's own val/test split with its postprocess.json; "
                 f"{', '.join(given)} would be ignored: score the segmenter alone with them, without --classifier"
+            )
+    if args.command == "evaluate" and args.split == "all":
+        given = [flag for flag, value in [("--split-file", args.split_file),
+                                          ("--tune-postprocessing", args.tune_postprocessing)] if value]  # fmt: skip
+        if given:
+            parser.error(
+                f"--split all scores every slice of --data, with no split file and no validation cases; "
+                f"{', '.join(given)} would be ignored or fail: leave it out, or score a split of the run"
             )
     if args.command == "evaluate" and args.threshold is not None and args.tune_postprocessing:
         parser.error("--threshold scores a plain threshold, --tune-postprocessing chooses one: give one of them")

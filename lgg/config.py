@@ -245,6 +245,11 @@ class RunConfig:
                 f"{path}: {', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
                 "of lgg.config.RunConfig (python -m lgg train --help lists them); correct or remove"
             )
+        if stored.get("freeze_encoder"):  # the ResNet50 notebook's encoder kept fixed: not a setting of `train`
+            raise ValueError(
+                f"{path}: that run kept its encoder fixed (freeze_encoder true, a notebook setting); train has no such "
+                "setting and would train the whole model: run the notebook again to repeat it"
+            )
         if "precision" not in stored:  # written before the setting existed: that run trained in float32
             stored = {**stored, "precision": "float32"}
         # settings the model (of the kind given now, or the stored one) does not use: written before they were

@@ -15,7 +15,7 @@ import pandas as pd
 
 from lgg import data, guards, metrics, plots, postprocess
 from lgg.data import DatasetError
-from lgg.files import save_csv, save_json
+from lgg.files import file_sha256, save_csv, save_json
 from lgg.inference import model_task, predict_probabilities, predict_with_mirror
 
 
@@ -209,22 +209,31 @@ def check_reloaded(model, paths, images):
     return differences
 
 
+def read_split(split_file):
+    """A run's `split.csv` with its case ids as written (`001` stays `001`, `NA` stays `NA`)."""
+    return pd.read_csv(split_file, dtype={"case_id": str, "split": str}, keep_default_na=False)
+
+
 def slices_with_split(data_dir, split_file):
-    """The slices of `data_dir` with the `split` column of a run's `split.csv`."""
+    """The slices of `data_dir` with the `split` column of a run's `split.csv`: by case, or by slice where
+    the split puts a case's slices in two splits (`--split random-slice-leaky`)."""
     split_file = Path(split_file)
     if not split_file.is_file():
         raise FileNotFoundError(f"split file not found: {split_file}; pass --split-file or --split all")
     try:
-        table = pd.read_csv(split_file)
+        table = read_split(split_file)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read {split_file}: {error}") from None
     if not {"case_id", "split"} <= set(table.columns):
         raise ValueError(f"{split_file} is not a split file: it needs the columns case_id and split")
-    if (table.groupby("case_id")["split"].nunique() > 1).any():
-        raise ValueError(f"{split_file} puts a case in two splits; give each case one split")
     slices = data.find_slices(data_dir)
-    split = table.drop_duplicates("case_id").set_index("case_id")["split"]
-    slices["split"] = slices["case_id"].map(split)
+    if (table.groupby("case_id")["split"].nunique() > 1).any():  # a split by slice
+        if "slice_index" not in table.columns:
+            raise ValueError(f"{split_file} puts a case in two splits without a slice_index column to tell them apart")
+        split = table.drop_duplicates(["case_id", "slice_index"]).set_index(["case_id", "slice_index"])["split"]
+        slices["split"] = pd.MultiIndex.from_frame(slices[["case_id", "slice_index"]]).map(split)
+    else:
+        slices["split"] = slices["case_id"].map(table.drop_duplicates("case_id").set_index("case_id")["split"])
     if slices["split"].isna().all():
         raise ValueError(f"none of the cases in {data_dir} appear in {split_file}")
     return slices
@@ -233,8 +242,8 @@ def slices_with_split(data_dir, split_file):
 def refuse_missing_cases(slices, split_file, split_names, data_dir, out_dir, run_dir):
     """Name the cases `split_file` puts in `split_names` that `data_dir` lacks. Writing a partial
     score into the run's own folder (`out_dir` None or `run_dir`) is refused; elsewhere it is noted."""
-    split = pd.read_csv(split_file).drop_duplicates("case_id").set_index("case_id")["split"]
-    missing = sorted(set(split[split.isin(split_names)].index) - set(slices["case_id"]))
+    split = read_split(split_file)
+    missing = sorted(set(split.loc[split["split"].isin(split_names), "case_id"]) - set(slices["case_id"]))
     if not missing:
         return
     named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -385,7 +394,7 @@ def cases_trained_on(model_path, case_ids, parts=("train",)):
     split_file = Path(model_path).parent / "split.csv"
     if not split_file.is_file():
         return None
-    split = pd.read_csv(split_file)
+    split = read_split(split_file)
     return sorted(set(split.loc[split["split"].isin(parts), "case_id"]) & set(case_ids))
 
 
@@ -426,7 +435,8 @@ def evaluate_two_stage(segmenter_path, classifier_path, data_dir, out_dir=None):
     if leaked:
         raise ValueError(f"{classifier_path} was trained on {len(leaked)} of the segmenter's val/test cases: {leaked}")
     settings = postprocess.load(segmenter_path)
-    summary = {"segmenter": str(segmenter_path), "classifier": str(classifier_path), "postprocessing": settings}
+    summary = {"segmenter": str(segmenter_path), "classifier": str(classifier_path),
+               "classifier_sha256": file_sha256(classifier_path), "postprocessing": settings}  # fmt: skip
     out_dir = output_folder(out_dir, [segmenter_path, classifier_path], data_dir)
     with guards.folder_lock(out_dir):
         return _score_two_stage(segmenter, classifier, slices, settings, summary, out_dir)

@@ -24,7 +24,15 @@ def start(config, data_dir, out_dir, overwrite):
             f"option of `python -m lgg train {config.kind}`, which exports the float32 twin"
         )
     keras.utils.set_random_seed(config.seed)  # seeds Python, NumPy and the backend in one place
-    train.check_run_dir(out_dir, overwrite=overwrite, inputs=[data_dir])
+    try:
+        train.check_run_dir(out_dir, overwrite=overwrite, inputs=[data_dir])
+    except FileExistsError:
+        if overwrite:  # not a run folder of ours: the message says so
+            raise
+        raise FileExistsError(
+            f"out_dir {out_dir} already holds files (an earlier run?), left as they are: set overwrite = True in the "
+            "parameters cell to replace an earlier run of ours, or choose another out_dir"
+        ) from None
     try:
         root = data.find_dataset_root(data_dir)
     except data.DatasetError:  # before the run folder is touched: an earlier run there stays as it is

@@ -19,7 +19,8 @@ process writing into the same folder (`.lgg-lock`).
 
 The masks follow the run's `postprocess.json` (chosen on its validation cases) unless a
 `threshold` is given. With a `classifier`, only slices it calls tumor keep their mask (the
-two-stage pipeline; threshold from the run's `two_stage.json`, else 0.5).
+two-stage pipeline; threshold from the `two_stage.json` beside the segmenter if `evaluate` chose it for
+this very classifier, else 0.5; one chosen for another classifier is refused).
 """
 
 import glob
@@ -35,7 +36,7 @@ import tifffile
 
 from lgg import data, guards, plots, postprocess, volumes
 from lgg.evaluate import gate_masks, load_model, segment
-from lgg.files import atomic_path, save_csv, save_json
+from lgg.files import atomic_path, file_sha256, save_csv, save_json
 from lgg.inference import model_task, predict_probabilities
 
 TRUE_BGR, PREDICTED_BGR = (0, 255, 0), (0, 0, 255)
@@ -167,9 +168,11 @@ def _gather(inputs, sequences=None, fill_from_flair=False):
 
     for item in map(Path, inputs):
         if item.is_dir():
+            # a folder holding slices is a case folder (named unlike its files: the file is named, not "no case
+            # folders"); else a dataset of case folders
             case_dirs = (
                 [item]
-                if any(item.glob(f"{item.name}_*.tif"))
+                if any(path.suffix.lower() in (".tif", ".tiff") for path in item.iterdir())
                 else sorted(path for path in data.find_dataset_root(item, with_masks=False).iterdir() if path.is_dir())
             )
             for case_dir in case_dirs:
@@ -207,16 +210,27 @@ def _gather(inputs, sequences=None, fill_from_flair=False):
     }
 
 
-def _gate_threshold(model_path, gate_threshold):
+def _gate_threshold(model_path, classifier_path, gate_threshold):
+    """The gate threshold given, else the one `evaluate` chose beside the segmenter for this very classifier
+    (its sha256 recorded there), else 0.5; a threshold chosen for another classifier is refused."""
     if gate_threshold is not None:
         return gate_threshold
     path = Path(model_path).parent / "two_stage.json"
     if not path.is_file():
         return 0.5
     try:
-        return guards.probability("gate_threshold", json.loads(path.read_text())["gate_threshold"])
+        record = json.loads(path.read_text())
+        threshold = guards.probability("gate_threshold", record["gate_threshold"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} is not a valid two-stage file: {error}") from None
+    if record.get("classifier_sha256") != file_sha256(classifier_path):
+        raise ValueError(
+            f"{path} holds a gate threshold chosen for another classifier ({record.get('classifier')!r}"
+            f"{'' if record.get('classifier_sha256') else ', its checksum not recorded'}), not {classifier_path}: "
+            f"pass --gate-threshold, or choose one for it with `python -m lgg evaluate --model {model_path} "
+            f"--classifier {classifier_path}`"
+        )
+    return threshold
 
 
 def _holds_case_folders(folder):
@@ -254,7 +268,8 @@ def load_predictor(model_path=None, threshold=None, classifier_path=None, gate_t
         classifier = load_model(classifier_path)
         if model_task(classifier) != "classification":
             raise ValueError(f"{classifier_path} outputs {classifier.output_shape}: --classifier needs a classifier")
-        gate_threshold = guards.probability("gate threshold", _gate_threshold(model_path, gate_threshold))
+        gate_threshold = _gate_threshold(model_path, classifier_path, gate_threshold)
+        gate_threshold = guards.probability("gate threshold", gate_threshold)
         print(f"Two-stage: slices with classifier probability < {gate_threshold} get an empty mask")
     return Predictor(Path(model_path), model, settings, classifier, gate_threshold)
 

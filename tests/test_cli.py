@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from lgg import data, metrics, train
+from lgg.files import file_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/pooled_postprocessing.py
 
@@ -200,6 +201,7 @@ def test_two_stage_pipeline_is_scored_and_used_by_predict(run_dir, classifier_di
     lgg("evaluate", "--model", run_dir / "model.h5", "--classifier", classifier_dir / "model.h5", "--data", real_data,
         "--out", tmp_path)  # fmt: skip
     summary = json.loads((tmp_path / "two_stage.json").read_text())
+    assert summary["classifier_sha256"] == file_sha256(classifier_dir / "model.h5")  # predict checks it
     alone = json.loads((run_dir / "test_summary.json").read_text())
     assert summary["segmenter_alone"]["case_dice_mean"] == pytest.approx(alone["case_dice_mean"], abs=SAME_SCORE)
     assert summary["two_stage"]["tumor_free_false_positive_rate"] <= alone["tumor_free_false_positive_rate"]

@@ -173,6 +173,7 @@ def test_values_from_a_file_are_converted_or_refused_never_passed_through(tmp_pa
         ({"jit_compile": "true"}, "jit_compile must be true or false"),
         ({"schedule": ["plateau"]}, "schedule must be one of"),
         ({"image_sise": 256}, "image_sise is not a setting"),  # misspelt: it once trained at 128 with a note
+        ({"kind": "resnet50-unet", "freeze_encoder": True}, "freeze_encoder true, a notebook setting"),
     ]:
         path.write_text(json.dumps({"kind": "unet", **bad}))
         with pytest.raises(ValueError, match=message):
@@ -247,10 +248,12 @@ def test_resume_keeps_the_runs_own_settings_and_config_brings_its_data_folder(tm
     run = tmp_path / "run"
     run.mkdir()
     stored = dataclasses.replace(HEADLINE, max_cases=12)
-    (run / "config.json").write_text(json.dumps({**stored.to_dict(), "data_dir": "elsewhere/data"}))
+    elsewhere = str(tmp_path / "elsewhere" / "data")  # there: a recorded folder that is not is refused
+    Path(elsewhere).mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**stored.to_dict(), "data_dir": elsewhere}))
     parser = _parser()
     settings, data_dir = _train_settings(parser, parser.parse_args(["train", "--out", str(run), "--resume"]))
-    assert settings == stored and data_dir == "elsewhere/data"
+    assert settings == stored and data_dir == elsewhere
     with pytest.raises(SystemExit):  # a changed setting would make the resumed run another run
         _train_settings(parser, parser.parse_args(["train", "unet", "--out", str(run), "--resume", "--epochs", "3"]))
     other = tmp_path / "other.json"  # --config cannot carry changed settings past --resume either
@@ -258,7 +261,7 @@ def test_resume_keeps_the_runs_own_settings_and_config_brings_its_data_folder(tm
     with pytest.raises(SystemExit):
         _train_settings(parser, parser.parse_args(["train", "--config", str(other), "--out", str(run), "--resume"]))
     args = parser.parse_args(["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "new")])
-    assert _train_settings(parser, args) == (stored, "elsewhere/data")
+    assert _train_settings(parser, args) == (stored, elsewhere)
     args = parser.parse_args(["train", "--config", str(run / "config.json"), "--out", "x", "--data", "mine"])
     assert _train_settings(parser, args)[1] == "mine"
 

@@ -107,6 +107,7 @@ def test_committed_notebook_is_clean_and_parametrized(name):
     assert defined["data_dir"] == "../data"
     assert defined["out_dir"] == f"../runs/{name}"
     assert defined["max_cases"] is None and defined["epochs"] is None
+    assert defined["overwrite"] is False  # running it again (or the README's papermill line) keeps a finished run
     # one source for the settings: the defaults are a recipe of lgg.config or benchmarks/results.py, field for field
     assert RunConfig.from_values(defined, kind=KINDS[name]) == RECIPES[name]
 
@@ -179,6 +180,9 @@ def test_a_notebook_without_its_data_leaves_the_earlier_run_and_holds_the_run_fo
     (run / "model.h5").write_text("an hour of training")
     with pytest.raises(data.DatasetError):
         notebook.start(config, tmp_path / "no-data", run, overwrite=True)
+    assert (run / "model.h5").read_text() == "an hour of training"
+    with pytest.raises(FileExistsError, match="set overwrite = True in the parameters cell"):
+        notebook.start(config, real_data, run, overwrite=False)  # the notebooks' default: the run stays
     assert (run / "model.h5").read_text() == "an hour of training"
     assert notebook.start(config, real_data, run, overwrite=True) == run
     assert not (run / "model.h5").exists()  # overwrite: the earlier run's files go, now that the data is there
@@ -265,5 +269,7 @@ def test_notebook_runs_on_real_cases(name, tmp_path, real_data):
     else:
         assert (run_dir / "snapshots" / "curve.csv").is_file()
     stored = RunConfig.from_file(run_dir / "config.json")  # what `train --config` reads to repeat this run
+    # recorded whole: `train --config` runs from anywhere, where the notebook's "../data" named another folder
+    assert config["data_dir"] == str(Path(DATA_DIR).resolve()) and config["out_dir"] == str(run_dir.resolve())
     assert stored.kind == KINDS[name]
     assert all(getattr(stored, key) == value for key, value in SMALL_RUN.items() if key != "overwrite")

@@ -422,6 +422,15 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
     assert calls.pop() == (tmp_path / "results-unet-fold4", {"overwrite": False, "resume": False, "verbose": 2})
     with pytest.raises(SystemExit):
         results.main(["--collect-only", "--retrain"])
+    monkeypatch.setattr(results, "ship", lambda *args: calls.append(("ship", args)))
+    monkeypatch.setattr(results, "refresh_card", lambda: calls.append(("refresh_card",)))
+    for given in (["--ship", "unet-aug-flair-bf16-fold2", "--models", "unet"], ["--refresh-card", "--collect-only"],
+                  ["--ship", "unet-aug-flair-bf16-fold2", "--refresh-card"]):  # fmt: skip
+        with pytest.raises(SystemExit):  # the second would be dropped without a word
+            results.main(given)
+    assert not calls
+    results.main(["--refresh-card"])
+    assert calls == [("refresh_card",)]
 
 
 def test_a_run_folder_of_another_recipe_is_neither_resumed_scored_nor_collected(monkeypatch, tmp_path):

@@ -87,6 +87,27 @@ def test_predictions_never_take_the_dataset_names(capsys, dataset, segmenter, tm
     assert manifest["status"] == "complete" and manifest["cases"] == [case.name]
 
 
+def test_evaluate_split_all_refuses_the_options_it_would_ignore(capsys, tmp_path):
+    """`--split all` scores every slice: a --split-file (even one not there) was dropped without a word, and
+    --tune-postprocessing failed late for want of validation cases."""
+    for extra, flag in [(["--split-file", tmp_path / "nowhere.csv"], "--split-file"),
+                        (["--tune-postprocessing"], "--tune-postprocessing")]:  # fmt: skip
+        code, _, err = run(capsys, "evaluate", "--model", tmp_path / "model.h5", "--split", "all", *extra,
+                           "--out", tmp_path / "out")  # fmt: skip
+        refused(code, err, f"{flag} would be ignored or fail")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_whose_data_folder_is_not_there_is_refused_naming_the_config(capsys, tmp_path):
+    """A notebook recorded data_dir "../data", relative to its own folder: `train --config` from the repository
+    root read it from there and said only "data folder not found: ../data", a path the user never typed."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"kind": "unet", "data_dir": str(tmp_path / "nowhere")}))
+    code, _, err = run(capsys, "train", "--config", config, "--out", tmp_path / "run")
+    refused(code, err, f"{config} records data_dir", "not there")
+    assert "pass --data" in err and not (tmp_path / "run").exists()
+
+
 def test_train_overwrite_never_empties_the_data_or_a_folder_that_is_not_a_run(capsys, dataset, tmp_path):
     before = checksums(dataset)
     for out in (dataset, dataset.parent, dataset / sorted(os.listdir(dataset))[0]):
@@ -719,6 +740,66 @@ def test_a_run_resumes_only_on_data_that_splits_as_it_did(tmp_path):
         train.check_same_split(moved, split_file)
     with pytest.raises(data.DatasetError, match="1 cases differ: D"):
         train.check_same_split(pd.concat([slices, slices.iloc[[3]].assign(case_id="D")]), split_file)
+
+
+def test_predict_takes_a_gate_threshold_chosen_for_this_very_classifier_only(tmp_path):
+    """`two_stage.json` beside a segmenter held the threshold chosen for one classifier; `predict --classifier`
+    with another (or the same path retrained) used it without a word."""
+    from lgg import predict
+    from lgg.files import file_sha256
+
+    run, chosen_for, other = tmp_path / "run", tmp_path / "a.h5", tmp_path / "b.h5"
+    run.mkdir()
+    chosen_for.write_bytes(b"classifier A")
+    other.write_bytes(b"classifier B")
+    model, record = run / "model.h5", run / "two_stage.json"
+    assert predict._gate_threshold(model, other, None) == 0.5  # none chosen: the default
+    record.write_text(json.dumps({"classifier": str(chosen_for), "classifier_sha256": file_sha256(chosen_for),
+                                  "gate_threshold": 0.3}))  # fmt: skip
+    assert predict._gate_threshold(model, chosen_for, None) == 0.3
+    assert predict._gate_threshold(model, other, 0.7) == 0.7  # given: that one
+    with pytest.raises(ValueError, match=r"chosen for another classifier .*a\.h5.*pass --gate-threshold"):
+        predict._gate_threshold(model, other, None)
+    record.write_text(json.dumps({"classifier": str(chosen_for), "gate_threshold": 0.3}))  # written before the sha
+    with pytest.raises(ValueError, match="its checksum not recorded"):
+        predict._gate_threshold(model, chosen_for, None)
+
+
+def test_a_split_by_slice_is_read_by_slice_and_case_ids_keep_their_spelling(dataset, tmp_path):
+    """`evaluate` refused the split.csv of a `--split random-slice-leaky` run (each case on both sides, by
+    slice), so `train --snapshot-minutes` failed after the whole run; and it read case ids `001` and `NA` as
+    the number 1 and a missing value, so such a dataset's run matched none of its cases."""
+    from lgg import evaluate
+
+    slices = data.find_slices(dataset)
+    table = slices[["case_id", "slice_index"]].assign(split=np.where(slices.slice_index % 2, "test", "train"))
+    split_file = tmp_path / "run" / "split.csv"
+    split_file.parent.mkdir()
+    table.to_csv(split_file, index=False)
+    read = evaluate.slices_with_split(dataset, split_file)
+    assert list(read.split) == list(np.where(read.slice_index % 2, "test", "train")) and read.case_id.nunique() == 2
+    table.drop(columns="slice_index").to_csv(split_file, index=False)
+    with pytest.raises(ValueError, match="two splits without a slice_index column"):
+        evaluate.slices_with_split(dataset, split_file)
+    split_file.write_text("case_id,slice_index,split\n001,1,train\nNA,1,train\n1,1,test\n")
+    assert list(evaluate.read_split(split_file).case_id) == ["001", "NA", "1"]
+    assert evaluate.cases_trained_on(split_file.parent / "model.h5", ["001", "NA", "1", "01"]) == ["001", "NA"]
+
+
+def test_predict_on_a_folder_of_slices_named_unlike_it_names_a_file(dataset, tmp_path):
+    """A few slices of a case copied into a folder of another name was read as a dataset root: "no case
+    folders found", naming no file."""
+    from lgg import predict
+
+    case = sorted(dataset.iterdir())[0]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for path in sorted(case.glob(f"{case.name}_1*.tif")):
+        shutil.copy(path, mine)
+    with pytest.raises(data.DatasetError, match=rf"{case.name}_1\d*(_mask)?\.tif: expected files named mine_<n>\.tif"):
+        predict._gather([mine])
+    assert sorted(predict._gather([case])) == [case.name]  # a case folder as it should be
+    assert sorted(predict._gather([dataset])) == sorted(path.name for path in dataset.iterdir())  # a dataset
 
 
 def test_the_two_stage_scores_may_go_into_either_models_run_folder(tmp_path):

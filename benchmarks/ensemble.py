@@ -144,6 +144,9 @@ def main(argv=None):
             ensemble.append(ensemble_fold(model, runs, args.data, staging / f"fold-{index}"))
             for member, run in zip(members, runs):
                 member.append(pd.read_csv(run / "test_cases.csv"))
+        folds_of = [pd.Series(index, index=table.index) for index, table in enumerate(ensemble, start=1)]
+        ensemble, members = pd.concat(ensemble, ignore_index=True), [pd.concat(m, ignore_index=True) for m in members]
+        table = per_case_table(ensemble, members, pd.concat(folds_of, ignore_index=True))
         check_new_results(args.name, [out_root, result_path, table_path], written=True)
     except BaseException:  # nothing half-done stays behind: the staging folder is this run's own
         shutil.rmtree(staging, ignore_errors=True)
@@ -151,9 +154,6 @@ def main(argv=None):
     from lgg import metrics
     from lgg.files import save_csv
 
-    folds_of = [pd.Series(index, index=table.index) for index, table in enumerate(ensemble, start=1)]
-    ensemble, members = pd.concat(ensemble, ignore_index=True), [pd.concat(m, ignore_index=True) for m in members]
-    table = per_case_table(ensemble, members, pd.concat(folds_of, ignore_index=True))
     result = {
         "name": args.name,
         "folds": [[str(run) for run in runs] for runs in folds],

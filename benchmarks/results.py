@@ -1524,7 +1524,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     if args.ship or args.refresh_card:  # each does one thing and returns: the others would be dropped silently
-        flags = [("--ship", args.ship), ("--refresh-card", args.refresh_card), ("--models", args.models),
+        flags = [("--ship", args.ship), ("--refresh-card", args.refresh_card), ("--models", args.models is not None),
                  ("--collect-only", args.collect_only), ("--train-only", args.train_only),
                  ("--retrain", args.retrain)]  # fmt: skip
         given = [flag for flag, value in flags if value]
@@ -1540,7 +1540,7 @@ def main(argv=None):
         parser.error("--collect-only and --train-only contradict each other: give one")
     if args.collect_only and args.retrain:
         parser.error("--retrain trains, --collect-only does not: give one")
-    names = (args.models or ",".join(DEFAULT_RUNS)).split(",")
+    names = list(DEFAULT_RUNS) if args.models is None else args.models.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {list(CONFIGS)}")

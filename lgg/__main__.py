@@ -111,7 +111,7 @@ def _parser():
         "--gate-threshold",
         type=_flag("--gate-threshold", _PROBABILITY),
         default=None,
-        help="default: the two_stage.json beside --model (chosen for this classifier), else 0.5",
+        help="default: the two_stage.json beside --model if chosen for this classifier (else refused), or 0.5",
     )
     predict.add_argument(
         "--pixel-spacing-mm",

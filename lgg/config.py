@@ -245,17 +245,17 @@ class RunConfig:
                 f"{path}: {', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
                 "of lgg.config.RunConfig (python -m lgg train --help lists them); correct or remove"
             )
-        if stored.get("freeze_encoder"):  # the ResNet50 notebook's encoder kept fixed: not a setting of `train`
-            raise ValueError(
-                f"{path}: that run kept its encoder fixed (freeze_encoder true, a notebook setting); train has no such "
-                "setting and would train the whole model: run the notebook again to repeat it"
-            )
         if "precision" not in stored:  # written before the setting existed: that run trained in float32
             stored = {**stored, "precision": "float32"}
         # settings the model (of the kind given now, or the stored one) does not use: written before they were
         # refused, or of another kind of model (`train classifier --config UNET/config.json`): read as defaults
         kind = changes.get("kind", stored.get("kind", "unet"))
         backbone = changes.get("backbone", stored.get("backbone"))
+        if stored.get("freeze_encoder") and has_resnet50_encoder(kind, backbone):  # a notebook setting, not train's
+            raise ValueError(
+                f"{path}: that run kept its encoder fixed (freeze_encoder true, a notebook setting); train has no such "
+                "setting and would train the whole model: run the notebook again to repeat it"
+            )
         unused = {name for name, kinds in USED_BY.items() if kind not in kinds}
         if not has_resnet50_encoder(kind, backbone):
             unused.add("encoder_weights")

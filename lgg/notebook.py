@@ -24,6 +24,7 @@ def start(config, data_dir, out_dir, overwrite):
             f"option of `python -m lgg train {config.kind}`, which exports the float32 twin"
         )
     keras.utils.set_random_seed(config.seed)  # seeds Python, NumPy and the backend in one place
+    guards.check_apart(out_dir, [data_dir], flag="out_dir")  # on the data: its own message, not "an earlier run"
     try:
         train.check_run_dir(out_dir, overwrite=overwrite, inputs=[data_dir])
     except FileExistsError:

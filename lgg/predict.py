@@ -170,9 +170,10 @@ def _gather(inputs, sequences=None, fill_from_flair=False):
         if item.is_dir():
             # a folder holding slices is a case folder (named unlike its files: the file is named, not "no case
             # folders"); else a dataset of case folders
+            slices_here = [p for p in item.iterdir() if p.suffix.lower() in (".tif", ".tiff") and p.name[:2] != "._"]
             case_dirs = (
                 [item]
-                if any(path.suffix.lower() in (".tif", ".tiff") for path in item.iterdir())
+                if slices_here
                 else sorted(path for path in data.find_dataset_root(item, with_masks=False).iterdir() if path.is_dir())
             )
             for case_dir in case_dirs:
@@ -223,12 +224,16 @@ def _gate_threshold(model_path, classifier_path, gate_threshold):
         threshold = guards.probability("gate_threshold", record["gate_threshold"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} is not a valid two-stage file: {error}") from None
-    if record.get("classifier_sha256") != file_sha256(classifier_path):
+    choose = (
+        f"pass --gate-threshold, or choose one for it with `python -m lgg evaluate --model {model_path} "
+        f"--classifier {classifier_path}`"
+    )
+    if "classifier_sha256" not in record:
+        raise ValueError(f"{path} was written before it recorded which classifier its gate threshold is for: {choose}")
+    if record["classifier_sha256"] != file_sha256(classifier_path):
         raise ValueError(
-            f"{path} holds a gate threshold chosen for another classifier ({record.get('classifier')!r}"
-            f"{'' if record.get('classifier_sha256') else ', its checksum not recorded'}), not {classifier_path}: "
-            f"pass --gate-threshold, or choose one for it with `python -m lgg evaluate --model {model_path} "
-            f"--classifier {classifier_path}`"
+            f"{path} holds a gate threshold chosen for another classifier ({record.get('classifier')!r}), not "
+            f"{classifier_path}: {choose}"
         )
     return threshold
 

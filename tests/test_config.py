@@ -178,6 +178,8 @@ def test_values_from_a_file_are_converted_or_refused_never_passed_through(tmp_pa
         path.write_text(json.dumps({"kind": "unet", **bad}))
         with pytest.raises(ValueError, match=message):
             RunConfig.from_file(path)
+    path.write_text(json.dumps({"kind": "resnet50-unet", "freeze_encoder": True}))
+    assert RunConfig.from_file(path, kind="unet").kind == "unet"  # no encoder to keep fixed: read as before
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="a JSON object is expected"):
         RunConfig.from_file(path)

@@ -183,6 +183,8 @@ def test_a_notebook_without_its_data_leaves_the_earlier_run_and_holds_the_run_fo
     assert (run / "model.h5").read_text() == "an hour of training"
     with pytest.raises(FileExistsError, match="set overwrite = True in the parameters cell"):
         notebook.start(config, real_data, run, overwrite=False)  # the notebooks' default: the run stays
+    with pytest.raises(FileExistsError, match="lies inside the input folder"):  # not "an earlier run"
+        notebook.start(config, real_data, real_data / "runs", overwrite=False)
     assert (run / "model.h5").read_text() == "an hour of training"
     assert notebook.start(config, real_data, run, overwrite=True) == run
     assert not (run / "model.h5").exists()  # overwrite: the earlier run's files go, now that the data is there
@@ -225,7 +227,8 @@ def test_notebook_runs_on_real_cases(name, tmp_path, real_data):
     import papermill
 
     run_dir = tmp_path / "run"
-    parameters = {**SMALL_RUN, "data_dir": str(DATA_DIR), "out_dir": str(run_dir)}
+    here = NOTEBOOKS[name].parent  # the notebook's own folder, where its relative paths start (as "../data")
+    parameters = {**SMALL_RUN, "data_dir": os.path.relpath(DATA_DIR, here), "out_dir": os.path.relpath(run_dir, here)}
     if name != "U_Net":
         parameters["encoder_weights"] = None
     else:

@@ -428,6 +428,8 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
                   ["--ship", "unet-aug-flair-bf16-fold2", "--refresh-card"]):  # fmt: skip
         with pytest.raises(SystemExit):  # the second would be dropped without a word
             results.main(given)
+    with pytest.raises(SystemExit):  # an empty list (`--models "$NAMES"`) is not the nine-hour default
+        results.main(["--models", ""])
     assert not calls
     results.main(["--refresh-card"])
     assert calls == [("refresh_card",)]

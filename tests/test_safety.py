@@ -761,7 +761,7 @@ def test_predict_takes_a_gate_threshold_chosen_for_this_very_classifier_only(tmp
     with pytest.raises(ValueError, match=r"chosen for another classifier .*a\.h5.*pass --gate-threshold"):
         predict._gate_threshold(model, other, None)
     record.write_text(json.dumps({"classifier": str(chosen_for), "gate_threshold": 0.3}))  # written before the sha
-    with pytest.raises(ValueError, match="its checksum not recorded"):
+    with pytest.raises(ValueError, match="written before it recorded which classifier"):
         predict._gate_threshold(model, chosen_for, None)
 
 

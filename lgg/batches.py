@@ -4,7 +4,8 @@ With TensorFlow as the Keras backend, `lgg.train.make_datasets` uses the `tf.dat
 `lgg.data`; with PyTorch (tested, with TensorFlow absent) or JAX (untested) it uses these. Both do the same thing:
 every batch full, tumor slices drawn with probability `tumor_fraction`, the same random affine
 augmentation (`lgg.data.AUGMENTATIONS`, the same pixel map `lgg.data.affine_components`) applied to a
-slice and its mask alike, with `"strong"` a gamma per slice and channel first (`lgg.data.apply_gamma`),
+slice and its mask alike, with `"strong"` a gamma per slice and channel first (`lgg.data.apply_gamma`), with
+`"elastic"` an elastic warp after (`cv2.remap`, as `lgg.data.sample_bilinear`),
 and every draw keyed by `(seed, epoch)` and `(seed, epoch, batch)`, so a
 resumed run sees the same batches as one never interrupted. The draws are NumPy's, not TensorFlow's:
 the two pipelines give batches alike in distribution, not equal number for number.
@@ -15,6 +16,7 @@ import keras
 import numpy as np
 
 from lgg.data import (
+    ELASTIC_GRID,
     FLAIR_CHANNEL,
     affine_components,
     apply_gamma,
@@ -54,20 +56,51 @@ def warp(images, transforms):
     return out
 
 
-def augment_batch(images, masks, rng, augmentation=None, gamma_rng=None):
+def elastic_fields(rng, batch_size, size, elastic):
+    """`(batch_size, size, size, 2)` displacements in pixels (row, column): normal draws on an `ELASTIC_GRID`
+    grid, standard deviation `elastic` times the side, resized bilinearly (half-pixel centres, as
+    `tf.image.resize`), as `lgg.data.augment_batch` draws them."""
+    coarse = (rng.normal(size=(batch_size, ELASTIC_GRID, ELASTIC_GRID, 2)) * (elastic * size)).astype(np.float32)
+    return np.stack([cv2.resize(grid, (size, size), interpolation=cv2.INTER_LINEAR) for grid in coarse])
+
+
+def remap(images, fields):
+    """Each image read at its pixels moved by `fields` (`elastic_fields`): bilinear, zero outside the image
+    (what `lgg.data.sample_bilinear` does in the `tf.data` pipeline). float32 `(B, S, S, C)`."""
+    pixels = np.arange(images.shape[1], dtype=np.float32)
+    out = np.empty(images.shape, np.float32)
+    for index, field in enumerate(fields):
+        warped = cv2.remap(
+            np.ascontiguousarray(images[index], np.float32),
+            pixels[None, :] + field[..., 1],
+            pixels[:, None] + field[..., 0],
+            interpolation=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+        out[index] = warped.reshape(out.shape[1:])
+    return out
+
+
+def augment_batch(images, masks, rng, augmentation=None, gamma_rng=None, elastic_rng=None):
     """`lgg.data.augment_batch` in NumPy and OpenCV: one random affine transform per sample, the
-    same for the slice and its mask (`masks` None for a classifier's batch), and with a gamma range
-    first a gamma per sample and channel drawn from `gamma_rng` (values 0-255)."""
-    params, gamma = augmentation_ranges(augmentation)
+    same for the slice and its mask (`masks` None for a classifier's batch), with a gamma range
+    first a gamma per sample and channel drawn from `gamma_rng` (values 0-255), and with an elastic scale
+    then an elastic warp per sample drawn from `elastic_rng`, the slice and its mask alike."""
+    params, gamma, elastic = augmentation_ranges(augmentation)
+    for name, stream, wanted in (("a gamma range", gamma_rng, gamma), ("an elastic warp", elastic_rng, elastic)):
+        if wanted is not None and stream is None:  # the affine draws stay the same only on a stream of their own
+            raise ValueError(f"{name} needs a generator of its own, apart from the affine draws' rng")
     if gamma is not None:
-        if gamma_rng is None:  # the affine draws stay the same with or without a gamma only on a stream of its own
-            raise ValueError("a gamma range needs gamma_rng, a generator apart from the affine draws' rng")
         uniform = gamma_rng.uniform(size=(len(images), 1, 1, 3)).astype(np.float32)
         images = apply_gamma(images, gamma_exponents(uniform, gamma, np.exp)).astype(np.float32)
     transforms = random_affine(rng, len(images), images.shape[1], **params)
+    stacked = images if masks is None else np.concatenate([images, masks], axis=-1)
+    warped = warp(stacked, transforms)
+    if elastic is not None:
+        warped = remap(warped, elastic_fields(elastic_rng, len(images), images.shape[1], elastic))
     if masks is None:
-        return warp(images, transforms)
-    warped = warp(np.concatenate([images, masks], axis=-1), transforms)
+        return warped
     return warped[..., :3], np.round(warped[..., 3:])
 
 
@@ -137,11 +170,12 @@ class TrainingBatches(keras.utils.PyDataset):
         if not self.augment:
             return images, targets
         rng = np.random.default_rng([self.seed, epoch, step])
-        gamma_rng = np.random.default_rng([self.seed, epoch, step, 2])  # its own stream, as flair_only's
+        gamma_rng = np.random.default_rng([self.seed, epoch, step, 2])  # streams of their own, as flair_only's
+        elastic_rng = np.random.default_rng([self.seed, epoch, step, 3])
         if targets.ndim == 4:
-            images, targets = augment_batch(images, targets, rng, self.augmentation, gamma_rng)
+            images, targets = augment_batch(images, targets, rng, self.augmentation, gamma_rng, elastic_rng)
         else:
-            images = augment_batch(images, None, rng, self.augmentation, gamma_rng)
+            images = augment_batch(images, None, rng, self.augmentation, gamma_rng, elastic_rng)
         if self.flair_only:  # lgg.data.fill_with_flair, drawn from its own stream so the affine draws stay; after
             # the gamma, so a filled slice has three equal channels (the same warp for each)
             filled = np.random.default_rng([self.seed, epoch, step, 1]).uniform(size=len(images)) < self.flair_only

@@ -370,16 +370,18 @@ AUGMENTATION = {"rotation_degrees": 10.0, "shift_fraction": 0.05, "zoom_fraction
 # The augmentations a run may choose (`RunConfig.augmentation`). "strong": wider affine ranges and, per slice and
 # channel, a gamma drawn log-uniformly in [0.7, 1.5] (nnU-Net's range): the one change of intensity the models'
 # per-slice standardization (`lgg.models._standardize`) does not undo, since it removes any scale and offset.
-AUGMENTATIONS = {
-    "standard": AUGMENTATION,
-    "strong": {"rotation_degrees": 20.0, "shift_fraction": 0.1, "zoom_fraction": 0.15, "horizontal_flip": True,
-               "gamma": (0.7, 1.5)},
-}  # fmt: skip
+# "elastic": "strong" and then an elastic warp (Ronneberger et al. 2015: random displacements on a coarse grid,
+# interpolated to every pixel), the displacements' standard deviation a fraction of the side (`elastic_fields`).
+STRONG = {"rotation_degrees": 20.0, "shift_fraction": 0.1, "zoom_fraction": 0.15, "horizontal_flip": True,
+          "gamma": (0.7, 1.5)}  # fmt: skip
+AUGMENTATIONS = {"standard": AUGMENTATION, "strong": STRONG, "elastic": {**STRONG, "elastic": 0.025}}
+ELASTIC_GRID = 5  # control points per side of the coarse displacement grid (at 128 px, one every 32 px)
+ELASTIC_MAX = 0.1  # the largest displacement scale a run may ask for: beyond it the warp tears anatomy apart
 
 
 def describe_augmentation(name):
     """An augmentation of `AUGMENTATIONS` in words, from its ranges (help texts and results quote this)."""
-    params, gamma = augmentation_ranges(name)
+    params, gamma, elastic = augmentation_ranges(name)
     words = [
         f"rotation up to {params['rotation_degrees']:g} degrees",
         f"shift up to {params['shift_fraction'] * 100:g} %",
@@ -387,27 +389,41 @@ def describe_augmentation(name):
     ]
     words += ["horizontal flip"] if params["horizontal_flip"] else []
     words += [f"a gamma in {gamma[0]:g}-{gamma[1]:g} per slice and channel"] if gamma else []
+    words += [
+        f"an elastic warp (displacements on a {ELASTIC_GRID}x{ELASTIC_GRID} grid, standard deviation "
+        f"{elastic * 100:g} % of the side, interpolated linearly)"
+    ] if elastic else []  # fmt: skip
     return ", ".join(words)
 
 
 def augmentation_ranges(augmentation):
-    """`(affine ranges, gamma range or None)` of an augmentation: a name of `AUGMENTATIONS` or a dict of ranges
-    (keys as `AUGMENTATION`'s and `gamma`), the ranges not named taken from `AUGMENTATION`."""
+    """`(affine ranges, gamma range or None, elastic scale or None)` of an augmentation: a name of `AUGMENTATIONS`
+    or a dict of ranges (keys as `AUGMENTATION`'s, `gamma` and `elastic`), the ranges not named taken from
+    `AUGMENTATION`."""
     if isinstance(augmentation, str):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; received {augmentation!r}")
         augmentation = AUGMENTATIONS[augmentation]
     params = {**AUGMENTATION, **(augmentation or {})}
-    gamma = params.pop("gamma", None)
+    gamma, elastic = params.pop("gamma", None), params.pop("elastic", None)
     unknown = set(params) - set(AUGMENTATION)
     if unknown:
-        raise ValueError(f"unknown augmentation settings {sorted(unknown)}; known: {[*AUGMENTATION, 'gamma']}")
+        raise ValueError(
+            f"unknown augmentation settings {sorted(unknown)}; known: {[*AUGMENTATION, 'gamma', 'elastic']}"
+        )
     if gamma is not None and not (
         isinstance(gamma, (tuple, list)) and len(gamma) == 2 and all(isinstance(g, (int, float)) for g in gamma)
         and 0 < gamma[0] <= gamma[1] < float("inf")
     ):  # fmt: skip
         raise ValueError(f"gamma must be a range (low, high) with 0 < low <= high; received {gamma!r}")
-    return params, gamma
+    if elastic is not None and not (
+        isinstance(elastic, (int, float)) and not isinstance(elastic, bool) and 0 <= elastic <= ELASTIC_MAX
+    ):
+        raise ValueError(
+            f"elastic must be a fraction of the side from 0 to {ELASTIC_MAX:g} (the displacements' standard "
+            f"deviation); received {elastic!r}"
+        )
+    return params, gamma, elastic or None
 
 
 def _random_affine(batch_size, size, seed, rotation_degrees, shift_fraction, zoom_fraction, horizontal_flip):
@@ -440,8 +456,10 @@ def affine_components(cos, sin, flip, shift_x, shift_y, size):
 
 
 def augment_batch(images, masks, seed, augmentation=None):
-    """Apply one random affine transform per sample, identically to the image and its mask, and with a
-    gamma range (`"strong"`) first a random gamma per sample and channel to the image (`apply_gamma`).
+    """Apply one random affine transform per sample, identically to the image and its mask, with a
+    gamma range (`"strong"`) first a random gamma per sample and channel to the image (`apply_gamma`), and
+    with an elastic scale (`"elastic"`) then a random elastic warp per sample, the image and its mask alike
+    (displacements drawn on an `ELASTIC_GRID` grid, resized bilinearly to every pixel: `sample_bilinear`).
 
     Args:
         images: float32 tensor `(B, S, S, 3)`, values 0-255.
@@ -452,7 +470,7 @@ def augment_batch(images, masks, seed, augmentation=None):
     """
     import tensorflow as tf
 
-    params, gamma = augmentation_ranges(augmentation)
+    params, gamma, elastic = augmentation_ranges(augmentation)
     batch_size, size = tf.shape(images)[0], tf.shape(images)[1]
     if gamma is not None:  # drawn from its own stream, so the affine draws stay as they are
         uniform = tf.random.stateless_uniform(
@@ -469,9 +487,39 @@ def augment_batch(images, masks, seed, augmentation=None):
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
     )
+    if elastic is not None:  # after the affine map, from a stream of its own, so the affine draws stay
+        coarse = tf.random.stateless_normal(
+            tf.stack([batch_size, ELASTIC_GRID, ELASTIC_GRID, 2]), tf.random.experimental.stateless_fold_in(seed, 3)
+        )
+        fields = tf.image.resize(coarse * (elastic * tf.cast(size, tf.float32)), tf.stack([size, size]))
+        warped = sample_bilinear(warped, fields)
     if masks is None:
         return warped
     return warped[..., :3], tf.round(warped[..., 3:])
+
+
+def sample_bilinear(images, fields):
+    """Each pixel `(row, column)` of each image read at `(row + fields[..., 0], column + fields[..., 1])`, bilinear,
+    zero outside the image: `cv2.remap` with `INTER_LINEAR` and a constant border of 0, as `lgg.batches` warps.
+    `images` `(B, S, S, C)`, `fields` `(B, S, S, 2)` displacements in pixels (row, column)."""
+    import tensorflow as tf
+
+    last = tf.cast(tf.shape(images)[1] - 1, tf.float32)
+    pixels = tf.range(tf.shape(images)[1], dtype=tf.float32)
+    rows, columns = pixels[None, :, None] + fields[..., 0], pixels[None, None, :] + fields[..., 1]
+    top, left = tf.floor(rows), tf.floor(columns)
+    down, right = rows - top, columns - left
+    out = tf.zeros_like(images)
+    for row, column, weight in (
+        (top, left, (1 - down) * (1 - right)),
+        (top, left + 1, (1 - down) * right),
+        (top + 1, left, down * (1 - right)),
+        (top + 1, left + 1, down * right),
+    ):
+        inside = (row >= 0) & (row <= last) & (column >= 0) & (column <= last)
+        index = tf.cast(tf.stack([tf.clip_by_value(row, 0, last), tf.clip_by_value(column, 0, last)], -1), tf.int32)
+        out += tf.gather_nd(images, index, batch_dims=1) * (weight * tf.cast(inside, images.dtype))[..., None]
+    return out
 
 
 def gamma_exponents(uniform, gamma, exp):

@@ -385,12 +385,15 @@ def test_an_unknown_augmentation_is_refused_before_any_batch(arrays, pipeline):
 
     _, images, masks = arrays
     build = batches.TrainingBatches if pipeline == "numpy" else data.training_dataset
-    with pytest.raises(ValueError, match="augmentation must be one of standard, strong; received 'heavy'"):
+    with pytest.raises(ValueError, match="augmentation must be one of standard, strong, elastic; received 'heavy'"):
         build(images, masks, batch_size=16, augmentation="heavy")
     with pytest.raises(ValueError, match="gamma must be a range"):
         build(images, masks, batch_size=16, augmentation={"gamma": (1.5, 0.7)})
     with pytest.raises(ValueError, match="unknown augmentation settings"):
         build(images, masks, batch_size=16, augmentation={"shear": 0.1})
+    for elastic in (0.5, -0.01, True, "0.02", (0.01, 0.02)):
+        with pytest.raises(ValueError, match=f"elastic must be a fraction of the side from 0 to 0.1.*{elastic!r}"):
+            build(images, masks, batch_size=16, augmentation={"elastic": elastic})
 
 
 def test_the_words_for_an_augmentation_are_its_ranges(monkeypatch):
@@ -400,6 +403,9 @@ def test_the_words_for_an_augmentation_are_its_ranges(monkeypatch):
     )
     assert data.describe_augmentation("strong").endswith("zoom up to 15 %, horizontal flip, a gamma in 0.7-1.5 per "
                                                          "slice and channel")  # fmt: skip
+    assert data.describe_augmentation("elastic") == data.describe_augmentation("strong") + (
+        ", an elastic warp (displacements on a 5x5 grid, standard deviation 2.5 % of the side, interpolated linearly)"
+    )
     monkeypatch.setitem(data.AUGMENTATIONS, "strong", {**data.AUGMENTATIONS["strong"], "gamma": (0.8, 1.25)})
     assert "a gamma in 0.8-1.25 per slice" in data.describe_augmentation("strong")
     with pytest.raises(ValueError, match="augmentation must be one of"):
@@ -432,5 +438,57 @@ def test_a_gamma_without_its_own_stream_is_refused():
     from lgg import batches
 
     images = np.zeros((2, 16, 16, 3), np.float32)
-    with pytest.raises(ValueError, match="needs gamma_rng"):
+    with pytest.raises(ValueError, match="a gamma range needs a generator of its own"):
         batches.augment_batch(images, None, np.random.default_rng(0), "strong")
+    with pytest.raises(ValueError, match="an elastic warp needs a generator of its own"):
+        batches.augment_batch(images, None, np.random.default_rng(0), {"elastic": 0.02})
+
+
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_the_elastic_warp_moves_a_slice_and_its_mask_alike_and_leaves_the_affine_draws(arrays, pipeline):
+    """`augmentation="elastic"`: after the affine map, one smooth random warp per slice, the same for the slice
+    and its mask, from a stream of its own (the affine draws, so the standard masks, stay as they were)."""
+    from lgg import batches
+
+    _, images, masks = arrays
+    tumor = masks.reshape(len(masks), -1).max(axis=1) > 0
+    masks = masks[tumor][:16]
+    images = np.repeat(masks, 3, axis=-1) * 255  # each channel the mask: where the mask goes, the slice goes
+    still = {"rotation_degrees": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0, "horizontal_flip": False}
+
+    def batch(augmentation):
+        if pipeline == "numpy":
+            return batches.TrainingBatches(images, masks, batch_size=16, seed=3, augmentation=augmentation)[0]
+        dataset, _ = data.training_dataset(images, masks, batch_size=16, seed=3, augmentation=augmentation)
+        x, y = next(iter(dataset))
+        return x.numpy(), y.numpy()
+
+    x_plain, y_plain = batch(still)
+    x, y = batch({**still, "elastic": 0.03})
+    assert set(np.unique(y)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(np.round(x[..., 1:2] / 255), y)  # the slice and its mask warped alike
+    moved = np.abs(y - y_plain).reshape(16, -1).sum(axis=1)
+    assert (moved > 0).all()  # every slice warped, its own way
+    assert (y.reshape(16, -1).sum(axis=1) > 0.5 * y_plain.reshape(16, -1).sum(axis=1)).all()  # bent, not torn
+    # a wider scale moves the masks further, from the same draws
+    assert np.abs(batch({**still, "elastic": 0.06})[1] - y_plain).mean() > 1.5 * moved.mean() / y[0].size
+    # the elastic draws do not move the affine draws: standard ranges, with a zero elastic scale or without
+    np.testing.assert_array_equal(batch({"elastic": 0.0})[1], batch("standard")[1])
+
+
+def test_the_two_pipelines_warp_elastically_alike():
+    """The `tf.data` pipeline (`lgg.data.sample_bilinear` on `tf.image.resize`d draws) and `lgg.batches`
+    (`cv2.remap` on `cv2.resize`d draws) compute the same warp from the same coarse displacements."""
+    import tensorflow as tf
+
+    from lgg import batches
+
+    images = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 4)).astype(np.float32)
+    fields = batches.elastic_fields(np.random.default_rng(1), 3, 64, 0.05)
+    coarse = np.random.default_rng(1).normal(size=(3, data.ELASTIC_GRID, data.ELASTIC_GRID, 2)) * (0.05 * 64)
+    np.testing.assert_allclose(tf.image.resize(coarse.astype(np.float32), [64, 64]).numpy(), fields, atol=1e-4)
+    assert 1.0 < fields.std() < 3.2  # at most the grid's 3.2 px, less between the points
+    warped = data.sample_bilinear(tf.constant(images), tf.constant(fields)).numpy()
+    np.testing.assert_allclose(warped, batches.remap(images, fields), atol=0.05)  # cv2's 1/32-pixel weights
+    assert np.abs(warped - images).mean() > 10  # it moved
+    np.testing.assert_array_equal(data.sample_bilinear(tf.constant(images), tf.zeros((3, 64, 64, 2))), images)

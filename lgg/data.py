@@ -310,6 +310,12 @@ def split_table(slices, split_name="patient", seed=0, val_fraction=0.1, test_fra
     return slices
 
 
+def read_split(split_file):
+    """A run's `split.csv` with its case ids as written (`001` stays `001`, `NA` stays `NA`: pandas would read
+    them as 1 and NaN)."""
+    return pd.read_csv(split_file, dtype={"case_id": str, "split": str}, keep_default_na=False)
+
+
 def split_counts(slices):
     """Cases, slices and tumor slices per split."""
     return slices.groupby("split").agg(

@@ -209,11 +209,6 @@ def check_reloaded(model, paths, images):
     return differences
 
 
-def read_split(split_file):
-    """A run's `split.csv` with its case ids as written (`001` stays `001`, `NA` stays `NA`)."""
-    return pd.read_csv(split_file, dtype={"case_id": str, "split": str}, keep_default_na=False)
-
-
 def slices_with_split(data_dir, split_file):
     """The slices of `data_dir` with the `split` column of a run's `split.csv`: by case, or by slice where
     the split puts a case's slices in two splits (`--split random-slice-leaky`)."""
@@ -221,7 +216,7 @@ def slices_with_split(data_dir, split_file):
     if not split_file.is_file():
         raise FileNotFoundError(f"split file not found: {split_file}; pass --split-file or --split all")
     try:
-        table = read_split(split_file)
+        table = data.read_split(split_file)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read {split_file}: {error}") from None
     if not {"case_id", "split"} <= set(table.columns):
@@ -242,7 +237,7 @@ def slices_with_split(data_dir, split_file):
 def refuse_missing_cases(slices, split_file, split_names, data_dir, out_dir, run_dir):
     """Name the cases `split_file` puts in `split_names` that `data_dir` lacks. Writing a partial
     score into the run's own folder (`out_dir` None or `run_dir`) is refused; elsewhere it is noted."""
-    split = read_split(split_file)
+    split = data.read_split(split_file)
     missing = sorted(set(split.loc[split["split"].isin(split_names), "case_id"]) - set(slices["case_id"]))
     if not missing:
         return
@@ -394,7 +389,7 @@ def cases_trained_on(model_path, case_ids, parts=("train",)):
     split_file = Path(model_path).parent / "split.csv"
     if not split_file.is_file():
         return None
-    split = read_split(split_file)
+    split = data.read_split(split_file)
     return sorted(set(split.loc[split["split"].isin(parts), "case_id"]) & set(case_ids))
 
 

@@ -413,7 +413,7 @@ def check_same_split(slices, split_file):
     cases among the test cases."""
     if not split_file.is_file():
         return
-    stored = pd.read_csv(split_file, dtype=str, keep_default_na=False)  # case ids as written ("001", "NA")
+    stored = data.read_split(split_file)
     if not {"case_id", "slice_index", "split"} <= set(stored.columns):
         raise data.DatasetError(f"{split_file} lacks case_id, slice_index or split: not the run's own split file")
     key = ["case_id", "slice_index", "split"]

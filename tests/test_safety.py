@@ -782,7 +782,7 @@ def test_a_split_by_slice_is_read_by_slice_and_case_ids_keep_their_spelling(data
     with pytest.raises(ValueError, match="two splits without a slice_index column"):
         evaluate.slices_with_split(dataset, split_file)
     split_file.write_text("case_id,slice_index,split\n001,1,train\nNA,1,train\n1,1,test\n")
-    assert list(evaluate.read_split(split_file).case_id) == ["001", "NA", "1"]
+    assert list(data.read_split(split_file).case_id) == ["001", "NA", "1"]
     assert evaluate.cases_trained_on(split_file.parent / "model.h5", ["001", "NA", "1", "01"]) == ["001", "NA"]
 
 

@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_split(run):
-    table = pd.read_csv(run / "split.csv")[["case_id", "split"]].drop_duplicates("case_id")
+    from lgg import data
+
+    table = data.read_split(run / "split.csv")[["case_id", "split"]].drop_duplicates("case_id")
     return table.sort_values("case_id").reset_index(drop=True)
 
 

@@ -42,7 +42,9 @@ SAME_DICE = 0.01
 
 
 def read_split(run):
-    table = pd.read_csv(run / "split.csv")
+    from lgg import data
+
+    table = data.read_split(run / "split.csv")
     if not {"case_id", "split"} <= set(table.columns):
         raise SystemExit(f"{run / 'split.csv'} is not a split file: it needs the columns case_id and split")
     return table[["case_id", "split"]].drop_duplicates("case_id")

@@ -150,7 +150,8 @@ class TrainingBatches(keras.utils.PyDataset):
 
     def epoch_indices(self, epoch):
         """The slice indices of one epoch, `steps * batch_size` of them, from draws keyed by (seed, epoch)."""
-        rng = np.random.default_rng([self.seed, epoch])
+        # a spawn key of its own: NumPy pads a seed list with zeros, so [seed, epoch] would be step 0's [seed, epoch, 0]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch], spawn_key=(1,)))
         count = self.steps * self.batch_size
         if self.pools is None:  # a permutation, its first few repeated to fill the last batch
             order = rng.permutation(len(self.images))

@@ -381,7 +381,7 @@ AUGMENTATION = {"rotation_degrees": 10.0, "shift_fraction": 0.05, "zoom_fraction
 STRONG = {"rotation_degrees": 20.0, "shift_fraction": 0.1, "zoom_fraction": 0.15, "horizontal_flip": True,
           "gamma": (0.7, 1.5)}  # fmt: skip
 AUGMENTATIONS = {"standard": AUGMENTATION, "strong": STRONG, "elastic": {**STRONG, "elastic": 0.025}}
-ELASTIC_GRID = 5  # control points per side of the coarse displacement grid (at 128 px, one every 32 px)
+ELASTIC_GRID = 5  # control points per side of the coarse displacement grid (at 128 px, one every 25.6 px)
 ELASTIC_MAX = 0.1  # the largest displacement scale a run may ask for: beyond it the warp tears anatomy apart
 
 

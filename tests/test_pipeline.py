@@ -1,7 +1,9 @@
 """The tf.data pipeline: shapes, identical augmentation of slice and mask, oversampling, speed."""
 
+import re
 import time
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -392,7 +394,8 @@ def test_an_unknown_augmentation_is_refused_before_any_batch(arrays, pipeline):
     with pytest.raises(ValueError, match="unknown augmentation settings"):
         build(images, masks, batch_size=16, augmentation={"shear": 0.1})
     for elastic in (0.5, -0.01, True, "0.02", (0.01, 0.02)):
-        with pytest.raises(ValueError, match=f"elastic must be a fraction of the side from 0 to 0.1.*{elastic!r}"):
+        refused = "elastic must be a fraction of the side from 0 to 0.1.*" + re.escape(repr(elastic))
+        with pytest.raises(ValueError, match=refused):
             build(images, masks, batch_size=16, augmentation={"elastic": elastic})
 
 
@@ -445,7 +448,7 @@ def test_a_gamma_without_its_own_stream_is_refused():
 
 
 @pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
-def test_the_elastic_warp_moves_a_slice_and_its_mask_alike_and_leaves_the_affine_draws(arrays, pipeline):
+def test_the_elastic_warp_moves_a_slice_and_its_mask_alike_and_leaves_the_affine_draws(arrays, pipeline, monkeypatch):
     """`augmentation="elastic"`: after the affine map, one smooth random warp per slice, the same for the slice
     and its mask, from a stream of its own (the affine draws, so the standard masks, stay as they were)."""
     from lgg import batches
@@ -472,8 +475,11 @@ def test_the_elastic_warp_moves_a_slice_and_its_mask_alike_and_leaves_the_affine
     assert (y.reshape(16, -1).sum(axis=1) > 0.5 * y_plain.reshape(16, -1).sum(axis=1)).all()  # bent, not torn
     # a wider scale moves the masks further, from the same draws
     assert np.abs(batch({**still, "elastic": 0.06})[1] - y_plain).mean() > 1.5 * moved.mean() / y[0].size
-    # the elastic draws do not move the affine draws: standard ranges, with a zero elastic scale or without
-    np.testing.assert_array_equal(batch({"elastic": 0.0})[1], batch("standard")[1])
+    # the elastic draws do not move the affine draws: the standard masks, with the elastic draws made and their warp
+    # left out, or without them
+    monkeypatch.setattr(data, "sample_bilinear", lambda images, fields: images)
+    monkeypatch.setattr(batches, "remap", lambda images, fields: images)
+    np.testing.assert_array_equal(batch({"elastic": 0.03})[1], batch("standard")[1])
 
 
 def test_the_two_pipelines_warp_elastically_alike():
@@ -483,12 +489,15 @@ def test_the_two_pipelines_warp_elastically_alike():
 
     from lgg import batches
 
-    images = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 4)).astype(np.float32)
+    noise = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 4)).astype(np.float32)
+    images = np.stack([cv2.GaussianBlur(image, (0, 0), 2.0) for image in noise])  # smooth, as an MRI slice is
     fields = batches.elastic_fields(np.random.default_rng(1), 3, 64, 0.05)
     coarse = np.random.default_rng(1).normal(size=(3, data.ELASTIC_GRID, data.ELASTIC_GRID, 2)) * (0.05 * 64)
     np.testing.assert_allclose(tf.image.resize(coarse.astype(np.float32), [64, 64]).numpy(), fields, atol=1e-4)
     assert 1.0 < fields.std() < 3.2  # at most the grid's 3.2 px, less between the points
     warped = data.sample_bilinear(tf.constant(images), tf.constant(fields)).numpy()
-    np.testing.assert_allclose(warped, batches.remap(images, fields), atol=0.05)  # cv2's 1/32-pixel weights
-    assert np.abs(warped - images).mean() > 10  # it moved
+    # OpenCV 5 interpolates exactly; OpenCV 4 (which pyproject.toml allows) rounds remap's coordinates to 1/32 pixel,
+    # a difference of at most the image's steepest step between pixels over 32 on a smooth image
+    np.testing.assert_allclose(warped, batches.remap(images, fields), atol=1.0)
+    assert np.abs(warped - images).mean() > 2  # it moved
     np.testing.assert_array_equal(data.sample_bilinear(tf.constant(images), tf.zeros((3, 64, 64, 2))), images)

@@ -337,28 +337,36 @@ def test_flair_only_slices_are_drawn_at_the_share_asked_the_rest_as_before(array
     assert 0.3 < np.mean(filled) < 0.7, np.mean(filled)
 
 
+STILL = {"rotation_degrees": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0, "horizontal_flip": False}
+
+
+def first_batch(pipeline, images, masks, augmentation):
+    """The first training batch (seed 3, 16 slices) of `pipeline`: `tf.data` or `lgg.batches` ("numpy")."""
+    from lgg import batches
+
+    if pipeline == "numpy":
+        return batches.TrainingBatches(images, masks, batch_size=16, seed=3, augmentation=augmentation)[0]
+    dataset, _ = data.training_dataset(images, masks, batch_size=16, seed=3, augmentation=augmentation)
+    x, y = next(iter(dataset))
+    return x.numpy(), y.numpy()
+
+
 @pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
 def test_strong_augmentation_draws_a_gamma_per_slice_and_channel_and_wider_affines(arrays, pipeline):
     """`augmentation="strong"`: each channel of each slice raised to its own gamma in the range, drawn
     from a stream of its own (a gamma range alone leaves the affine draws, so the masks, as they were),
     and the wider affine ranges move the masks further than the standard ones."""
-    from lgg import batches
 
     _, images, masks = arrays
     tumor = masks.reshape(len(masks), -1).max(axis=1) > 0
     images, masks = images[tumor][:16], masks[tumor][:16]  # one batch, every slice with a mask to move
-    still = {"rotation_degrees": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0, "horizontal_flip": False}
 
     def batch(augmentation):
-        if pipeline == "numpy":
-            return batches.TrainingBatches(images, masks, batch_size=16, seed=3, augmentation=augmentation)[0]
-        dataset, _ = data.training_dataset(images, masks, batch_size=16, seed=3, augmentation=augmentation)
-        x, y = next(iter(dataset))
-        return x.numpy(), y.numpy()
+        return first_batch(pipeline, images, masks, augmentation)
 
     # no movement, gamma only: the batch's order is the same draw, so slice i is images[order[i]]
-    x, y = batch({**still, "gamma": (0.5, 2.0)})
-    x_plain, y_plain = batch(still)
+    x, y = batch({**STILL, "gamma": (0.5, 2.0)})
+    x_plain, y_plain = batch(STILL)
     np.testing.assert_array_equal(y, y_plain)
     exponents = []
     for out, source in zip(x, x_plain):
@@ -457,24 +465,19 @@ def test_the_elastic_warp_moves_a_slice_and_its_mask_alike_and_leaves_the_affine
     tumor = masks.reshape(len(masks), -1).max(axis=1) > 0
     masks = masks[tumor][:16]
     images = np.repeat(masks, 3, axis=-1) * 255  # each channel the mask: where the mask goes, the slice goes
-    still = {"rotation_degrees": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0, "horizontal_flip": False}
 
     def batch(augmentation):
-        if pipeline == "numpy":
-            return batches.TrainingBatches(images, masks, batch_size=16, seed=3, augmentation=augmentation)[0]
-        dataset, _ = data.training_dataset(images, masks, batch_size=16, seed=3, augmentation=augmentation)
-        x, y = next(iter(dataset))
-        return x.numpy(), y.numpy()
+        return first_batch(pipeline, images, masks, augmentation)
 
-    x_plain, y_plain = batch(still)
-    x, y = batch({**still, "elastic": 0.03})
+    x_plain, y_plain = batch(STILL)
+    x, y = batch({**STILL, "elastic": 0.03})
     assert set(np.unique(y)) <= {0.0, 1.0}
     np.testing.assert_array_equal(np.round(x[..., 1:2] / 255), y)  # the slice and its mask warped alike
     moved = np.abs(y - y_plain).reshape(16, -1).sum(axis=1)
     assert (moved > 0).all()  # every slice warped, its own way
     assert (y.reshape(16, -1).sum(axis=1) > 0.5 * y_plain.reshape(16, -1).sum(axis=1)).all()  # bent, not torn
     # a wider scale moves the masks further, from the same draws
-    assert np.abs(batch({**still, "elastic": 0.06})[1] - y_plain).mean() > 1.5 * moved.mean() / y[0].size
+    assert np.abs(batch({**STILL, "elastic": 0.06})[1] - y_plain).mean() > 1.5 * moved.mean() / y[0].size
     # the elastic draws do not move the affine draws: the standard masks, with the elastic draws made and their warp
     # left out, or without them
     monkeypatch.setattr(data, "sample_bilinear", lambda images, fields: images)

@@ -382,7 +382,7 @@ STRONG = {"rotation_degrees": 20.0, "shift_fraction": 0.1, "zoom_fraction": 0.15
           "gamma": (0.7, 1.5)}  # fmt: skip
 AUGMENTATIONS = {"standard": AUGMENTATION, "strong": STRONG, "elastic": {**STRONG, "elastic": 0.025}}
 ELASTIC_GRID = 5  # control points per side of the coarse displacement grid (at 128 px, one every 25.6 px)
-ELASTIC_MAX = 0.1  # the largest displacement scale a run may ask for: beyond it the warp tears anatomy apart
+ELASTIC_MAX = 0.1  # the largest displacement scale a run may ask for (4x the one measured, 0.025; larger is unmeasured)
 
 
 def describe_augmentation(name):

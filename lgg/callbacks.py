@@ -1,7 +1,7 @@
 """The callbacks `lgg.train.fit` adds to Keras' own: a time limit and the training time in the logs,
-an atomic best-weights checkpoint, per-case validation Dice, a cosine learning rate over a time
-budget, weights kept after N minutes, a NaN stop that says where, and a resume state that a kill
-cannot corrupt."""
+the averaged weights in the model between epochs, an atomic best-weights checkpoint, per-case
+validation Dice, a cosine learning rate over a time budget, weights kept after N minutes, a NaN
+stop that says where, and a resume state that a kill cannot corrupt."""
 
 import contextlib
 import json
@@ -78,6 +78,23 @@ class StepTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["train_slices_per_s"] = self.slices_per_s()
+
+
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' `SwapEMAWeights(swap_on_epoch=True)`, for an optimizer with `use_ema`: from the end of each epoch
+    to the start of the next the model holds the moving average of its weights, so the validation, the
+    best-weights checkpoint, the snapshots and the resume state all see the average. Put it before them.
+
+    The resume state (`ResumeCheckpoint`, after it) therefore holds the average as the model's weights and
+    the trained weights as the optimizer's average; `resumed()` tells this callback so, and the next epoch
+    starts by swapping them back.
+    """
+
+    def __init__(self):
+        super().__init__(swap_on_epoch=True)
+
+    def resumed(self):
+        self._ema_weights_in_model = True
 
 
 class BestWeightsCheckpoint(keras.callbacks.Callback):

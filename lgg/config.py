@@ -83,6 +83,12 @@ class RunConfig:
     attention: bool = _setting(False, "resnet50-unet: attention gates (Oktay 2018)")
     backbone: str = _setting("light", "classifier backbone", choices=BACKBONES)
     learning_rate: float = _setting(1e-3, "initial learning rate (Adam)", (guards.positive, {"maximum": 1}))
+    ema: float | None = _setting(
+        None,
+        "average the weights as they train (Polyak averaging: an exponential moving average, Keras' use_ema) with "
+        "this momentum per step, e.g. 0.999, and validate, keep and export the average (None: off)",
+        (guards.probability, {}),
+    )
     patience: int | None = _setting(
         None,
         "epochs without a better validation score before training stops (none: 10 with the plateau schedule; no "

@@ -21,6 +21,7 @@ import pandas as pd
 
 from lgg import data, guards, losses, models, plots
 from lgg.callbacks import (
+    AveragedWeights,
     BestWeightsCheckpoint,
     CaseDiceValidation,
     ElapsedTime,
@@ -215,9 +216,12 @@ def resolve_jit_compile(jit_compile):
 
 
 def compile_model(
-    model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0, jit_compile=None, dice_loss="batch"
+    model, task, learning_rate=1e-3, bce_weight=1.0, dice_weight=1.0, jit_compile=None, dice_loss="batch", ema=None
 ):
     """Adam with BCE + Dice and batch Dice / Jaccard (segmentation), or BCE with accuracy and AUC.
+
+    `ema`: the momentum of a moving average of the weights that Adam keeps (Keras' `use_ema`); `fit`
+    then validates, keeps and returns the average (`lgg.callbacks.AveragedWeights`). None: no average.
 
     `jit_compile=True` compiles the training step with XLA, which Keras leaves off on CPU-only
     machines by default; `None` decides by the machine (`xla_by_default`). XLA is TensorFlow's and
@@ -225,7 +229,9 @@ def compile_model(
     `torch.compile`, which needs a C++ compiler and minutes to compile).
     """
     jit_compile = resolve_jit_compile(jit_compile)
-    optimizer = keras.optimizers.Adam(learning_rate)
+    if ema is not None:
+        ema = guards.probability("ema", ema)
+    optimizer = keras.optimizers.Adam(learning_rate, use_ema=ema is not None, ema_momentum=ema or 0.99)
     if task == "segmentation":
         model.compile(
             optimizer=optimizer,
@@ -273,6 +279,7 @@ def fit(
     """Fit with the standard callbacks and return the history as a DataFrame.
 
     Callbacks: best-weights checkpoint on the validation Dice (AUC for the classifier),
+    the averaged weights swapped in at each epoch's end when the optimizer keeps them (`compile_model(ema=)`),
     EarlyStopping (see `early_stopping_patience`; best weights restored), the learning-rate schedule,
     CSVLogger (`history.csv`), a NaN stop, an optional time limit, and `ResumeCheckpoint`, so an
     interrupted run continues from its last epoch with `resume=True`. On return the model holds
@@ -302,7 +309,8 @@ def fit(
     history_path = run_dir / "history.csv"
     timer = ElapsedTime(max_minutes, agree=agree)
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=False)
-    callbacks = [timer] + ([StepTimer(batch_size)] if batch_size else [])
+    averaged = AveragedWeights() if getattr(model.optimizer, "use_ema", False) else None
+    callbacks = [timer] + ([averaged] if averaged else []) + ([StepTimer(batch_size)] if batch_size else [])
     if val_cases is not None:
         callbacks.append(CaseDiceValidation(*val_cases, batch_size=validation_batch_size))
     if snapshot_minutes:
@@ -329,6 +337,8 @@ def fit(
     state = resume_checkpoint.restore(model) if resume else None
     if state is not None:
         initial_epoch, timer.already_elapsed_s = state["epoch"] + 1, state["elapsed_s"]
+        if averaged:  # saved at an epoch's end: the average in the model, the trained weights in the optimizer
+            averaged.resumed()
         history = pd.read_csv(history_path)
         history = history[history["epoch"] <= state["epoch"]]  # drop a row past the saved state
         if batch_size and "train_slices_per_s" not in history:  # begun before StepTimer: add its column, so the
@@ -584,7 +594,7 @@ def _train_run(config, slices, run, distribution, jit_setting, val_batch_sizes):
                                    precision, fused_batchnorm=fused)  # fmt: skip
         if distribution.replicas > 1:
             synchronize_batchnorm(model)
-        model = compile_model(model, task, c.learning_rate, jit_compile=jit_compile, dice_loss=c.dice_loss)
+        model = compile_model(model, task, c.learning_rate, jit_compile=jit_compile, dice_loss=c.dice_loss, ema=c.ema)
     val_cases = validation_cases(slices, image_size) if task == "segmentation" else None
     with distribution.training():
         history = fit(

@@ -57,6 +57,7 @@ def test_every_setting_has_an_option_and_every_option_reaches_the_config():
         "dice_loss": "slice",
         "distribute": "mirrored",
         "tumor_sampling": "case",
+        "ema": 0.999,
     }
     assert set(changed) | {"kind", "attention", "jit_compile"} == {f.name for f in dataclasses.fields(RunConfig)}
 

@@ -1,4 +1,7 @@
-"""Training behaviour: a diverging run stops naming the epoch and keeps its best model; same seed, same run."""
+"""Training behaviour: a diverging run stops naming the epoch and keeps its best model; same seed, same run;
+the averaged weights (`ema`) are what fit validates and keeps, and survive a resume."""
+
+import json
 
 import keras
 import numpy as np
@@ -122,8 +125,6 @@ def test_a_time_budget_is_not_cut_short_by_the_default_epoch_count(small_arrays,
 def test_train_run_trains_with_the_augmentation_flair_share_and_sampling_it_records(real_data, tmp_path, monkeypatch):
     """`train --augmentation strong --flair-only 0.3 --tumor-fraction 0.5 --tumor-sampling case`: the batches are drawn
     with what config.json records."""
-    import json
-
     from lgg import train
 
     seen = {}
@@ -141,3 +142,83 @@ def test_train_run_trains_with_the_augmentation_flair_share_and_sampling_it_reco
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["augmentation"] == "strong" and recorded["flair_only"] == 0.3
     assert recorded["tumor_fraction"] == 0.5 and recorded["tumor_sampling"] == "case"
+
+
+def _weights_distance(first, second):
+    return float(sum(np.abs(a - b).sum() for a, b in zip(first, second, strict=True)))
+
+
+def test_fit_validates_keeps_and_returns_the_averaged_weights(small_arrays, tmp_path):
+    """`compile_model(ema=)`: the weights fit validates and returns are the optimizer's moving average, not the
+    last step's. With a momentum near 1 the average hardly leaves the first step's weights (the average starts
+    there), while the same training without it (same seed, same batches) moves on for five more steps."""
+    images, masks = small_arrays
+    dataset = data.evaluation_dataset(images, masks, batch_size=4)  # 2 steps an epoch, in order
+
+    def compiled(ema):
+        keras.utils.set_random_seed(3)
+        model = models.build_unet((32, 32, 3), base_filters=4, depth=2)
+        return train.compile_model(model, "segmentation", learning_rate=1e-2, jit_compile=False, ema=ema)
+
+    def run(folder, ema):
+        model = compiled(ema)
+        history = train.fit(model, dataset, dataset, tmp_path / folder, epochs=3, val_cases=(images, masks,
+                            np.array(["a"] * 4 + ["b"] * 4)), verbose=0)  # fmt: skip
+        return [weight.numpy() for weight in model.trainable_weights], history
+
+    first_step = compiled(None)
+    first_step.train_on_batch(images[:4].astype("float32"), masks[:4].astype("float32"))
+    first_step = [weight.numpy() for weight in first_step.trainable_weights]
+    plain, plain_history = run("plain", None)
+    averaged, averaged_history = run("averaged", 0.99999)
+    assert _weights_distance(first_step, averaged) < 0.05 * _weights_distance(first_step, plain)
+    # validated with the average too: Keras' validation and the per-case Dice both differ from the plain run's
+    assert not np.allclose(plain_history["val_loss"], averaged_history["val_loss"], atol=1e-4)
+    assert not np.allclose(plain_history["val_case_dice"], averaged_history["val_case_dice"], atol=1e-4)
+    assert np.allclose(averaged_history["loss"], plain_history["loss"], atol=1e-4, rtol=1e-3)  # trained alike
+
+
+def test_a_resumed_run_with_averaged_weights_trains_on_as_one_never_stopped(small_arrays, tmp_path, monkeypatch):
+    """The resume state of a run with `ema` holds the average as the model's weights (saved at an epoch's end,
+    after `AveragedWeights` swapped it in): resumed, the run trains on from its own weights, not the average."""
+    from lgg import callbacks
+
+    images, masks = small_arrays
+    dataset = data.evaluation_dataset(images, masks, batch_size=4)
+
+    def run(folder, resume=False):
+        keras.utils.set_random_seed(5)
+        model = models.build_unet((32, 32, 3), base_filters=4, depth=2)
+        model = train.compile_model(model, "segmentation", learning_rate=1e-2, jit_compile=False, ema=0.9)
+        history = train.fit(model, dataset, dataset, tmp_path / folder, epochs=4, resume=resume, verbose=0)
+        return [weight.numpy() for weight in model.trainable_weights], history
+
+    straight, straight_history = run("straight")
+
+    class Killed(Exception):
+        pass
+
+    save = callbacks.ResumeCheckpoint.on_epoch_end
+
+    def save_then_die(self, epoch, logs=None):
+        save(self, epoch, logs)
+        if epoch == 1:
+            raise Killed  # as a kill right after the second epoch's state was saved
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.ResumeCheckpoint, "on_epoch_end", save_then_die)
+        with pytest.raises(Killed):
+            run("stopped")
+    resumed, resumed_history = run("stopped", resume=True)
+    assert resumed_history["epoch"].tolist() == [0, 1, 2, 3]
+    columns = ["loss", "val_loss", "val_dice_coefficient"]
+    pd.testing.assert_frame_equal(resumed_history[columns], straight_history[columns], atol=1e-4, rtol=1e-3)
+    assert _weights_distance(resumed, straight) < 1e-3 * _weights_distance(resumed, [w * 0 for w in straight])
+
+
+@pytest.mark.parametrize("ema", [0, 1, 1.5, -0.1, float("nan"), "0.99", True])
+def test_a_nonsense_averaging_momentum_is_refused(ema):
+    with pytest.raises(ValueError, match="ema"):
+        train.compile_model(models.build_unet((32, 32, 3), base_filters=4, depth=2), "segmentation", ema=ema)
+    with pytest.raises(ValueError, match="ema"):
+        train.RunConfig(ema=ema)

@@ -51,10 +51,12 @@ def test_train_on_the_torch_backend_and_load_under_tensorflow(real_data, tmp_pat
     run_dir = tmp_path / "run"
     train = ["-c", TRAIN, "train", "unet", "--data", str(real_data.parent), "--out", str(run_dir)]
     train += ["--max-cases", "6", "--epochs", "2", "--image-size", "32", "--base-filters", "4", "--batch-size", "8"]
+    train += ["--ema", "0.9"]  # the averaged weights swapped in and out through Keras' non-TensorFlow path
     run_torch(train, tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["environment"]["keras_backend"] == "torch" and config["environment"]["torch"]
     assert config["precision_used"] == "float32"  # bfloat16 is chosen only for TensorFlow's oneDNN kernels
+    assert config["ema"] == 0.9
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 3, "two epochs on the torch backend"
     assert json.loads((run_dir / "test_summary.json").read_text())["cases"] >= 1

@@ -140,7 +140,8 @@ CONFIGS = {
     # the shipped recipe validating, keeping and exporting a moving average of its weights (Polyak averaging, Keras'
     # use_ema; momentum 0.999 a step: about the last 1,000 steps, 5 minutes of the Zen 4's 60): for the luck of the
     # best epoch (fold 1's best validation epoch has moved by 25 epochs between reruns of one recipe, and the test
-    # figure with it); the average of the cosine's last epochs is a steadier model than any one of them
+    # figure with it); the average of the cosine's last epochs is a steadier model than any one of them (Keras averages
+    # the trainable weights only, from the first step on: its first 15 minutes are behind the partner's)
     **recipe_folds("unet-aug-flair-ema-bf16", replace(SHIPPED, ema=0.999)),
 }
 

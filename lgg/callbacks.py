@@ -88,6 +88,10 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
     The resume state (`ResumeCheckpoint`, after it) therefore holds the average as the model's weights and
     the trained weights as the optimizer's average; `resumed()` tells this callback so, and the next epoch
     starts by swapping them back.
+
+    Keras averages the trainable weights only: batch normalization's moving statistics are those of the
+    trained weights, and the average starts at the first step's weights, without a warm-up (after n steps
+    they still weigh `momentum ** n`; `young_average` says when that is more than 1 %).
     """
 
     def __init__(self):
@@ -95,6 +99,21 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
 
     def resumed(self):
         self._ema_weights_in_model = True
+
+
+def young_average(model):
+    """A warning when the optimizer's moving average of the weights still holds more than 1 % of the first
+    step's weights (Keras starts the average there: `momentum ** steps` of it remains), else None."""
+    optimizer = model.optimizer
+    steps = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    left = optimizer.ema_momentum**steps
+    if left <= 0.01:
+        return None
+    return (
+        f"Warning: after {steps} steps the averaged weights still hold {left:.0%} of the first step's weights "
+        f"(--ema {optimizer.ema_momentum:g} averages about the last {1 / (1 - optimizer.ema_momentum):.0f} steps): "
+        "train longer or choose a smaller momentum"
+    )
 
 
 class BestWeightsCheckpoint(keras.callbacks.Callback):
@@ -264,7 +283,9 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             with np.load(folder / "optimizer.npz") as saved:
                 values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
             if len(values) != len(model.optimizer.variables):
-                raise ValueError(f"{folder}: optimizer state of another model ({len(values)} variables)")
+                raise ValueError(
+                    f"{folder}: optimizer state of another model or another --ema setting ({len(values)} variables)"
+                )
             for variable, value in zip(model.optimizer.variables, values):
                 variable.assign(value)
         self.restored = state

@@ -30,6 +30,7 @@ from lgg.callbacks import (
     StopOnNaN,
     TimeCosineSchedule,
     TimeSnapshots,
+    young_average,
 )
 from lgg.config import RunConfig
 from lgg.distribute import Distribution, synchronize_batchnorm
@@ -368,8 +369,10 @@ def fit(
             shuffle=False,  # the pipeline shuffles
             verbose=verbose,
         )
-    if best_path.exists():
-        model.load_weights(best_path)
+    if best_path.exists():  # with `ema`, also what brings the average back after a time limit or an early stop
+        model.load_weights(best_path)  # (Keras' fit ends by writing the optimizer's slot, the trained weights there)
+    if averaged and (warning := young_average(model)):
+        print(warning)
     return pd.read_csv(history_path)
 
 

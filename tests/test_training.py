@@ -148,12 +148,16 @@ def _weights_distance(first, second):
     return float(sum(np.abs(a - b).sum() for a, b in zip(first, second, strict=True)))
 
 
-def test_fit_validates_keeps_and_returns_the_averaged_weights(small_arrays, tmp_path):
+@pytest.mark.parametrize("stop", ["epochs", "time limit"])
+def test_fit_validates_keeps_and_returns_the_averaged_weights(small_arrays, tmp_path, stop):
     """`compile_model(ema=)`: the weights fit validates and returns are the optimizer's moving average, not the
-    last step's. With a momentum near 1 the average hardly leaves the first step's weights (the average starts
-    there), while the same training without it (same seed, same batches) moves on for five more steps."""
+    trained weights, whether the run ends at its last epoch or its time limit stops it (where Keras leaves the
+    trained weights in the model and `fit` takes the average back from the best-weights file). With a momentum
+    near 1 the average hardly leaves the first step's weights (it starts there), while the same training without
+    it (same seed, same batches) keeps weights at least one step further on."""
     images, masks = small_arrays
     dataset = data.evaluation_dataset(images, masks, batch_size=4)  # 2 steps an epoch, in order
+    length = {"epochs": 3} if stop == "epochs" else {"max_minutes": 1e-4}  # the time limit: after the 1st epoch
 
     def compiled(ema):
         keras.utils.set_random_seed(3)
@@ -162,8 +166,8 @@ def test_fit_validates_keeps_and_returns_the_averaged_weights(small_arrays, tmp_
 
     def run(folder, ema):
         model = compiled(ema)
-        history = train.fit(model, dataset, dataset, tmp_path / folder, epochs=3, val_cases=(images, masks,
-                            np.array(["a"] * 4 + ["b"] * 4)), verbose=0)  # fmt: skip
+        history = train.fit(model, dataset, dataset, tmp_path / folder, val_cases=(images, masks,
+                            np.array(["a"] * 4 + ["b"] * 4)), verbose=0, **length)  # fmt: skip
         return [weight.numpy() for weight in model.trainable_weights], history
 
     first_step = compiled(None)
@@ -171,6 +175,7 @@ def test_fit_validates_keeps_and_returns_the_averaged_weights(small_arrays, tmp_
     first_step = [weight.numpy() for weight in first_step.trainable_weights]
     plain, plain_history = run("plain", None)
     averaged, averaged_history = run("averaged", 0.99999)
+    assert len(averaged_history) == (3 if stop == "epochs" else 1)
     assert _weights_distance(first_step, averaged) < 0.05 * _weights_distance(first_step, plain)
     # validated with the average too: Keras' validation and the per-case Dice both differ from the plain run's
     assert not np.allclose(plain_history["val_loss"], averaged_history["val_loss"], atol=1e-4)
@@ -222,3 +227,15 @@ def test_a_nonsense_averaging_momentum_is_refused(ema):
         train.compile_model(models.build_unet((32, 32, 3), base_filters=4, depth=2), "segmentation", ema=ema)
     with pytest.raises(ValueError, match="ema"):
         train.RunConfig(ema=ema)
+
+
+def test_a_young_average_is_named_and_a_grown_one_is_not(small_arrays):
+    from lgg.callbacks import young_average
+
+    images, masks = (array.astype("float32") for array in small_arrays)
+    for ema, steps, expected in [(0.999, 2, "after 2 steps the averaged weights still hold 100%"), (0.5, 8, None)]:
+        model = models.build_unet((32, 32, 3), base_filters=4, depth=2)
+        model = train.compile_model(model, "segmentation", jit_compile=False, ema=ema)
+        model.fit(images, masks, batch_size=8, epochs=steps, verbose=0)  # one step an epoch
+        warning = young_average(model)
+        assert warning is None if expected is None else expected in warning

@@ -179,7 +179,7 @@ CANDIDATES = {
     + " after the strong augmentation's affine map, the recipe otherwise the same (a fifth of the slices FLAIR only, "
     "mixed_bfloat16 without XLA, 60 minutes)",
     "unet-aug-flair-ema-bf16": "a moving average of the weights (momentum 0.999 a step) validated, kept and exported "
-    "instead of the weights of the last step, the recipe otherwise the same (the strong augmentation, a fifth of the "
+    "instead of the trained weights, the recipe otherwise the same (the strong augmentation, a fifth of the "
     "slices FLAIR only, mixed_bfloat16 without XLA, 60 minutes)",
 }
 # the recipe a candidate is paired with, where it is not the headline: the one computed the same way, so that the

@@ -127,15 +127,14 @@ def test_code_cells_read_every_setting_from_config(name):
         assert 'split="' not in cell.source, f"{name}: code cell {index} fixes the split"
 
 
-def make_datasets_settings(source, fields):
-    """The settings (of `fields`) that the `make_datasets` calls in `source` pass, by keyword or by place."""
-    from lgg.train import make_datasets
-
-    places = list(inspect.signature(make_datasets).parameters)
+def settings_passed(source, fields, function, from_config=True):
+    """The settings (of `fields`) that the calls of `function` in `source` pass, by keyword or by place;
+    `from_config`: each read from the config by keyword, never a literal or a name of its own."""
+    places = list(inspect.signature(function).parameters)
     calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
-             and getattr(node.func, "attr", getattr(node.func, "id", None)) == "make_datasets"]  # fmt: skip
-    assert calls, "no make_datasets call"
-    for call in calls:  # a setting by keyword is read from the config (`config.<name>`, `c.<name>`), not a literal
+             and getattr(node.func, "attr", getattr(node.func, "id", None)) == function.__name__]  # fmt: skip
+    assert calls, f"no {function.__name__} call"
+    for call in calls if from_config else []:  # by keyword from the config (`config.<name>`, `c.<name>`)
         for keyword in call.keywords:
             if keyword.arg in fields:
                 value = keyword.value
@@ -156,8 +155,30 @@ def test_every_data_setting_reaches_make_datasets(name):
     fields = {setting.name for setting in dataclasses.fields(RunConfig)}
     wanted = set(inspect.signature(train.make_datasets).parameters) & fields
     assert {"tumor_fraction", "tumor_sampling", "flair_only", "augmentation"} <= wanted
-    for passed in make_datasets_settings(source, fields):
+    for passed in settings_passed(source, fields, train.make_datasets):
         assert passed == wanted, f"{name}: make_datasets is not given {sorted(wanted - passed)}"
+
+
+@pytest.mark.parametrize("name", [*NOTEBOOKS, "lgg.train"])
+def test_every_optimizer_setting_reaches_compile_model(name):
+    """Each setting `compile_model` takes (learning rate, compiler, overlap term, averaged weights) is passed from the
+    config to the model that trains, in every notebook and in `train`, as far as the model's kind uses it: `ema`
+    left out would train without the average while config.json records it."""
+    from lgg import config, train
+
+    fields = {setting.name for setting in dataclasses.fields(RunConfig)}
+    wanted = set(inspect.signature(train.compile_model).parameters) & fields
+    assert {"learning_rate", "jit_compile", "dice_loss", "ema"} <= wanted
+    if name in NOTEBOOKS:
+        source = "\n".join(cell.source for cell in code_cells(nbformat.read(NOTEBOOKS[name], as_version=4)))
+        wanted -= {setting for setting, kinds in config.USED_BY.items() if KINDS[name] not in kinds}
+        calls = settings_passed(source, fields, train.compile_model)
+    else:  # train_run's first call compiles the model that trains (the second, the exported twin it evaluates);
+        # its compiler is the one chosen for the machine or the resumed run, a name of its own
+        calls = settings_passed(inspect.getsource(train._train_run), fields, train.compile_model, from_config=False)
+        calls = calls[:1]
+    for passed in calls:
+        assert passed == wanted, f"{name}: compile_model is not given {sorted(wanted - passed)}"
 
 
 def test_notebooks_refuse_a_precision_they_do_not_build(tmp_path):

@@ -699,7 +699,7 @@ def parse_args(argv=None):
         return guards.argparse_type(guards.positive, flag, integer=True, maximum=maximum)
 
     def image_size(text):  # every model halves it 5 times (the ResNet50 U-Net)
-        size = count("--image-size", 1024)(text)
+        size = count("--image-size", data.NATIVE_SIZE)(text)  # more only enlarges the 256x256 slices
         if size % 32:
             raise argparse.ArgumentTypeError(f"must be a multiple of 32; received {size}")
         return size

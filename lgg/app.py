@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from lgg import data, predict, volumes
+from lgg import data, guards, predict, volumes
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
 MAX_UNZIPPED_BYTES = 2 * 1024**3  # a Kaggle case is ~10 MB; refuse zip bombs
@@ -131,8 +131,11 @@ def arrange(files, sequences, folder, names=None):
         case_dir.mkdir()
         for number, path in enumerate(slices, 1):
             match = data.SLICE_FILE.match(path.with_suffix(".tif").name)
-            if match is None:  # not a Kaggle name: number the slices in upload order
-                target = case_dir / f"upload_{number}.tif"
+            if match is None:  # not a Kaggle name: a case of its own (its name, where that can be a case id), for
+                # nothing says which scan it is from or where; as slices of one case, the largest 3-D component a
+                # run's post-processing may keep would be one region over all of them
+                case_id = path.stem if guards.CASE_ID.match(path.stem) else f"upload-{number}"
+                target = case_dir / f"{case_id}_1.tif"
             elif match["mask"]:  # a manual mask beside its slice: drawn in green on the outlines
                 target = case_dir / f"{match['case_id']}_{match['slice_index']}_mask.tif"
             else:
@@ -206,7 +209,7 @@ class Segmenter:
     def message(self, error):
         """An error as the page shows it: the upload names, not the app's temporary paths."""
         text = str(error)
-        for copy, upload in self.names.items():  # the renamed copies (slices/upload_3.tif, zip1/...) by their upload
+        for copy, upload in self.names.items():  # the renamed copies (slices/scan_1.tif, zip1/...) by their upload
             if copy.startswith(("slices/", "zip")):
                 text = re.sub(rf"\S*/request-[^/\s]+/in/{re.escape(copy)}\b", upload, text)
         text = text.replace("--flair FILE --fill-from-flair", f"the FLAIR file with {FILL_BOX} ticked")

@@ -68,7 +68,8 @@ class RunConfig:
         "cross-validation by patient; fold 1 of 5 is the default split), or random-slice-leaky (the original "
         "notebooks' slice split: patients on both sides)",
     )
-    image_size: int = _setting(128, "side of the slices the model sees (native: 256)", _count(1024))
+    # at most the slices' own 256: more only enlarges them, at four times the memory for each doubling
+    image_size: int = _setting(128, "side of the slices the model sees (native: 256)", _count(data.NATIVE_SIZE))
     batch_size: int = _setting(16, "slices per training step", _count(4096))
     epochs: int | None = _setting(
         None,

@@ -144,10 +144,11 @@ def save_plots(evaluation, run_dir):
     plots.plt.close("all")  # the figures are in the run folder; do not pile them up in long sessions
 
 
-def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5, postprocessing=None):
+def evaluate_run(model, slices, run_dir, split_name="test", threshold=0.5, postprocessing=None, notes=None):
     """`score`, then `save_tables` and `save_plots` into `run_dir`, printing the tables: what
-    `train` and `evaluate` run. Returns the summary."""
+    `train` and `evaluate` run. `notes` (a dict) go into the summary beside the figures. Returns the summary."""
     evaluation = score(model, slices, split_name, threshold, postprocessing)
+    evaluation.summary.update(notes or {})
     if evaluation.steps is not None:
         print(evaluation.steps.to_string(index=False))
     if evaluation.task == "segmentation":
@@ -307,8 +308,17 @@ def evaluate_model_file(
             f"{model_path} is a classifier: tuning chooses a segmenter's post-processing, a classifier has none "
             "(leave --tune-postprocessing out)"
         )
+    notes = None
     if split_name == "all":
         slices = data.find_slices(data_dir).assign(split="all")
+        seen = cases_trained_on(model_path, slices["case_id"].unique(), ("train", "val"))
+        notes = {"cases_seen_in_training": None if seen is None else len(seen)}
+        if seen:  # scored beside the others, as asked; said, so that the figure is never read as held out
+            print(
+                f"Note: {len(seen)} of the {slices['case_id'].nunique()} cases scored were training or validation "
+                f"cases of {model_path}'s run ({model_path.parent / 'split.csv'}): these figures flatter the model "
+                "(its test cases alone: leave --split out)"
+            )
     else:
         slices = slices_with_split(data_dir, split_file or model_path.parent / "split.csv")
     if split_name != "all":
@@ -324,13 +334,14 @@ def evaluate_model_file(
     out_dir = output_folder(out_dir, [model_path], data_dir, differ)
     with guards.folder_lock(out_dir):
         if threshold is not None or model_task(model) != "segmentation":
-            return evaluate_run(model, slices, out_dir, split_name, threshold=0.5 if threshold is None else threshold)
+            threshold = 0.5 if threshold is None else threshold
+            return evaluate_run(model, slices, out_dir, split_name, threshold=threshold, notes=notes)
         if tune:
             settings = tune_postprocessing(model, slices, out_dir)
         else:
             settings = postprocess.load(model_path)
             print(f"Post-processing ({model_path.parent / postprocess.FILENAME}): {postprocess.describe(settings)}")
-        return evaluate_run(model, slices, out_dir, split_name, postprocessing=settings)
+        return evaluate_run(model, slices, out_dir, split_name, postprocessing=settings, notes=notes)
 
 
 def evaluate_snapshots(run_dir, data_dir):

@@ -43,6 +43,18 @@ _OWN_FILES = (
 RUN_FILES = re.compile(rf"({_OWN_FILES}|\.partial-({_OWN_FILES})|\.lgg-run)")  # whole names: RUN_FILES.fullmatch
 # folders train writes (by name), and those of our other commands inside a run folder (by their marker)
 RUN_FOLDERS = {"snapshots": None, "resume": None, "fit": EVALUATE_MARKER, "predict": PREDICT_MARKER}
+# what is ours inside them, by name (predict's own folder: `lgg.predict.remove_earlier_predictions`): each entry is
+# (the files, the folders whose files are again `RUN_FILES` or the resume state's); anything else in them stays
+_SNAPSHOT = r"after-\d+(\.\d+)?min"
+_STATE_FILES = re.compile(r"(\.partial-)?(model\.weights\.h5|optimizer\.npz)")
+RUN_FOLDER_CONTENTS = {
+    "snapshots": (
+        re.compile(rf"(\.partial-)?({_SNAPSHOT}\.weights\.h5|snapshots\.csv|curve\.csv)"),
+        re.compile(_SNAPSHOT),
+    ),
+    "resume": (re.compile(r"(\.partial-)?state\.json"), re.compile(r"epoch-\d+")),
+    "fit": (RUN_FILES, None),
+}
 # case ids become file names and CSV cells: letters, digits, `_`, `-` and `.` (not leading), at most 100
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -183,12 +195,52 @@ def is_ours(folder, marker):
     return False
 
 
-def empty_run_folder(folder):
-    """Remove an earlier run's files from `folder` (ours: checked by the caller), those `RUN_FILES` and
-    `RUN_FOLDERS` name (a link of such a name is removed, never what it points to); anything else stays.
-    A folder named like one of our files, or a file like one of our folders, is refused before anything
-    is removed: the run would fail writing there. Returns the names kept, sorted."""
+def _empty_by_names(folder, files, folders=None):
+    """Remove from `folder` the files `files` names and the folders `folders` names (of those, the files that are
+    `RUN_FILES` or the resume state's, the folder itself once nothing else is left in it); a link of such a name is
+    removed, never followed. Returns what stays, as names relative to `folder`, sorted."""
     remove, kept = [], []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_symlink():
+            (remove if files.fullmatch(path.name) or (folders and folders.fullmatch(path.name)) else kept).append(path)
+        elif path.is_file():
+            (remove if files.fullmatch(path.name) else kept).append(path)
+        elif path.is_dir() and folders is not None and folders.fullmatch(path.name):
+            inside = _empty_by_names(path, re.compile(rf"{RUN_FILES.pattern}|{_STATE_FILES.pattern}"))
+            kept += [path / name for name in inside]
+            if not inside:
+                remove.append(path)  # emptied above
+        else:
+            kept.append(path)
+    remove_paths(remove)
+    return sorted(str(path.relative_to(folder)) for path in kept)
+
+
+def _empty_run_subfolder(path):
+    """Remove what train, evaluate or predict wrote in the run folder's subfolder `path` (a `RUN_FOLDERS` name, ours:
+    checked by the caller) and the folder itself when nothing else is left; anything else stays, with the folder
+    and its marker. Returns what stays, as names relative to the run folder, sorted."""
+    marker = RUN_FOLDERS[path.name]
+    if path.name == "predict":
+        from lgg.predict import remove_earlier_predictions
+
+        kept = remove_earlier_predictions(path, [])
+    else:
+        kept = _empty_by_names(path, *RUN_FOLDER_CONTENTS[path.name])
+    kept = [name for name in kept if name not in (marker, LOCK_FILE)]
+    if not kept:
+        remove_paths([path])  # what is left: its marker (and a lock file our command no longer holds)
+    return [f"{path.name}/{name}" for name in kept]
+
+
+def empty_run_folder(folder):
+    """Remove an earlier run's files from `folder` (ours: checked by the caller), those `RUN_FILES` names, and from
+    the subfolders `RUN_FOLDERS` names what our commands wrote there (`_empty_run_subfolder`: a user's file in
+    `predict/` stays); a link of such a name is removed, never what it points to; anything else stays.
+    A folder named like one of our files, or a file like one of our folders, is refused before anything
+    is removed: the run would fail writing there. Returns the names kept, sorted (`folder/name` for what
+    stays in a subfolder)."""
+    remove, subfolders, kept = [], [], []
     for path in sorted(Path(folder).iterdir()):
         if path.name == LOCK_FILE:
             continue
@@ -201,13 +253,18 @@ def empty_run_folder(folder):
                     f"{path} is a {'folder' if path.is_dir() else 'file'} where train writes a "
                     f"{'folder' if own_folder else 'file'}; move it out of the run folder, or choose another --out"
                 )
-            remove.append(path)
+            if own_folder:
+                subfolders.append(path)
+            else:
+                remove.append(path)
         elif own_folder and path.is_dir() and is_ours(path, RUN_FOLDERS[path.name]):
-            remove.append(path)
+            subfolders.append(path)
         else:
             kept.append(path.name)
+    for path in subfolders:  # first: predict's refuses a folder where it writes a file before removing anything
+        kept += _empty_run_subfolder(path)
     remove_paths(remove)
-    return kept
+    return sorted(kept)
 
 
 def clean_made_folder(folder):
@@ -353,6 +410,13 @@ def folder_lock(folder):
             raise FileExistsError(
                 f"{folder} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"(lock {lock}); wait for it to finish"
+            ) from None
+        except OSError as error:  # a file system that locks no file (some network shares): said, with the folder
+            os.close(descriptor)
+            raise OSError(
+                error.errno,
+                f"{folder}: its file system cannot lock {lock.name} ({error.strerror}), which keeps two commands from "
+                "writing into one folder at once; choose a folder on a local disk",
             ) from None
         try:  # (Windows cannot replace an open file, nor is its file id always the same through both calls)
             same = fcntl is None or os.stat(lock).st_ino == os.fstat(descriptor).st_ino

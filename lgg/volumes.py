@@ -1,14 +1,18 @@
 """NIfTI volumes in and out: a scan shown to the model the way the Kaggle slices show it, and the
 predicted mask written back on the scan's own grid.
 
-What the training data looks like (measured over the 88 cases with `volume_intensity_report`):
+What the training data looks like (measured over the 88 shared cases; the 99.9th percentiles in
+`tests/test_volumes.py::test_no_shared_case_is_called_dark`):
 each case is a stack of axial slices, 256 x 256 pixels, anterior at the top and the patient's
 right on the image's left (the radiological view), three 8-bit channels in the order pre-contrast,
 FLAIR, post-contrast. Every channel of every case starts at 0, and its maximum is 255 or close to
 it (median 254, lowest 191): each sequence was scaled from its volume's minimum and maximum to
 0-255, which leaves the brain at about 100-200 under a tail of a few bright voxels. A volume here
 gets the same mapping (`to_uint8`: per sequence, minimum -> 0 and maximum -> 255, rounded), so a
-Kaggle case written as a NIfTI at any intensity scale comes back to its own .tif values.
+Kaggle case written as a NIfTI at any intensity scale comes back to its own .tif values. Where a few
+voxels far brighter than the rest set the maximum, the brain lands a few grey levels up, unlike any
+training case (the 99.9th percentile of a sequence's non-zero voxels: 48 at the lowest, median about
+170): `intensity_warnings` says so in the results, and the volume is not clipped behind the user's back.
 
 Geometry: the volume is turned to RAS+ (nibabel's `io_orientation`, voxel axes only, no
 resampling), each axial plane is padded to a square with the sequence's minimum and resized to
@@ -229,7 +233,31 @@ def _volume(case_id, voxels, reference, sources, per_channel=None):
         if voxels[..., channel].min() == voxels[..., channel].max():
             raise VolumeError(f"{per_channel[channel]}: the {data.CHANNELS[channel]} sequence is constant")
     images = to_slices(to_uint8(_to_ras(voxels, reference.affine)))
-    return Volume(case_id, images, reference, sources, geometry_warnings(reference))
+    return Volume(case_id, images, reference, sources, geometry_warnings(reference) + intensity_warnings(images))
+
+
+# the 99.9th percentile of a sequence's non-zero voxels after `to_uint8`, over the 88 shared Kaggle cases: 48 at the
+# lowest (median 167-172 per sequence); far below it, a few outlier voxels have taken the top of the range
+DIM_PERCENTILE, DIM_BELOW = 99.9, 32
+
+
+def intensity_warnings(images):
+    """The sequences of `images` (uint8 slices, `to_uint8`'s mapping) that a few outlier voxels darkened, in words:
+    the mapping takes the volume's maximum to 255, and a spike or a float artefact far above the rest leaves the
+    brain a few grey levels high, where the model was never trained and may find nothing (may be empty)."""
+    found = []
+    for channel, name in enumerate(data.CHANNELS):
+        values = images[..., channel]
+        values = values[values > 0]
+        level = float(np.percentile(values, DIM_PERCENTILE)) if values.size else 0.0
+        if level < DIM_BELOW:
+            found.append(
+                f"the {name} sequence is dark: {DIM_PERCENTILE:g} % of its non-zero voxels are at or below {level:.0f} "
+                f"of 255 after its minimum -> 0 and maximum -> 255 (the shared Kaggle cases: 48 at the lowest), so a "
+                "few voxels far brighter than the rest (a spike, an artefact) set the scale, and the model may find "
+                f"nothing; clip the volume at its {DIM_PERCENTILE:g}th percentile and predict again"
+            )
+    return found
 
 
 def geometry_warnings(image):

@@ -184,6 +184,16 @@ def test_uploads_are_arranged_or_refused_by_name(real_data, tmp_path):
                                     tmp_path / "in")  # fmt: skip
     assert sequences is None and [p.name for p in inputs] == [f"{CASE}_12.tif"]
     np.testing.assert_array_equal(tifffile.imread(inputs[0]), images[11])  # channels kept in training order
+    # slices without Kaggle names: each a case of its own (named by its file where that can be a case id), never
+    # adjacent slices of one case (a run's largest 3-D component would keep one region over all of them)
+    Image.fromarray(images[11]).save(slices / "first.png")
+    Image.fromarray(images[12]).save(slices / "second (2).png")
+    loose = [slices / "first.png", slices / "second (2).png"]
+    inputs, _ = app.arrange(loose, {}, tmp_path / "in1")
+    assert [p.name for p in inputs] == ["first_1.tif", "upload-2_1.tif"]
+    from lgg import predict
+
+    assert sorted(predict._gather(inputs)) == ["first", "upload-2"]
     with pytest.raises(app.UploadError, match="small.png: 256 x 100 pixels"):
         app.arrange([slices / "small.png"], {}, tmp_path / "in2")
     Image.fromarray(images[11][..., 1]).save(slices / "grey.png")  # FLAIR alone: not the three sequences
@@ -198,8 +208,6 @@ def test_uploads_are_arranged_or_refused_by_name(real_data, tmp_path):
     inputs, _ = app.arrange([tmp_path / "loose.zip"], {}, tmp_path / "in2c")
     assert [path.name for path in inputs] == [CASE, "scan.nii.gz"]
     assert (tmp_path / "in2c" / "zip1" / CASE / f"{CASE}_12.tif").is_file()
-    from lgg import predict
-
     assert [index for index, _, _ in predict._gather(inputs[:1])[CASE]] == [12]
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as bundle:
         bundle.writestr("../../outside.tif", b"x")

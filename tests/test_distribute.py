@@ -25,8 +25,10 @@ from lgg.train import train_run
 
 # a tiny U-Net, two epochs of real slices; "slice" Dice, whose sum splits among replicas as the cross-entropy's does
 # the reference in float32, as several replicas train by default (one process on a CPU with AVX-512 BF16: bfloat16)
+# jit_compile pinned off as the distributed runs compute (`Distribution` refuses XLA with 2 replicas): left to
+# `xla_by_default`, a CPU without AVX-512 would train the reference with XLA, rounding otherwise than they do
 SETTINGS = dict(max_cases=10, image_size=32, base_filters=4, epochs=2, batch_size=8, dice_loss="slice",
-                precision="float32")  # fmt: skip
+                precision="float32", jit_compile=False)  # fmt: skip
 FLAGS = ["--max-cases", "10", "--image-size", "32", "--base-filters", "4", "--epochs", "2", "--batch-size", "8",
          "--dice-loss", "slice"]  # fmt: skip
 # `python -m lgg` with this CPU split into two logical devices, each a replica of --distribute mirrored

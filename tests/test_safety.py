@@ -3,6 +3,7 @@ left alone, settings refused at the door (exit 2, one line, nothing written), in
 guessed. The commands run in this process (`lgg.__main__.main`), so each check costs milliseconds."""
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -185,7 +186,7 @@ PREDICT = ("predict", "x.tif", "--model", "m.h5", "--out")
 NUMERIC_FLAGS = {
     "--epochs": (TRAIN, [0, 1.5, 1e9]),
     "--batch-size": (TRAIN, [0, 2.5, 1e6]),
-    "--image-size": (TRAIN, [0, 1e5]),
+    "--image-size": (TRAIN, [0, 512, 1e5]),  # over 256, the slices' own side: enlarged, 4x the memory a doubling
     "--seed": (TRAIN, [0.5, 1e20]),
     "--max-cases": (TRAIN, [0, 1e9]),
     "--base-filters": (TRAIN, [0, 1e4]),
@@ -436,6 +437,19 @@ class FakeMsvcrt:
             raise PermissionError(13, "Permission denied")
 
 
+def test_a_file_system_that_cannot_lock_is_named_with_the_folder(tmp_path, monkeypatch):
+    """On a share without locks every command stopped with a bare `[Errno 37] No locks available`."""
+
+    def no_locks(descriptor):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(guards, "_lock", no_locks)
+    with pytest.raises(OSError, match=f"{tmp_path / 'run'}: its file system cannot lock .lgg-lock") as error:
+        with guards.folder_lock(tmp_path / "run"):
+            pass
+    assert error.value.errno == errno.ENOLCK and "local disk" in str(error.value)
+
+
 def test_the_folder_lock_works_where_there_is_no_flock(tmp_path, monkeypatch):
     """Windows has neither `fcntl` nor `O_NOFOLLOW` (importing `fcntl` stopped every command there): the lock
     is msvcrt's, on a byte far past the holder's note, so that a second writer can read whom to wait for."""
@@ -567,6 +581,27 @@ def test_a_split_file_scoring_the_models_own_training_cases_is_refused(capsys, d
         else:
             refused(code, err, *words)
             assert not (tmp_path / "scores").exists()
+
+
+def test_evaluate_split_all_says_how_many_cases_the_model_saw(capsys, dataset, segmenter, tmp_path):
+    """`--split all` scored the run's own training cases beside the others and said nothing, in the output or in
+    `all_summary.json`: a figure that flatters the model, read as any other."""
+    first, second = sorted(os.listdir(dataset))
+    run_dir = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    shutil.copy(segmenter, run_dir / "model.h5")
+    for own, seen in [(["train", "test"], 1), (["val", "train"], 2), (["test", "test"], 0)]:
+        pd.DataFrame({"case_id": [first, second], "split": own}).to_csv(run_dir / "split.csv", index=False)
+        out = tmp_path / f"scores-{seen}"
+        code, printed, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, "--split",
+                                 "all", "--threshold", "0.5", "--out", out)  # fmt: skip
+        assert code in (0, None), err
+        assert json.loads((out / "all_summary.json").read_text())["cases_seen_in_training"] == seen
+        assert (f"{seen} of the 2 cases scored were training or validation cases" in printed) is (seen > 0)
+    (run_dir / "split.csv").unlink()  # a model trained elsewhere: not known, not 0
+    code, _, err = run(capsys, "evaluate", "--model", run_dir / "model.h5", "--data", dataset, "--split", "all",
+                       "--threshold", "0.5", "--out", tmp_path / "scores-unknown")  # fmt: skip
+    assert code in (0, None), err
+    assert json.loads((tmp_path / "scores-unknown" / "all_summary.json").read_text())["cases_seen_in_training"] is None
 
 
 @pytest.mark.parametrize(
@@ -1044,10 +1079,52 @@ def test_overwrite_removes_an_earlier_runs_files_and_keeps_what_train_did_not_wr
     guards.mark_folder(run / "fit", guards.EVALUATE_MARKER)  # results.py's; `predict/` here is not our predict's
     (run / "resume").symlink_to(users, target_is_directory=True)
     prepare_run_dir(run, overwrite=True)
-    kept = sorted(["my_analysis", "predict", *theirs])
-    assert sorted(path.name for path in run.iterdir()) == sorted([guards.RUN_MARKER, *kept])
+    kept = sorted(["my_analysis", "predict", *theirs, "fit/file.csv", "snapshots/file.csv"])
+    top = {name.split("/")[0] for name in kept}
+    assert sorted(path.name for path in run.iterdir()) == sorted([guards.RUN_MARKER, *top])
     assert (run / "my_analysis" / "file.csv").is_file() and (users / "precious.txt").is_file()
+    assert sorted(path.name for path in (run / "fit").iterdir()) == [guards.EVALUATE_MARKER, "file.csv"]
+    assert [path.name for path in (run / "snapshots").iterdir()] == ["file.csv"]
     assert f"kept {', '.join(sorted(kept))}" in capsys.readouterr().out
+
+
+def test_overwrite_empties_the_folders_of_a_run_of_what_our_commands_wrote_only(tmp_path, capsys):
+    """`--overwrite` (and `make clean`) removed a run's `predict/`, `fit/` and `snapshots/` whole: a spreadsheet or a
+    corrected mask a user kept beside the predictions in the run's `predict/` went with them. Now only what predict,
+    evaluate and train wrote there goes; a subfolder with nothing else left goes whole."""
+    from lgg import guards
+    from lgg.train import prepare_run_dir
+
+    run = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    (run / "model.h5").write_text("x")
+    predict = guards.mark_folder(run / "predict", guards.PREDICT_MARKER)
+    (predict / "predict.json").write_text(json.dumps({"planned": ["CASE_1"]}))
+    (predict / "cases.csv").write_text("x")
+    (predict / "my_reading.xlsx").write_text("theirs")
+    (predict / "CASE_1").mkdir()
+    for name in ("CASE_1_1_pred.tif", "CASE_1_montage.png", "CASE_1_1_pred_corrected_by_me.tif"):
+        (predict / "CASE_1" / name).write_text("x")
+    fit = guards.mark_folder(run / "fit", guards.EVALUATE_MARKER)
+    for name in ("val_cases.csv", "train_summary.json"):
+        (fit / name).write_text("x")
+    snapshots = run / "snapshots"
+    (snapshots / "after-15min").mkdir(parents=True)
+    ours = ["after-15min.weights.h5", ".partial-after-30min.weights.h5", "snapshots.csv", "curve.csv"]
+    for name in [*ours, "after-15min/test_cases.csv", "after-15min/postprocess.json", "after-15min/my_figure.svg"]:
+        (snapshots / name).write_text("x")
+    (run / "resume" / "epoch-3").mkdir(parents=True)
+    for name in ("state.json", "epoch-3/model.weights.h5", "epoch-3/optimizer.npz"):
+        (run / "resume" / name).write_text("x")
+    prepare_run_dir(run, overwrite=True)
+    kept = ["predict/CASE_1/CASE_1_1_pred_corrected_by_me.tif", "predict/my_reading.xlsx",
+            "snapshots/after-15min/my_figure.svg"]  # fmt: skip
+    assert sorted(path.name for path in run.iterdir()) == sorted([guards.RUN_MARKER, "predict", "snapshots"])
+    assert sorted(str(path.relative_to(run)) for path in run.rglob("*") if path.is_file()) == sorted(
+        [guards.RUN_MARKER, "predict/" + guards.PREDICT_MARKER, *kept]
+    )
+    assert f"kept {', '.join(kept)}" in capsys.readouterr().out
+    guards.empty_run_folder(run)  # a second time, with nothing of ours left in them: they stay as they are
+    assert all((run / name).read_text() in ("x", "theirs") for name in kept)
 
 
 @pytest.mark.parametrize(("name", "folder"), [("curves.png", True), ("snapshots", False)])

@@ -59,6 +59,7 @@ def test_a_scaled_reoriented_4d_volume_gives_the_masks_of_its_tif_slices(
 
     volume = volumes.load_4d(source)
     np.testing.assert_array_equal(volume.images, slices)  # the Kaggle mapping recovers the 8-bit slices exactly
+    assert volume.warnings == []
 
     out = predict.predict_paths(None, [source], tmp_path / "out", predictor=predictor)
     written = nib.load(out / CASE / f"{CASE}{predict.PREDICTED_NIFTI_SUFFIX}")
@@ -173,6 +174,33 @@ def test_doubtful_geometry_is_said_in_the_results(tmp_path):
     assert "no qform or sform" in " ".join(volumes.load_4d(tmp_path / "bare.nii").warnings)
     nib.save(nib.Nifti1Image(voxels, np.diag([0.9, 0.9, 3.0, 1.0])), tmp_path / "fine.nii")
     assert volumes.load_4d(tmp_path / "fine.nii").warnings == []
+
+
+def test_a_few_outlier_voxels_that_darken_a_sequence_are_said_in_the_results(real_data, predictor, tmp_path):
+    """One voxel per sequence at 50 times the rest (a spike, a float artefact) took the brain to a few grey levels
+    under the Kaggle mapping, and the shipped model found no tumor in a case where it finds 10 slices' worth, with
+    no warning: a confident wrong answer. Now the results say which sequences are dark and what to do."""
+    ras = as_ras(kaggle_volume(real_data)).astype(np.float32)
+    ras[0, 0, 0] = 50 * 255  # in every sequence
+    nib.save(nib.Nifti1Image(ras, np.diag([*SPACING, 1.0])), tmp_path / "spiked.nii.gz")
+    out = predict.predict_paths(None, [tmp_path / "spiked.nii.gz"], tmp_path / "out", predictor=predictor)
+    warnings = pd.read_csv(out / "cases.csv").iloc[0].warnings
+    for name in data.CHANNELS:
+        assert f"the {name} sequence is dark" in warnings
+    assert "clip the volume at its 99.9th percentile" in warnings
+
+
+def test_no_shared_case_is_called_dark(real_data):
+    """The warning's threshold against the real scans: none of the cases in data/ (88 shared, or Kaggle's 110) gets
+    it, and the lowest 99.9th percentile is where the message says it is."""
+    lowest = 255.0
+    for case_dir in sorted(path for path in real_data.iterdir() if path.is_dir()):
+        stack = kaggle_volume(real_data, case_dir.name)
+        assert volumes.intensity_warnings(stack) == [], case_dir.name
+        for channel in range(3):
+            values = stack[..., channel]
+            lowest = min(lowest, float(np.percentile(values[values > 0], volumes.DIM_PERCENTILE)))
+    assert lowest >= 48 > volumes.DIM_BELOW
 
 
 def test_predictions_never_land_inside_a_dataset(real_data, predictor, tmp_path):

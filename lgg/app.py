@@ -129,12 +129,23 @@ def arrange(files, sequences, folder, names=None):
     if slices:
         case_dir = folder / "slices"
         case_dir.mkdir()
-        for number, path in enumerate(slices, 1):
-            match = data.SLICE_FILE.match(path.with_suffix(".tif").name)
+        matches = [data.SLICE_FILE.match(path.with_suffix(".tif").name) for path in slices]
+        cases = {}  # case id, in lower case (a file system may not tell Scan from scan) -> the upload it came from
+        for path, match in zip(slices, matches):
+            if match is not None:
+                cases.setdefault(match["case_id"].lower(), path.name)
+        for number, (path, match) in enumerate(zip(slices, matches), 1):
             if match is None:  # not a Kaggle name: a case of its own (its name, where that can be a case id), for
                 # nothing says which scan it is from or where; as slices of one case, the largest 3-D component a
                 # run's post-processing may keep would be one region over all of them
                 case_id = path.stem if guards.CASE_ID.match(path.stem) else f"upload-{number}"
+                if case_id.lower() in cases:
+                    raise UploadError(
+                        f"{path.name} and {cases[case_id.lower()]}: a slice named {case_id!r} would be read as a slice "
+                        "of that case; rename one of them"
+                    )
+                cases[case_id.lower()] = path.name
+                names[f"case:{case_id}"] = path.name
                 target = case_dir / f"{case_id}_1.tif"
             elif match["mask"]:  # a manual mask beside its slice: drawn in green on the outlines
                 target = case_dir / f"{match['case_id']}_{match['slice_index']}_mask.tif"
@@ -239,12 +250,13 @@ class Segmenter:
         finally:  # the uploads' copies are not needed past this point (the results stay for their download)
             shutil.rmtree(folder / "in", ignore_errors=True)
         seconds = time.perf_counter() - start
+        uploads = {key.removeprefix("case:"): name for key, name in self.names.items() if key.startswith("case:")}
         pictures = [
-            (_overlay(image, mask), f"{case_id}, slice {index}: {int(mask.sum())} px")
+            (_overlay(image, mask), f"{uploads.get(case_id, case_id)}, slice {index}: {int(mask.sum())} px")
             for case_id, indices, images, masks, _ in collected
             for index, image, mask in zip(indices, images, masks)
         ]
-        rows = [row for *_, row in collected]
+        rows = [{**row, "case_id": uploads.get(row["case_id"], row["case_id"])} for *_, row in collected]
         montages = sorted(out.glob("*/*_montage.png"))
         archive = shutil.make_archive(str(folder / "predictions"), "zip", out)
         downloads = [*sorted(map(str, out.glob(f"*/*{predict.PREDICTED_NIFTI_SUFFIX}"))), archive]

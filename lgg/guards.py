@@ -43,17 +43,22 @@ _OWN_FILES = (
 RUN_FILES = re.compile(rf"({_OWN_FILES}|\.partial-({_OWN_FILES})|\.lgg-run)")  # whole names: RUN_FILES.fullmatch
 # folders train writes (by name), and those of our other commands inside a run folder (by their marker)
 RUN_FOLDERS = {"snapshots": None, "resume": None, "fit": EVALUATE_MARKER, "predict": PREDICT_MARKER}
-# what is ours inside them, by name (predict's own folder: `lgg.predict.remove_earlier_predictions`): each entry is
-# (the files, the folders whose files are again `RUN_FILES` or the resume state's); anything else in them stays
-_SNAPSHOT = r"after-\d+(\.\d+)?min"
-_STATE_FILES = re.compile(r"(\.partial-)?(model\.weights\.h5|optimizer\.npz)")
+# what is ours inside them, by name (predict's own folder: `lgg.predict.remove_earlier_predictions`): for each, the
+# files, the folders, and the files in those folders; anything else in them stays (in `resume/`, which train removes
+# whole when a run ends, it is refused)
+_SNAPSHOT = r"after-\d+(\.\d+)?(e[+-]?\d+)?min"  # `f"after-{minutes:g}min"`
 RUN_FOLDER_CONTENTS = {
     "snapshots": (
         re.compile(rf"(\.partial-)?({_SNAPSHOT}\.weights\.h5|snapshots\.csv|curve\.csv)"),
         re.compile(_SNAPSHOT),
+        re.compile(rf"(\.partial-)?(postprocess\.json|{_SPLIT_FILES})"),  # `lgg.evaluate.evaluate_snapshots`
     ),
-    "resume": (re.compile(r"(\.partial-)?state\.json"), re.compile(r"epoch-\d+")),
-    "fit": (RUN_FILES, None),
+    "resume": (
+        re.compile(r"(\.partial-)?state\.json"),
+        re.compile(r"epoch-\d+"),
+        re.compile(r"(\.partial-)?(model\.weights\.h5|optimizer\.npz)"),
+    ),
+    "fit": (RUN_FILES, None, None),
 }
 # case ids become file names and CSV cells: letters, digits, `_`, `-` and `.` (not leading), at most 100
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -195,51 +200,73 @@ def is_ours(folder, marker):
     return False
 
 
-def _empty_by_names(folder, files, folders=None):
-    """Remove from `folder` the files `files` names and the folders `folders` names (of those, the files that are
-    `RUN_FILES` or the resume state's, the folder itself once nothing else is left in it); a link of such a name is
-    removed, never followed. Returns what stays, as names relative to `folder`, sorted."""
+def _plan_by_names(folder, files, folders=None, inner=None):
+    """What to remove from `folder`: the files `files` names, and the folders `folders` names with the files `inner`
+    names in them (such a folder goes once nothing else is left in it); a link of such a name, never followed.
+    Returns (to remove, in order; to keep). Removes nothing; refuses a folder named like one of our files, or a
+    file like one of our folders, where a new run would fail writing."""
     remove, kept = [], []
     for path in sorted(Path(folder).iterdir()):
+        own_file = bool(files.fullmatch(path.name))
+        own_folder = folders is not None and bool(folders.fullmatch(path.name))
         if path.is_symlink():
-            (remove if files.fullmatch(path.name) or (folders and folders.fullmatch(path.name)) else kept).append(path)
-        elif path.is_file():
-            (remove if files.fullmatch(path.name) else kept).append(path)
-        elif path.is_dir() and folders is not None and folders.fullmatch(path.name):
-            inside = _empty_by_names(path, re.compile(rf"{RUN_FILES.pattern}|{_STATE_FILES.pattern}"))
-            kept += [path / name for name in inside]
-            if not inside:
-                remove.append(path)  # emptied above
+            (remove if own_file or own_folder else kept).append(path)
+        elif (own_file and path.is_dir()) or (own_folder and not path.is_dir()):
+            raise FileExistsError(
+                f"{path} is a {'folder' if path.is_dir() else 'file'} where our commands write a "
+                f"{'file' if own_file else 'folder'}; move it out of the run folder, or choose another --out"
+            )
+        elif own_file:
+            remove.append(path)
+        elif own_folder:
+            inside_remove, inside_kept = _plan_by_names(path, inner)
+            kept += inside_kept
+            remove += inside_remove if inside_kept else [path]
         else:
             kept.append(path)
-    remove_paths(remove)
-    return sorted(str(path.relative_to(folder)) for path in kept)
+    return remove, kept
 
 
-def _empty_run_subfolder(path):
-    """Remove what train, evaluate or predict wrote in the run folder's subfolder `path` (a `RUN_FOLDERS` name, ours:
-    checked by the caller) and the folder itself when nothing else is left; anything else stays, with the folder
-    and its marker. Returns what stays, as names relative to the run folder, sorted."""
-    marker = RUN_FOLDERS[path.name]
-    if path.name == "predict":
-        from lgg.predict import remove_earlier_predictions
+def _plan_run_subfolder(path):
+    """(to remove, names kept relative to the run folder) for the run folder's subfolder `path` (`snapshots`,
+    `resume` or evaluate's `fit`; ours: checked by the caller): what train and evaluate wrote there, and the folder
+    itself when nothing else is left. Removes nothing; refuses a user's file in `resume/` (train removes that
+    folder whole when the new run ends)."""
+    remove, kept = _plan_by_names(path, *RUN_FOLDER_CONTENTS[path.name])
+    kept = [entry for entry in kept if entry.name not in (RUN_FOLDERS[path.name], LOCK_FILE)]
+    if kept and path.name == "resume":
+        raise FileExistsError(
+            f"{kept[0]} is not train's: a run removes its resume/ folder whole when it ends; move it out of the run "
+            "folder"
+        )
+    return (remove if kept else [path]), [str(entry.relative_to(path.parent)) for entry in kept]
 
-        kept = remove_earlier_predictions(path, [])
-    else:
-        kept = _empty_by_names(path, *RUN_FOLDER_CONTENTS[path.name])
-    kept = [name for name in kept if name not in (marker, LOCK_FILE)]
-    if not kept:
-        remove_paths([path])  # what is left: its marker (and a lock file our command no longer holds)
+
+def _empty_predict_subfolder(path):
+    """Remove what predict wrote in the run folder's `predict/` (ours: checked by the caller;
+    `lgg.predict.remove_earlier_predictions`, which refuses before it removes anything), and the folder when
+    nothing else is left. Case folders kept for a file of yours in them stay in predict's manifest, so that the
+    next predict of those cases writes there again. Returns the names kept relative to the run folder, sorted."""
+    from lgg.files import save_json
+    from lgg.predict import remove_earlier_predictions
+
+    kept = [name for name in remove_earlier_predictions(path, []) if name not in (PREDICT_MARKER, LOCK_FILE)]
+    cases = sorted({name.split("/")[0] for name in kept if "/" in name})
+    if cases:
+        save_json({"planned": cases, "status": "emptied by --overwrite: files of yours kept"}, path / "predict.json")
+    elif not kept:
+        remove_paths([path])  # what is left: its marker (and a lock file no command holds now)
     return [f"{path.name}/{name}" for name in kept]
 
 
 def empty_run_folder(folder):
-    """Remove an earlier run's files from `folder` (ours: checked by the caller), those `RUN_FILES` names, and from
-    the subfolders `RUN_FOLDERS` names what our commands wrote there (`_empty_run_subfolder`: a user's file in
-    `predict/` stays); a link of such a name is removed, never what it points to; anything else stays.
-    A folder named like one of our files, or a file like one of our folders, is refused before anything
-    is removed: the run would fail writing there. Returns the names kept, sorted (`folder/name` for what
-    stays in a subfolder)."""
+    """Remove an earlier run's files from `folder` (ours: checked by the caller): the files `RUN_FILES` names, and in
+    the subfolders `RUN_FOLDERS` names what our commands wrote there (`RUN_FOLDER_CONTENTS`; in `predict/`,
+    `_empty_predict_subfolder`), a subfolder with nothing else left going whole; a link of such a name is removed,
+    never what it points to; anything else stays (a user's file in `resume/` is refused: train removes that folder
+    whole). Every refusal comes before anything is removed: a folder named like one of our files, or a file like
+    one of our folders, where the run would fail writing. Returns the names kept, sorted (`subfolder/name` for
+    what stays in a subfolder)."""
     remove, subfolders, kept = [], [], []
     for path in sorted(Path(folder).iterdir()):
         if path.name == LOCK_FILE:
@@ -253,16 +280,19 @@ def empty_run_folder(folder):
                     f"{path} is a {'folder' if path.is_dir() else 'file'} where train writes a "
                     f"{'folder' if own_folder else 'file'}; move it out of the run folder, or choose another --out"
                 )
-            if own_folder:
-                subfolders.append(path)
-            else:
-                remove.append(path)
+            (subfolders if own_folder else remove).append(path)
         elif own_folder and path.is_dir() and is_ours(path, RUN_FOLDERS[path.name]):
             subfolders.append(path)
         else:
             kept.append(path.name)
-    for path in subfolders:  # first: predict's refuses a folder where it writes a file before removing anything
-        kept += _empty_run_subfolder(path)
+    predict = [path for path in subfolders if path.name == "predict"]
+    for path in subfolders:
+        if path.name != "predict":
+            planned, inside = _plan_run_subfolder(path)
+            remove += planned
+            kept += inside
+    for path in predict:  # last of the refusals (predict's own, before it removes anything), then the removals
+        kept += _empty_predict_subfolder(path)
     remove_paths(remove)
     return sorted(kept)
 

@@ -1,8 +1,8 @@
 """NIfTI volumes in and out: a scan shown to the model the way the Kaggle slices show it, and the
 predicted mask written back on the scan's own grid.
 
-What the training data looks like (measured over the 88 shared cases; the 99.9th percentiles in
-`tests/test_volumes.py::test_no_shared_case_is_called_dark`):
+What the training data looks like (measured over the 88 shared cases; the grey levels in
+`tests/test_volumes.py::test_no_shared_case_is_called_squeezed`):
 each case is a stack of axial slices, 256 x 256 pixels, anterior at the top and the patient's
 right on the image's left (the radiological view), three 8-bit channels in the order pre-contrast,
 FLAIR, post-contrast. Every channel of every case starts at 0, and its maximum is 255 or close to
@@ -10,9 +10,10 @@ it (median 254, lowest 191): each sequence was scaled from its volume's minimum 
 0-255, which leaves the brain at about 100-200 under a tail of a few bright voxels. A volume here
 gets the same mapping (`to_uint8`: per sequence, minimum -> 0 and maximum -> 255, rounded), so a
 Kaggle case written as a NIfTI at any intensity scale comes back to its own .tif values. Where a few
-voxels far brighter than the rest set the maximum, the brain lands a few grey levels up, unlike any
-training case (the 99.9th percentile of a sequence's non-zero voxels: 48 at the lowest, median about
-170): `intensity_warnings` says so in the results, and the volume is not clipped behind the user's back.
+voxels far brighter (or darker) than the rest set the maximum (or minimum), the brain is left a few grey
+levels, unlike any training case (the middle 99.8 % of a sequence's voxels: 46 levels at the fewest,
+median about 165): `intensity_warnings` says so in the results, and the volume is not clipped behind the
+user's back.
 
 Geometry: the volume is turned to RAS+ (nibabel's `io_orientation`, voxel axes only, no
 resampling), each axial plane is padded to a square with the sequence's minimum and resized to
@@ -232,30 +233,40 @@ def _volume(case_id, voxels, reference, sources, per_channel=None):
     for channel in sorted(range(len(data.CHANNELS)), key=lambda c: c != data.FLAIR_CHANNEL):  # FLAIR first
         if voxels[..., channel].min() == voxels[..., channel].max():
             raise VolumeError(f"{per_channel[channel]}: the {data.CHANNELS[channel]} sequence is constant")
-    images = to_slices(to_uint8(_to_ras(voxels, reference.affine)))
-    return Volume(case_id, images, reference, sources, geometry_warnings(reference) + intensity_warnings(images))
+    scaled = to_uint8(_to_ras(voxels, reference.affine))
+    warnings = geometry_warnings(reference) + intensity_warnings(scaled)  # before the planes are padded
+    return Volume(case_id, to_slices(scaled), reference, sources, warnings)
 
 
-# the 99.9th percentile of a sequence's non-zero voxels after `to_uint8`, over the 88 shared Kaggle cases: 48 at the
-# lowest (median 167-172 per sequence); far below it, a few outlier voxels have taken the top of the range
-DIM_PERCENTILE, DIM_BELOW = 99.9, 32
+# the grey levels the middle 99.8 % of a sequence's voxels span after `to_uint8` (`grey_levels`), over the 88 shared
+# Kaggle cases: 46 at the fewest, median about 165. The model standardizes each slice, so a narrower span costs it
+# nothing until the 8-bit rounding leaves the brain too few levels. With the shipped model, one voxel at 5 times the
+# rest (a span of 34-43) left three cases (TCGA_CS_4941, TCGA_CS_4944, TCGA_DU_7018) as they were; 8 times (21-27)
+# cost TCGA_DU_7018 4 of its 18 tumor slices; one at -10 times (15-19) half its volume; at -50 times (3-4) all
+# three cases lost every tumor slice, as TCGA_CS_4941 does at 50 times (`tests/test_volumes.py`)
+FEW_GREY_LEVELS = 32
 
 
-def intensity_warnings(images):
-    """The sequences of `images` (uint8 slices, `to_uint8`'s mapping) that a few outlier voxels darkened, in words:
-    the mapping takes the volume's maximum to 255, and a spike or a float artefact far above the rest leaves the
-    brain a few grey levels high, where the model was never trained and may find nothing (may be empty)."""
+def grey_levels(sequence):
+    """The grey levels the middle 99.8 % of `sequence`'s voxels span (uint8: 0-255)."""
+    low, high = np.percentile(sequence, [0.1, 99.9])
+    return float(high - low)
+
+
+def intensity_warnings(voxels):
+    """The sequences of `voxels` (uint8, `to_uint8`'s mapping, before padding: `(..., 3)`) whose voxels a few outliers
+    squeezed into a few grey levels, in words: the mapping takes the volume's minimum to 0 and its maximum to 255,
+    and a spike or an artefact far above (or below) the rest leaves the brain a few levels, where the model may find
+    nothing (may be empty)."""
     found = []
     for channel, name in enumerate(data.CHANNELS):
-        values = images[..., channel]
-        values = values[values > 0]
-        level = float(np.percentile(values, DIM_PERCENTILE)) if values.size else 0.0
-        if level < DIM_BELOW:
+        levels = grey_levels(voxels[..., channel])
+        if levels < FEW_GREY_LEVELS:
             found.append(
-                f"the {name} sequence is dark: {DIM_PERCENTILE:g} % of its non-zero voxels are at or below {level:.0f} "
-                f"of 255 after its minimum -> 0 and maximum -> 255 (the shared Kaggle cases: 48 at the lowest), so a "
-                "few voxels far brighter than the rest (a spike, an artefact) set the scale, and the model may find "
-                f"nothing; clip the volume at its {DIM_PERCENTILE:g}th percentile and predict again"
+                f"the {name} sequence is squeezed: 99.8 % of its voxels span {levels:.0f} grey levels of 255 after its "
+                "minimum -> 0 and maximum -> 255 (the shared Kaggle cases: 46 at the fewest), so a few voxels far "
+                "brighter or darker than the rest (a spike, an artefact) set the scale, and the model may find "
+                "nothing; clip the volume at its 0.1th and 99.9th percentiles and predict again"
             )
     return found
 

@@ -194,6 +194,14 @@ def test_uploads_are_arranged_or_refused_by_name(real_data, tmp_path):
     from lgg import predict
 
     assert sorted(predict._gather(inputs)) == ["first", "upload-2"]
+    # ... and never a slice of another upload's case, nor of one whose name differs only in case: refused, naming both
+    Image.fromarray(images[11]).save(slices / "Scan_2.png")
+    Image.fromarray(images[12]).save(slices / "scan.png")
+    Image.fromarray(images[12]).save(slices / "FIRST.png")
+    for pair, words in [(["Scan_2.png", "scan.png"], "scan.png and Scan_2.png"),
+                        (["first.png", "FIRST.png"], "FIRST.png and first.png")]:  # fmt: skip
+        with pytest.raises(app.UploadError, match=f"{words}: a slice named"):
+            app.arrange([slices / name for name in pair], {}, tmp_path / f"in1-{pair[1]}")
     with pytest.raises(app.UploadError, match="small.png: 256 x 100 pixels"):
         app.arrange([slices / "small.png"], {}, tmp_path / "in2")
     Image.fromarray(images[11][..., 1]).save(slices / "grey.png")  # FLAIR alone: not the three sequences

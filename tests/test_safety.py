@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1088,14 +1089,12 @@ def test_overwrite_removes_an_earlier_runs_files_and_keeps_what_train_did_not_wr
     assert f"kept {', '.join(sorted(kept))}" in capsys.readouterr().out
 
 
-def test_overwrite_empties_the_folders_of_a_run_of_what_our_commands_wrote_only(tmp_path, capsys):
-    """`--overwrite` (and `make clean`) removed a run's `predict/`, `fit/` and `snapshots/` whole: a spreadsheet or a
-    corrected mask a user kept beside the predictions in the run's `predict/` went with them. Now only what predict,
-    evaluate and train wrote there goes; a subfolder with nothing else left goes whole."""
+def earlier_run_with_subfolders(run):
+    """A run folder as train, evaluate, results.py and a notebook's predict leave it, with files of a user's among
+    theirs; returns the user's files (relative to `run`)."""
     from lgg import guards
-    from lgg.train import prepare_run_dir
 
-    run = guards.mark_folder(tmp_path / "run", guards.RUN_MARKER)
+    guards.mark_folder(run, guards.RUN_MARKER)
     (run / "model.h5").write_text("x")
     predict = guards.mark_folder(run / "predict", guards.PREDICT_MARKER)
     (predict / "predict.json").write_text(json.dumps({"planned": ["CASE_1"]}))
@@ -1109,22 +1108,71 @@ def test_overwrite_empties_the_folders_of_a_run_of_what_our_commands_wrote_only(
         (fit / name).write_text("x")
     snapshots = run / "snapshots"
     (snapshots / "after-15min").mkdir(parents=True)
-    ours = ["after-15min.weights.h5", ".partial-after-30min.weights.h5", "snapshots.csv", "curve.csv"]
-    for name in [*ours, "after-15min/test_cases.csv", "after-15min/postprocess.json", "after-15min/my_figure.svg"]:
+    (snapshots / "after-1e-05min").mkdir()
+    ours = ["after-15min.weights.h5", ".partial-after-30min.weights.h5", "after-1e-05min.weights.h5", "curve.csv",
+            "snapshots.csv", "after-15min/test_cases.csv", "after-15min/postprocess.json",
+            "after-1e-05min/val_postprocessing.csv"]  # fmt: skip
+    theirs = ["after-15min/my_figure.svg", "after-15min/config.json", "after-15min/model.h5"]
+    for name in ours + theirs:
         (snapshots / name).write_text("x")
     (run / "resume" / "epoch-3").mkdir(parents=True)
     for name in ("state.json", "epoch-3/model.weights.h5", "epoch-3/optimizer.npz"):
         (run / "resume" / name).write_text("x")
+    return sorted(["predict/CASE_1/CASE_1_1_pred_corrected_by_me.tif", "predict/my_reading.xlsx",
+                   *(f"snapshots/{name}" for name in theirs)])  # fmt: skip
+
+
+def test_overwrite_empties_the_folders_of_a_run_of_what_our_commands_wrote_only(tmp_path, capsys):
+    """`--overwrite` (and `make clean`) removed a run's `predict/`, `fit/` and `snapshots/` whole: a spreadsheet or a
+    corrected mask a user kept beside the predictions in the run's `predict/` went with them. Now only what predict,
+    evaluate and train wrote there goes; a subfolder with nothing else left goes whole; a case folder kept for a
+    file of yours stays in predict's manifest, so that predicting that case there again is not refused."""
+    from lgg import guards
+    from lgg.predict import remove_earlier_predictions
+    from lgg.train import prepare_run_dir
+
+    run = tmp_path / "run"
+    kept = earlier_run_with_subfolders(run)
     prepare_run_dir(run, overwrite=True)
-    kept = ["predict/CASE_1/CASE_1_1_pred_corrected_by_me.tif", "predict/my_reading.xlsx",
-            "snapshots/after-15min/my_figure.svg"]  # fmt: skip
     assert sorted(path.name for path in run.iterdir()) == sorted([guards.RUN_MARKER, "predict", "snapshots"])
     assert sorted(str(path.relative_to(run)) for path in run.rglob("*") if path.is_file()) == sorted(
-        [guards.RUN_MARKER, "predict/" + guards.PREDICT_MARKER, *kept]
+        [guards.RUN_MARKER, "predict/" + guards.PREDICT_MARKER, "predict/predict.json", *kept]
     )
     assert f"kept {', '.join(kept)}" in capsys.readouterr().out
     guards.empty_run_folder(run)  # a second time, with nothing of ours left in them: they stay as they are
     assert all((run / name).read_text() in ("x", "theirs") for name in kept)
+    assert remove_earlier_predictions(run / "predict", ["CASE_1"]) == [
+        "CASE_1/CASE_1_1_pred_corrected_by_me.tif", "my_reading.xlsx"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "conflict, words",
+    [
+        ("resume/notes.txt", "resume/notes.txt is not train's"),
+        ("resume/epoch-3/notes.txt", "resume/epoch-3/notes.txt is not train's"),
+        ("predict/cases.csv/", "predict/cases.csv is a folder where predict writes a file"),
+        ("snapshots/curve.csv/", "snapshots/curve.csv is a folder where our commands write a file"),
+        ("snapshots/after-45min", "snapshots/after-45min is a file where our commands write a folder"),
+    ],
+)
+def test_overwrite_refuses_what_a_new_run_would_remove_or_trip_on_before_removing_anything(tmp_path, conflict, words):
+    """A user's file in `resume/` survived `--overwrite` and was removed by the new run's end (train removes that
+    folder whole); a folder `snapshots/curve.csv/` failed the new run at its end; and a refusal in `predict/` came
+    after `fit/` was already emptied."""
+    from lgg.train import prepare_run_dir
+
+    run = tmp_path / "run"
+    earlier_run_with_subfolders(run)
+    path = run / conflict.rstrip("/")
+    if conflict.endswith("/"):
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_text("theirs")
+    before = sorted(str(entry.relative_to(run)) for entry in run.rglob("*"))
+    with pytest.raises(FileExistsError, match=re.escape(words)):
+        prepare_run_dir(run, overwrite=True)
+    assert sorted(str(entry.relative_to(run)) for entry in run.rglob("*")) == before
 
 
 @pytest.mark.parametrize(("name", "folder"), [("curves.png", True), ("snapshots", False)])

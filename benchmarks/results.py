@@ -148,11 +148,11 @@ CONFIGS = {
     # not only the four FLAIR-only cases: the masks outline the FLAIR abnormality, and a model made to read FLAIR
     # alone more often may lean on it more); on the folds where the shipped recipe is weakest first (4, then 3)
     **recipe_folds("unet-aug-flair40-bf16", replace(SHIPPED, flair_only=0.4)),
-    # the shipped recipe with seven tenths of each batch drawn from tumor slices instead of half: about the tumor
-    # share of brain-segmentation-pytorch's sampler (half the draws in proportion to tumor area, half uniform over
-    # slices of which 35 % have tumor: 0.5 + 0.5 x 0.35 = 0.67), aimed at what the misses are (the extent of large
-    # masses and small tumors under-segmented: the cases under 0.6 are predicted at 0.23-0.72 of their true volume
-    # but one); on the folds where the shipped recipe is weakest first (4, then 3)
+    # the shipped recipe with seven tenths of each batch drawn from tumor slices instead of half, aimed at what the
+    # misses are (the extent of large masses and of small tumors: of the six cases under 0.6, five are predicted at
+    # 0.23-0.72 of their true volume), a step toward brain-segmentation-pytorch's sampler (a patient, then a slice in
+    # proportion to its tumor area plus a tenth of the patient's mean: over nine tenths of its draws tumor slices);
+    # on the folds where the shipped recipe is weakest first (4, then 3)
     **recipe_folds("unet-aug-flair-tf70-bf16", replace(SHIPPED, tumor_fraction=0.7)),
 }
 

@@ -24,6 +24,7 @@ from lgg.data import (
     check_batch_size,
     check_tumor_sampling,
     gamma_exponents,
+    sampling_of,
     tumor_pools,
 )
 
@@ -113,7 +114,7 @@ class TrainingBatches(keras.utils.PyDataset):
         images: uint8 array `(N, S, S, 3)`.
         targets: uint8 masks `(N, S, S, 1)` (segmentation) or labels `(N,)` (classification).
         batch_size, seed, augment, tumor_fraction, has_tumor, start_epoch, flair_only, augmentation,
-            tumor_cases: as `training_dataset`.
+            tumor_cases, tumor_areas: as `training_dataset`.
         workers: threads preparing batches (OpenCV releases the GIL). Defaults to `2`.
     """
 
@@ -131,6 +132,7 @@ class TrainingBatches(keras.utils.PyDataset):
         flair_only=0.0,
         augmentation="standard",
         tumor_cases=None,
+        tumor_areas=None,
     ):
         super().__init__(workers=workers, use_multiprocessing=False)
         augmentation_ranges(augmentation)  # a wrong name or range refused here, not in a worker
@@ -138,10 +140,10 @@ class TrainingBatches(keras.utils.PyDataset):
         check_batch_size(batch_size, len(self.images))
         self.batch_size, self.seed, self.augment, self.start_epoch = batch_size, seed, augment, start_epoch
         self.tumor_fraction, self.flair_only, self.augmentation = tumor_fraction, flair_only, augmentation
-        check_tumor_sampling("slice" if tumor_cases is None else "case", tumor_fraction)
+        check_tumor_sampling(sampling_of(tumor_cases, tumor_areas), tumor_fraction)
         self.pools, self.tumor_weights = None, None
         if tumor_fraction is not None:
-            *self.pools, self.tumor_weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases)
+            *self.pools, self.tumor_weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases, tumor_areas)
         self.steps = int(np.ceil(len(self.images) / batch_size))
 
     @property
@@ -160,7 +162,7 @@ class TrainingBatches(keras.utils.PyDataset):
         tumor_pool, free_pool = self.pools
         if self.tumor_weights is None:
             tumor_picks = tumor_pool[rng.integers(0, len(tumor_pool), count)]
-        else:  # the tumor slices case first (lgg.data.tumor_pools)
+        else:  # the tumor slices case first, and by area with tumor_areas (lgg.data.tumor_pools)
             tumor_picks = tumor_pool[rng.choice(len(tumor_pool), count, p=self.tumor_weights)]
         return np.where(tumor, tumor_picks, free_pool[rng.integers(0, len(free_pool), count)])
 

@@ -568,7 +568,7 @@ def _gather(images, targets, index, static_batch):
     return tf.cast(batch_images, tf.float32), tf.cast(batch_targets, tf.float32)
 
 
-TUMOR_SAMPLINGS = ("slice", "case")  # how the tumor share of a batch is drawn: `tumor_pools`
+TUMOR_SAMPLINGS = ("slice", "case", "area")  # how the tumor share of a batch is drawn: `tumor_pools`
 
 
 def check_batch_size(batch_size, training_slices):
@@ -594,14 +594,23 @@ def check_tumor_sampling(tumor_sampling, tumor_fraction):
         )
 
 
-def tumor_pools(tumor_fraction, has_tumor, cases=None):
+def sampling_of(tumor_cases, tumor_areas):
+    """The `tumor_sampling` (`TUMOR_SAMPLINGS`) that a pipeline's `tumor_cases` and `tumor_areas` ask for."""
+    if tumor_areas is not None and tumor_cases is None:
+        raise ValueError("tumor_areas needs tumor_cases: the area sampling draws a case first")
+    return "slice" if tumor_cases is None else "case" if tumor_areas is None else "area"
+
+
+def tumor_pools(tumor_fraction, has_tumor, cases=None, areas=None):
     """The indices of the tumor slices and of the tumor-free ones, for drawing `tumor_fraction` of
     each batch from the first, and the probability of each tumor slice in that draw: None (every tumor
     slice equally likely) without `cases`; with `cases` (the case id of every slice), a case drawn
     uniformly among those with tumor, then one of its tumor slices, so that a case with 3 tumor slices
     is drawn as often as one with 30 (`tumor_sampling="case"`; brain-segmentation-pytorch draws a
-    patient first too). Refuses a fraction outside (0, 1), slices of one kind only, or `cases` of
-    another length."""
+    patient first too); with `areas` too (each slice's tumor pixels), that slice in proportion to its
+    tumor area (`tumor_sampling="area"`, as brain-segmentation-pytorch draws it; a tumor slice whose mask
+    lost its last pixel in resizing counts as one pixel). Refuses a fraction outside (0, 1), slices of
+    one kind only, `cases` or `areas` of another length, or a negative or non-finite area."""
     if has_tumor is None or not 0 < tumor_fraction < 1:
         raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
     has_tumor = np.asarray(has_tumor, bool)
@@ -614,8 +623,17 @@ def tumor_pools(tumor_fraction, has_tumor, cases=None):
     if cases.shape != has_tumor.shape:
         raise ValueError(f"cases needs one case id per slice: {cases.shape} for {has_tumor.shape} slices")
     _, case_of_slice, slices_of_case = np.unique(cases[tumor], return_inverse=True, return_counts=True)
-    weights = 1.0 / (slices_of_case[case_of_slice] * len(slices_of_case))
-    return tumor, free, weights
+    if areas is None:
+        return tumor, free, 1.0 / (slices_of_case[case_of_slice] * len(slices_of_case))
+    areas = np.asarray(areas, np.float64)
+    if areas.shape != has_tumor.shape or not np.isfinite(areas).all() or (areas < 0).any():
+        raise ValueError(
+            f"areas needs one tumor area (pixels, finite, not negative) per slice: {areas.shape} for "
+            f"{has_tumor.shape} slices"
+        )
+    tumor_areas = np.maximum(areas[tumor], 1.0)
+    case_areas = np.bincount(case_of_slice, weights=tumor_areas)
+    return tumor, free, tumor_areas / (case_areas[case_of_slice] * len(case_areas))
 
 
 def evaluation_dataset(images, targets, batch_size=16):
@@ -647,6 +665,7 @@ def training_dataset(
     flair_only=0.0,
     augmentation="standard",
     tumor_cases=None,
+    tumor_areas=None,
 ):
     """A `tf.data` pipeline of training batches over slices decoded in memory.
 
@@ -675,6 +694,8 @@ def training_dataset(
         tumor_cases: array `(N,)` of case ids, or None. With `tumor_fraction`, the tumor slices are
             drawn case first (`tumor_pools`): each case with tumor equally often, whatever its number of
             tumor slices. Defaults to `None` (every tumor slice equally often).
+        tumor_areas: array `(N,)` of tumor pixels per slice, or None. With `tumor_cases`, a case's tumor
+            slices drawn in proportion to their tumor area (`tumor_pools`). Defaults to `None` (each alike).
 
     Returns:
         `(dataset, steps_per_epoch)`.
@@ -686,9 +707,9 @@ def training_dataset(
     segmentation = targets.ndim == 4
     check_batch_size(batch_size, len(images))
     steps = int(np.ceil(len(images) / batch_size))
-    check_tumor_sampling("slice" if tumor_cases is None else "case", tumor_fraction)
+    check_tumor_sampling(sampling_of(tumor_cases, tumor_areas), tumor_fraction)
     if tumor_fraction is not None:
-        *pools, weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases)
+        *pools, weights = tumor_pools(tumor_fraction, has_tumor, tumor_cases, tumor_areas)
         pools = [tf.constant(pool) for pool in pools]
         if weights is not None:
             log_weights = tf.constant(np.log(weights)[None], tf.float32)
@@ -708,7 +729,7 @@ def training_dataset(
 
         if weights is None:
             tumor_picks = uniform(pools[0], draws[1])
-        else:  # the tumor slices case first: a categorical draw over them, from the same key
+        else:  # the tumor slices case first (and by area): a categorical draw over them, from the same key
             tumor_picks = tf.gather(pools[0], tf.random.stateless_categorical(log_weights, count, draws[1])[0])
         return tf.where(tumor, tumor_picks, uniform(pools[1], draws[2]))
 

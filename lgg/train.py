@@ -484,7 +484,8 @@ def make_datasets(
     validation batches' size (None: `batch_size`). `flair_only`: the share of training slices made
     FLAIR only (`lgg.data.fill_with_flair`). `augmentation`: a name of `lgg.data.AUGMENTATIONS` (or a dict of ranges,
     `lgg.data.augmentation_ranges`). `tumor_sampling`: with `tumor_fraction`, `"slice"` (every tumor slice equally
-    often) or `"case"` (a case first, then one of its tumor slices; `lgg.data.tumor_pools`).
+    often), `"case"` (a case first, then one of its tumor slices; `lgg.data.tumor_pools`) or `"area"` (a case first,
+    then one of its tumor slices in proportion to its tumor area at `image_size`).
     """
     val_batch_size = val_batch_size or batch_size
     if pipeline == "auto":
@@ -505,9 +506,11 @@ def make_datasets(
     else:
         train_targets = train_rows["has_tumor"].to_numpy(np.float32)
         val_targets = val_rows["has_tumor"].to_numpy(np.float32)
-    tumor_cases = train_rows["case_id"].to_numpy() if tumor_sampling == "case" else None
+    tumor_cases = train_rows["case_id"].to_numpy() if tumor_sampling in ("case", "area") else None
+    tumor_areas = train_masks.reshape(len(train_masks), -1).sum(1, dtype=np.int64) if tumor_sampling == "area" else None
     draws = {"seed": seed, "tumor_fraction": tumor_fraction, "has_tumor": train_rows["has_tumor"].to_numpy(),
-             "flair_only": flair_only, "augmentation": augmentation, "tumor_cases": tumor_cases}  # fmt: skip
+             "flair_only": flair_only, "augmentation": augmentation, "tumor_cases": tumor_cases,
+             "tumor_areas": tumor_areas}  # fmt: skip
     if pipeline == "numpy":
         from lgg import batches
 

@@ -128,6 +128,56 @@ def test_tumor_pools_weigh_every_case_alike(unequal_cases):
         data.tumor_pools(0.5, rows.has_tumor, rows.case_id[:-1])
 
 
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_area_sampling_draws_a_cases_tumor_slices_by_their_area(unequal_cases, pipeline):
+    """`tumor_sampling="area"` (`tumor_areas`): each case half of the tumor draws, as case first, and within the case
+    with 11 tumor slices its larger half by area drawn in proportion to their pixels, where case first draws each
+    slice alike. About 250 draws of that case: 0.09 is more than three standard deviations."""
+    from lgg import batches
+
+    rows, images, masks, few, _ = unequal_cases
+    areas = masks.reshape(len(masks), -1).sum(1)
+    many = rows.case_id[rows.case_id != few].iloc[0]
+    in_many = np.flatnonzero((rows.case_id == many).to_numpy() & rows.has_tumor.to_numpy())
+    large = in_many[np.argsort(areas[in_many])[len(in_many) // 2 :]]
+    by_area, by_count = areas[large].sum() / areas[in_many].sum(), len(large) / len(in_many)
+    assert by_area - by_count > 0.2  # the slices' areas differ enough for the draws to tell the samplings apart
+    index = {image.tobytes(): number for number, image in enumerate(images) if rows.has_tumor[number]}
+    options = {"batch_size": 16, "seed": 3, "augment": False, "tumor_fraction": 0.5, "has_tumor": rows.has_tumor,
+               "tumor_cases": rows.case_id.to_numpy(), "tumor_areas": areas}  # fmt: skip
+    if pipeline == "tf.data":
+        dataset, steps = data.training_dataset(images, masks, **options)
+        drawn = [x.numpy() for x, _ in dataset.take(20 * steps)]
+    else:
+        stream = batches.TrainingBatches(images, masks, **options)
+        drawn = [stream[i][0] for i in range(20 * stream.steps)]
+    numbers = np.array([index.get(image.tobytes(), -1) for x in drawn for image in np.asarray(x).astype(np.uint8)])
+    tumor = numbers[numbers >= 0]
+    assert (numbers >= 0).mean() == pytest.approx(0.5, abs=0.08)
+    assert np.isin(tumor, in_many).mean() == pytest.approx(0.5, abs=0.07)
+    assert np.isin(tumor[np.isin(tumor, in_many)], large).mean() == pytest.approx(by_area, abs=0.09)
+
+
+def test_tumor_pools_weigh_slices_by_area_within_a_case(unequal_cases):
+    rows, _, masks = unequal_cases[:3]
+    areas = masks.reshape(len(masks), -1).sum(1).astype(np.float64)
+    tumor, _, weights = data.tumor_pools(0.5, rows.has_tumor, rows.case_id, areas)
+    cases = rows.case_id.to_numpy()[tumor]
+    assert weights.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(pd.Series(weights).groupby(cases).sum().to_numpy(), 0.5)
+    for case in set(cases):  # within a case, in proportion to the tumor pixels
+        np.testing.assert_allclose(weights[cases == case] / weights[cases == case].sum(),
+                                   areas[tumor][cases == case] / areas[tumor][cases == case].sum())  # fmt: skip
+    lost = areas.copy()
+    lost[tumor[0]] = 0  # a tumor slice whose mask lost its pixels in resizing: drawn as one pixel, not never
+    assert data.tumor_pools(0.5, rows.has_tumor, rows.case_id, lost)[2][0] > 0
+    for wrong in (areas[:-1], -areas, np.where(areas > 0, np.nan, 0)):
+        with pytest.raises(ValueError, match="one tumor area"):
+            data.tumor_pools(0.5, rows.has_tumor, rows.case_id, wrong)
+    with pytest.raises(ValueError, match="tumor_areas needs tumor_cases"):
+        data.training_dataset(unequal_cases[1], masks, tumor_fraction=0.5, has_tumor=rows.has_tumor, tumor_areas=areas)
+
+
 def test_case_first_sampling_without_a_tumor_share_is_refused(unequal_cases):
     from lgg import batches
     from lgg.config import RunConfig
@@ -142,6 +192,9 @@ def test_case_first_sampling_without_a_tumor_share_is_refused(unequal_cases):
     with pytest.raises(ValueError, match="tumor_sampling must be one of"):
         RunConfig(tumor_fraction=0.5, tumor_sampling="patient")
     assert RunConfig(tumor_fraction=0.5, tumor_sampling="case").tumor_sampling == "case"
+    with pytest.raises(ValueError, match="tumor_sampling 'area' draws the tumor share"):
+        RunConfig(tumor_sampling="area")
+    assert RunConfig(tumor_fraction=0.5, tumor_sampling="area").tumor_sampling == "area"
 
 
 def test_a_batch_larger_than_the_training_slices_is_refused_not_waited_for(arrays, real_data, tmp_path, capsys):

@@ -144,6 +144,30 @@ def test_train_run_trains_with_the_augmentation_flair_share_and_sampling_it_reco
     assert recorded["tumor_fraction"] == 0.5 and recorded["tumor_sampling"] == "case"
 
 
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_area_sampling_reaches_the_pipeline_with_each_slices_tumor_pixels(real_data, monkeypatch, pipeline):
+    """`make_datasets(tumor_sampling="area")`: the pipeline gets the case of every training slice and its tumor
+    pixels at the training size, so `tumor_pools` weighs a case's slices by area."""
+    from lgg import batches
+
+    slices = data.split_table(data.find_slices(real_data, max_cases=6))
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "training_dataset", record)
+    monkeypatch.setattr(batches, "TrainingBatches", record)
+    with pytest.raises(KeyboardInterrupt):
+        train.make_datasets(slices, "segmentation", 32, 8, tumor_fraction=0.5, tumor_sampling="area", pipeline=pipeline)
+    rows = slices[slices.split == "train"]
+    masks = data.load_arrays(rows, 32)[1]
+    np.testing.assert_array_equal(seen["tumor_areas"], masks.reshape(len(masks), -1).sum(1))
+    np.testing.assert_array_equal(seen["tumor_cases"], rows.case_id.to_numpy())
+    assert seen["tumor_areas"][rows.has_tumor.to_numpy()].min() >= 0 and seen["tumor_areas"].max() > 0
+
+
 def _weights_distance(first, second):
     return float(sum(np.abs(a - b).sum() for a, b in zip(first, second, strict=True)))
 

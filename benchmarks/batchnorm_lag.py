@@ -20,6 +20,7 @@ variance takes the unbiased batch variance: a difference of 0.1 % or less at 128
 import argparse
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -90,6 +91,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=seed, default=0, help="default: %(default)s")
     args = parser.parse_args(argv)
     check_own_json(args.out, ("how", "runs", "train_cases"), "benchmarks/batchnorm_lag.py")  # before measuring
+    try:
+        guards.check_file_apart(args.out, [args.data])
+    except FileExistsError as error:
+        raise SystemExit(str(error)) from None
     slices = data.find_slices(args.data, max_cases=TRAIN_CASES + CHECK_CASES)
     cases = list(dict.fromkeys(slices.case_id))
     if len(cases) < TRAIN_CASES + CHECK_CASES:
@@ -108,6 +113,7 @@ def main(argv=None):
         ],
         "environment": train.environment(),
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_json(result, args.out)
     for run in result["runs"]:
         decoder = [layer["variance_ratio_median"] for layer in run["layers"] if layer["layer"].startswith("dec")]

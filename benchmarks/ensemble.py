@@ -50,6 +50,15 @@ def check_fold(runs):
         for name in ("model.h5", "split.csv", "test_cases.csv"):
             if not (run / name).is_file():
                 raise SystemExit(f"{run} is not a finished run folder: it has no {name}")
+    from lgg.files import file_sha256
+
+    models = {}
+    for run in runs:  # a copy of a run (or of its model) under another folder averages a model with itself
+        digest = file_sha256(run / "model.h5")
+        if digest in models:
+            raise SystemExit(f"{run / 'model.h5'} is the same file as {models[digest]} (sha256 {digest[:12]}): "
+                             "average different models")  # fmt: skip
+        models[digest] = run / "model.h5"
     first = read_split(runs[0])
     for run in runs[1:]:
         if not read_split(run).equals(first):
@@ -138,8 +147,14 @@ def main(argv=None):
 
     ensemble, members = [], [[] for _ in folds[0]]
     staging = out_root.with_name(f".partial-{out_root.name}")  # renamed to runs/ensemble-NAME once all folds are in
-    if staging.exists():
-        raise SystemExit(f"{staging} exists (left by an interrupted run of this script): remove it first")
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:  # made here or refused: another run of the same --name at once would share it, and clear it on failing
+        staging.mkdir()
+    except FileExistsError:
+        raise SystemExit(
+            f"{staging} exists (another run of this script with --name {args.name} is writing it, or one was "
+            "interrupted): remove it first"
+        ) from None
     try:
         for index, (runs, model) in enumerate(zip(folds, averaged), start=1):
             print(f"Fold {index}: averaging {', '.join(str(run) for run in runs)}", flush=True)

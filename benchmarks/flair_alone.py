@@ -98,6 +98,22 @@ def main(argv=None):
     missing = [row for row in fold_rows(args.recipe) if not (RUNS / f"results-{row}" / "model.h5").is_file()]
     if missing:
         raise SystemExit(f"no run folder for {', '.join(missing)} in {RUNS}: train them first (benchmarks/results.py)")
+    missing = [str(RESULTS / row / "test.csv") for row in fold_rows(args.recipe)
+               if not (RESULTS / row / "test.csv").is_file()]  # fmt: skip
+    if missing:
+        raise SystemExit(
+            f"no committed test table {', '.join(missing)}: collect the folds first (benchmarks/results.py)"
+        )
+    from lgg import evaluate
+
+    try:
+        present = data.find_slices(args.data)
+    except (data.DatasetError, FileNotFoundError) as error:
+        raise SystemExit(f"{args.data}: {error}") from None
+    for row in fold_rows(args.recipe):  # every test case of every fold, before any is predicted
+        lacking = evaluate.missing_cases(present, RUNS / f"results-{row}" / "split.csv", ["test"])
+        if lacking:
+            raise SystemExit(f"{len(lacking)} test cases of {row} are not in {args.data}: {lacking[:4]}")
     tables = []
     for row in fold_rows(args.recipe):
         table = score_fold(RUNS / f"results-{row}" / "model.h5", args.data)
@@ -107,7 +123,7 @@ def main(argv=None):
             f"{row}: {table['dice_as_given'].mean():.3f} as given, {table['dice_flair_alone'].mean():.3f} FLAIR alone"
         )
     table = pd.concat(tables, ignore_index=True)
-    slices = data.find_slices(args.data)
+    slices = present
     sequences = sequence_copies(slices[slices["case_id"].isin(table["case_id"])]).set_index("case_id")["sequences"]
     table["sequences"] = table["case_id"].map(sequences)
     given = table[["case_id"]].assign(case_dice=table["dice_as_given"])

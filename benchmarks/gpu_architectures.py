@@ -193,6 +193,13 @@ def main(argv=None):
     if args.command == "prepare" and Path(args.out).exists() and not is_arrays_file(args.out):
         parser.error(f"--out {args.out} exists and is not an arrays file of this script: choose another")
     if args.command == "prepare":
+        from lgg import guards
+
+        try:
+            guards.check_file_apart(args.out, [args.data])
+        except FileExistsError as error:
+            parser.error(str(error))
+    if args.command == "prepare":
         prepare(args.data, args.out)
     else:
         run(args.arrays, args.out, args.minutes, args.models.split(","))

@@ -19,7 +19,8 @@ PyTorch eager): the first step, compiling included, and `train_on_batch` after i
 batch 32 -> `OUT/gpu_compiled.json`.
 """
 
-import json
+import argparse
+import math
 import os
 import sys
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 SETTINGS = [(128, 16), (256, 32), (256, 64)]
+
+from lgg.files import save_json  # noqa: E402  (NumPy only: on the GPU machine too)
 
 
 def main(root, out, seconds=3.0):
@@ -84,7 +87,7 @@ def main(root, out, seconds=3.0):
         results.append(row)
         Path(out).mkdir(parents=True, exist_ok=True)
         summary = {"backend": keras.backend.backend(), "cpu_cores": os.cpu_count(), "seconds": seconds, "rows": results}
-        (Path(out) / "gpu_train_bound.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_json(summary, Path(out) / "gpu_train_bound.json")
 
 
 def compiled(root, out, seconds=3.0):
@@ -123,9 +126,29 @@ def compiled(root, out, seconds=3.0):
         print(row, flush=True)
         found.append(row)
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "gpu_compiled.json").write_text(json.dumps({"torch": torch.__version__, "rows": found}, indent=2))
+        save_json({"torch": torch.__version__, "rows": found}, Path(out) / "gpu_compiled.json")
+
+
+def seconds_type(text):
+    """A positive, finite number of seconds (0 timed no step and would record 0 slices/s)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds; received {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds; received {text!r}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="the restored cases (kaggle_3m or a folder holding it)")
+    parser.add_argument("out", help="a folder for the JSON (a new one for a new measurement)")
+    parser.add_argument("seconds", nargs="?", type=seconds_type, default=3.0, help="per timing (default: 3)")
+    parser.add_argument("--compiled", action="store_true", help="time the step through torch.compile instead")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if a != "--compiled"]
-    (compiled if "--compiled" in sys.argv else main)(*arguments[:2], *(float(a) for a in arguments[2:3]))
+    args = parse_args()
+    (compiled if args.compiled else main)(args.root, args.out, args.seconds)

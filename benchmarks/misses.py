@@ -20,6 +20,7 @@ else is refused, before anything is written).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -200,11 +201,18 @@ def main(argv=None):
                 check_unseen(model, [case_id])  # before anything is written
         except ValueError as error:
             parser.error(str(error))
-    table = sequence_copies(slices).merge(cross_validation, on="case_id", how="inner", validate="one_to_one")
     options = [f"--recipe {args.recipe}"] + ([f"--below {args.below:g}"] if args.below else [])
     options += [f"--model {args.model}"] if args.model else ["--fold-models"] if args.fold_models else []
+    command = "python benchmarks/misses.py " + " ".join(options)
+    earlier = Path(args.out) / f"missing_sequences-{args.recipe}.json"
+    if earlier.is_file():  # another command's figures and facts (the README quotes them) are not replaced unasked
+        written = json.loads(earlier.read_text()).get("command")
+        if written != command:
+            parser.error(f"{earlier} was written by `{written}`, not `{command}`: run that command again, give "
+                         "another --out, or move the file and its figures away first")  # fmt: skip
+    table = sequence_copies(slices).merge(cross_validation, on="case_id", how="inner", validate="one_to_one")
     summary = {
-        "command": "python benchmarks/misses.py " + " ".join(options),
+        "command": command,
         "recipe": args.recipe,
         "drawn_below": args.below,
         "cases": int(len(table)),

@@ -32,7 +32,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results import RECIPE_KEYS  # noqa: E402
+from results import ABSENT_MEANS, RECIPE_KEYS  # noqa: E402
 
 SETTING = ["threshold", "min_component_px", "largest_3d", "hflip_tta"]
 RUN_FILES = ("model.h5", "config.json", "split.csv", "postprocess.json", "val_postprocessing.csv", "test_cases.csv")
@@ -73,7 +73,7 @@ def check_runs(runs):
             config = json.loads((run / "config.json").read_text())
         except ValueError as error:
             raise SystemExit(f"{run}: {error}") from None
-        this = {key: config.get(key) for key in RECIPE_KEYS if key != "split"}
+        this = {key: config.get(key, ABSENT_MEANS.get(key)) for key in RECIPE_KEYS if key != "split"}
         if recipe is not None and this != recipe:
             differ = sorted(key for key in this if this[key] != recipe[key])
             raise SystemExit(f"{run} is of another recipe than {runs[0]} (config.json differs in {differ}): pool the "

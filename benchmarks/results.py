@@ -239,8 +239,9 @@ def comparison_file(prefix):
 # what tells a run's row: (a key a config.json may lack is not compared, except those whose absence means their
 # default: runs from before the setting existed trained that way)
 RECIPE_KEYS = ("kind", "split", "precision", "dice_loss", "seed", "max_minutes", "encoder_weights", "flair_only",
-               "augmentation", "tumor_sampling", "image_size")  # fmt: skip
-ABSENT_MEANS = {"flair_only": 0.0, "augmentation": "standard", "tumor_sampling": "slice"}
+               "augmentation", "tumor_sampling", "image_size", "tumor_fraction", "ema", "base_filters", "attention",
+               "backbone", "learning_rate", "batch_size", "schedule")  # fmt: skip
+ABSENT_MEANS = {"flair_only": 0.0, "augmentation": "standard", "tumor_sampling": "slice", "ema": None}
 
 
 def recipe_mismatch(config, name):
@@ -379,6 +380,19 @@ def collect(name, data_dir):
     return result
 
 
+def refuse_missing(slices, split_file, split_names, data_dir):
+    """Refuse to score a run's `split_names` cases where `data_dir` lacks some of them (`lgg.evaluate.missing_cases`):
+    a figure over the cases at hand would be kept, and quoted, as the run's."""
+    from lgg import evaluate
+
+    missing = evaluate.missing_cases(slices, split_file, split_names)
+    if missing:
+        raise SystemExit(
+            f"{len(missing)} {'/'.join(split_names)} cases of {split_file} are not in {data_dir}: {missing[:4]} "
+            "(nothing was written; give --data the dataset the run was split from)"
+        )
+
+
 def fit(run_dir, data_dir):
     """Raw (threshold 0.5) per-case Dice of a run's model on its training and validation cases,
     beside the test cases: how well it fits what it saw, and how the held-out sets differ.
@@ -386,6 +400,9 @@ def fit(run_dir, data_dir):
     from lgg import evaluate, guards
 
     scores = {}
+    if not all((run_dir / "fit" / f"{split}_summary.json").exists() for split in ("train", "val")):
+        refuse_missing(evaluate.slices_with_split(data_dir, run_dir / "split.csv"), run_dir / "split.csv",
+                       ["train", "val"], data_dir)  # fmt: skip
     guards.mark_folder(run_dir / "fit", guards.EVALUATE_MARKER)  # this script's own folder, also from before marks
     for split in ("train", "val"):
         summary_file = run_dir / "fit" / f"{split}_summary.json"
@@ -767,6 +784,7 @@ def resolution_ceiling(data_dir, sizes=(128, 160, 192)):
     from lgg.inference import resize_probabilities
 
     slices = evaluate.slices_with_split(data_dir, RUNS / "results-unet" / "split.csv")
+    refuse_missing(slices, RUNS / "results-unet" / "split.csv", ["test"], data_dir)
     rows = slices[slices["split"] == "test"]
     _, masks = data.load_arrays(rows, data.NATIVE_SIZE)
     ceiling = {"cases": int(rows["case_id"].nunique()), "sizes": {}}
@@ -1330,7 +1348,15 @@ def ship(name, data_dir, target="unet"):
     """Copy the model of the run `name` into `models/<target>/` (`model.h5` without optimizer state,
     `postprocess.json`, `split.csv`) with `MODEL_CARD.md` and `card.json`. A shipped model is
     replaced only by a run whose recipe scores a higher pooled cross-validated mean per-case Dice
-    on the same patients (`check_shippable`); shipping the shipped run again brings its card up to date."""
+    on the same patients (`check_shippable`); shipping the shipped run again brings its card up to date.
+    One at a time (`models/.lgg-lock`): a second `--ship` would clear the first's staging folder as a leftover."""
+    from lgg import guards
+
+    with guards.folder_lock(MODELS):
+        _ship(name, data_dir, target)
+
+
+def _ship(name, data_dir, target):
     import tempfile
 
     import keras
@@ -1567,20 +1593,27 @@ def main(argv=None):
         given = [flag for flag, value in flags if value]
         if len(given) > 1:
             parser.error(f"{given[0]} does that alone; {', '.join(given[1:])} would be ignored: give them separately")
-    if args.ship:
-        ship(args.ship, args.data)
-        return
-    if args.refresh_card:
-        refresh_card()
+    if args.ship or args.refresh_card:
+        try:  # their refusals name what is wrong and change nothing: a message, not a traceback
+            if args.ship:
+                ship(args.ship, args.data)
+            else:
+                refresh_card()
+        except (ValueError, OSError) as error:
+            raise SystemExit(f"error: {error}") from None
         return
     if args.collect_only and args.train_only:
         parser.error("--collect-only and --train-only contradict each other: give one")
     if args.collect_only and args.retrain:
         parser.error("--retrain trains, --collect-only does not: give one")
+    if args.collect_only and args.models is not None:
+        parser.error("--collect-only collects every row that has a run folder: --models would be ignored")
     names = list(DEFAULT_RUNS) if args.models is None else args.models.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {list(CONFIGS)}")
+    if len(set(names)) < len(names):  # with --retrain the second would train over the first (an hour each)
+        parser.error(f"--models names a row twice ({args.models}): each is trained once")
     if not args.collect_only:
         for name in names:
             train(name, args.data, args.retrain)

@@ -235,11 +235,16 @@ def slices_with_split(data_dir, split_file):
     return slices
 
 
+def missing_cases(slices, split_file, split_names):
+    """The cases `split_file` puts in `split_names` that are not among `slices`' cases, sorted."""
+    split = data.read_split(split_file)
+    return sorted(set(split.loc[split["split"].isin(split_names), "case_id"]) - set(slices["case_id"]))
+
+
 def refuse_missing_cases(slices, split_file, split_names, data_dir, out_dir, run_dir):
     """Name the cases `split_file` puts in `split_names` that `data_dir` lacks. Writing a partial
     score into the run's own folder (`out_dir` None or `run_dir`) is refused; elsewhere it is noted."""
-    split = data.read_split(split_file)
-    missing = sorted(set(split.loc[split["split"].isin(split_names), "case_id"]) - set(slices["case_id"]))
+    missing = missing_cases(slices, split_file, split_names)
     if not missing:
         return
     named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -166,6 +166,23 @@ def check_apart(out_dir, inputs, flag="--out"):
                     )
 
 
+def check_file_apart(out_file, inputs, flag="--out"):
+    """Refuse an output file that would land inside one of the input folders (a dataset, a case folder; each
+    with the dataset folders under it, compared where they really are and as named, as `check_apart`)."""
+    from lgg.data import dataset_candidates
+
+    out, as_named = Path(out_file).resolve(), Path(os.path.abspath(out_file))
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            continue  # a missing input is reported by whoever reads it
+        for name in [item] + [candidate for candidate in dataset_candidates(item)[1:] if candidate.is_dir()]:
+            for output, folder in ((out, name.resolve()), (as_named, Path(os.path.abspath(name)))):
+                if _inside(output, folder):
+                    raise FileExistsError(
+                        f"{flag} {out_file} lies inside the input folder {name}: choose a file apart from the data"
+                    )
+
+
 def check_not_within(out_dir, paths, flag="--out"):
     """Refuse an output folder that holds one of `paths` (e.g. the model file): replacing the
     folder's contents would delete it. (An output folder inside a run folder is fine.)"""

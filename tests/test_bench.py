@@ -81,16 +81,18 @@ def test_the_benchmark_refuses_nonsense_settings(args, tmp_path):
 
 
 def test_an_ensemble_refuses_a_run_twice_a_classifier_and_another_split(tmp_path):
-    def run(name, split="train", kind_file="test_cases.csv"):
+    def run(name, split="train", kind_file="test_cases.csv", model=None):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "model.h5").write_bytes(b"")
+        (folder / "model.h5").write_bytes((model or name).encode())
         (folder / "split.csv").write_text(f"case_id,split\nTCGA_A,{split}\nTCGA_B,test\n")
         (folder / kind_file).write_text("case_id\n")
         return str(folder)
 
     a, other, classifier = run("a"), run("c", split="val"), run("d", kind_file="test_slices.csv")
-    for runs, message in (([a, a], "same run twice"), ([a, classifier], "classifier"), ([a, other], "another split")):
+    copy = run("b", model="a")  # a copy of run a under another name: the same model averaged with itself
+    for runs, message in (([a, a], "same run twice"), ([a, classifier], "classifier"), ([a, other], "another split"),
+                          ([a, copy], "is the same file as")):  # fmt: skip
         command = [sys.executable, str(ROOT / "benchmarks" / "ensemble.py"), "--name", "x", "--fold", *runs]
         completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
         assert completed.returncode != 0 and message in completed.stderr, completed.stderr
@@ -294,3 +296,33 @@ def test_the_gpu_bound_probe_never_writes_over_an_earlier_result(tmp_path, mode,
     completed = subprocess.run([*command, *mode], capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 1 and f"{written} exists: choose a new OUT" in completed.stderr, completed.stderr
     assert (tmp_path / written).read_text() == "an earlier measurement"
+
+
+@pytest.mark.parametrize("script", ["bench", "precision", "batchnorm_lag", "gpu_architectures"])
+def test_a_benchmark_never_writes_its_file_among_the_data(real_data, tmp_path, capsys, script):
+    """`--out` inside the dataset (or a case folder of it) was accepted: `gpu_architectures.py prepare` wrote its
+    arrays into data/kaggle_3m; the others would have written their JSON there after measuring."""
+    import importlib
+
+    main = importlib.import_module(script).main
+    case = sorted(p for p in real_data.iterdir() if p.is_dir())[0]
+    for out in (real_data / "x.json", case / "x.json"):
+        out = out.with_suffix(".npz") if script == "gpu_architectures" else out
+        argv = ["--data", str(real_data), "--out", str(out), *(["--quick"] if script == "bench" else [])]
+        with pytest.raises(SystemExit) as stop:
+            main(["prepare", *argv] if script == "gpu_architectures" else argv)
+        said = f"{stop.value.code} {capsys.readouterr().err}"  # SystemExit's message, or argparse's on stderr
+        assert f"--out {out} lies inside the input folder" in said, said
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["/tmp/lgg"], ["/tmp/lgg", "OUT", "0"], ["/tmp/lgg", "OUT", "nan"]])
+def test_the_gpu_step_timing_refuses_missing_folders_or_no_time(argv, capsys):
+    """`gpu_train_bound.py` took its arguments unchecked: one missing was a TypeError, 0 seconds recorded 0
+    slices/s."""
+    import gpu_train_bound
+
+    with pytest.raises(SystemExit) as stop:
+        gpu_train_bound.parse_args(argv)
+    assert stop.value.code == 2 and "error:" in capsys.readouterr().err
+    assert gpu_train_bound.parse_args(["/tmp/lgg", "OUT", "3", "--compiled"]).seconds == 3.0

@@ -77,12 +77,18 @@ def test_the_step_scores_as_evaluate_on_real_cases(real_data, tmp_path, monkeypa
     classifier = tmp_path / "classifier"
     classifier.mkdir()
     (classifier / "test_slices.csv").write_text("case_id\n")
+    part = tmp_path / "part"  # the dataset less one of the run's test cases: its score would stand for the run's
+    part.mkdir()
+    for case in real_data.iterdir():
+        if case.is_dir() and case.name != cases[0]:
+            (part / case.name).symlink_to(case)
     for bad, message in (
         (argv, "exists: choose another --name"),
         (["--name", "u", str(tmp_path / "nowhere")], "is not a segmenter run folder: it has no model.h5"),
         (["--name", "../u", str(run)], "--name may hold letters"),
         (["--name", "u", str(run), str(classifier)], "is a classifier's run"),
         (["--data", str(real_data), "--name", "u", str(run), "--cases", "TCGA_XX_0000"], "are not validation or test"),
+        (["--data", str(part), "--name", "u", str(run)], f"1 validation / test cases of {run} are not in {part}"),
     ):
         with pytest.raises(SystemExit, match=message):
             components.main(bad)

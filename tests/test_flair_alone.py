@@ -1,6 +1,7 @@
 """`benchmarks/flair_alone.py`: a fold model scores its test cases as `evaluate` does (the committed figures
 come back), and from the FLAIR alone; a FLAIR-only case scores the same both ways."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,3 +40,22 @@ def test_a_fold_model_scores_its_committed_figures_and_a_flair_only_case_the_sam
     wrong.to_csv(subset, index=False)
     with pytest.raises(ValueError, match="not the model that was scored there"):
         flair_alone.check_reproduced(table.reset_index(), subset)
+
+
+def test_the_folds_test_cases_are_all_found_before_any_is_predicted(real_data, tmp_path, monkeypatch):
+    """A `--data` lacking a test case was found only after a fold had been predicted, and blamed as "another run"."""
+    monkeypatch.setattr(flair_alone, "RUNS", tmp_path / "runs")
+    split = pd.read_csv(ROOT / "models" / "unet" / "split.csv")
+    left_out = sorted(set(split.query("split == 'test'").case_id))[0]
+    for row in flair_alone.fold_rows("unet-aug-flair-bf16"):
+        run = tmp_path / "runs" / f"results-{row}"
+        run.mkdir(parents=True)
+        (run / "model.h5").write_bytes(b"not read")
+        shutil.copy(ROOT / "models" / "unet" / "split.csv", run / "split.csv")
+    part = tmp_path / "part"
+    part.mkdir()
+    for case in real_data.iterdir():
+        if case.is_dir() and case.name != left_out:
+            (part / case.name).symlink_to(case)
+    with pytest.raises(SystemExit, match=f"1 test cases of unet-aug-flair-bf16 are not in {part}: \\['{left_out}"):
+        flair_alone.main(["--data", str(part), "--recipe", "unet-aug-flair-bf16"])

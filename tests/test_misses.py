@@ -1,6 +1,7 @@
 """`benchmarks/misses.py`: the cases whose missing sequences the dataset filled with FLAIR are found in
 the real data, and a case is drawn only by a model that never saw it."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -76,3 +77,22 @@ def test_a_recipe_and_a_threshold_are_refused_at_the_door(real_data, tmp_path, c
     # the lowest first: TCGA_DU_7018 (0.29 in results/unet-aug-bf16-cross-validation.csv), scored by fold 5
     assert "runs/results-unet-aug-bf16-fold5/model.h5: no such model file" in capsys.readouterr().err
     assert not out.exists()  # refused before any table or figure is written
+
+
+def test_a_table_written_by_another_command_is_not_replaced(real_data, tmp_path, capsys):
+    """The README quotes `results/missing_sequences-<recipe>.json` as written by one command (`--below 0.5
+    --fold-models`: its figures and their facts); another command (no `--below`) replaced it, facts and all, and
+    left its figures unlisted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "missing_sequences-unet-aug-flair-bf16.json"
+    written = "python benchmarks/misses.py --recipe unet-aug-flair-bf16 --below 0.5 --fold-models"
+    earlier.write_text(json.dumps({"command": written, "drawn": {"TCGA_DU_7018_19911220": {}}}))
+    before = earlier.read_bytes()
+    with pytest.raises(SystemExit):
+        misses.main(["--data", str(real_data), "--out", str(out), "--recipe", "unet-aug-flair-bf16"])
+    assert f"was written by `{written}`, not `python benchmarks/misses.py --recipe unet-aug-flair-bf16`" in (
+        capsys.readouterr().err
+    )
+    assert earlier.read_bytes() == before and sorted(out.iterdir()) == [earlier]
+    assert json.loads((misses.RESULTS / earlier.name).read_text())["command"] == written  # what the README quotes

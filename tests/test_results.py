@@ -422,6 +422,8 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
     assert calls.pop() == (tmp_path / "results-unet-fold4", {"overwrite": False, "resume": False, "verbose": 2})
     with pytest.raises(SystemExit):
         results.main(["--collect-only", "--retrain"])
+    with pytest.raises(SystemExit, match="error: bogus is not a fold row of a cross-validated recipe"):
+        results.main(["--ship", "bogus"])  # a refusal in words, not a traceback
     monkeypatch.setattr(results, "ship", lambda *args: calls.append(("ship", args)))
     monkeypatch.setattr(results, "refresh_card", lambda: calls.append(("refresh_card",)))
     for given in (["--ship", "unet-aug-flair-bf16-fold2", "--models", "unet"], ["--refresh-card", "--collect-only"],
@@ -430,6 +432,9 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
             results.main(given)
     with pytest.raises(SystemExit):  # an empty list (`--models "$NAMES"`) is not the nine-hour default
         results.main(["--models", ""])
+    for given in (["--models", "unet,unet", "--retrain"], ["--collect-only", "--models", "unet"]):
+        with pytest.raises(SystemExit):  # the second run would replace the first; --models would be ignored
+            results.main(given)
     assert not calls
     results.main(["--refresh-card"])
     assert calls == [("refresh_card",)]
@@ -464,6 +469,13 @@ def test_a_run_folder_of_another_recipe_is_neither_resumed_scored_nor_collected(
     (run_dir / "config.json").write_text(json.dumps(settings | {"augmentation": "standard"}))
     with pytest.raises(SystemExit, match="has augmentation 'standard'"):
         results.collect(name, "data")
+    for other in ({"ema": 0.999}, {"tumor_fraction": 0.7}, {"base_filters": 32}):  # rows that differ in these only
+        (run_dir / "config.json").write_text(json.dumps(settings | other))
+        with pytest.raises(SystemExit, match=f"has {next(iter(other))} "):
+            results.collect(name, "data")
+    assert results.recipe_mismatch({k: v for k, v in settings.items() if k != "ema"}, name) is None  # before ema
+    for row, config in results.CONFIGS.items():  # every row's own settings are a run of it
+        assert results.recipe_mismatch(json.loads(json.dumps(dataclasses.asdict(config))), row) is None, row
     (run_dir / "config.json").write_text(json.dumps(settings))
     (run_dir / "test_summary.json").unlink()
     results.train(name, "data")  # its own recipe: the exported model is scored
@@ -479,3 +491,21 @@ def test_a_p_value_near_the_usual_lines_keeps_the_digit_that_tells_which_side():
         "= 0.10",
         "= 0.24",
     ]
+
+
+def test_a_runs_fit_is_not_scored_on_part_of_its_cases(real_data, tmp_path):
+    """`fit` (the training and validation Dice that `collect` records once in `<run>/fit/`) and the resolution
+    ceiling scored the cases `--data` held and said nothing of the rest: the partial figure was kept as the run's."""
+    run = tmp_path / "results-unet-aug-flair-bf16-fold2"
+    run.mkdir()
+    shutil.copy(ROOT / "models" / "unet" / "split.csv", run / "split.csv")
+    split = pd.read_csv(run / "split.csv")
+    left_out = sorted(set(split.query("split == 'train'").case_id))[0]
+    part = tmp_path / "part"
+    part.mkdir()
+    for case in real_data.iterdir():
+        if case.is_dir() and case.name != left_out:
+            (part / case.name).symlink_to(case)
+    with pytest.raises(SystemExit, match=f"1 train/val cases of {run / 'split.csv'} are not in {part}: \\['{left_out}"):
+        results.fit(run, part)
+    assert not (run / "fit").exists()

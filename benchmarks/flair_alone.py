@@ -95,7 +95,10 @@ def main(argv=None):
 
     from lgg import data, metrics
 
-    missing = [row for row in fold_rows(args.recipe) if not (RUNS / f"results-{row}" / "model.h5").is_file()]
+    needed = ("model.h5", "split.csv")
+    missing = [
+        row for row in fold_rows(args.recipe) if not all((RUNS / f"results-{row}" / n).is_file() for n in needed)
+    ]
     if missing:
         raise SystemExit(f"no run folder for {', '.join(missing)} in {RUNS}: train them first (benchmarks/results.py)")
     missing = [str(RESULTS / row / "test.csv") for row in fold_rows(args.recipe)

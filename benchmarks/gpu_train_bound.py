@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("KERAS_BACKEND", "torch")
 SETTINGS = [(128, 16), (256, 32), (256, 64)]
 
 from lgg.files import save_json  # noqa: E402  (NumPy only: on the GPU machine too)
@@ -150,5 +149,6 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # here, not on import: a test imports this module
     args = parse_args()
     (compiled if args.compiled else main)(args.root, args.out, args.seconds)

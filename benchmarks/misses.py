@@ -21,6 +21,7 @@ else is refused, before anything is written).
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -147,6 +148,12 @@ def draw_case(model_path, case_slices, dice, save_path):
     }
 
 
+def drawing_settings(args):
+    """What a table of this script depends on: the recipe, the Dice it draws under, and the model(s) drawing."""
+    model = Path(args.model).resolve() if args.model else None
+    return args.recipe, args.below, model, args.fold_models
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
@@ -192,6 +199,19 @@ def main(argv=None):
     drawn_rows = cross_validation[
         cross_validation["case_dice"] < args.below if args.below else cross_validation["case_dice"] == 0
     ].sort_values("case_dice")
+    options = [f"--recipe {args.recipe}"] + ([f"--below {args.below:g}"] if args.below else [])
+    options += [f"--model {args.model}"] if args.model else ["--fold-models"] if args.fold_models else []
+    command = "python benchmarks/misses.py " + " ".join(options)
+    earlier = Path(args.out) / f"missing_sequences-{args.recipe}.json"
+    if earlier.is_file():  # another command's figures and facts (the README quotes them) are not replaced unasked
+        try:
+            written = json.loads(earlier.read_text())["command"]
+            before = parser.parse_args(shlex.split(written)[2:])  # as this command's settings, --recipe unet if absent
+        except (ValueError, KeyError, TypeError, SystemExit):
+            parser.error(f"{earlier} exists and is not a table of this script: give another --out")
+        if drawing_settings(before) != drawing_settings(args):
+            parser.error(f"{earlier} was written by `{written}`, not `{command}`: run that command again, give "
+                         "another --out, or move the file and its figures away first")  # fmt: skip
     models = {}  # case -> the model that draws it
     if args.model or args.fold_models:
         for case_id, fold in zip(drawn_rows["case_id"], drawn_rows["fold"]):
@@ -201,15 +221,6 @@ def main(argv=None):
                 check_unseen(model, [case_id])  # before anything is written
         except ValueError as error:
             parser.error(str(error))
-    options = [f"--recipe {args.recipe}"] + ([f"--below {args.below:g}"] if args.below else [])
-    options += [f"--model {args.model}"] if args.model else ["--fold-models"] if args.fold_models else []
-    command = "python benchmarks/misses.py " + " ".join(options)
-    earlier = Path(args.out) / f"missing_sequences-{args.recipe}.json"
-    if earlier.is_file():  # another command's figures and facts (the README quotes them) are not replaced unasked
-        written = json.loads(earlier.read_text()).get("command")
-        if written != command:
-            parser.error(f"{earlier} was written by `{written}`, not `{command}`: run that command again, give "
-                         "another --out, or move the file and its figures away first")  # fmt: skip
     table = sequence_copies(slices).merge(cross_validation, on="case_id", how="inner", validate="one_to_one")
     summary = {
         "command": command,

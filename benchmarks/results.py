@@ -389,8 +389,34 @@ def refuse_missing(slices, split_file, split_names, data_dir):
     if missing:
         raise SystemExit(
             f"{len(missing)} {'/'.join(split_names)} cases of {split_file} are not in {data_dir}: {missing[:4]} "
-            "(nothing was written; give --data the dataset the run was split from)"
+            "(give --data the dataset the run was split from)"
         )
+
+
+def check_data_for_collect(data_dir):
+    """Before anything is collected: every case that collecting will score for the first time is in `data_dir`
+    (the training and validation cases of a finished patient-split run not yet scored in its `fit/`, and the
+    test cases of `results-unet` for the resolution ceiling), or SystemExit naming them (`refuse_missing`)."""
+    from lgg import data
+
+    needed = []  # (split file, its splits to be scored)
+    for name in CONFIGS:
+        run_dir = RUNS / f"results-{name}"
+        if not (run_dir / "test_summary.json").is_file() or not (run_dir / "split.csv").is_file():
+            continue
+        scored = all((run_dir / "fit" / f"{split}_summary.json").exists() for split in ("train", "val"))
+        if json.loads((run_dir / "config.json").read_text()).get("split") == "patient" and not scored:
+            needed.append((run_dir / "split.csv", ["train", "val"]))
+    if (RUNS / "results-unet" / "split.csv").is_file():
+        needed.append((RUNS / "results-unet" / "split.csv", ["test"]))
+    if not needed:  # collected from the results files alone (a fresh clone): no data read
+        return
+    try:
+        present = data.find_slices(data_dir)
+    except (data.DatasetError, FileNotFoundError) as error:
+        raise SystemExit(f"{data_dir}: {error}") from None
+    for split_file, split_names in needed:
+        refuse_missing(present, split_file, split_names, data_dir)
 
 
 def fit(run_dir, data_dir):
@@ -1353,7 +1379,7 @@ def ship(name, data_dir, target="unet"):
     from lgg import guards
 
     with guards.folder_lock(MODELS):
-        _ship(name, data_dir, target)
+        return _ship(name, data_dir, target)
 
 
 def _ship(name, data_dir, target):
@@ -1455,7 +1481,15 @@ def card_for(name, target, result, pooled, shipped, against, facts, measured):
 
 def refresh_card(target="unet"):
     """Bring the shipped model's card up to date with the pooled cross-validation of its recipe (more
-    folds run since it shipped). The model file and its measured test figure are left as they are."""
+    folds run since it shipped). The model file and its measured test figure are left as they are. Under
+    `models/.lgg-lock`, as `ship`: a card read before a ship's swap would be written into the new model's folder."""
+    from lgg import guards
+
+    with guards.folder_lock(MODELS):
+        return _refresh_card(target)
+
+
+def _refresh_card(target):
     folder = MODELS / target
     card = json.loads((folder / "card.json").read_text())
     recipe = recipe_of(card["run"])
@@ -1614,6 +1648,8 @@ def main(argv=None):
         parser.error(f"unknown --models {unknown}; choose from {list(CONFIGS)}")
     if len(set(names)) < len(names):  # with --retrain the second would train over the first (an hour each)
         parser.error(f"--models names a row twice ({args.models}): each is trained once")
+    if not args.train_only:
+        check_data_for_collect(args.data)  # at the door: collecting would refuse after rewriting earlier rows
     if not args.collect_only:
         for name in names:
             train(name, args.data, args.retrain)

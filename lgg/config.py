@@ -101,9 +101,10 @@ class RunConfig:
     )
     tumor_sampling: str = _setting(
         "slice",
-        "how the tumor share of each batch is drawn (with tumor_fraction): slice (every tumor slice equally often) "
+        "how the tumor share of each batch is drawn (with tumor_fraction): slice (every tumor slice equally often), "
         "case (a case first, each equally often, then one of its tumor slices: few tumor slices as often as many) or "
-        "area (a case first, then one of its tumor slices in proportion to its tumor area: brain-segmentation-pytorch)",
+        "area (a case first, then one of its tumor slices in proportion to its tumor area, after "
+        "brain-segmentation-pytorch)",
         choices=data.TUMOR_SAMPLINGS,
     )
     flair_only: float = _setting(

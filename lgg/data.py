@@ -608,9 +608,11 @@ def tumor_pools(tumor_fraction, has_tumor, cases=None, areas=None):
     uniformly among those with tumor, then one of its tumor slices, so that a case with 3 tumor slices
     is drawn as often as one with 30 (`tumor_sampling="case"`; brain-segmentation-pytorch draws a
     patient first too); with `areas` too (each slice's tumor pixels), that slice in proportion to its
-    tumor area (`tumor_sampling="area"`, as brain-segmentation-pytorch draws it; a tumor slice whose mask
-    lost its last pixel in resizing counts as one pixel). Refuses a fraction outside (0, 1), slices of
-    one kind only, `cases` or `areas` of another length, or a negative or non-finite area."""
+    tumor area (`tumor_sampling="area"`, after brain-segmentation-pytorch, which also draws a case's
+    tumor-free slices, each as a tenth of the case's mean area, where `tumor_fraction` draws them here; a
+    tumor slice whose mask lost its last pixel in resizing counts as one pixel). Refuses a fraction outside
+    (0, 1), slices of one kind only, `cases` or `areas` of another length, `areas` without `cases`, or a
+    negative or non-finite area."""
     if has_tumor is None or not 0 < tumor_fraction < 1:
         raise ValueError(f"tumor_fraction needs has_tumor and a value in (0, 1); received {tumor_fraction}")
     has_tumor = np.asarray(has_tumor, bool)
@@ -618,6 +620,8 @@ def tumor_pools(tumor_fraction, has_tumor, cases=None, areas=None):
         raise ValueError("tumor_fraction needs slices both with and without tumor")
     tumor, free = np.flatnonzero(has_tumor), np.flatnonzero(~has_tumor)
     if cases is None:
+        if areas is not None:
+            raise ValueError("areas needs cases: the area sampling draws a case first")
         return tumor, free, None
     cases = np.asarray(cases)
     if cases.shape != has_tumor.shape:
@@ -626,11 +630,11 @@ def tumor_pools(tumor_fraction, has_tumor, cases=None, areas=None):
     if areas is None:
         return tumor, free, 1.0 / (slices_of_case[case_of_slice] * len(slices_of_case))
     areas = np.asarray(areas, np.float64)
-    if areas.shape != has_tumor.shape or not np.isfinite(areas).all() or (areas < 0).any():
-        raise ValueError(
-            f"areas needs one tumor area (pixels, finite, not negative) per slice: {areas.shape} for "
-            f"{has_tumor.shape} slices"
-        )
+    if areas.shape != has_tumor.shape:
+        raise ValueError(f"areas needs one tumor area per slice: {areas.shape} for {has_tumor.shape} slices")
+    wrong = np.flatnonzero(~np.isfinite(areas) | (areas < 0))
+    if len(wrong):
+        raise ValueError(f"areas must be tumor pixels, finite and not negative: slice {wrong[0]} has {areas[wrong[0]]}")
     tumor_areas = np.maximum(areas[tumor], 1.0)
     case_areas = np.bincount(case_of_slice, weights=tumor_areas)
     return tumor, free, tumor_areas / (case_areas[case_of_slice] * len(case_areas))

@@ -320,8 +320,12 @@ def test_a_benchmark_never_writes_its_file_among_the_data(real_data, tmp_path, c
 def test_the_gpu_step_timing_refuses_missing_folders_or_no_time(argv, capsys):
     """`gpu_train_bound.py` took its arguments unchecked: one missing was a TypeError, 0 seconds recorded 0
     slices/s."""
+    import os
+
+    backend = os.environ.get("KERAS_BACKEND")
     import gpu_train_bound
 
+    assert os.environ.get("KERAS_BACKEND") == backend  # imported, it leaves the backend of later subprocesses alone
     with pytest.raises(SystemExit) as stop:
         gpu_train_bound.parse_args(argv)
     assert stop.value.code == 2 and "error:" in capsys.readouterr().err

@@ -96,3 +96,13 @@ def test_a_table_written_by_another_command_is_not_replaced(real_data, tmp_path,
     )
     assert earlier.read_bytes() == before and sorted(out.iterdir()) == [earlier]
     assert json.loads((misses.RESULTS / earlier.name).read_text())["command"] == written  # what the README quotes
+    # the same settings spelled otherwise, or recorded before --recipe was: the same table, let through (to the
+    # next refusal here: the fold models are not in this checkout's runs/)
+    (out / "missing_sequences-unet.json").write_text(
+        json.dumps({"command": "python benchmarks/misses.py --model runs/results-unet-again/model.h5"})
+    )
+    for argv in (["--recipe", "unet-aug-flair-bf16", "--fold-models", "--below", "0.50"],
+                 ["--model", str(ROOT / "runs" / "results-unet-again" / "model.h5")]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            misses.main(["--data", str(real_data), "--out", str(out), *argv])
+        assert "was written by" not in capsys.readouterr().err

@@ -171,9 +171,13 @@ def test_tumor_pools_weigh_slices_by_area_within_a_case(unequal_cases):
     lost = areas.copy()
     lost[tumor[0]] = 0  # a tumor slice whose mask lost its pixels in resizing: drawn as one pixel, not never
     assert data.tumor_pools(0.5, rows.has_tumor, rows.case_id, lost)[2][0] > 0
-    for wrong in (areas[:-1], -areas, np.where(areas > 0, np.nan, 0)):
-        with pytest.raises(ValueError, match="one tumor area"):
+    first = tumor[0]
+    for wrong, message in ((areas[:-1], "one tumor area per slice"), (-areas, f"slice {first} has -{areas[first]}"),
+                           (np.where(areas > 0, np.nan, 0), f"slice {first} has nan")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
             data.tumor_pools(0.5, rows.has_tumor, rows.case_id, wrong)
+    with pytest.raises(ValueError, match="areas needs cases"):
+        data.tumor_pools(0.5, rows.has_tumor, None, areas)
     with pytest.raises(ValueError, match="tumor_areas needs tumor_cases"):
         data.training_dataset(unequal_cases[1], masks, tumor_fraction=0.5, has_tumor=rows.has_tumor, tumor_areas=areas)
 
@@ -246,14 +250,17 @@ def test_pipeline_is_far_faster_than_a_training_step(arrays):
 
 
 @pytest.mark.parametrize("augmentation", ["standard", "strong"])
-@pytest.mark.parametrize("tumor_fraction, tumor_sampling", [(None, "slice"), (0.5, "slice"), (0.5, "case")])
+@pytest.mark.parametrize(
+    "tumor_fraction, tumor_sampling", [(None, "slice"), (0.5, "slice"), (0.5, "case"), (0.5, "area")]
+)
 def test_a_resumed_stream_repeats_the_same_epochs(arrays, tumor_fraction, tumor_sampling, augmentation):
     # what makes a resumed run equal an uninterrupted one: epoch e's batches (order, oversampling,
     # augmentation) depend only on (seed, e), not on how many epochs this process has seen
     slices, images, masks = arrays
     options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction, "augmentation": augmentation}
     options["has_tumor"] = slices.has_tumor.to_numpy()
-    options["tumor_cases"] = slices.case_id.to_numpy() if tumor_sampling == "case" else None
+    options["tumor_cases"] = slices.case_id.to_numpy() if tumor_sampling in ("case", "area") else None
+    options["tumor_areas"] = masks.reshape(len(masks), -1).sum(1) if tumor_sampling == "area" else None
     full, steps = data.training_dataset(images, masks, **options)
     resumed, _ = data.training_dataset(images, masks, start_epoch=2, **options)
     expected = list(full.skip(2 * steps).take(steps))
@@ -286,14 +293,17 @@ def test_numpy_and_tf_pipelines_warp_alike(arrays):
 
 
 @pytest.mark.parametrize("augmentation", ["standard", "strong"])
-@pytest.mark.parametrize("tumor_fraction, tumor_sampling", [(None, "slice"), (0.5, "slice"), (0.5, "case")])
+@pytest.mark.parametrize(
+    "tumor_fraction, tumor_sampling", [(None, "slice"), (0.5, "slice"), (0.5, "case"), (0.5, "area")]
+)
 def test_numpy_batches_are_keyed_by_seed_epoch_and_batch(arrays, tumor_fraction, tumor_sampling, augmentation):
     from lgg import batches
 
     slices, images, masks = arrays
     options = {"batch_size": 16, "seed": 5, "tumor_fraction": tumor_fraction, "has_tumor": slices.has_tumor.to_numpy(),
                "augmentation": augmentation}  # fmt: skip
-    options["tumor_cases"] = slices.case_id.to_numpy() if tumor_sampling == "case" else None
+    options["tumor_cases"] = slices.case_id.to_numpy() if tumor_sampling in ("case", "area") else None
+    options["tumor_areas"] = masks.reshape(len(masks), -1).sum(1) if tumor_sampling == "area" else None
     full = batches.TrainingBatches(images, masks, **options)
     resumed = batches.TrainingBatches(images, masks, start_epoch=2, **options)
     steps = full.steps

@@ -229,7 +229,9 @@ def test_shipping_refuses_before_anything_is_written(scratch, name, shift, refus
     with pytest.raises(ValueError, match=refusal):
         results.ship(name, scratch / "no-data")
     assert {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()} == before
-    assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]  # no staging folder left
+    assert sorted(path.name for path in results.MODELS.iterdir() if path.name != ".lgg-lock") == [
+        "unet"
+    ]  # no staging folder left
 
 
 def test_the_shipped_recipe_is_compared_as_it_stands_not_as_its_card_recorded(scratch, real_data):
@@ -265,7 +267,7 @@ def test_a_failure_after_the_door_leaves_the_shipped_model_and_no_staging(scratc
     with pytest.raises(Exception):  # noqa: B017  (whatever h5py or Keras raise for a damaged file)
         results.ship("unet-bf16-fold2", real_data)
     assert {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()} == before
-    assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]
+    assert sorted(path.name for path in results.MODELS.iterdir() if path.name != ".lgg-lock") == ["unet"]
 
 
 def test_a_ship_cut_off_between_its_renames_is_undone_by_hand_not_by_the_next_ship(scratch, real_data):
@@ -277,7 +279,7 @@ def test_a_ship_cut_off_between_its_renames_is_undone_by_hand_not_by_the_next_sh
     before = {path.name: path.read_bytes() for path in (results.MODELS / ".unet-retired").iterdir()}
     with pytest.raises(ValueError, match="interrupted --ship set aside"):
         results.ship("unet-bf16-fold2", real_data)
-    assert sorted(path.name for path in results.MODELS.iterdir()) == [".unet-retired"]
+    assert sorted(path.name for path in results.MODELS.iterdir() if path.name != ".lgg-lock") == [".unet-retired"]
     assert {path.name: path.read_bytes() for path in (results.MODELS / ".unet-retired").iterdir()} == before
 
 
@@ -291,7 +293,7 @@ def test_a_model_file_over_the_size_limit_is_not_shipped(scratch, real_data, mon
     with pytest.raises(ValueError, match=r"results-unet-bf16-fold2/model.h5 holds 8.0 MB of weights"):
         results.ship("unet-bf16-fold2", real_data)
     assert {path: path.read_bytes() for path in (results.MODELS / "unet").iterdir()} == before
-    assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]
+    assert sorted(path.name for path in results.MODELS.iterdir() if path.name != ".lgg-lock") == ["unet"]
 
 
 @pytest.mark.slow
@@ -308,7 +310,7 @@ def test_a_better_recipe_replaces_the_shipped_model_measured_on_its_test_patient
     assert shipped["test"]["case_dice_mean"] == pytest.approx(expected, abs=2e-3)
     text = (results.MODELS / "unet" / "MODEL_CARD.md").read_text()
     assert "candidate recipe `unet-bf16`" in text and "unet-fold2 (recipe `unet`, float32)" in text
-    assert sorted(path.name for path in results.MODELS.iterdir()) == ["unet"]
+    assert sorted(path.name for path in results.MODELS.iterdir() if path.name != ".lgg-lock") == ["unet"]
     assert {path.name for path in (results.MODELS / "unet").iterdir()} == {
         "model.h5", "postprocess.json", "split.csv", "card.json", "MODEL_CARD.md"
     }  # fmt: skip
@@ -422,6 +424,7 @@ def test_training_a_row_keeps_a_finished_run_and_continues_an_interrupted_one(mo
     assert calls.pop() == (tmp_path / "results-unet-fold4", {"overwrite": False, "resume": False, "verbose": 2})
     with pytest.raises(SystemExit):
         results.main(["--collect-only", "--retrain"])
+    monkeypatch.setattr(results, "MODELS", tmp_path / "models")  # --ship takes models/.lgg-lock: not the checkout's
     with pytest.raises(SystemExit, match="error: bogus is not a fold row of a cross-validated recipe"):
         results.main(["--ship", "bogus"])  # a refusal in words, not a traceback
     monkeypatch.setattr(results, "ship", lambda *args: calls.append(("ship", args)))
@@ -493,7 +496,7 @@ def test_a_p_value_near_the_usual_lines_keeps_the_digit_that_tells_which_side():
     ]
 
 
-def test_a_runs_fit_is_not_scored_on_part_of_its_cases(real_data, tmp_path):
+def test_a_runs_fit_is_not_scored_on_part_of_its_cases(real_data, tmp_path, monkeypatch):
     """`fit` (the training and validation Dice that `collect` records once in `<run>/fit/`) and the resolution
     ceiling scored the cases `--data` held and said nothing of the rest: the partial figure was kept as the run's."""
     run = tmp_path / "results-unet-aug-flair-bf16-fold2"
@@ -509,3 +512,16 @@ def test_a_runs_fit_is_not_scored_on_part_of_its_cases(real_data, tmp_path):
     with pytest.raises(SystemExit, match=f"1 train/val cases of {run / 'split.csv'} are not in {part}: \\['{left_out}"):
         results.fit(run, part)
     assert not (run / "fit").exists()
+    # and at the door of --collect-only, before any row is collected: a fold-1 row's finished run not yet fitted
+    monkeypatch.setattr(results, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "results")
+    row = tmp_path / "runs" / "results-unet-aug-flair-bf16"
+    row.mkdir(parents=True)
+    shutil.copy(run / "split.csv", row / "split.csv")
+    (row / "config.json").write_text(json.dumps({"split": "patient"}))
+    (row / "test_summary.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"1 train/val cases of {row / 'split.csv'} are not in {part}"):
+        results.main(["--collect-only", "--data", str(part)])
+    assert not (tmp_path / "results").exists() and sorted(p.name for p in row.iterdir()) == [
+        "config.json", "split.csv", "test_summary.json"
+    ]  # fmt: skip

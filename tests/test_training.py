@@ -165,7 +165,8 @@ def test_area_sampling_reaches_the_pipeline_with_each_slices_tumor_pixels(real_d
     masks = data.load_arrays(rows, 32)[1]
     np.testing.assert_array_equal(seen["tumor_areas"], masks.reshape(len(masks), -1).sum(1))
     np.testing.assert_array_equal(seen["tumor_cases"], rows.case_id.to_numpy())
-    assert seen["tumor_areas"][rows.has_tumor.to_numpy()].min() >= 0 and seen["tumor_areas"].max() > 0
+    assert (seen["tumor_areas"][rows.has_tumor.to_numpy()] > 0).mean() > 0.9  # at 32 px a few tiny tumors vanish
+    assert (seen["tumor_areas"][~rows.has_tumor.to_numpy()] == 0).all()
 
 
 def _weights_distance(first, second):

@@ -19,6 +19,17 @@ def real_data():
     return REAL_DATA
 
 
+def data_without(real_data, folder, case_id):
+    """`folder` made a dataset of the real cases less `case_id` (each case folder a link): what a run's figure over
+    the cases at hand would be computed from."""
+    folder = Path(folder)
+    folder.mkdir()
+    for case in real_data.iterdir():
+        if case.is_dir() and case.name != case_id:
+            (folder / case.name).symlink_to(case)
+    return folder
+
+
 def write_case(root, case_id="TCGA_XX_0001_20000101", slices=3, tumor_slices=(2,), size=256):
     """Write a small case in the Kaggle layout (for tests that need a special or broken file)."""
     case_dir = Path(root) / case_id

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import data_without
 
 from lgg import evaluate, postprocess
 
@@ -77,11 +78,7 @@ def test_the_step_scores_as_evaluate_on_real_cases(real_data, tmp_path, monkeypa
     classifier = tmp_path / "classifier"
     classifier.mkdir()
     (classifier / "test_slices.csv").write_text("case_id\n")
-    part = tmp_path / "part"  # the dataset less one of the run's test cases: its score would stand for the run's
-    part.mkdir()
-    for case in real_data.iterdir():
-        if case.is_dir() and case.name != cases[0]:
-            (part / case.name).symlink_to(case)
+    part = data_without(real_data, tmp_path / "part", cases[0])  # a score without one of the run's test cases
     for bad, message in (
         (argv, "exists: choose another --name"),
         (["--name", "u", str(tmp_path / "nowhere")], "is not a segmenter run folder: it has no model.h5"),

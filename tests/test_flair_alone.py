@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import data_without
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -52,10 +53,6 @@ def test_the_folds_test_cases_are_all_found_before_any_is_predicted(real_data, t
         run.mkdir(parents=True)
         (run / "model.h5").write_bytes(b"not read")
         shutil.copy(ROOT / "models" / "unet" / "split.csv", run / "split.csv")
-    part = tmp_path / "part"
-    part.mkdir()
-    for case in real_data.iterdir():
-        if case.is_dir() and case.name != left_out:
-            (part / case.name).symlink_to(case)
+    part = data_without(real_data, tmp_path / "part", left_out)
     with pytest.raises(SystemExit, match=f"1 test cases of unet-aug-flair-bf16 are not in {part}: \\['{left_out}"):
         flair_alone.main(["--data", str(part), "--recipe", "unet-aug-flair-bf16"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import data_without
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -504,11 +505,7 @@ def test_a_runs_fit_is_not_scored_on_part_of_its_cases(real_data, tmp_path, monk
     shutil.copy(ROOT / "models" / "unet" / "split.csv", run / "split.csv")
     split = pd.read_csv(run / "split.csv")
     left_out = sorted(set(split.query("split == 'train'").case_id))[0]
-    part = tmp_path / "part"
-    part.mkdir()
-    for case in real_data.iterdir():
-        if case.is_dir() and case.name != left_out:
-            (part / case.name).symlink_to(case)
+    part = data_without(real_data, tmp_path / "part", left_out)
     with pytest.raises(SystemExit, match=f"1 train/val cases of {run / 'split.csv'} are not in {part}: \\['{left_out}"):
         results.fit(run, part)
     assert not (run / "fit").exists()

@@ -90,11 +90,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=steps, default=200, help="training steps (default: %(default)s)")
     parser.add_argument("--seed", type=seed, default=0, help="default: %(default)s")
     args = parser.parse_args(argv)
-    check_own_json(args.out, ("how", "runs", "train_cases"), "benchmarks/batchnorm_lag.py")  # before measuring
-    try:
-        guards.check_file_apart(args.out, [args.data])
-    except FileExistsError as error:
-        raise SystemExit(str(error)) from None
+    check_own_json(args.out, ("how", "runs", "train_cases"), "benchmarks/batchnorm_lag.py", [args.data])  # first
     slices = data.find_slices(args.data, max_cases=TRAIN_CASES + CHECK_CASES)
     cases = list(dict.fromkeys(slices.case_id))
     if len(cases) < TRAIN_CASES + CHECK_CASES:

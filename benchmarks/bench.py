@@ -756,11 +756,7 @@ def main(argv=None):
     if args.memory_worker:
         memory_worker(args.data, args.batch_size, args.steps or MEMORY_STEPS, args.memory_worker)
         return
-    check_own_json(args.out, ("machine", "settings", "side_by_side"), "benchmarks/bench.py")  # before measuring
-    try:
-        guards.check_file_apart(args.out, [args.data])
-    except FileExistsError as error:
-        raise SystemExit(str(error)) from None
+    check_own_json(args.out, ("machine", "settings", "side_by_side"), "benchmarks/bench.py", [args.data])  # first
     check_replaces_like(args.out, quick=args.quick, fused_batchnorm=not args.stock_batchnorm)
     quick = QUICK if args.quick else {}
     size = args.image_size or quick.get("image_size", IMAGE_SIZE)

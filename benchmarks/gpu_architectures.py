@@ -199,7 +199,6 @@ def main(argv=None):
             guards.check_file_apart(args.out, [args.data])
         except FileExistsError as error:
             parser.error(str(error))
-    if args.command == "prepare":
         prepare(args.data, args.out)
     else:
         run(args.arrays, args.out, args.minutes, args.models.split(","))

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from lgg import data, guards, train  # noqa: E402
+from lgg import data, train  # noqa: E402
 from lgg.files import check_own_json, save_json  # noqa: E402
 
 # (model, precision, XLA): timed steps per fit (the ResNet50 U-Net is about 4x slower per slice)
@@ -87,11 +87,7 @@ def main(argv=None):
             parser.error(f"--{setting.replace('_', '-')} must be at least 1, got {getattr(args, setting)}")
     if args.image_size % 32 or args.image_size > 256:  # the ResNet50 U-Net halves the size 5 times
         parser.error(f"--image-size must be a multiple of 32 up to 256 (the slices' size), got {args.image_size}")
-    check_own_json(args.out, ("train_picks", "settings", "unet"), "benchmarks/precision.py")
-    try:
-        guards.check_file_apart(args.out, [args.data])
-    except FileExistsError as error:
-        raise SystemExit(str(error)) from None
+    check_own_json(args.out, ("train_picks", "settings", "unet"), "benchmarks/precision.py", [args.data])
     try:
         slices = data.find_slices(args.data, max_cases=args.cases)
     except (data.DatasetError, FileNotFoundError) as error:

@@ -393,6 +393,11 @@ def refuse_missing(slices, split_file, split_names, data_dir):
         )
 
 
+def fitted(run_dir):
+    """Whether `fit` has scored the run's training and validation cases (once, into `<run>/fit/`)."""
+    return all((run_dir / "fit" / f"{split}_summary.json").exists() for split in ("train", "val"))
+
+
 def check_data_for_collect(data_dir):
     """Before anything is collected: every case that collecting will score for the first time is in `data_dir`
     (the training and validation cases of a finished patient-split run not yet scored in its `fit/`, and the
@@ -404,8 +409,7 @@ def check_data_for_collect(data_dir):
         run_dir = RUNS / f"results-{name}"
         if not (run_dir / "test_summary.json").is_file() or not (run_dir / "split.csv").is_file():
             continue
-        scored = all((run_dir / "fit" / f"{split}_summary.json").exists() for split in ("train", "val"))
-        if json.loads((run_dir / "config.json").read_text()).get("split") == "patient" and not scored:
+        if json.loads((run_dir / "config.json").read_text()).get("split") == "patient" and not fitted(run_dir):
             needed.append((run_dir / "split.csv", ["train", "val"]))
     if (RUNS / "results-unet" / "split.csv").is_file():
         needed.append((RUNS / "results-unet" / "split.csv", ["test"]))
@@ -426,7 +430,7 @@ def fit(run_dir, data_dir):
     from lgg import evaluate, guards
 
     scores = {}
-    if not all((run_dir / "fit" / f"{split}_summary.json").exists() for split in ("train", "val")):
+    if not fitted(run_dir):
         refuse_missing(evaluate.slices_with_split(data_dir, run_dir / "split.csv"), run_dir / "split.csv",
                        ["train", "val"], data_dir)  # fmt: skip
     guards.mark_folder(run_dir / "fit", guards.EVALUATE_MARKER)  # this script's own folder, also from before marks

@@ -36,10 +36,18 @@ def copy_file(source, target):
         shutil.copyfile(source, temporary)
 
 
-def check_own_json(path, keys, writer):
-    """Refuse (SystemExit, naming it) a `path` to be written later that is a folder, or an existing file
-    other than a JSON object holding `keys`, as `writer` writes: a results file may replace its own
-    earlier version, never a README, a data file or another tool's results. Call it before measuring."""
+def check_own_json(path, keys, writer, inputs=()):
+    """Refuse (SystemExit, naming it) a `path` to be written later that is a folder, inside one of the input
+    folders `inputs` (`lgg.guards.check_file_apart`), or an existing file other than a JSON object holding `keys`,
+    as `writer` writes: a results file may replace its own earlier version, never a README, a data file or another
+    tool's results. Call it before measuring."""
+    if inputs:
+        from lgg import guards
+
+        try:
+            guards.check_file_apart(path, inputs)
+        except FileExistsError as error:
+            raise SystemExit(str(error)) from None
     path = Path(path)
     if path.is_dir():
         raise SystemExit(f"{path} is a folder: --out names the JSON file to write")

@@ -631,8 +631,9 @@ def recipe_comparison(results, prefix):
     """A candidate recipe against the headline (or its `PAIRED_WITH` recipe), paired: for every fold both
     have run, each test case's Dice under the candidate minus under the other (the same patients, the
     same fold split); the mean difference with its 95 % bootstrap interval, cases better / worse,
-    Wilcoxon p, both pooled means, and both curves of the Dice after N minutes over those cases (its
-    `headline_*` keys hold the partner's figures, `paired_with` names it).
+    Wilcoxon p, both pooled means, the same paired figures for each fold alone, and both curves of the
+    Dice after N minutes over those cases (its `headline_*` keys hold the partner's figures, `paired_with`
+    names it).
     -> `results/<prefix>-vs-<partner>.json`, or None before any fold pair exists."""
     from lgg import metrics
 
@@ -652,8 +653,11 @@ def recipe_comparison(results, prefix):
                 pairs.append((by_name[name], by_name[baseline]))
     if not pairs:
         return None
-    candidate = pd.concat([pd.read_csv(RESULTS / c["name"] / "test.csv") for c, _ in pairs], ignore_index=True)
-    headline = pd.concat([pd.read_csv(RESULTS / b["name"] / "test.csv") for _, b in pairs], ignore_index=True)
+    tests = [
+        (pd.read_csv(RESULTS / c["name"] / "test.csv"), pd.read_csv(RESULTS / b["name"] / "test.csv")) for c, b in pairs
+    ]
+    candidate = pd.concat([ours for ours, _ in tests], ignore_index=True)
+    headline = pd.concat([theirs for _, theirs in tests], ignore_index=True)
     comparison = {
         "candidate": prefix,
         "change": CANDIDATES[prefix],
@@ -678,8 +682,9 @@ def recipe_comparison(results, prefix):
                 "headline_precision": b.get("precision", "float32"),
                 # a time-limited recipe's epochs depend on the CPU: a pair is fair only on the same kind
                 "same_cpu": _same_cpu(c, b),
+                "paired": metrics.paired_comparison(*test),
             }
-            for c, b in pairs
+            for (c, b), test in zip(pairs, tests)
         ],
     }
     for key, rows in (

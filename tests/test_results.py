@@ -151,6 +151,9 @@ def test_a_candidate_is_paired_with_the_recipe_it_is_computed_like(scratch):
     ]
     assert comparison["paired"]["cases"] == 22 + 17
     assert comparison["paired"]["mean_difference"] == pytest.approx(0.01, abs=1e-9)
+    # each fold's own pairing too, on its own patients
+    assert [f["paired"]["cases"] for f in comparison["per_fold"]] == [22, 17]
+    assert all(f["paired"]["mean_difference"] == pytest.approx(0.01, abs=1e-9) for f in comparison["per_fold"])
     assert (results.RESULTS / "resnet50-unet-bf16-vs-unet-bf16.json").exists()
     assert not (results.RESULTS / "resnet50-unet-bf16-vs-unet.json").exists()
     text = results.recipe_comparison_text(comparison)

@@ -1,0 +1,129 @@
+"""benchmarks/paired.py: two per-case tables paired case by case, on the committed cross-validation tables."""
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import paired  # noqa: E402
+
+RESULTS = ROOT / "results"
+FLAIR, AUG = RESULTS / "unet-aug-flair-bf16-cross-validation.csv", RESULTS / "unet-aug-bf16-cross-validation.csv"
+GROUPS = RESULTS / "missing_sequences-unet-aug-flair-bf16.json"
+
+
+def flat(value, prefix=""):
+    """Nested figures as {path: number or text}, for comparing them within a tolerance CPUs agree on."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}/{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}/{i}").items()}
+    return {prefix: value}
+
+
+@pytest.mark.parametrize("committed", sorted((RESULTS / "paired").glob("*.json")), ids=lambda p: p.stem)
+def test_every_committed_pairing_is_what_its_recorded_command_gives_on_the_files_it_names(committed, tmp_path):
+    """The README quotes these files: each must come from its command, on inputs unchanged since."""
+    recorded = json.loads(committed.read_text())
+    argv = shlex.split(recorded["command"])[2:]
+    out = argv.index("--out")
+    argv[out + 1] = str(tmp_path / "again.json")
+    for side in ("candidate", "other"):
+        for path, sha256 in recorded[side].items():
+            assert paired.file_sha256(ROOT / path) == sha256, f"{path} changed since {committed.name} was written"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        paired.main(argv)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["paired"]["cases"] == recorded["paired"]["cases"]
+    for key in ("mean_difference", "wilcoxon_p"):
+        assert again["paired"][key] == pytest.approx(recorded["paired"][key], abs=1e-9)
+    assert again["paired"]["mean_difference_ci95"] == pytest.approx(
+        recorded["paired"]["mean_difference_ci95"], abs=1e-9
+    )
+    assert flat(again["by_tumor_volume_quarter"]) == pytest.approx(flat(recorded["by_tumor_volume_quarter"]), abs=1e-9)
+
+
+def test_the_flair_only_recipe_against_the_one_it_replaced_as_the_readme_quotes_it(capsys):
+    result = paired.paired([FLAIR], [AUG], GROUPS)
+    p = result["paired"]
+    assert (p["cases"], p["better"], p["worse"]) == (88, 49, 39)
+    assert round(p["mean_difference"], 3) == 0.017 and [round(x, 3) for x in p["mean_difference_ci95"]] == [
+        0.007,
+        0.034,
+    ]
+    smallest = result["by_tumor_volume_quarter"][0]
+    assert smallest["cases"] == 22 and (round(smallest["other_mean"], 3), round(smallest["candidate_mean"], 3)) == (
+        0.740,
+        0.783,
+    )
+    flair_only = result["by_group"]["FLAIR only"]
+    assert sorted(round(d, 2) for d in flair_only["within"]["differences"].values()) == [0.03, 0.10, 0.10, 0.11]
+    others = flair_only["outside"]["paired"]
+    assert (others["cases"], others["better"], others["worse"], round(others["mean_difference"], 3)) == (
+        84,
+        45,
+        39,
+        0.014,
+    )
+    # the candidate and the other swapped: the same pairs, the difference negated
+    swapped = paired.paired([AUG], [FLAIR])["paired"]
+    assert swapped["mean_difference"] == pytest.approx(-p["mean_difference"], abs=1e-12)
+    assert (swapped["better"], swapped["worse"]) == (39, 49)
+
+
+def test_fold_tables_of_both_sides_are_concatenated_and_a_case_twice_is_refused(tmp_path):
+    folds = pd.read_csv(FLAIR)
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    folds[folds.fold == "unet-aug-flair-bf16"].to_csv(first, index=False)
+    folds[folds.fold == "unet-aug-flair-bf16-fold2"].to_csv(second, index=False)
+    other = pd.read_csv(AUG)
+    other = other[
+        other.case_id.isin(folds[folds.fold.isin(["unet-aug-flair-bf16", "unet-aug-flair-bf16-fold2"])].case_id)
+    ]
+    other.to_csv(tmp_path / "other.csv", index=False)
+    result = paired.paired([first, second], [tmp_path / "other.csv"])
+    assert result["paired"]["cases"] == 22 + 17
+    with pytest.raises(ValueError, match=r"case TCGA_\w+ appears twice .*a\.csv"):
+        paired.paired([first, first], [tmp_path / "other.csv"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.iloc[1:], "the two sides hold different cases"),
+        (lambda t: t.drop(columns="true_volume_px"), "no column true_volume_px"),
+        (lambda t: t.assign(case_dice=t.case_dice * 2), r"case_dice must be numbers in \[0, 1\]"),
+        (lambda t: t.assign(true_volume_px=t.true_volume_px + 1), "true_volume_px differs"),
+    ],
+)
+def test_tables_that_do_not_pair_are_refused_naming_what_is_wrong(tmp_path, change, message):
+    table = tmp_path / "changed.csv"
+    change(pd.read_csv(AUG)).to_csv(table, index=False)
+    with pytest.raises(ValueError, match=message):
+        paired.paired([FLAIR], [table])
+
+
+def test_out_never_replaces_a_file_of_another_command(tmp_path):
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": 1}\n')
+    with pytest.raises(SystemExit, match="not a file of benchmarks/paired.py"):
+        paired.main(["--candidate", str(FLAIR), "--other", str(AUG), "--out", str(foreign)])
+    assert foreign.read_text() == '{"mine": 1}\n'
+
+
+def test_the_groups_of_sequences_are_taken_among_the_tables_cases(tmp_path):
+    fold = pd.read_csv(FLAIR)
+    fold = fold[fold.fold == "unet-aug-flair-bf16-fold3"]
+    fold.to_csv(tmp_path / "fold3.csv", index=False)
+    groups = paired.paired([tmp_path / "fold3.csv"], [tmp_path / "fold3.csv"], GROUPS)["by_group"]
+    assert sum(group["within"]["cases"] for group in groups.values()) == 16
+    assert groups["all three sequences"]["within"]["paired"]["mean_difference"] == 0
+    with pytest.raises(ValueError, match="not a missing_sequences JSON"):
+        paired.paired([FLAIR], [AUG], FLAIR)

@@ -35,20 +35,28 @@ LOW = 0.5  # a case "under 0.5" is mostly missed
 
 def read_cases(paths):
     """The per-case tables at `paths`, concatenated -> DataFrame. Refuses (ValueError, naming the file) a file
-    that is not such a table, and a case found twice."""
+    that is not such a table (no rows, a blank case id, a Dice outside [0, 1], a tumor volume that is not a whole
+    number of pixels), and a case found twice."""
     tables = []
     for path in paths:
         try:
-            table = pd.read_csv(path)
+            table = pd.read_csv(path, dtype={"case_id": str})
         except (OSError, ValueError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: not a readable CSV ({error})") from None
         missing = [c for c in COLUMNS if c not in table.columns]
         if missing:
             raise ValueError(f"{path}: no column {', '.join(missing)}: not a per-case table of this repository")
+        if table.empty:
+            raise ValueError(f"{path}: no cases")
+        if table.case_id.isna().any() or (table.case_id.str.strip() != table.case_id).any():
+            raise ValueError(f"{path}: a blank case_id, or one with spaces around it")
         dice = pd.to_numeric(table.case_dice, errors="coerce")
         if dice.isna().any() or not dice.between(0, 1).all():
             raise ValueError(f"{path}: case_dice must be numbers in [0, 1]")
-        tables.append(table.assign(source=str(path)))
+        volume = pd.to_numeric(table.true_volume_px, errors="coerce")
+        if volume.isna().any() or (volume < 0).any() or (volume != volume.round()).any():
+            raise ValueError(f"{path}: true_volume_px must be whole numbers of pixels, 0 or more")
+        tables.append(table.assign(case_dice=dice, true_volume_px=volume.astype(int), source=str(path)))
     cases = pd.concat(tables, ignore_index=True)
     twice = cases[cases.case_id.duplicated(keep=False)]
     if len(twice):
@@ -60,17 +68,27 @@ def read_cases(paths):
 
 def groups_of(path, case_ids):
     """The groups of sequences of a `missing_sequences-*.json`, among `case_ids` -> {group: set of case ids};
-    the group whose `case_ids` is null (all three sequences) holds the cases no other group lists."""
+    the one group whose `case_ids` is null (all three sequences) holds the cases no other group lists. Refuses
+    (ValueError, naming the file) another shape, a listed group whose count is not its `cases`, and a case in
+    two groups."""
     try:
         groups = json.loads(Path(path).read_text())["groups"]
-        listed = {name: set(group["case_ids"]) for name, group in groups.items() if group["case_ids"] is not None}
-        rest = [name for name, group in groups.items() if group["case_ids"] is None]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        listed = {}
+        for name, group in groups.items():
+            ids = group["case_ids"]
+            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                raise TypeError(f"the case_ids of {name!r} are not a list of case ids")
+            if ids is not None and len(set(ids)) != group["cases"]:
+                raise TypeError(f"{name!r} lists {len(set(ids))} cases where it counts {group['cases']}")
+            listed[name] = ids
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not a missing_sequences JSON of benchmarks/misses.py ({error})") from None
-    named = set().union(*listed.values())
+    rest = [name for name, ids in listed.items() if ids is None]
+    named = [i for ids in listed.values() if ids is not None for i in ids]
+    if len(rest) != 1 or len(named) != len(set(named)):
+        raise ValueError(f"{path}: needs one group of the remaining cases (case_ids null) and no case in two groups")
     return {
-        **{name: members & set(case_ids) for name, members in listed.items()},
-        **{name: set(case_ids) - named for name in rest},
+        name: set(case_ids) - set(named) if ids is None else set(ids) & set(case_ids) for name, ids in listed.items()
     }
 
 
@@ -99,6 +117,9 @@ def compare(candidate, other, cases=None):
 
 def paired(candidate_paths, other_paths, groups_path=None, command=None):
     """Everything the script reports -> dict (see the module's docstring); `command` is recorded as given."""
+    same = {Path(p).resolve() for p in candidate_paths} & {Path(p).resolve() for p in other_paths}
+    if same:
+        raise ValueError(f"{sorted(same)[0]} is on both sides: pair two recipes or runs, not one with itself")
     candidate, other = read_cases(candidate_paths), read_cases(other_paths)
     if set(candidate.case_id) != set(other.case_id):
         one_side = sorted(set(candidate.case_id) ^ set(other.case_id))
@@ -106,8 +127,12 @@ def paired(candidate_paths, other_paths, groups_path=None, command=None):
             f"the two sides hold different cases (on one side only: {one_side[:5]}): pair the same patients"
         )
     volumes = other.set_index("case_id").true_volume_px
-    if not (candidate.set_index("case_id").true_volume_px.loc[volumes.index] == volumes).all():
-        raise ValueError("true_volume_px differs between the sides: the tables come from different masks or sizes")
+    apart = volumes.index[candidate.set_index("case_id").true_volume_px.loc[volumes.index] != volumes]
+    if len(apart):
+        raise ValueError(
+            f"true_volume_px of {apart[0]} differs between the sides ({len(apart)} cases): the tables come from "
+            "different masks or sizes"
+        )
     result = {
         "command": command,
         "candidate": {str(p): file_sha256(p) for p in candidate_paths},
@@ -117,24 +142,27 @@ def paired(candidate_paths, other_paths, groups_path=None, command=None):
         "other_median": float(other.case_dice.median()),
         **compare(candidate, other),
     }
-    quarter = pd.qcut(volumes, 4, labels=False, duplicates="drop")
-    result["by_tumor_volume_quarter"] = [
-        {
-            "true_volume_px": [int(volumes[quarter == q].min()), int(volumes[quarter == q].max())],
-            **compare(candidate, other, set(quarter.index[quarter == q])),
-        }
-        for q in sorted(quarter.unique())
-    ]
+    quarter = pd.qcut(volumes.rank(method="first"), 4, labels=False) if len(volumes) >= 8 else None
+    result["by_tumor_volume_quarter"] = (  # equal quarters by rank: ties of volume split by table order
+        None
+        if quarter is None
+        else [
+            {
+                "true_volume_px": [int(volumes[quarter == q].min()), int(volumes[quarter == q].max())],
+                **compare(candidate, other, set(quarter.index[quarter == q])),
+            }
+            for q in range(4)
+        ]
+    )
     if groups_path is not None:
         result["groups_from"] = str(groups_path)
         result["by_group"] = {}
         for name, members in groups_of(groups_path, set(other.case_id)).items():
-            if members:
-                outside = set(other.case_id) - members
-                result["by_group"][name] = {
-                    "within": compare(candidate, other, members),
-                    "outside": compare(candidate, other, outside) if outside else None,
-                }
+            outside = set(other.case_id) - members
+            result["by_group"][name] = {
+                "within": compare(candidate, other, members) if members else None,
+                "outside": compare(candidate, other, outside) if outside else None,
+            }
     return result
 
 
@@ -149,6 +177,22 @@ def line(name, figures):
     )
 
 
+def check_out(out, candidate_paths, other_paths):
+    """Refuse (SystemExit) an `--out` that is not a JSON file this script may write: another tool's file, a
+    folder, one below a file, or this script's file of another pairing (a pairing is replaced only by itself)."""
+    check_own_json(out, KEYS, "benchmarks/paired.py")
+    parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise SystemExit(f"{parent} is a file: --out must be a JSON file in a folder")
+    if Path(out).exists():
+        found = json.loads(Path(out).read_text())
+        if (set(found["candidate"]), set(found["other"])) != (
+            {str(p) for p in candidate_paths},
+            {str(p) for p in other_paths},
+        ):
+            raise SystemExit(f"{out} holds the pairing of other tables: choose another --out")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidate", nargs="+", type=Path, required=True, help="per-case table(s) of one side")
@@ -157,18 +201,20 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file (this script's own)")
     args = parser.parse_args(argv)
     if args.out is not None:
-        check_own_json(args.out, KEYS, "benchmarks/paired.py")
+        check_out(args.out, args.candidate, args.other)
     try:
         command = " ".join(["python", "benchmarks/paired.py", *(sys.argv[1:] if argv is None else argv)])
         result = paired(args.candidate, args.other, args.groups, command)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     print(line("all", result))
-    for q, figures in enumerate(result["by_tumor_volume_quarter"], 1):
+    if result["by_tumor_volume_quarter"] is None:
+        print(f"no quarters of tumor volume: {result['cases']} cases, fewer than 8")
+    for q, figures in enumerate(result["by_tumor_volume_quarter"] or (), 1):
         low, high = figures["true_volume_px"]
         print(line(f"tumor volume quarter {q} ({low}-{high} px)", figures))
     for name, group in result.get("by_group", {}).items():
-        print(line(name, group["within"]))
+        print(line(name, group["within"]) if group["within"] else f"{name}: none of these cases")
         if group["outside"]:
             print(line(f"all but {name}", group["outside"]))
     if args.out is not None:

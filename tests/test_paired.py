@@ -100,7 +100,13 @@ def test_fold_tables_of_both_sides_are_concatenated_and_a_case_twice_is_refused(
         (lambda t: t.iloc[1:], "the two sides hold different cases"),
         (lambda t: t.drop(columns="true_volume_px"), "no column true_volume_px"),
         (lambda t: t.assign(case_dice=t.case_dice * 2), r"case_dice must be numbers in \[0, 1\]"),
-        (lambda t: t.assign(true_volume_px=t.true_volume_px + 1), "true_volume_px differs"),
+        (lambda t: t.assign(true_volume_px=t.true_volume_px + 1), r"true_volume_px of TCGA_\w+ differs .*88 cases"),
+        (lambda t: t.iloc[:0], "changed.csv: no cases"),
+        (lambda t: t.assign(case_id=t.case_id.where(t.index > 0, None)), "a blank case_id"),
+        (lambda t: t.assign(case_id=t.case_id + " "), "a blank case_id, or one with spaces around it"),
+        (lambda t: t.assign(true_volume_px=-t.true_volume_px), "true_volume_px must be whole numbers"),
+        (lambda t: t.assign(true_volume_px=t.true_volume_px.astype(str).where(t.index > 0, "big")), "whole numbers"),
+        (lambda t: t.assign(true_volume_px=t.true_volume_px + 0.5), "whole numbers"),
     ],
 )
 def test_tables_that_do_not_pair_are_refused_naming_what_is_wrong(tmp_path, change, message):
@@ -110,20 +116,56 @@ def test_tables_that_do_not_pair_are_refused_naming_what_is_wrong(tmp_path, chan
         paired.paired([FLAIR], [table])
 
 
-def test_out_never_replaces_a_file_of_another_command(tmp_path):
+def test_out_never_replaces_a_file_of_another_command_or_of_another_pairing(tmp_path):
     foreign = tmp_path / "notes.json"
     foreign.write_text('{"mine": 1}\n')
     with pytest.raises(SystemExit, match="not a file of benchmarks/paired.py"):
         paired.main(["--candidate", str(FLAIR), "--other", str(AUG), "--out", str(foreign)])
     assert foreign.read_text() == '{"mine": 1}\n'
+    with pytest.raises(SystemExit, match="notes.json is a file: --out must be a JSON file in a folder"):
+        paired.main(["--candidate", str(FLAIR), "--other", str(AUG), "--out", str(foreign / "out.json")])
+    ours = tmp_path / "ours.json"
+    paired.main(["--candidate", str(FLAIR), "--other", str(AUG), "--out", str(ours)])
+    paired.main(["--candidate", str(FLAIR), "--other", str(AUG), "--out", str(ours)])  # itself, again: replaced
+    written = ours.read_text()
+    with pytest.raises(SystemExit, match="holds the pairing of other tables"):
+        paired.main(["--candidate", str(AUG), "--other", str(FLAIR), "--out", str(ours)])
+    assert ours.read_text() == written
+
+
+def test_a_table_against_itself_is_refused_and_few_cases_have_no_quarters(tmp_path, capsys):
+    with pytest.raises(ValueError, match="is on both sides"):
+        paired.paired([FLAIR], [AUG, FLAIR])
+    for path, table in ((tmp_path / "a.csv", FLAIR), (tmp_path / "b.csv", AUG)):
+        pd.read_csv(table).iloc[:7].to_csv(path, index=False)
+    paired.main(
+        ["--candidate", str(tmp_path / "a.csv"), "--other", str(tmp_path / "b.csv"), "--out", str(tmp_path / "o.json")]
+    )
+    assert "no quarters of tumor volume: 7 cases, fewer than 8" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.json").read_text())["by_tumor_volume_quarter"] is None
 
 
 def test_the_groups_of_sequences_are_taken_among_the_tables_cases(tmp_path):
     fold = pd.read_csv(FLAIR)
     fold = fold[fold.fold == "unet-aug-flair-bf16-fold3"]
     fold.to_csv(tmp_path / "fold3.csv", index=False)
-    groups = paired.paired([tmp_path / "fold3.csv"], [tmp_path / "fold3.csv"], GROUPS)["by_group"]
-    assert sum(group["within"]["cases"] for group in groups.values()) == 16
-    assert groups["all three sequences"]["within"]["paired"]["mean_difference"] == 0
+    other = pd.read_csv(AUG)
+    other[other.case_id.isin(fold.case_id)].to_csv(tmp_path / "other.csv", index=False)
+    groups = paired.paired([tmp_path / "fold3.csv"], [tmp_path / "other.csv"], GROUPS)["by_group"]
+    assert sum(group["within"]["cases"] for group in groups.values() if group["within"]) == 16
+    assert set(groups) == set(json.loads(GROUPS.read_text())["groups"])  # a group without cases here is still named
     with pytest.raises(ValueError, match="not a missing_sequences JSON"):
         paired.paired([FLAIR], [AUG], FLAIR)
+    recorded = json.loads(GROUPS.read_text())
+    for groups, message in (
+        ([1, 2], "not a missing_sequences JSON"),
+        ({**recorded["groups"], "FLAIR only": {"cases": 4, "case_ids": "TCGA_HT_7877"}}, "not a list of case ids"),
+        ({**recorded["groups"], "FLAIR only": {"cases": 5, "case_ids": recorded["groups"]["FLAIR only"]["case_ids"]}},
+         "lists 4 cases where it counts 5"),
+        ({}, "needs one group of the remaining cases"),
+        ({**recorded["groups"], "again": recorded["groups"]["FLAIR only"]}, "no case in two groups"),
+    ):  # fmt: skip
+        path = tmp_path / "groups.json"
+        path.write_text(json.dumps({**recorded, "groups": groups}))
+        with pytest.raises(ValueError, match=message):
+            paired.paired([FLAIR], [AUG], path)

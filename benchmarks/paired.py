@@ -3,7 +3,8 @@ figures the README quotes where no `-vs-` file of `results.py` holds them (anoth
 
     python benchmarks/paired.py --candidate results/unet-aug-flair-bf16-cross-validation.csv \\
         --other results/unet-aug-bf16-cross-validation.csv \\
-        --groups results/missing_sequences-unet-aug-flair-bf16.json --out results/paired/flair-vs-aug.json
+        --groups results/missing_sequences-unet-aug-flair-bf16.json \\
+        --out results/paired/unet-aug-flair-bf16-vs-unet-aug-bf16.json
 
 `--candidate` and `--other` each take one or more per-case tables (a `*-cross-validation.csv`, or the
 `test.csv` of fold runs, concatenated); both sides must hold the same cases, each once. Reported: both means and

@@ -3,21 +3,23 @@ figures the README quotes where no `-vs-` file of `results.py` holds them (anoth
 
     python benchmarks/paired.py --candidate results/unet-aug-flair-bf16-cross-validation.csv \\
         --other results/unet-aug-bf16-cross-validation.csv \\
-        --groups results/missing_sequences-unet-aug-flair-bf16.json \\
+        --groups results/missing_sequences-unet-aug-flair-bf16.csv \\
         --out results/paired/unet-aug-flair-bf16-vs-unet-aug-bf16.json
 
 `--candidate` and `--other` each take one or more per-case tables (a `*-cross-validation.csv`, or the
-`test.csv` of fold runs, concatenated); both sides must hold the same cases, each once. Reported: both means and
-medians, the paired difference candidate minus other (`lgg.metrics.paired_comparison`: mean with its 95 %
-bootstrap interval, cases better / worse, Wilcoxon p), the median case's difference, the cases under 0.5 on
-each side, and the same by quarter of true tumor volume (`true_volume_px`, equal on both sides). With `--groups`
-(a `missing_sequences-*.json` of `benchmarks/misses.py`), also within each group of sequences and outside it
-(among the tables' cases).
-Prints the figures; with `--out`, writes them as JSON (this script's own file: never over another).
+`test.csv` of fold runs, concatenated); both sides must hold the same cases, each once. Reported: both means, the
+paired difference candidate minus other (`lgg.metrics.paired_comparison`: mean with its 95 % bootstrap interval,
+cases better / worse, Wilcoxon p; null where fewer than two cases differ), the median case's difference and the
+cases under 0.5 on each side, overall (with both medians) and by quarter of true tumor volume (`true_volume_px`,
+equal on both sides; equal quarters by rank, ties by case id; none under 8 cases). With `--groups` (a
+`missing_sequences-*.csv` of `benchmarks/misses.py`: each case's sequences), also within each group of sequences
+and outside it, among the tables' cases. Prints the figures; with `--out`, writes them as JSON (this script's own
+file, replaced only by the same pairing; never another file).
 """
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lgg.files import check_own_json, file_sha256, save_json  # noqa: E402
+from lgg.guards import check_case_id  # noqa: E402
 
 COLUMNS = ("case_id", "case_dice", "true_volume_px")
 KEYS = ("command", "candidate", "other", "paired")  # what marks a file of this script
@@ -49,8 +52,10 @@ def read_cases(paths):
             raise ValueError(f"{path}: no column {', '.join(missing)}: not a per-case table of this repository")
         if table.empty:
             raise ValueError(f"{path}: no cases")
-        if table.case_id.isna().any() or (table.case_id.str.strip() != table.case_id).any():
-            raise ValueError(f"{path}: a blank case_id, or one with spaces around it")
+        if table.case_id.isna().any():
+            raise ValueError(f"{path}: a blank case_id")
+        for case_id in table.case_id:
+            check_case_id(case_id, path)  # a DatasetError (a ValueError) naming the file and the id
         dice = pd.to_numeric(table.case_dice, errors="coerce")
         if dice.isna().any() or not dice.between(0, 1).all():
             raise ValueError(f"{path}: case_dice must be numbers in [0, 1]")
@@ -68,29 +73,21 @@ def read_cases(paths):
 
 
 def groups_of(path, case_ids):
-    """The groups of sequences of a `missing_sequences-*.json`, among `case_ids` -> {group: set of case ids};
-    the one group whose `case_ids` is null (all three sequences) holds the cases no other group lists. Refuses
-    (ValueError, naming the file) another shape, a listed group whose count is not its `cases`, and a case in
-    two groups."""
+    """The groups of sequences of a `missing_sequences-*.csv` (one row per case: `case_id`, `sequences`), among
+    `case_ids` -> {group: set of case ids}. Refuses (ValueError, naming the file) another table, a case twice, and
+    a table lacking some of `case_ids`."""
     try:
-        groups = json.loads(Path(path).read_text())["groups"]
-        listed = {}
-        for name, group in groups.items():
-            ids = group["case_ids"]
-            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-                raise TypeError(f"the case_ids of {name!r} are not a list of case ids")
-            if ids is not None and len(set(ids)) != group["cases"]:
-                raise TypeError(f"{name!r} lists {len(set(ids))} cases where it counts {group['cases']}")
-            listed[name] = ids
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path}: not a missing_sequences JSON of benchmarks/misses.py ({error})") from None
-    rest = [name for name, ids in listed.items() if ids is None]
-    named = [i for ids in listed.values() if ids is not None for i in ids]
-    if len(rest) != 1 or len(named) != len(set(named)):
-        raise ValueError(f"{path}: needs one group of the remaining cases (case_ids null) and no case in two groups")
-    return {
-        name: set(case_ids) - set(named) if ids is None else set(ids) & set(case_ids) for name, ids in listed.items()
-    }
+        table = pd.read_csv(path, dtype={"case_id": str, "sequences": str})
+        by_case = table.set_index("case_id")["sequences"]
+        if not by_case.index.is_unique:
+            raise ValueError(f"case {by_case.index[by_case.index.duplicated()][0]} twice")
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a missing_sequences CSV of benchmarks/misses.py ({error})") from None
+    lacking = sorted(set(case_ids) - set(by_case.index))
+    if lacking or by_case.isna().any():
+        raise ValueError(f"{path}: no sequences for {lacking[:5] or 'some cases'}: group the cases the tables hold")
+    ours = by_case.loc[sorted(case_ids)]
+    return {str(name): set(members.index) for name, members in ours.groupby(ours)}
 
 
 def compare(candidate, other, cases=None):
@@ -102,11 +99,15 @@ def compare(candidate, other, cases=None):
     ours = candidate.set_index("case_id").case_dice
     theirs = other.set_index("case_id").case_dice.loc[ours.index]
     difference = ours - theirs
+    figures = metrics.paired_comparison(candidate, other)
+    low, high = figures["mean_difference_ci95"]
+    if np.isnan(low):  # fewer than two cases, or all differences equal: no interval
+        figures["mean_difference_ci95"] = None
     result = {
         "cases": int(len(ours)),
         "candidate_mean": float(ours.mean()),
         "other_mean": float(theirs.mean()),
-        "paired": metrics.paired_comparison(candidate, other),
+        "paired": figures,
         "median_case_difference": float(np.median(difference)),
         f"candidate_cases_under_{LOW}": int((ours < LOW).sum()),
         f"other_cases_under_{LOW}": int((theirs < LOW).sum()),
@@ -143,8 +144,10 @@ def paired(candidate_paths, other_paths, groups_path=None, command=None):
         "other_median": float(other.case_dice.median()),
         **compare(candidate, other),
     }
-    quarter = pd.qcut(volumes.rank(method="first"), 4, labels=False) if len(volumes) >= 8 else None
-    result["by_tumor_volume_quarter"] = (  # equal quarters by rank: ties of volume split by table order
+    order = volumes.reset_index().sort_values(["true_volume_px", "case_id"]).case_id  # ties of volume by case id
+    rank = pd.Series(np.arange(len(order)), index=order.to_numpy())
+    quarter = pd.qcut(rank, 4, labels=False) if len(volumes) >= 8 else None
+    result["by_tumor_volume_quarter"] = (
         None
         if quarter is None
         else [
@@ -156,7 +159,7 @@ def paired(candidate_paths, other_paths, groups_path=None, command=None):
         ]
     )
     if groups_path is not None:
-        result["groups_from"] = str(groups_path)
+        result["groups_from"] = {str(groups_path): file_sha256(groups_path)}
         result["by_group"] = {}
         for name, members in groups_of(groups_path, set(other.case_id)).items():
             outside = set(other.case_id) - members
@@ -169,28 +172,31 @@ def paired(candidate_paths, other_paths, groups_path=None, command=None):
 
 def line(name, figures):
     p = figures["paired"]
-    low, high = p["mean_difference_ci95"]
+    interval = (
+        "no interval" if p["mean_difference_ci95"] is None else "{:+.3f} to {:+.3f}".format(*p["mean_difference_ci95"])
+    )
+    cases = f"{figures['cases']} case{'s' if figures['cases'] != 1 else ''}"
     return (
-        f"{name}: {figures['cases']} cases, {figures['candidate_mean']:.3f} vs {figures['other_mean']:.3f}, "
-        f"{p['mean_difference']:+.3f} ({low:+.3f} to {high:+.3f}), {p['better']} better / {p['worse']} worse, "
+        f"{name}: {cases}, {figures['candidate_mean']:.3f} vs {figures['other_mean']:.3f}, "
+        f"{p['mean_difference']:+.3f} ({interval}), {p['better']} better / {p['worse']} worse, "
         f"Wilcoxon p {p['wilcoxon_p']:.2g}; median case {figures['median_case_difference']:+.3f}; "
         f"under {LOW}: {figures[f'candidate_cases_under_{LOW}']} vs {figures[f'other_cases_under_{LOW}']}"
     )
 
 
-def check_out(out, candidate_paths, other_paths):
-    """Refuse (SystemExit) an `--out` that is not a JSON file this script may write: another tool's file, a
-    folder, one below a file, or this script's file of another pairing (a pairing is replaced only by itself)."""
+def check_out(out, candidate_paths, other_paths, groups_path):
+    """Refuse (SystemExit) an `--out` that is not a JSON file this script may write (`check_own_json`), or this
+    script's file of another pairing: a pairing (its tables and groups) is replaced only by itself."""
     check_own_json(out, KEYS, "benchmarks/paired.py")
-    parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise SystemExit(f"{parent} is a file: --out must be a JSON file in a folder")
     if Path(out).exists():
         found = json.loads(Path(out).read_text())
-        if (set(found["candidate"]), set(found["other"])) != (
-            {str(p) for p in candidate_paths},
-            {str(p) for p in other_paths},
-        ):
+
+        def resolved(paths):  # as given from the working directory, as this run's are
+            return {str(Path(p).resolve()) for p in paths}
+
+        theirs = [resolved(found["candidate"]), resolved(found["other"]), resolved(found.get("groups_from") or {})]
+        ours = [resolved(candidate_paths), resolved(other_paths), resolved([groups_path] if groups_path else [])]
+        if theirs != ours:
             raise SystemExit(f"{out} holds the pairing of other tables: choose another --out")
 
 
@@ -198,13 +204,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidate", nargs="+", type=Path, required=True, help="per-case table(s) of one side")
     parser.add_argument("--other", nargs="+", type=Path, required=True, help="per-case table(s) of the other side")
-    parser.add_argument("--groups", type=Path, help="a missing_sequences-*.json of benchmarks/misses.py")
+    parser.add_argument("--groups", type=Path, help="a missing_sequences-*.csv of benchmarks/misses.py")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file (this script's own)")
     args = parser.parse_args(argv)
     if args.out is not None:
-        check_out(args.out, args.candidate, args.other)
+        check_out(args.out, args.candidate, args.other, args.groups)
     try:
-        command = " ".join(["python", "benchmarks/paired.py", *(sys.argv[1:] if argv is None else argv)])
+        command = shlex.join(["python", "benchmarks/paired.py", *(sys.argv[1:] if argv is None else argv)])
         result = paired(args.candidate, args.other, args.groups, command)
     except ValueError as error:
         raise SystemExit(str(error)) from None

@@ -37,10 +37,10 @@ def copy_file(source, target):
 
 
 def check_own_json(path, keys, writer, inputs=()):
-    """Refuse (SystemExit, naming it) a `path` to be written later that is a folder, inside one of the input
-    folders `inputs` (`lgg.guards.check_file_apart`), or an existing file other than a JSON object holding `keys`,
-    as `writer` writes: a results file may replace its own earlier version, never a README, a data file or another
-    tool's results. Call it before measuring."""
+    """Refuse (SystemExit, naming it) a `path` to be written later that is a folder or below a file, inside one of
+    the input folders `inputs` (`lgg.guards.check_file_apart`), or an existing file other than a JSON object holding
+    `keys`, as `writer` writes: a results file may replace its own earlier version, never a README, a data file or
+    another tool's results. Call it before measuring."""
     if inputs:
         from lgg import guards
 
@@ -51,6 +51,9 @@ def check_own_json(path, keys, writer, inputs=()):
     path = Path(path)
     if path.is_dir():
         raise SystemExit(f"{path} is a folder: --out names the JSON file to write")
+    below = next((folder for folder in path.absolute().parents if folder.exists()), None)
+    if below is not None and not below.is_dir():
+        raise SystemExit(f"{below} is a file: --out names a JSON file in a folder")
     if path.exists():
         try:
             found = json.loads(path.read_text())

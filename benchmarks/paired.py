@@ -100,8 +100,7 @@ def compare(candidate, other, cases=None):
     theirs = other.set_index("case_id").case_dice.loc[ours.index]
     difference = ours - theirs
     figures = metrics.paired_comparison(candidate, other)
-    low, high = figures["mean_difference_ci95"]
-    if np.isnan(low):  # fewer than two cases, or all differences equal: no interval
+    if np.isnan(figures["mean_difference_ci95"][0]):  # fewer than two cases, or all differences equal: no interval
         figures["mean_difference_ci95"] = None
     result = {
         "cases": int(len(ours)),

@@ -12,7 +12,8 @@ another dataset) is refused, and nothing is written. The dataset's FLAIR-only ca
 ways (their pre- and post-contrast already are the FLAIR).
 
 Writes `results/flair-alone-<recipe>.csv` (one row per case: fold, the sequences it has, Dice both ways)
-and `results/flair-alone-<recipe>.json` (pooled means, the paired comparison, per group of sequences),
+and `results/flair-alone-<recipe>.json` (pooled means, the paired comparison, the median case's difference and
+the cases under 0.5 each way, per group of sequences),
 this script's own files, replaced on each run.
 """
 
@@ -33,6 +34,7 @@ from lgg.files import save_csv, save_json  # noqa: E402
 from results import fold_rows  # noqa: E402
 
 RESULTS, RUNS = ROOT / "results", ROOT / "runs"
+LOW = 0.5  # a case "under 0.5" is mostly missed
 TOLERANCE = 5e-3  # per-case Dice "as given" against the committed test.csv: same code, a few pixels may round apart
 
 
@@ -85,6 +87,38 @@ def check_reproduced(table, committed_csv):
         )
 
 
+def summarize(table, recipe, command):
+    """The figures of `recipe`'s per-case `table` (`case_id`, `dice_as_given`, `dice_flair_alone`, `sequences`)
+    -> the summary JSON's dict; `command` is recorded as given."""
+    from lgg import metrics
+
+    given = table[["case_id"]].assign(case_dice=table["dice_as_given"])
+    alone = table[["case_id"]].assign(case_dice=table["dice_flair_alone"])
+    return {
+        "command": command,
+        "recipe": recipe,
+        "how": "each fold's test cases scored by its model (mean per-case Dice at 256x256, the run's "
+        "post-processing) as given and with pre- and post-contrast replaced by the FLAIR",
+        "cases": len(table),
+        "case_dice_mean_as_given": float(table["dice_as_given"].mean()),
+        "case_dice_mean_flair_alone": float(table["dice_flair_alone"].mean()),
+        "case_dice_mean_flair_alone_ci95": list(metrics.mean_confidence_interval(table["dice_flair_alone"])),
+        "cases_at_dice_0_flair_alone": sorted(table.loc[table["dice_flair_alone"] == 0, "case_id"]),
+        "paired_flair_alone_vs_as_given": metrics.paired_comparison(alone, given),
+        "median_case_difference": float((table["dice_flair_alone"] - table["dice_as_given"]).median()),
+        f"cases_under_{LOW}_as_given": int((table["dice_as_given"] < LOW).sum()),
+        f"cases_under_{LOW}_flair_alone": int((table["dice_flair_alone"] < LOW).sum()),
+        "groups": {
+            name: {
+                "cases": len(group),
+                "as_given": float(group["dice_as_given"].mean()),
+                "flair_alone": float(group["dice_flair_alone"].mean()),
+            }
+            for name, group in table.groupby("sequences")
+        },
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data", help="kaggle_3m or a folder holding it (default: data)")
@@ -93,7 +127,7 @@ def main(argv=None):
 
     from misses import sequence_copies  # which sequences each case has (the dataset's copies of its FLAIR)
 
-    from lgg import data, metrics
+    from lgg import data
 
     needed = ("model.h5", "split.csv")
     missing = [
@@ -129,28 +163,9 @@ def main(argv=None):
     slices = present
     sequences = sequence_copies(slices[slices["case_id"].isin(table["case_id"])]).set_index("case_id")["sequences"]
     table["sequences"] = table["case_id"].map(sequences)
-    given = table[["case_id"]].assign(case_dice=table["dice_as_given"])
-    alone = table[["case_id"]].assign(case_dice=table["dice_flair_alone"])
-    summary = {
-        "command": f"python benchmarks/flair_alone.py --data {args.data} --recipe {args.recipe}",
-        "recipe": args.recipe,
-        "how": "each fold's test cases scored by its model (mean per-case Dice at 256x256, the run's "
-        "post-processing) as given and with pre- and post-contrast replaced by the FLAIR",
-        "cases": len(table),
-        "case_dice_mean_as_given": float(table["dice_as_given"].mean()),
-        "case_dice_mean_flair_alone": float(table["dice_flair_alone"].mean()),
-        "case_dice_mean_flair_alone_ci95": list(metrics.mean_confidence_interval(table["dice_flair_alone"])),
-        "cases_at_dice_0_flair_alone": sorted(table.loc[table["dice_flair_alone"] == 0, "case_id"]),
-        "paired_flair_alone_vs_as_given": metrics.paired_comparison(alone, given),
-        "groups": {
-            name: {
-                "cases": len(group),
-                "as_given": float(group["dice_as_given"].mean()),
-                "flair_alone": float(group["dice_flair_alone"].mean()),
-            }
-            for name, group in table.groupby("sequences")
-        },
-    }
+    summary = summarize(
+        table, args.recipe, f"python benchmarks/flair_alone.py --data {args.data} --recipe {args.recipe}"
+    )
     save_csv(table, RESULTS / f"flair-alone-{args.recipe}.csv")
     save_json(summary, RESULTS / f"flair-alone-{args.recipe}.json")
     paired = summary["paired_flair_alone_vs_as_given"]

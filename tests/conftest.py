@@ -43,3 +43,12 @@ def write_case(root, case_id="TCGA_XX_0001_20000101", slices=3, tumor_slices=(2,
         tifffile.imwrite(case_dir / f"{case_id}_{index}.tif", image, photometric="rgb")
         tifffile.imwrite(case_dir / f"{case_id}_{index}_mask.tif", mask)
     return case_dir
+
+
+def flat(value, prefix=""):
+    """Nested figures as {path: number or text}, for comparing them within a tolerance CPUs agree on."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}/{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}/{i}").items()}
+    return {prefix: value}

@@ -1,6 +1,8 @@
 """`benchmarks/flair_alone.py`: a fold model scores its test cases as `evaluate` does (the committed figures
-come back), and from the FLAIR alone; a FLAIR-only case scores the same both ways."""
+come back), and from the FLAIR alone; a FLAIR-only case scores the same both ways; the committed summary comes back
+from its per-case table."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import data_without
+from conftest import data_without, flat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -56,3 +58,14 @@ def test_the_folds_test_cases_are_all_found_before_any_is_predicted(real_data, t
     part = data_without(real_data, tmp_path / "part", left_out)
     with pytest.raises(SystemExit, match=f"1 test cases of unet-aug-flair-bf16 are not in {part}: \\['{left_out}"):
         flair_alone.main(["--data", str(part), "--recipe", "unet-aug-flair-bf16"])
+
+
+def test_the_committed_summary_comes_back_from_its_per_case_table():
+    """What `main` writes from its table: the committed JSON's figures, from the committed CSV (the README quotes
+    both); the median case and the cases under 0.5, added later, as the README quotes them."""
+    table = pd.read_csv(ROOT / "results" / "flair-alone-unet-aug-flair-bf16.csv")
+    committed = json.loads((ROOT / "results" / "flair-alone-unet-aug-flair-bf16.json").read_text())
+    summary = flair_alone.summarize(table, "unet-aug-flair-bf16", committed["command"])
+    assert flat({key: summary[key] for key in committed}) == pytest.approx(flat(committed), abs=1e-9)
+    assert round(summary["median_case_difference"], 3) == -0.009
+    assert (summary["cases_under_0.5_flair_alone"], summary["cases_under_0.5_as_given"]) == (6, 4)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import flat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -16,15 +17,6 @@ import paired  # noqa: E402
 RESULTS = ROOT / "results"
 FLAIR, AUG = RESULTS / "unet-aug-flair-bf16-cross-validation.csv", RESULTS / "unet-aug-bf16-cross-validation.csv"
 GROUPS = RESULTS / "missing_sequences-unet-aug-flair-bf16.csv"
-
-
-def flat(value, prefix=""):
-    """Nested figures as {path: number or text}, for comparing them within a tolerance CPUs agree on."""
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}/{key}").items()}
-    if isinstance(value, list):
-        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}/{i}").items()}
-    return {prefix: value}
 
 
 @pytest.mark.parametrize("committed", sorted((RESULTS / "paired").glob("*.json")), ids=lambda p: p.stem)

@@ -97,7 +97,7 @@ def check_unseen(model_path, case_ids):
         )
 
 
-def _shown(path):
+def repository_path(path):
     """A path as the figures and tables name it: inside the repository, relative to it (no machine's layout)."""
     path = Path(path).resolve()
     return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
@@ -129,16 +129,16 @@ def draw_case(model_path, case_slices, dice, save_path):
     keep_tumor = tumor[np.linspace(0, len(tumor) - 1, min(len(tumor), ROWS_PER_FIGURE - len(keep_marked))).astype(int)]
     rows = sorted(set(keep_tumor) | set(keep_marked))
     titles = [f"slice {numbers[i]}: true {true_area[i]} px, predicted {predicted_area[i]} px" for i in rows]
-    shown = _shown(model_path)
+    named = repository_path(model_path)
     title = (
         f"{case_id}: per-case Dice {dice:.2f} in the cross-validation\n"
-        f"drawn by {shown} (Dice {own_dice:.2f} here)\n"
+        f"drawn by {named} (Dice {own_dice:.2f} here)\n"
         f"shown: {len(keep_tumor)} of {len(tumor)} tumor slices, "
         f"{len(keep_marked)} of {len(marked_only)} marked without tumor"
     )
     plots.plot_channel_outlines(images[rows], masks[rows], predicted[rows], titles, title, save_path)
     return {
-        "model": shown,
+        "model": named,
         "model_case_dice": own_dice,
         "tumor_slices": [int(numbers[i]) for i in tumor],
         "largest_tumor_px": int(true_area.max()),

@@ -240,11 +240,9 @@ def _volume(case_id, voxels, reference, sources, per_channel=None):
 
 # the grey levels the middle 99.8 % of a sequence's voxels span after `to_uint8` (`grey_levels`), over the 88 shared
 # Kaggle cases: 46 at the fewest, median about 165. The model standardizes each slice, so a narrower span costs it
-# little until the 8-bit rounding leaves the brain too few levels. With the shipped model, one voxel at 5 times the
-# rest (a span of 33-43) left three cases (TCGA_CS_4941, TCGA_CS_4944, TCGA_DU_7018) their tumor slices within one
-# and their volume within 11 %; 8 times (21-27) cost TCGA_DU_7018 4 of its 18 tumor slices; one at -10 times (15-19)
-# half its volume; at -50 times (3-4) all three cases lost every tumor slice, as TCGA_CS_4941 does at 50 times
-# (`tests/test_volumes.py`)
+# little until the 8-bit rounding leaves the brain too few levels: with the shipped model, on three of its test cases
+# with one voxel at 5 to 50 times (and -10, -50) a sequence's maximum, `results/intensity-spike.json` of
+# `benchmarks/intensity_spike.py` (at 50 times, 3-4 levels, every tumor slice lost: also `tests/test_volumes.py`)
 FEW_GREY_LEVELS = 32
 
 

@@ -163,6 +163,14 @@ CONFIGS = {
         "unet-aug-flair-tf70-30min-bf16",
         replace(SHIPPED, tumor_fraction=0.7, max_minutes=30, snapshot_minutes=(15, 30)),
     ),
+    # the dose of that change: nine tenths of each batch tumor slices in the same 30 minutes (brain-segmentation-
+    # pytorch's sampler draws over nine tenths), paired with seven tenths, so that the pair differs only in the share;
+    # seven tenths marked fewer tumor-free slices than a half did (0.9 % against 1.8 % on fold 2), not more. On the
+    # fold where the shipped recipe is weakest first (4)
+    **recipe_folds(
+        "unet-aug-flair-tf90-30min-bf16",
+        replace(SHIPPED, tumor_fraction=0.9, max_minutes=30, snapshot_minutes=(15, 30)),
+    ),
 }
 
 
@@ -209,6 +217,9 @@ CANDIDATES = {
     "unet-aug-flair-tf70-30min-bf16": "30 minutes instead of 60 (the cosine schedule over 30) and seven tenths of each "
     "batch drawn from tumor slices instead of half, the recipe otherwise the same (the strong augmentation, a fifth "
     "of the slices FLAIR only, mixed_bfloat16 without XLA)",
+    "unet-aug-flair-tf90-30min-bf16": "nine tenths of each batch drawn from tumor slices instead of seven tenths, the "
+    "recipe otherwise the same (30 minutes, the strong augmentation, a fifth of the slices FLAIR only, "
+    "mixed_bfloat16 without XLA)",
 }
 # the recipe a candidate is paired with, where it is not the headline: the one computed the same way, so that the
 # pair differs only in what the candidate changes
@@ -226,6 +237,7 @@ PAIRED_WITH = {
     "unet-aug-flair40-bf16": "unet-aug-flair-bf16",
     "unet-aug-flair-tf70-bf16": "unet-aug-flair-bf16",
     "unet-aug-flair-tf70-30min-bf16": "unet-aug-flair-bf16",
+    "unet-aug-flair-tf90-30min-bf16": "unet-aug-flair-tf70-30min-bf16",
 }
 
 CANDIDATE_ROWS = {name for prefix in CANDIDATES for name in fold_rows(prefix)}

@@ -142,13 +142,14 @@ def joined_lines(text):
     return re.sub(r"\\\n\s*", " ", text).splitlines()
 
 
-def test_the_training_commands_of_the_makefile_and_readme_are_the_shipped_and_baseline_configs():
+def test_the_training_commands_of_the_makefile_and_readme_are_the_configs_they_name():
     makefile = joined_lines((ROOT / "Makefile").read_text())
     command = makefile[makefile.index("train: setup") + 1].replace("$(PYTHON)", "python")
     words = shlex.split(command.replace("$(DATA)", "data").replace("$(RUNS)", "runs"))
     assert parse_train(words[words.index("train") + 1 :]) == SHIPPED_RECIPE
     readme = [line for line in joined_lines((ROOT / "README.md").read_text()) if "lgg train unet" in line]
-    for out, recipe in (("runs/unet", SHIPPED_RECIPE), ("runs/unet-baseline", HEADLINE)):
+    thirty = dataclasses.replace(results.CONFIGS["unet-aug-flair-tf70-30min-bf16"], **PRECISION_LEFT)
+    for out, recipe in (("runs/unet", SHIPPED_RECIPE), ("runs/unet-baseline", HEADLINE), ("runs/unet-30min", thirty)):
         shown = [line for line in readme if f"--out {out} " in line]
         assert len(shown) == 1, f"the README shows the training command of {out} once"
         words = shlex.split(shown[0].split("#")[0])

@@ -22,7 +22,7 @@ import pandas as pd
 
 from lgg.config import HEADLINE, SHIPPED_RECIPE, RunConfig
 from lgg.data import FOLD_PATTERN, describe_augmentation
-from lgg.files import atomic_path, copy_file, file_sha256, save_json
+from lgg.files import atomic_path, copy_file, file_sha256, save_csv, save_json
 from lgg.train import monitor_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,6 +404,7 @@ def collect(name, data_dir):
     for source, target in copies.items():
         if (run_dir / source).exists():
             copy_file(run_dir / source, out / target)
+    copy_case_tables(run_dir, out)
     for plot in PLOTS:
         if (run_dir / plot).exists():
             copy_file(run_dir / plot, out / plot)
@@ -413,6 +414,31 @@ def collect(name, data_dir):
     )
     save_json(result, RESULTS / f"{name}.json")
     return result
+
+
+def copy_case_tables(run_dir, out):
+    """Into a row's `results/<name>/`, what a rule for choosing the post-processing setting, or the weights, can be
+    tried on once the run folder is gone: each case's Dice under every setting on the validation cases that choose
+    and on the test cases that do not (`<split>_postprocessing_cases.csv`), for the kept model and for the last
+    snapshot (the weights at the end of the schedule: `after-<m>min_<split>_postprocessing_cases.csv`), and each
+    snapshot's test cases post-processed as its own validation cases chose (`after_minutes_cases.csv`)."""
+    run_dir, out = Path(run_dir), Path(out)
+    copies = {f"{split}_postprocessing_cases.csv": f"{split}_postprocessing_cases.csv" for split in ("val", "test")}
+    curve = run_dir / "snapshots" / "curve.csv"
+    if curve.exists():
+        last = f"after-{pd.read_csv(curve)['minutes'].iloc[-1]:g}min"
+        for split in ("val", "test"):
+            copies[f"snapshots/{last}/{split}_postprocessing_cases.csv"] = f"{last}_{split}_postprocessing_cases.csv"
+    for source, target in copies.items():
+        if (run_dir / source).exists():
+            copy_file(run_dir / source, out / target)
+    tables = [
+        pd.read_csv(path).assign(minutes=float(path.parent.name.removeprefix("after-").removesuffix("min")))
+        for path in (run_dir / "snapshots").glob("after-*min/test_cases.csv")
+    ]
+    if tables:
+        cases = pd.concat(tables).sort_values(["minutes", "case_id"])[["minutes", "case_id", "case_dice"]]
+        save_csv(cases.round({"case_dice": 6}), out / "after_minutes_cases.csv")
 
 
 def refuse_missing(slices, split_file, split_names, data_dir):

@@ -33,14 +33,16 @@ def segment(model, images, case_ids, settings, slice_indices=None):
 def tune_postprocessing(model, slices, run_dir):
     """Choose the post-processing (threshold, small components, largest 3-D component, flip TTA)
     with the best mean case Dice on the validation cases at native resolution; write every
-    setting's scores to `val_postprocessing.csv` and the choice to `postprocess.json`."""
+    setting's scores to `val_postprocessing.csv` (each case's in `val_postprocessing_cases.csv`) and the choice to
+    `postprocess.json`."""
     rows = slices[slices["split"] == "val"]
     if rows.empty:
         raise ValueError("no validation slices to choose the post-processing on")
     images, masks = data.load_arrays(rows, data.NATIVE_SIZE)
     plain, tta = predict_with_mirror(model, images)
-    table = postprocess.score_settings(rows, masks, plain, tta)
+    table, cases = postprocess.score_settings_and_cases(rows, masks, plain, tta)
     save_csv(table, Path(run_dir) / "val_postprocessing.csv")
+    save_csv(postprocess.wide_case_table(cases), Path(run_dir) / "val_postprocessing_cases.csv")
     chosen = postprocess.choose(table)
     postprocess.save(chosen, run_dir)
     best = table["case_dice_mean"].max()
@@ -57,8 +59,9 @@ class Evaluation:
     """What `score` returns: the scored rows, the arrays at native resolution, and the tables.
 
     `table` is one row per case (segmenters: `test_cases.csv`) or per slice (classifiers:
-    `test_slices.csv`); `steps` is what each post-processing step did on these cases (segmenters
-    with a chosen post-processing), else None; `summary` is what `<split>_summary.json` holds.
+    `test_slices.csv`); `steps` is what each post-processing step did on these cases and `cases_by_setting`
+    each case's Dice under every candidate setting (`postprocess.wide_case_table`; both for segmenters with a
+    chosen post-processing), else None; `summary` is what `<split>_summary.json` holds.
     """
 
     split: str
@@ -71,6 +74,7 @@ class Evaluation:
     table: pd.DataFrame
     summary: dict
     steps: pd.DataFrame | None = None
+    cases_by_setting: pd.DataFrame | None = None
 
 
 def score(model, slices, split_name="test", threshold=0.5, postprocessing=None):
@@ -79,7 +83,9 @@ def score(model, slices, split_name="test", threshold=0.5, postprocessing=None):
 
     Segmenters: `postprocessing` (settings like `postprocess.RAW`, chosen on validation cases)
     replaces the plain `threshold`; the summary then also holds the raw figures (threshold 0.5)
-    under `"raw"`, and `steps` the effect of each step on these cases.
+    under `"raw"`, `steps` the effect of each step on these cases, and `cases_by_setting` each case's Dice under
+    every setting `tune_postprocessing` chooses among (recorded, not chosen by: so that a rule for choosing can be
+    tried on finished runs).
     """
     rows = slices[slices["split"] == split_name] if "split" in slices else slices
     if rows.empty:
@@ -104,25 +110,31 @@ def score(model, slices, split_name="test", threshold=0.5, postprocessing=None):
     summary["case_dice_mean_ci95"] = list(metrics.mean_confidence_interval(per_case["case_dice"]))
     summary["threshold"] = settings["threshold"]
     summary["postprocessing"] = settings
-    steps = None
+    steps = by_setting = None
     if postprocessing:
         _, raw = metrics.segmentation_report(rows, masks, plain, 0.5)
         summary["raw"] = {key: raw[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS}
         steps = postprocess.ablation(rows, masks, plain, tta, settings)
+        by_setting = postprocess.wide_case_table(postprocess.case_dice_by_setting(rows, masks, plain, tta))
     summary = {"model": model.name, "split": split_name, **summary}
-    return Evaluation(split_name, task, rows, images, masks, probabilities, predicted, per_case, summary, steps)
+    return Evaluation(
+        split_name, task, rows, images, masks, probabilities, predicted, per_case, summary, steps, by_setting
+    )
 
 
 def save_tables(evaluation, run_dir):
     """Write an `Evaluation`'s tables: `<split>_cases.csv` (segmenters) or `<split>_slices.csv`
     (classifiers), `<split>_postprocessing.csv` when it has `steps` (`val_postprocessing_steps.csv`
-    for the validation split, whose `val_postprocessing.csv` is the tuning grid), and `<split>_summary.json`."""
+    for the validation split, whose `val_postprocessing.csv` is the tuning grid) and
+    `<split>_postprocessing_cases.csv` when it has `cases_by_setting`, and `<split>_summary.json`."""
     run_dir, split = Path(run_dir), evaluation.split
     if evaluation.task == "segmentation":
         save_csv(evaluation.table, run_dir / f"{split}_cases.csv")
         if evaluation.steps is not None:  # val: beside the grid `tune_postprocessing` writes, not over it
             name = "val_postprocessing_steps.csv" if split == "val" else f"{split}_postprocessing.csv"
             save_csv(evaluation.steps, run_dir / name)
+        if evaluation.cases_by_setting is not None:  # val: the same cases and settings as tuning's, written again
+            save_csv(evaluation.cases_by_setting, run_dir / f"{split}_postprocessing_cases.csv")
     else:
         save_csv(evaluation.table, run_dir / f"{split}_slices.csv")
     save_json(evaluation.summary, run_dir / f"{split}_summary.json")

@@ -34,7 +34,7 @@ LOCK_FILE = ".lgg-lock"
 # (or a link of that name, not what it points to) and keeps anything else (a user's notes or analysis), naming it
 _SPLIT_FILES = (
     r"(train|val|test|all)_(cases\.csv|slices\.csv|summary\.json|postprocessing\.csv|postprocessing_steps\.csv|"
-    r"case_dice\.png|overlays\.png|roc_confusion\.png|comparison\.csv|errors\.png)"
+    r"postprocessing_cases\.csv|case_dice\.png|overlays\.png|roc_confusion\.png|comparison\.csv|errors\.png)"
 )
 _OWN_FILES = (
     r"model\.(h5|keras)|best\.weights\.h5|config\.json|history\.csv|split\.csv|curves\.png|examples\.png|"

@@ -98,24 +98,73 @@ def _reports(slices, true_masks, probabilities, probabilities_tta):
         yield settings, *metrics.segmentation_report(slices, true_masks, source, predicted=predicted)
 
 
+def score_settings_and_cases(slices, true_masks, probabilities, probabilities_tta=None):
+    """`(summary, cases)` of every candidate setting, in one pass: the summary metrics, one row per setting
+    (`score_settings`), and the Dice of every case, one row per setting and case (the setting's keys, `case_id`,
+    `case_dice`: `case_dice_by_setting`). TTA settings need `probabilities_tta`."""
+    summaries, cases = [], []
+    for settings, per_case, summary in _reports(slices, true_masks, probabilities, probabilities_tta):
+        summaries.append({**settings, **{key: summary[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS}})
+        cases.append(per_case[["case_id", "case_dice"]].assign(**settings))
+    return pd.DataFrame(summaries), pd.concat(cases, ignore_index=True)[[*RAW, "case_id", "case_dice"]]
+
+
 def score_settings(slices, true_masks, probabilities, probabilities_tta=None):
     """Summary metrics of every candidate setting, one row each (TTA rows need `probabilities_tta`)."""
-    rows = [
-        {**settings, **{key: summary[key] for key in metrics.SEGMENTATION_SUMMARY_KEYS}}
-        for settings, _, summary in _reports(slices, true_masks, probabilities, probabilities_tta)
-    ]
-    return pd.DataFrame(rows)
+    return score_settings_and_cases(slices, true_masks, probabilities, probabilities_tta)[0]
 
 
 def case_dice_by_setting(slices, true_masks, probabilities, probabilities_tta=None):
     """The Dice of every case under every candidate setting: one row per setting and case (the
     setting's keys, `case_id`, `case_dice`), so that a choice can be made over cases pooled from
     several runs (`benchmarks/pooled_postprocessing.py`)."""
-    tables = [
-        per_case[["case_id", "case_dice"]].assign(**settings)
-        for settings, per_case, _ in _reports(slices, true_masks, probabilities, probabilities_tta)
-    ]
-    return pd.concat(tables, ignore_index=True)[[*RAW, "case_id", "case_dice"]]
+    return score_settings_and_cases(slices, true_masks, probabilities, probabilities_tta)[1]
+
+
+def setting_key(settings):
+    """A short column name for a setting: `t0.4_c150_3d_tta` (threshold, smallest component kept, largest 3-D
+    component, flip TTA; the last two only where on)."""
+    return (
+        f"t{_plain(settings['threshold']):g}_c{int(settings['min_component_px'])}"
+        + ("_3d" if settings["largest_3d"] else "")
+        + ("_tta" if settings["hflip_tta"] else "")
+    )
+
+
+def parse_setting_key(key):
+    """The settings of a `setting_key`, or `ValueError` naming the key."""
+    parts = str(key).split("_")
+    try:
+        if not (parts[0].startswith("t") and parts[1].startswith("c")) or set(parts[2:]) - {"3d", "tta"}:
+            raise ValueError
+        settings = {
+            "threshold": float(parts[0][1:]),
+            "min_component_px": int(parts[1][1:]),
+            "largest_3d": "3d" in parts[2:],
+            "hflip_tta": "tta" in parts[2:],
+        }
+    except (ValueError, IndexError):
+        raise ValueError(f"{key!r} is not a post-processing setting key like 't0.4_c150_3d_tta'") from None
+    return settings
+
+
+def wide_case_table(cases, decimals=4):
+    """`case_dice_by_setting`'s rows as one row per case and one column per setting (`setting_key`), the Dice
+    rounded to `decimals`: what a run folder keeps as `<split>_postprocessing_cases.csv` (120 settings of 20 cases
+    in about 20 KB), so that a rule for choosing the setting can be tried on finished runs."""
+    keyed = cases.assign(setting=[setting_key(row) for row in cases[list(RAW)].to_dict("records")])
+    order = list(dict.fromkeys(keyed["setting"]))
+    wide = keyed.pivot(index="case_id", columns="setting", values="case_dice")[order].round(decimals)
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def long_case_table(wide):
+    """A `wide_case_table` (or the file of one) back as `case_dice_by_setting`'s rows."""
+    wide = pd.read_csv(wide) if isinstance(wide, (str, Path)) else wide
+    long = wide.melt(id_vars="case_id", var_name="setting", value_name="case_dice")
+    settings = pd.DataFrame([parse_setting_key(key) for key in long["setting"]])
+    return pd.concat([settings, long[["case_id", "case_dice"]]], axis=1)
 
 
 def choose(table, tolerance=0.001):

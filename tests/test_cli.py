@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lgg import data, metrics, train
+from lgg import data, metrics, postprocess, train
 from lgg.files import file_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/pooled_postprocessing.py
@@ -95,8 +95,12 @@ def test_train_writes_the_whole_run_folder(run_dir):
         "postprocess.json",
         "val_postprocessing.csv",
         "test_postprocessing.csv",
+        "val_postprocessing_cases.csv",
+        "test_postprocessing_cases.csv",
         "snapshots/after-0min.weights.h5",
         "snapshots/curve.csv",
+        "snapshots/after-0min/val_postprocessing_cases.csv",
+        "snapshots/after-0min/test_postprocessing_cases.csv",
     ):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
@@ -116,6 +120,16 @@ def test_train_writes_the_whole_run_folder(run_dir):
     steps = pd.read_csv(run_dir / "test_postprocessing.csv")
     assert steps["step"].iloc[0] == "raw, threshold 0.5" and steps["step"].iloc[-1] == "chosen on validation"
     assert steps["case_dice_mean"].iloc[-1] == pytest.approx(summary["case_dice_mean"])
+    # each case under every setting: on validation the grid the choice was made on, on test the chosen column scored
+    grid = pd.read_csv(run_dir / "val_postprocessing.csv")
+    means = postprocess.long_case_table(run_dir / "val_postprocessing_cases.csv").groupby(list(postprocess.RAW))
+    grid = grid.set_index(list(postprocess.RAW))["case_dice_mean"]
+    np.testing.assert_allclose(means["case_dice"].mean().loc[grid.index], grid, atol=1e-4)
+    chosen = pd.read_csv(run_dir / "test_postprocessing_cases.csv").set_index("case_id")[
+        postprocess.setting_key(summary["postprocessing"])
+    ]
+    scored = pd.read_csv(run_dir / "test_cases.csv").set_index("case_id")["case_dice"]
+    np.testing.assert_allclose(chosen.loc[scored.index], scored, atol=1e-4)
     curve = pd.read_csv(run_dir / "snapshots" / "curve.csv")
     assert list(curve["minutes"]) == [0] and curve["epoch"].iloc[0] == 1
     split = pd.read_csv(run_dir / "split.csv")

@@ -46,8 +46,13 @@ def test_score_writes_nothing_and_matches_what_evaluate_run_writes(slices, segme
     run_dir.mkdir()
     summary = evaluate.evaluate_run(segmenter, slices, run_dir, "test", postprocessing=settings)
     written = {path.name for path in run_dir.iterdir()}
-    assert written == {"test_cases.csv", "test_postprocessing.csv", "test_summary.json", "test_case_dice.png",
-                       "test_overlays.png"}  # fmt: skip
+    assert written == {"test_cases.csv", "test_postprocessing.csv", "test_postprocessing_cases.csv",
+                       "test_summary.json", "test_case_dice.png", "test_overlays.png"}  # fmt: skip
+    # every setting's Dice per case is recorded; the chosen setting's column is the scored Dice
+    by_setting = pd.read_csv(run_dir / "test_postprocessing_cases.csv").set_index("case_id")
+    assert by_setting.shape == (evaluation.table["case_id"].nunique(), len(list(postprocess.candidates())))
+    chosen = by_setting[postprocess.setting_key(settings)].loc[evaluation.table["case_id"]]
+    np.testing.assert_allclose(chosen, evaluation.table["case_dice"], atol=5e-5)
     assert json.loads((run_dir / "test_summary.json").read_text()) == json.loads(json.dumps(evaluation.summary))
     assert summary["case_dice_mean"] == evaluation.summary["case_dice_mean"]
     saved = pd.read_csv(run_dir / "test_cases.csv")

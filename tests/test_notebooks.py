@@ -63,6 +63,8 @@ SEGMENTATION_FILES = (
     "postprocess.json",
     "val_postprocessing.csv",
     "test_postprocessing.csv",
+    "val_postprocessing_cases.csv",
+    "test_postprocessing_cases.csv",
     "predict/cases.csv",
 )
 EXPECTED_FILES = {

@@ -63,6 +63,33 @@ def test_tuning_on_a_case_that_needs_a_lower_threshold(tmp_path):
     assert postprocess.load(tmp_path / "missing" / "model.h5") == postprocess.RAW
 
 
+def test_each_cases_dice_under_every_setting_round_trips_through_its_wide_table(tmp_path):
+    truth = np.zeros((4, 16, 16), np.uint8)
+    truth[0, 4:8, 4:8] = truth[2, 2:10, 2:10] = 1
+    probabilities = truth * 0.35 + 0.01
+    probabilities[1, 10:15, 10:15] = 0.9  # case a: a false alarm of 25 px, larger than its 16-px tumor
+    slices = pd.DataFrame({"case_id": ["a", "a", "b", "b"]})
+    summary, cases = postprocess.score_settings_and_cases(slices, truth, probabilities, probabilities)
+    assert len(summary) == len(list(postprocess.candidates())) and len(cases) == 2 * len(summary)
+    means = cases.groupby(list(postprocess.RAW), sort=False)["case_dice"].mean().to_numpy()
+    np.testing.assert_allclose(means, summary["case_dice_mean"], atol=1e-12)
+    wide = postprocess.wide_case_table(cases)
+    assert list(wide["case_id"]) == ["a", "b"] and wide.shape[1] == 1 + len(summary)
+    assert wide.loc[0, "t0.3_c0"] == pytest.approx(2 * 16 / (16 + 16 + 25), abs=1e-4)  # the false alarm counts
+    assert wide.loc[0, "t0.3_c0_3d_tta"] == pytest.approx(0.0, abs=1e-4)  # the larger region is the false alarm
+    wide.to_csv(tmp_path / "cases.csv", index=False)
+    back = postprocess.long_case_table(tmp_path / "cases.csv")
+    merged = back.merge(cases, on=[*postprocess.RAW, "case_id"], suffixes=("", "_exact"))
+    assert len(merged) == len(cases)
+    np.testing.assert_allclose(merged["case_dice"], merged["case_dice_exact"], atol=5e-5)
+
+
+@pytest.mark.parametrize("key", ["0.4_c150", "t0.4", "t0.4_c150_3d_big", "tx_c0", "t0.4_c1.5"])
+def test_a_setting_key_that_is_not_one_is_refused(key):
+    with pytest.raises(ValueError, match="not a post-processing setting key"):
+        postprocess.parse_setting_key(key)
+
+
 def test_load_refuses_a_corrupt_settings_file(tmp_path):
     (tmp_path / postprocess.FILENAME).write_text(json.dumps({"treshold": 0.3}))
     with pytest.raises(ValueError, match="postprocess.json.*treshold"):

@@ -139,12 +139,12 @@ def check_against_run(grid, run):
 
 def test_dice(grid, settings):
     """Per-case test Dice (indexed by case_id) of one fold's grid under `settings`."""
-    test = grid[grid["split"] == "test"]
-    chosen = test[(test[SETTING] == pd.Series(settings)[SETTING]).all(axis=1)]
-    if len(chosen) != test["case_id"].nunique():
-        raise SystemExit(f"the setting {settings} is not one that was scored ({len(chosen)} rows for "
-                         f"{test['case_id'].nunique()} test cases)")  # fmt: skip
-    return chosen.set_index("case_id")["case_dice"]
+    from lgg import postprocess
+
+    try:
+        return postprocess.dice_under(grid[grid["split"] == "test"], settings)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def pooled_choice(grid, fold):
@@ -154,9 +154,8 @@ def pooled_choice(grid, fold):
 
     test_cases = set(grid.query("fold == @fold and split == 'test'").case_id)
     validation = grid[(grid["split"] == "val") & ~grid["case_id"].isin(test_cases)]
-    table = validation.groupby(SETTING, as_index=False)["case_dice"].mean()
     cases = len(validation.drop_duplicates(["fold", "case_id"]))
-    return postprocess.choose(table.rename(columns={"case_dice": "case_dice_mean"})), cases
+    return postprocess.choose_from_cases(validation), cases
 
 
 def compare(grid, runs):

@@ -420,25 +420,34 @@ def copy_case_tables(run_dir, out):
     """Into a row's `results/<name>/`, what a rule for choosing the post-processing setting, or the weights, can be
     tried on once the run folder is gone: each case's Dice under every setting on the validation cases that choose
     and on the test cases that do not (`<split>_postprocessing_cases.csv`), for the kept model and for the last
-    snapshot (the weights at the end of the schedule: `after-<m>min_<split>_postprocessing_cases.csv`), and each
-    snapshot's test cases post-processed as its own validation cases chose (`after_minutes_cases.csv`)."""
+    snapshot (`after-<m>min_<split>_postprocessing_cases.csv`), and each snapshot's test cases post-processed as its
+    own validation cases chose (`after_minutes_cases.csv`, with the minutes of `snapshots/curve.csv`). A table a run
+    scored before they existed lacks is not copied; a snapshot of the curve without its test cases is refused,
+    naming the file."""
+    from lgg.evaluate import snapshot_folder
+
     run_dir, out = Path(run_dir), Path(out)
-    copies = {f"{split}_postprocessing_cases.csv": f"{split}_postprocessing_cases.csv" for split in ("val", "test")}
-    curve = run_dir / "snapshots" / "curve.csv"
-    if curve.exists():
-        last = f"after-{pd.read_csv(curve)['minutes'].iloc[-1]:g}min"
+    copies = {run_dir / f"{split}_postprocessing_cases.csv": out / f"{split}_postprocessing_cases.csv"
+              for split in ("val", "test")}  # fmt: skip
+    curve_path = run_dir / "snapshots" / "curve.csv"
+    minutes = list(pd.read_csv(curve_path)["minutes"]) if curve_path.exists() else []
+    if minutes:
+        last = snapshot_folder(run_dir, minutes[-1])
         for split in ("val", "test"):
-            copies[f"snapshots/{last}/{split}_postprocessing_cases.csv"] = f"{last}_{split}_postprocessing_cases.csv"
+            copies[last / f"{split}_postprocessing_cases.csv"] = out / f"{last.name}_{split}_postprocessing_cases.csv"
     for source, target in copies.items():
-        if (run_dir / source).exists():
-            copy_file(run_dir / source, out / target)
-    tables = [
-        pd.read_csv(path).assign(minutes=float(path.parent.name.removeprefix("after-").removesuffix("min")))
-        for path in (run_dir / "snapshots").glob("after-*min/test_cases.csv")
-    ]
-    if tables:
-        cases = pd.concat(tables).sort_values(["minutes", "case_id"])[["minutes", "case_id", "case_dice"]]
-        save_csv(cases.round({"case_dice": 6}), out / "after_minutes_cases.csv")
+        if source.exists():
+            copy_file(source, target)
+    if not minutes:
+        return
+    tables = []
+    for mark in minutes:
+        path = snapshot_folder(run_dir, mark) / "test_cases.csv"
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: {curve_path} lists the snapshot after {mark:g} minutes")
+        tables.append(pd.read_csv(path)[["case_id", "case_dice"]].assign(minutes=mark))
+    cases = pd.concat(tables)[["minutes", "case_id", "case_dice"]].sort_values(["minutes", "case_id"])
+    save_csv(cases.round({"case_dice": 6}), out / "after_minutes_cases.csv")
 
 
 def refuse_missing(slices, split_file, split_names, data_dir):

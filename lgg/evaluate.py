@@ -126,14 +126,15 @@ def save_tables(evaluation, run_dir):
     """Write an `Evaluation`'s tables: `<split>_cases.csv` (segmenters) or `<split>_slices.csv`
     (classifiers), `<split>_postprocessing.csv` when it has `steps` (`val_postprocessing_steps.csv`
     for the validation split, whose `val_postprocessing.csv` is the tuning grid) and
-    `<split>_postprocessing_cases.csv` when it has `cases_by_setting`, and `<split>_summary.json`."""
+    `<split>_postprocessing_cases.csv` when it has `cases_by_setting` (not for the validation split, whose
+    `val_postprocessing_cases.csv` tuning writes), and `<split>_summary.json`."""
     run_dir, split = Path(run_dir), evaluation.split
     if evaluation.task == "segmentation":
         save_csv(evaluation.table, run_dir / f"{split}_cases.csv")
         if evaluation.steps is not None:  # val: beside the grid `tune_postprocessing` writes, not over it
             name = "val_postprocessing_steps.csv" if split == "val" else f"{split}_postprocessing.csv"
             save_csv(evaluation.steps, run_dir / name)
-        if evaluation.cases_by_setting is not None:  # val: the same cases and settings as tuning's, written again
+        if evaluation.cases_by_setting is not None and split != "val":  # val: tuning's, left as it chose on it
             save_csv(evaluation.cases_by_setting, run_dir / f"{split}_postprocessing_cases.csv")
     else:
         save_csv(evaluation.table, run_dir / f"{split}_slices.csv")
@@ -361,6 +362,11 @@ def evaluate_model_file(
         return evaluate_run(model, slices, out_dir, split_name, postprocessing=settings, notes=notes)
 
 
+def snapshot_folder(run_dir, minutes):
+    """Where `evaluate_snapshots` scores the weights kept after `minutes`: `snapshots/after-<minutes>min/`."""
+    return Path(run_dir) / "snapshots" / f"after-{minutes:g}min"
+
+
 def evaluate_snapshots(run_dir, data_dir):
     """Test scores of the weights a run kept after N minutes (`TimeSnapshots`): for each snapshot
     the post-processing is chosen on the validation cases, as at the end of a run. Writes and
@@ -372,7 +378,7 @@ def evaluate_snapshots(run_dir, data_dir):
     rows = []
     for snapshot in table.itertuples():
         model.load_weights(run_dir / "snapshots" / snapshot.file)
-        scratch = run_dir / "snapshots" / f"after-{snapshot.minutes:g}min"
+        scratch = snapshot_folder(run_dir, snapshot.minutes)
         scratch.mkdir(exist_ok=True)
         settings = tune_postprocessing(model, slices, scratch)
         summary = evaluate_run(model, slices, scratch, "test", postprocessing=settings)

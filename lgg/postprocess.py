@@ -24,6 +24,7 @@ FILENAME = "postprocess.json"
 # what `tune` tries (pixels are at the native 256x256)
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
 MIN_COMPONENT_PX = (0, 50, 150)
+TIE_TOLERANCE = 0.001  # settings within this of the best mean case Dice count as tied (`choose`)
 
 
 def remove_small_components(masks, min_pixels):
@@ -132,17 +133,22 @@ def setting_key(settings):
 
 
 def parse_setting_key(key):
-    """The settings of a `setting_key`, or `ValueError` naming the key."""
+    """The settings of a `setting_key` (only a key `setting_key` writes, with valid settings), or `ValueError`
+    naming the key."""
     parts = str(key).split("_")
     try:
-        if not (parts[0].startswith("t") and parts[1].startswith("c")) or set(parts[2:]) - {"3d", "tta"}:
+        if not (parts[0].startswith("t") and parts[1].startswith("c")):
             raise ValueError
-        settings = {
-            "threshold": float(parts[0][1:]),
-            "min_component_px": int(parts[1][1:]),
-            "largest_3d": "3d" in parts[2:],
-            "hflip_tta": "tta" in parts[2:],
-        }
+        settings = check(
+            {
+                "threshold": float(parts[0][1:]),
+                "min_component_px": int(parts[1][1:]),
+                "largest_3d": "3d" in parts[2:],
+                "hflip_tta": "tta" in parts[2:],
+            }
+        )
+        if setting_key(settings) != key:  # another spelling of a setting: two columns would be one setting
+            raise ValueError
     except (ValueError, IndexError):
         raise ValueError(f"{key!r} is not a post-processing setting key like 't0.4_c150_3d_tta'") from None
     return settings
@@ -150,8 +156,8 @@ def parse_setting_key(key):
 
 def wide_case_table(cases, decimals=4):
     """`case_dice_by_setting`'s rows as one row per case and one column per setting (`setting_key`), the Dice
-    rounded to `decimals`: what a run folder keeps as `<split>_postprocessing_cases.csv` (120 settings of 20 cases
-    in about 20 KB), so that a rule for choosing the setting can be tried on finished runs."""
+    rounded to `decimals`: what a run folder keeps as `<split>_postprocessing_cases.csv` (60 settings of 20 cases
+    in about 9 KB), so that a rule for choosing the setting can be tried on finished runs."""
     keyed = cases.assign(setting=[setting_key(row) for row in cases[list(RAW)].to_dict("records")])
     order = list(dict.fromkeys(keyed["setting"]))
     wide = keyed.pivot(index="case_id", columns="setting", values="case_dice")[order].round(decimals)
@@ -167,7 +173,25 @@ def long_case_table(wide):
     return pd.concat([settings, long[["case_id", "case_dice"]]], axis=1)
 
 
-def choose(table, tolerance=0.001):
+def choose_from_cases(cases, tolerance=TIE_TOLERANCE):
+    """`choose` on the mean Dice of each setting over the cases of a `case_dice_by_setting` table."""
+    table = cases.groupby(list(RAW), as_index=False)["case_dice"].mean()
+    return choose(table.rename(columns={"case_dice": "case_dice_mean"}), tolerance)
+
+
+def dice_under(cases, settings):
+    """Each case's Dice (indexed by `case_id`) under `settings`, from a `case_dice_by_setting` table; `ValueError`
+    unless the table holds that setting once for each of its cases."""
+    chosen = cases[(cases[list(RAW)] == pd.Series({key: settings[key] for key in RAW})).all(axis=1)]
+    if len(chosen) != cases["case_id"].nunique() or chosen["case_id"].duplicated().any():
+        raise ValueError(
+            f"the setting {describe(settings)} is not scored once for each case ({len(chosen)} rows for "
+            f"{cases['case_id'].nunique()} cases)"
+        )
+    return chosen.set_index("case_id")["case_dice"]
+
+
+def choose(table, tolerance=TIE_TOLERANCE):
     """The setting with the best mean case Dice. Settings within `tolerance` of the best count as
     ties, and a tie goes to the simplest: fewest steps switched on, then the threshold nearest 0.5;
     so a step is kept only where it helps on the validation cases."""

@@ -158,7 +158,7 @@ def test_pooled_post_processing_leaves_out_the_folds_test_patients(run_dir, real
     result = pooled.compare(grid, [run_dir])
     assert result["pooled_vs_own"]["mean_difference"] == 0
     assert result["cases"] == len(pd.read_csv(run_dir / "test_cases.csv"))
-    with pytest.raises(SystemExit, match="not one that was scored"):
+    with pytest.raises(SystemExit, match="is not scored once for each case"):
         pooled.test_dice(grid, {**postprocess.RAW, "threshold": 0.55})
     for runs, words in (
         ([run_dir], "two or more"),

@@ -84,7 +84,11 @@ def test_each_cases_dice_under_every_setting_round_trips_through_its_wide_table(
     np.testing.assert_allclose(merged["case_dice"], merged["case_dice_exact"], atol=5e-5)
 
 
-@pytest.mark.parametrize("key", ["0.4_c150", "t0.4", "t0.4_c150_3d_big", "tx_c0", "t0.4_c1.5"])
+@pytest.mark.parametrize(
+    "key",
+    ["0.4_c150", "t0.4", "t0.4_c150_3d_big", "tx_c0", "t0.4_c1.5", "t0.40_c0", "t0.4_c0_tta_3d", "t0.4_c0_3d_3d",
+     "t-1_c0", "tnan_c0", "t0.4_c-5"],
+)  # fmt: skip
 def test_a_setting_key_that_is_not_one_is_refused(key):
     with pytest.raises(ValueError, match="not a post-processing setting key"):
         postprocess.parse_setting_key(key)

@@ -1070,7 +1070,8 @@ def test_overwrite_removes_an_earlier_runs_files_and_keeps_what_train_did_not_wr
     users.mkdir()
     (users / "precious.txt").write_text("x")
     ours = ["model.h5", "model.keras", "config.json", "history.csv", "test_cases.csv", "val_postprocessing.csv",
-            "two_stage_test.csv", "dice_vs_minutes.png", ".partial-model.h5"]  # fmt: skip
+            "test_postprocessing_cases.csv", "two_stage_test.csv", "dice_vs_minutes.png",
+            ".partial-model.h5"]  # fmt: skip
     theirs = ["notes.txt", "model_v2.h5", "test_manual_review.json", "config.json\n", ".partial-thesis.docx"]
     for name in ours + theirs:
         (run / name).write_text("x")
@@ -1111,7 +1112,7 @@ def earlier_run_with_subfolders(run):
     (snapshots / "after-1e-05min").mkdir()
     ours = ["after-15min.weights.h5", ".partial-after-30min.weights.h5", "after-1e-05min.weights.h5", "curve.csv",
             "snapshots.csv", "after-15min/test_cases.csv", "after-15min/postprocess.json",
-            "after-1e-05min/val_postprocessing.csv"]  # fmt: skip
+            "after-1e-05min/val_postprocessing.csv", "after-15min/val_postprocessing_cases.csv"]  # fmt: skip
     theirs = ["after-15min/my_figure.svg", "after-15min/config.json", "after-15min/model.h5"]
     for name in ours + theirs:
         (snapshots / name).write_text("x")

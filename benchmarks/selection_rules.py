@@ -156,6 +156,9 @@ def selection(rows, command):
     baseline = cases[(cases.weights == "kept") & (cases.rule == "validation")]
     summary = []
     for (weights, rule), group in cases.groupby(["weights", "rule"], sort=False):
+        paired = metrics.paired_comparison(group, baseline)
+        if paired["better"] == paired["worse"] == 0:  # the same Dice on every case: no interval to bootstrap
+            paired["mean_difference_ci95"] = [0.0, 0.0]
         summary.append(
             {
                 "weights": weights,
@@ -166,7 +169,7 @@ def selection(rows, command):
                     row: {"mean_case_dice": float(part.case_dice.mean()), "setting": chosen[(row, weights, rule)]}
                     for row, part in group.groupby("row", sort=False)
                 },
-                "vs_kept_validation": metrics.paired_comparison(group, baseline),
+                "vs_kept_validation": paired,
             }
         )
     return {"command": command, "rows": list(rows), "rules": summary}, cases

@@ -22,7 +22,8 @@ The test cases choose nothing: every rule reads the validation table only, and t
 with `validation` its last snapshot's (`after_minutes_cases.csv`): a run whose tables do not is refused. Reported
 for each pair of weights and rule: the mean per-case Dice over the runs' test cases, per run, and paired with the
 runs' own choice (`kept`, `validation`; `lgg.metrics.paired_comparison`). With `--out`, written as JSON (this
-script's own file, replaced only by the same rows) and one row per case, weights and rule in the `.csv` beside it.
+script's own file, replaced only by the same rows or more) and one row per case, weights and rule in the `.csv` beside
+it.
 """
 
 import argparse
@@ -176,12 +177,13 @@ def selection(rows, command):
 
 
 def check_out(out, rows):
-    """Refuse (SystemExit) an `--out` that is not a `.json` this script may write, or its file of other rows, and
-    a `.csv` beside it that this script did not write with that file."""
+    """Refuse (SystemExit) an `--out` that is not a `.json` this script may write, or its file of rows not all among
+    `rows` (a file is replaced by the same rows, or by more: the folds of a recipe as they come), and a `.csv`
+    beside it that this script did not write with that file."""
     if out.suffix != ".json":
         raise SystemExit(f"--out {out}: a .json file (its cases go beside it as .csv)")
     check_own_json(out, KEYS, "benchmarks/selection_rules.py", inputs=[RESULTS / row for row in rows])
-    ours = out.exists() and json.loads(out.read_text())["rows"] == list(rows)
+    ours = out.exists() and set(json.loads(out.read_text())["rows"]) <= set(rows)
     if out.exists() and not ours:
         raise SystemExit(f"{out} holds the rules of other rows: choose another --out")
     if out.with_suffix(".csv").exists() and not ours:

@@ -85,3 +85,10 @@ def test_out_never_replaces_a_file_it_did_not_write(results, tmp_path):
     selection_rules.main(["--rows", ROW, "--out", str(out)])
     selection_rules.main(["--rows", ROW, "--out", str(out)])  # its own file, the same rows: replaced
     assert json.loads(out.read_text())["rows"] == [ROW] and out.with_suffix(".csv").is_file()
+    other = ROW.replace("fold4", "fold9")
+    shutil.copytree(results / ROW, results / other)
+    (results / f"{other}.json").write_text((results / f"{ROW}.json").read_text())
+    out.write_text(json.dumps({"command": "x", "rows": [other], "rules": []}))
+    with pytest.raises(SystemExit, match="holds the rules of other rows"):
+        selection_rules.main(["--rows", ROW, "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == [other]

@@ -28,6 +28,7 @@ it.
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -38,19 +39,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lgg import metrics, postprocess  # noqa: E402
+from lgg.evaluate import snapshot_folder  # noqa: E402
 from lgg.files import check_own_json, save_csv, save_json  # noqa: E402
 
 RESULTS = ROOT / "results"
 KEYS = ("command", "rows", "rules")  # what marks a file of this script
 AGREE = 2e-4  # the tables keep each Dice to 4 decimals; a rule that reproduces a run's figures agrees within this
 WEIGHTS = ("kept", "last")
+CASE_COLUMNS = ("row", "weights", "rule", "case_id", "case_dice")  # the .csv beside --out
 
 
 def _tta_on_ties(grid):
-    """`postprocess.choose`, with flip TTA preferred among the tied settings where any of them has it."""
+    """`postprocess.choose`, with flip TTA preferred among the tied settings where any of them has it: the simplest
+    of the tied settings with TTA, never one outside the tie."""
     table = grid.groupby(list(postprocess.RAW), as_index=False)["case_dice"].mean()
-    tied = table[table["case_dice"] >= table["case_dice"].max() - postprocess.TIE_TOLERANCE]
-    return postprocess.choose_from_cases(grid[grid["hflip_tta"]] if tied["hflip_tta"].any() else grid)
+    table = table.rename(columns={"case_dice": "case_dice_mean"})
+    tied = table[table["case_dice_mean"] >= table["case_dice_mean"].max() - postprocess.TIE_TOLERANCE]
+    if not tied["hflip_tta"].any():
+        return postprocess.choose(table)
+    return postprocess.choose(tied[tied["hflip_tta"]], tolerance=float("inf"))  # all tied: the simplest
 
 
 RULES = {
@@ -78,6 +85,8 @@ def _grid(path):
     if not path.is_file():
         raise ValueError(f"{path} not found: the row was collected before its runs kept each case's Dice by setting")
     table = _read(path, ["case_id"])
+    if table.empty:
+        raise ValueError(f"{path}: no cases")
     try:
         grid = postprocess.long_case_table(table)
     except ValueError as error:
@@ -94,21 +103,30 @@ def _grid(path):
 def grids(row):
     """{weights: (validation grid, test grid, the row's own setting, the row's own per-case test Dice)} from the
     row's committed files; `ValueError` naming the file where one is missing or not what it should be."""
-    folder = RESULTS / row
-    result = json.loads((RESULTS / f"{row}.json").read_text())
+    folder, path = RESULTS / row, RESULTS / f"{row}.json"
+    try:
+        result = json.loads(path.read_text())
+        own_setting = postprocess.describe(postprocess.check(result["test"]["postprocessing"]))
+        limit = result["time_limit_minutes"]
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a row of benchmarks/results.py with its post-processing ({error!r})") from None
     curve = _read(folder / "dice_vs_minutes.csv", ["minutes", "postprocessing"])
+    if curve.empty:
+        raise ValueError(f"{folder / 'dice_vs_minutes.csv'}: no snapshot")
     last = curve["minutes"].iloc[-1]
-    if last != result.get("time_limit_minutes"):
+    if last != limit:
         raise ValueError(f"{folder / 'dice_vs_minutes.csv'}: its last snapshot, after {last:g} minutes, is not the "
-                         f"end of the run's {result.get('time_limit_minutes')} minutes")  # fmt: skip
+                         f"end of the run's {limit} minutes")  # fmt: skip
     after = _read(folder / "after_minutes_cases.csv", ["minutes", "case_id", "case_dice"])
+    if not (after["minutes"] == last).any():
+        raise ValueError(f"{folder / 'after_minutes_cases.csv'}: no cases after {last:g} minutes")
     kept = _read(folder / "test.csv", ["case_id", "case_dice"]).set_index("case_id")["case_dice"]
-    name = f"after-{last:g}min"
+    name = snapshot_folder(Path(), last).name
     found = {
         "kept": (
             _grid(folder / "val_postprocessing_cases.csv"),
             _grid(folder / "test_postprocessing_cases.csv"),
-            postprocess.describe(result["test"]["postprocessing"]),
+            own_setting,
             kept,
         ),
         "last": (
@@ -151,15 +169,15 @@ def selection(rows, command):
                         f"{postprocess.TIE_TOLERANCE} may fall the other way); not scored"
                     )
                 chosen[(row, weights, rule)] = postprocess.describe(settings)
-                cases.append(pd.DataFrame({"row": row, "weights": weights, "rule": rule, "case_id": dice.index,
-                                           "case_dice": dice.to_numpy()}))  # fmt: skip
+                cases.append(pd.DataFrame(dict(zip(CASE_COLUMNS, (row, weights, rule, dice.index, dice.to_numpy())))))
     cases = pd.concat(cases, ignore_index=True)
     baseline = cases[(cases.weights == "kept") & (cases.rule == "validation")]
     summary = []
     for (weights, rule), group in cases.groupby(["weights", "rule"], sort=False):
         paired = metrics.paired_comparison(group, baseline)
-        if paired["better"] == paired["worse"] == 0:  # the same Dice on every case: no interval to bootstrap
-            paired["mean_difference_ci95"] = [0.0, 0.0]
+        if paired["better"] + paired["worse"] == 0 or not all(map(math.isfinite, paired["mean_difference_ci95"])):
+            # one difference on every case (none, mostly): no interval to bootstrap
+            paired["mean_difference_ci95"] = [paired["mean_difference"]] * 2
         summary.append(
             {
                 "weights": weights,
@@ -183,11 +201,19 @@ def check_out(out, rows):
     if out.suffix != ".json":
         raise SystemExit(f"--out {out}: a .json file (its cases go beside it as .csv)")
     check_own_json(out, KEYS, "benchmarks/selection_rules.py", inputs=[RESULTS / row for row in rows])
-    ours = out.exists() and set(json.loads(out.read_text())["rows"]) <= set(rows)
-    if out.exists() and not ours:
+    found = json.loads(out.read_text())["rows"] if out.exists() else None
+    if found is not None and not (
+        isinstance(found, list) and found and all(isinstance(row, str) for row in found) and set(found) <= set(rows)
+    ):
         raise SystemExit(f"{out} holds the rules of other rows: choose another --out")
-    if out.with_suffix(".csv").exists() and not ours:
-        raise SystemExit(f"{out.with_suffix('.csv')} exists and was not written with {out}: choose another --out")
+    table = out.with_suffix(".csv")
+    if table.exists():
+        try:
+            header = table.read_text().splitlines()[0] if found is not None else None
+        except (OSError, UnicodeDecodeError, IndexError):
+            header = None
+        if header != ",".join(CASE_COLUMNS):
+            raise SystemExit(f"{table} exists and was not written with {out}: choose another --out")
 
 
 def main(argv=None):

@@ -48,6 +48,62 @@ def test_the_runs_own_rule_gives_the_runs_own_figures_and_every_rule_scores_ever
     assert len(cases) == len(figures) * row["test"]["cases"] and cases["case_dice"].between(0, 1).all()
 
 
+def grid(means):
+    """A made-up validation grid of one case: {setting key: its Dice}, every other candidate setting at 0."""
+    keys = [postprocess.setting_key(settings) for settings in postprocess.candidates()]
+    return postprocess.long_case_table(pd.DataFrame([{"case_id": "a", **dict.fromkeys(keys, 0.0), **means}]))
+
+
+def test_flip_tta_is_preferred_among_tied_settings_only():
+    # a TTA setting is tied with the best; another TTA setting, outside the tie, is simpler: the tied one is kept
+    means = {"t0.5_c0_3d": 0.900, "t0.5_c150_3d_tta": 0.8995, "t0.5_c0_tta": 0.8988}
+    assert selection_rules.RULES["validation"](grid(means)) == {**postprocess.RAW, "largest_3d": True}
+    assert selection_rules.RULES["tta-on-ties"](grid(means)) == {
+        **postprocess.RAW,
+        "min_component_px": 150,
+        "largest_3d": True,
+        "hflip_tta": True,
+    }
+    # no TTA setting tied: the runs' own choice
+    means["t0.5_c150_3d_tta"] = 0.890
+    assert selection_rules.RULES["tta-on-ties"](grid(means)) == selection_rules.RULES["validation"](grid(means))
+
+
+def test_without_the_largest_component_the_best_other_setting_is_chosen():
+    means = {"t0.5_c0_3d": 0.900, "t0.4_c50": 0.880, "t0.6_c0": 0.850}
+    assert selection_rules.RULES["no-largest-3d"](grid(means)) == {**postprocess.RAW, "threshold": 0.4,
+                                                                   "min_component_px": 50}  # fmt: skip
+    assert selection_rules.RULES["raw"](grid(means)) == postprocess.RAW
+
+
+def test_the_test_cases_choose_nothing(results):
+    """Every test Dice but those of the runs' own settings scrambled: every rule chooses what it chose."""
+    before, _ = selection_rules.selection([ROW], "test")
+    row = json.loads((results / f"{ROW}.json").read_text())
+    curve = pd.read_csv(results / ROW / "dice_vs_minutes.csv")
+    own = {"test_postprocessing_cases.csv": postprocess.setting_key(row["test"]["postprocessing"])}
+    last = next(s for s in postprocess.candidates() if postprocess.describe(s) == curve["postprocessing"].iloc[-1])
+    own["after-60min_test_postprocessing_cases.csv"] = postprocess.setting_key(last)
+    for name, keep in own.items():
+        table = pd.read_csv(results / ROW / name)
+        others = [column for column in table.columns if column not in ("case_id", keep)]
+        table[others] = table[others].sample(frac=1, random_state=0).to_numpy()[:, ::-1]
+        table.to_csv(results / ROW / name, index=False)
+    after, _ = selection_rules.selection([ROW], "test")
+    assert [e["per_row"][ROW]["setting"] for e in after["rules"]] == [
+        e["per_row"][ROW]["setting"] for e in before["rules"]
+    ]
+
+
+def test_a_validation_table_on_which_the_run_would_have_chosen_otherwise_is_refused(results):
+    path = results / ROW / "val_postprocessing_cases.csv"
+    table = pd.read_csv(path)
+    table["t0.2_c150"] = 1.0  # now the best setting by far
+    table.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="the run's own rule chooses threshold 0.2"):
+        selection_rules.selection([ROW], "test")
+
+
 def test_a_test_table_that_does_not_give_the_runs_figures_is_refused(results):
     row = json.loads((results / f"{ROW}.json").read_text())
     path = results / ROW / "test_postprocessing_cases.csv"
@@ -88,7 +144,9 @@ def test_out_never_replaces_a_file_it_did_not_write(results, tmp_path):
     other = ROW.replace("fold4", "fold9")
     shutil.copytree(results / ROW, results / other)
     (results / f"{other}.json").write_text((results / f"{ROW}.json").read_text())
-    out.write_text(json.dumps({"command": "x", "rows": [other], "rules": []}))
-    with pytest.raises(SystemExit, match="holds the rules of other rows"):
-        selection_rules.main(["--rows", ROW, "--out", str(out)])
-    assert json.loads(out.read_text())["rows"] == [other]
+    selection_rules.check_out(out, [ROW, other])  # the same rows and more: the next folds of a recipe
+    for rows in ([other], [], "x"):
+        out.write_text(json.dumps({"command": "x", "rows": rows, "rules": []}))
+        with pytest.raises(SystemExit, match="holds the rules of other rows"):
+            selection_rules.main(["--rows", ROW, "--out", str(out)])
+        assert json.loads(out.read_text())["rows"] == rows

@@ -376,6 +376,7 @@ def collect(name, data_dir):
         "flair_only": config.get("flair_only", 0.0),
         "augmentation": config.get("augmentation", "standard"),
         "tumor_sampling": config.get("tumor_sampling", "slice"),  # runs before the setting drew slice by slice
+        "tumor_fraction": config.get("tumor_fraction"),  # the tumor share of each batch (None: as the slices come)
         "encoder_weights": config.get("encoder_weights") if config["kind"] != "unet" else None,
         "backbone": config.get("backbone") if config["kind"] == "classifier" else None,
         "epochs_run": int(len(history)),

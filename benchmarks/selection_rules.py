@@ -52,8 +52,7 @@ CASE_COLUMNS = ("row", "weights", "rule", "case_id", "case_dice")  # the .csv be
 def _tta_on_ties(grid):
     """`postprocess.choose`, with flip TTA preferred among the tied settings where any of them has it: the simplest
     of the tied settings with TTA, never one outside the tie."""
-    table = grid.groupby(list(postprocess.RAW), as_index=False)["case_dice"].mean()
-    table = table.rename(columns={"case_dice": "case_dice_mean"})
+    table = postprocess.mean_by_setting(grid)
     tied = table[table["case_dice_mean"] >= table["case_dice_mean"].max() - postprocess.TIE_TOLERANCE]
     if not tied["hflip_tta"].any():
         return postprocess.choose(table)

@@ -173,10 +173,16 @@ def long_case_table(wide):
     return pd.concat([settings, long[["case_id", "case_dice"]]], axis=1)
 
 
+def mean_by_setting(cases):
+    """One row per setting of a `case_dice_by_setting` table, with its mean over the cases (`case_dice_mean`), as
+    `score_settings` gives it."""
+    table = cases.groupby(list(RAW), as_index=False)["case_dice"].mean()
+    return table.rename(columns={"case_dice": "case_dice_mean"})
+
+
 def choose_from_cases(cases, tolerance=TIE_TOLERANCE):
     """`choose` on the mean Dice of each setting over the cases of a `case_dice_by_setting` table."""
-    table = cases.groupby(list(RAW), as_index=False)["case_dice"].mean()
-    return choose(table.rename(columns={"case_dice": "case_dice_mean"}), tolerance)
+    return choose(mean_by_setting(cases), tolerance)
 
 
 def dice_under(cases, settings):

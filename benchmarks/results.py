@@ -751,6 +751,8 @@ def recipe_comparison(results, prefix):
                 "headline_xla": b.get("jit_compile", True),
                 "candidate_precision": c.get("precision", "float32"),
                 "headline_precision": b.get("precision", "float32"),
+                "candidate_slices_per_s": c.get("train_slices_per_s"),
+                "headline_slices_per_s": b.get("train_slices_per_s"),
                 # a time-limited recipe's epochs depend on the CPU: a pair is fair only on the same kind
                 "same_cpu": _same_cpu(c, b),
                 "paired": metrics.paired_comparison(*test),
@@ -779,13 +781,28 @@ def _same_cpu(candidate, headline):
 
 
 def _compute(fold):
-    """How the pair computed, where it differs: the compiler and precision change the epochs a time limit allows."""
+    """How the pair computed, where it differs: the compiler, the precision and the machine's speed change the
+    epochs a time limit allows."""
 
     def how(who):
         xla = "XLA" if fold.get(f"{who}_xla", True) else "no XLA"
         return f"{fold.get(f'{who}_precision', 'float32')}, {xla}"
 
-    return "" if how("candidate") == how("headline") else f"; {how('candidate')} vs {how('headline')}"
+    text = "" if how("candidate") == how("headline") else f"; {how('candidate')} vs {how('headline')}"
+    return text + _speeds(fold)
+
+
+SPEED_GAP = 1.2  # training rates further apart than this are named: the same CPU model can run much slower
+
+
+def _speeds(fold):
+    """`; **training slices/s 34 vs 58**` where the two runs' median training rates differ by more than
+    `SPEED_GAP` (another model or image size, a busy host, a job beside it): in the same minutes the slower
+    one trained fewer epochs."""
+    a, b = fold.get("candidate_slices_per_s"), fold.get("headline_slices_per_s")
+    if not (a and b) or max(a, b) / min(a, b) <= SPEED_GAP:
+        return ""
+    return f"; **training slices/s {a:.0f} vs {b:.0f}**"
 
 
 def recipe_comparison_text(comparison):

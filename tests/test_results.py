@@ -160,6 +160,25 @@ def test_a_candidate_is_paired_with_the_recipe_it_is_computed_like(scratch):
     assert "paired with the `unet-bf16` recipe" in text and "resnet50-unet-bf16-vs-unet-bf16.json" in text
 
 
+def test_a_pair_trained_at_rates_far_apart_says_so(scratch):
+    """The same CPU model can train much slower (a busy host: 34 against 58 slices/s, 48 epochs against 76 in
+    the same 60 minutes): each fold's line names the two rates where they differ by more than `SPEED_GAP`."""
+    for fold, rate, partner_rate in (("", 34.1, 57.7), ("-fold2", 50.0, 55.0)):
+        source = f"unet-bf16{fold}"
+        (results.RESULTS / f"resnet50-unet-bf16{fold}").mkdir()
+        shutil.copy(results.RESULTS / source / "test.csv", results.RESULTS / f"resnet50-unet-bf16{fold}" / "test.csv")
+        for name, value in ((f"resnet50-unet-bf16{fold}", rate), (source, partner_rate)):
+            row = {**rows([source])[0], "name": name, "train_slices_per_s": value}
+            (results.RESULTS / f"{name}.json").write_text(json.dumps(row))
+    found = [json.loads(f.read_text()) for f in results.RESULTS.glob("*.json") if f.stem in results.CONFIGS]
+    comparison = results.recipe_comparison(found, "resnet50-unet-bf16")
+    assert [f["candidate_slices_per_s"] for f in comparison["per_fold"]] == [34.1, 50.0]
+    text = results.recipe_comparison_text(comparison)
+    first, second = text.split("patient-fold-2-of-5:")
+    assert "**training slices/s 34 vs 58**" in first  # 1.69x apart
+    assert "training slices/s" not in second  # 1.1x: within SPEED_GAP, not named
+
+
 def test_a_candidate_is_paired_with_its_partner_run_again_on_its_own_cpu(scratch):
     """Where `unet-bf16` ran again on the candidate's CPU (`unet-bf16-again`), that run is the fold's partner;
     the other folds keep the partner recipe's own rows. A run again is a row of the table, not a fold of the

@@ -800,7 +800,9 @@ def _speeds(fold):
     `SPEED_GAP` (another model or image size, a busy host, a job beside it): in the same minutes the slower
     one trained fewer epochs."""
     a, b = fold.get("candidate_slices_per_s"), fold.get("headline_slices_per_s")
-    if not (a and b) or max(a, b) / min(a, b) <= SPEED_GAP:
+    if not all(isinstance(rate, (int, float)) and np.isfinite(rate) and rate > 0 for rate in (a, b)):
+        return ""  # a run that did not record its rate
+    if max(a, b) / min(a, b) <= SPEED_GAP:
         return ""
     return f"; **training slices/s {a:.0f} vs {b:.0f}**"
 

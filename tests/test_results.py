@@ -177,6 +177,9 @@ def test_a_pair_trained_at_rates_far_apart_says_so(scratch):
     first, second = text.split("patient-fold-2-of-5:")
     assert "**training slices/s 34 vs 58**" in first  # 1.69x apart
     assert "training slices/s" not in second  # 1.1x: within SPEED_GAP, not named
+    for unrecorded in (None, float("nan"), 0.0):  # a run without its rate: nothing named, nothing made up
+        fold = {**comparison["per_fold"][0], "candidate_slices_per_s": unrecorded}
+        assert "training slices/s" not in results.recipe_comparison_text({**comparison, "per_fold": [fold]})
 
 
 def test_a_candidate_is_paired_with_its_partner_run_again_on_its_own_cpu(scratch):
